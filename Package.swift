@@ -1,0 +1,26 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "simg",
+    products: [
+        .executable(name: "simg", targets: ["simg"]),
+    ],
+    targets: [
+        // C shims for what Swift cannot see directly: O_DIRECT and friends need _GNU_SOURCE.
+        .target(name: "CLinuxShims"),
+        .systemLibrary(name: "CLibAIO", providers: [.apt(["libaio-dev"])]),
+        .systemLibrary(name: "CZlib", providers: [.apt(["zlib1g-dev"])]),
+        .systemLibrary(name: "CZstd", providers: [.apt(["libzstd-dev"])]),
+
+        .target(name: "DiskIO", dependencies: ["CLinuxShims", "CLibAIO"]),
+        .target(name: "ImageFormats", dependencies: ["DiskIO", "CLinuxShims", "CZlib", "CZstd"]),
+        .target(name: "SimgCLI", dependencies: ["ImageFormats", "DiskIO"]),
+        .executableTarget(name: "simg", dependencies: ["SimgCLI"]),
+
+        .testTarget(name: "DiskIOTests", dependencies: ["DiskIO"]),
+        .testTarget(name: "ImageFormatsTests", dependencies: ["ImageFormats", "DiskIO"]),
+        .testTarget(name: "SimgCLITests", dependencies: ["SimgCLI", "ImageFormats"]),
+        .testTarget(name: "InteropTests", dependencies: ["ImageFormats", "DiskIO"]),
+    ]
+)

@@ -1,0 +1,209 @@
+import CLinuxShims
+import Glibc
+
+/// An open file or block device, with the system calls simg needs wrapped so that every
+/// failure is an `IOError` naming the file, the operation and the offset.
+///
+/// Reads and writes are positional (pread/pwrite), so one `DiskFile` may be shared by several
+/// threads as long as they do not write overlapping ranges.
+public final class DiskFile: @unchecked Sendable {
+    // @unchecked Sendable: the only mutable state is `fd`, which changes only in close();
+    // callers must not close a file other threads still use (as with any fd).
+
+    public enum Access: Sendable { case readOnly, readWrite }
+
+    public let path: String
+    public let access: Access
+    /// Opened with O_DIRECT: buffers, offsets and lengths must be aligned (see `dioAlignment`).
+    public let isDirect: Bool
+    public private(set) var fd: Int32
+
+    private init(fd: Int32, path: String, access: Access, isDirect: Bool) {
+        self.fd = fd
+        self.path = path
+        self.access = access
+        self.isDirect = isDirect
+    }
+
+    deinit {
+        if fd >= 0 { _ = Glibc.close(fd) }
+    }
+
+    /// Opens an existing file.
+    /// The corresponding C function is open.
+    public static func open(_ path: String, access: Access, direct: Bool = false) throws -> DiskFile {
+        var flags = access == .readOnly ? O_RDONLY : O_RDWR
+        if direct { flags |= simg_o_direct() }
+        let fd = simg_open(path, flags, 0)
+        if fd < 0 {
+            if -fd == EINVAL && direct {
+                throw IOError(code: -fd, operation: "open", path: path,
+                              detail: "the file system does not support O_DIRECT (cache mode none/directsync)")
+            }
+            throw IOError(code: -fd, operation: "open", path: path)
+        }
+        return DiskFile(fd: fd, path: path, access: access, isDirect: direct)
+    }
+
+    /// Creates a file for writing (mode 0644). With `exclusive`, fails if it already exists;
+    /// otherwise an existing file is truncated to zero length.
+    public static func create(_ path: String, exclusive: Bool = false, direct: Bool = false) throws -> DiskFile {
+        var flags = O_RDWR | O_CREAT
+        flags |= exclusive ? O_EXCL : O_TRUNC
+        if direct { flags |= simg_o_direct() }
+        let fd = simg_open(path, flags, 0o644)
+        if fd < 0 { throw IOError(code: -fd, operation: "create", path: path) }
+        return DiskFile(fd: fd, path: path, access: .readWrite, isDirect: direct)
+    }
+
+    public func close() {
+        if fd >= 0 { _ = Glibc.close(fd) }
+        fd = -1
+    }
+
+    /// Reads until `buffer` is full or the end of the file; returns the bytes read.
+    /// Short reads and EINTR are retried.
+    /// The corresponding C function is pread.
+    @discardableResult
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
+        var done = 0
+        while done < buffer.count {
+            // Sound: done < buffer.count, so the slice start is inside the buffer.
+            let n = simg_pread(fd, buffer.baseAddress! + done, buffer.count - done, Int64(offset) + Int64(done))
+            if n == -Int64(EINTR) { continue }
+            if n < 0 { throw IOError(code: Int32(-n), operation: "read", path: path, offset: offset + UInt64(done)) }
+            if n == 0 { break }
+            done += Int(n)
+        }
+        return done
+    }
+
+    /// Reads exactly `buffer.count` bytes; reaching the end of the file first is an error.
+    public func readExactly(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        let n = try read(into: buffer, at: offset)
+        if n < buffer.count {
+            throw IOError(code: EIO, operation: "read", path: path, offset: offset + UInt64(n),
+                          detail: "unexpected end of file (wanted \(buffer.count) bytes, got \(n))")
+        }
+    }
+
+    /// Reads `count` bytes into a new array, zero-filling whatever lies past the end of file.
+    /// For metadata (headers, tables), not for the data path.
+    public func readBytes(count: Int, at offset: UInt64) throws -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        try bytes.withUnsafeMutableBytes { _ = try read(into: $0, at: offset) }
+        return bytes
+    }
+
+    /// Writes the whole buffer, retrying short writes and EINTR.
+    /// The corresponding C function is pwrite.
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        var done = 0
+        while done < buffer.count {
+            // Sound: done < buffer.count, so the slice start is inside the buffer.
+            let n = simg_pwrite(fd, buffer.baseAddress! + done, buffer.count - done, Int64(offset) + Int64(done))
+            if n == -Int64(EINTR) { continue }
+            if n < 0 { throw IOError(code: Int32(-n), operation: "write", path: path, offset: offset + UInt64(done)) }
+            if n == 0 {
+                throw IOError(code: EIO, operation: "write", path: path, offset: offset + UInt64(done),
+                              detail: "write made no progress")
+            }
+            done += Int(n)
+        }
+    }
+
+    public func write(_ bytes: [UInt8], at offset: UInt64) throws {
+        try bytes.withUnsafeBytes { try write($0, at: offset) }
+    }
+
+    /// The file's size in bytes (for a block device, the device size).
+    public func size() throws -> UInt64 {
+        try stat().size
+    }
+
+    /// Bytes actually allocated on disk (st_blocks * 512): qemu-img's "disk size".
+    public func allocatedBytes() throws -> UInt64 {
+        try stat().allocated
+    }
+
+    public func isBlockDevice() throws -> Bool {
+        try stat().isBlockDevice
+    }
+
+    private func stat() throws -> (size: UInt64, allocated: UInt64, isBlockDevice: Bool) {
+        var size: UInt64 = 0, allocated: UInt64 = 0
+        var block: Int32 = 0
+        let r = simg_file_size(fd, &size, &allocated, &block)
+        if r < 0 { throw IOError(code: -r, operation: "stat", path: path) }
+        return (size, allocated, block != 0)
+    }
+
+    /// The corresponding C function is ftruncate.
+    public func truncate(to length: UInt64) throws {
+        let r = simg_ftruncate(fd, Int64(length))
+        if r < 0 { throw IOError(code: -r, operation: "truncate", path: path, offset: length) }
+    }
+
+    /// Allocates blocks for the range (fallocate mode 0), growing the file if needed.
+    public func allocate(at offset: UInt64, length: UInt64) throws {
+        guard length > 0 else { return }
+        let r = simg_fallocate_allocate(fd, Int64(offset), Int64(length))
+        if r < 0 { throw IOError(code: -r, operation: "allocate space in", path: path, offset: offset) }
+    }
+
+    /// Deallocates the range; it then reads as zeros. The file size does not change.
+    /// Throws with code EOPNOTSUPP where the file system cannot punch holes.
+    public func punchHole(at offset: UInt64, length: UInt64) throws {
+        guard length > 0 else { return }
+        let r = simg_fallocate_punch_hole(fd, Int64(offset), Int64(length))
+        if r < 0 { throw IOError(code: -r, operation: "punch a hole in", path: path, offset: offset) }
+    }
+
+    /// Makes the range read as zeros, keeping it allocated (FALLOC_FL_ZERO_RANGE).
+    public func zeroRange(at offset: UInt64, length: UInt64) throws {
+        guard length > 0 else { return }
+        let r = simg_fallocate_zero_range(fd, Int64(offset), Int64(length))
+        if r < 0 { throw IOError(code: -r, operation: "zero a range of", path: path, offset: offset) }
+    }
+
+    /// The corresponding C function is fdatasync.
+    public func sync() throws {
+        let r = simg_fdatasync(fd)
+        if r < 0 { throw IOError(code: -r, operation: "sync", path: path) }
+    }
+
+    /// The start of the first data region at or after `offset`, or nil if there is none
+    /// (only a hole up to the end of the file).
+    /// The corresponding C function is lseek with SEEK_DATA.
+    public func nextData(from offset: UInt64) throws -> UInt64? {
+        let r = simg_seek_data(fd, Int64(offset))
+        if r == -Int64(ENXIO) { return nil }
+        if r < 0 { throw IOError(code: Int32(-r), operation: "find data in", path: path, offset: offset) }
+        return UInt64(r)
+    }
+
+    /// The start of the first hole at or after `offset` (the end of the file counts as a hole).
+    /// The corresponding C function is lseek with SEEK_HOLE.
+    public func nextHole(from offset: UInt64) throws -> UInt64 {
+        let r = simg_seek_hole(fd, Int64(offset))
+        if r < 0 { throw IOError(code: Int32(-r), operation: "find a hole in", path: path, offset: offset) }
+        return UInt64(r)
+    }
+
+    /// The alignment O_DIRECT needs for buffers and for offsets/lengths: statx's STATX_DIOALIGN
+    /// where the kernel reports it, else 4096 for both (the page size, which also avoids the
+    /// request splitting an only-512-aligned buffer causes). Memory alignment is never below
+    /// the page size for the same reason.
+    public func dioAlignment() -> (memory: Int, offset: Int) {
+        var mem: UInt32 = 0, off: UInt32 = 0
+        if simg_dio_alignment(fd, &mem, &off) == 0 {
+            return (max(Int(mem), DiskFile.pageSize), max(Int(off), 512))
+        }
+        return (DiskFile.pageSize, 4096)
+    }
+
+    public static let pageSize: Int = {
+        let size = sysconf(Int32(_SC_PAGESIZE))
+        return size > 0 ? size : 4096
+    }()
+}

@@ -1,0 +1,77 @@
+import DiskIO
+
+/// The image formats simg reads and writes.
+public enum ImageFormat: String, Sendable, CaseIterable {
+    case raw
+    case qcow2
+}
+
+/// What one range of an image's guest address space is, as a block-status query reports it.
+/// The caller does the I/O: convert and rebase walk these to plan reads and skip zeros.
+public struct Extent: Equatable, Sendable {
+    public enum Kind: Equatable, Sendable {
+        /// Allocated data in this layer. `hostOffset` is where the range starts in
+        /// `DiskImage.dataFile` (contiguous for the whole extent), nil if not directly readable.
+        case data(hostOffset: UInt64?)
+        /// Allocated compressed clusters in this layer: read them through `DiskImage.read`.
+        case compressed
+        /// Reads as zeros, recorded in this layer (a qcow2 zero cluster; shadows any backing file).
+        case zero
+        /// Not allocated in this layer; reads come from the backing file.
+        case backing
+        /// Not allocated and there is no backing file (or it ends before here): reads as zeros.
+        case hole
+    }
+
+    /// Guest offset of the first byte.
+    public var offset: UInt64
+    public var length: UInt64
+    public var kind: Kind
+
+    public init(offset: UInt64, length: UInt64, kind: Kind) {
+        self.offset = offset
+        self.length = length
+        self.kind = kind
+    }
+
+    public var end: UInt64 { offset + length }
+
+    /// True when the range reads as zeros without consulting another layer.
+    public var readsAsZero: Bool { kind == .zero || kind == .hole }
+}
+
+/// A disk image of some format, opened for reading or for reading and writing.
+///
+/// Offsets and lengths are guest bytes. Implementations are not thread-safe: one image is driven
+/// by one thread (the convert pipeline does its parallel I/O on `dataFile` directly, using the
+/// host offsets `blockStatus` returns).
+public protocol DiskImage: AnyObject {
+    /// The name the image was opened by.
+    var path: String { get }
+    var format: ImageFormat { get }
+    /// Guest-visible size in bytes.
+    var virtualSize: UInt64 { get }
+    var isWritable: Bool { get }
+    /// The opened backing image, if this image has one and it was opened.
+    var backing: (any DiskImage)? { get }
+    /// The file guest data lives in (the image file itself, or a qcow2 external data file).
+    var dataFile: DiskFile { get }
+
+    /// Fills `buffer` with guest data starting at `offset`; ranges past `virtualSize` are an error.
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws
+    func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws
+    /// Makes the range read as zeros, allocating as little as possible.
+    func writeZeroes(at offset: UInt64, length: UInt64) throws
+    /// Drops the range's data where the format allows; it then reads as zeros or from backing.
+    func discard(at offset: UInt64, length: UInt64) throws
+    /// The extent starting exactly at `offset`, at most `length` long (shorter where the kind
+    /// or, for `.data`, host contiguity changes). `length` must be > 0 and within the image.
+    func blockStatus(at offset: UInt64, length: UInt64) throws -> Extent
+    /// Writes back cached metadata and syncs the files to stable storage.
+    func flush() throws
+    /// Flushes (if writable) and closes the image and its backing chain.
+    func close() throws
+
+    /// What `simg info` shows for this image alone (not its backing chain).
+    func info() throws -> ImageInfo
+}

@@ -1,0 +1,3 @@
+import SimgCLI
+
+SimgCLI.main()

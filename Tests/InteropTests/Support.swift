@@ -1,0 +1,140 @@
+import Foundation
+import Testing
+
+/// Shared helpers for tests that drive the built `simg` binary and QEMU's tools.
+
+/// The repository root, found from this file's path (Tests/InteropTests/Support.swift).
+let repositoryRoot: URL = URL(fileURLWithPath: #filePath)
+    .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+/// The simg binary under test: $SIMG if set, else the debug build beside the tests.
+let simgBinary: String = {
+    if let path = ProcessInfo.processInfo.environment["SIMG"], !path.isEmpty { return path }
+    // The test bundle lives in the same build folder as the executable.
+    let bundleDir = Bundle.main.bundleURL
+    for candidate in [bundleDir.appendingPathComponent("simg"),
+                      bundleDir.deletingLastPathComponent().appendingPathComponent("simg"),
+                      repositoryRoot.appendingPathComponent(".build/debug/simg")] {
+        if FileManager.default.isExecutableFile(atPath: candidate.path) { return candidate.path }
+    }
+    return repositoryRoot.appendingPathComponent(".build/debug/simg").path
+}()
+
+struct ProcessResult {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+    var stdoutData: Data
+}
+
+enum ToolError: Error, CustomStringConvertible {
+    case missing(String)
+    case failed(String, ProcessResult)
+    var description: String {
+        switch self {
+        case .missing(let tool): return "\(tool) is not installed (make test installs qemu-utils)"
+        case .failed(let cmd, let r): return "\(cmd) exited \(r.status): \(r.stderr)"
+        }
+    }
+}
+
+/// Runs a program (looked up in PATH unless it is a path) and captures its output.
+@discardableResult
+func run(_ program: String, _ arguments: [String], input: Data? = nil) throws -> ProcessResult {
+    let process = Process()
+    if program.contains("/") {
+        process.executableURL = URL(fileURLWithPath: program)
+    } else {
+        guard let found = which(program) else { throw ToolError.missing(program) }
+        process.executableURL = URL(fileURLWithPath: found)
+    }
+    process.arguments = arguments
+    let out = Pipe(), err = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    if let input {
+        let inPipe = Pipe()
+        process.standardInput = inPipe
+        try process.run()
+        inPipe.fileHandleForWriting.write(input)
+        try inPipe.fileHandleForWriting.close()
+    } else {
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+    }
+    // Read both pipes before waiting so a chatty child cannot block on a full pipe.
+    let errBox = DataBox()
+    let errThread = Thread { errBox.data = err.fileHandleForReading.readDataToEndOfFile() }
+    errThread.start()
+    let outData = out.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    while !errThread.isFinished { usleep(1000) }
+    let errData = errBox.data
+    return ProcessResult(status: process.terminationStatus,
+                         stdout: String(decoding: outData, as: UTF8.self),
+                         stderr: String(decoding: errData, as: UTF8.self),
+                         stdoutData: outData)
+}
+
+/// Holds what the stderr reader thread collected; read only after that thread finished.
+private final class DataBox: @unchecked Sendable {
+    var data = Data()
+}
+
+/// Runs a program and fails the test (by throwing) unless it exits 0.
+@discardableResult
+func runOK(_ program: String, _ arguments: [String]) throws -> ProcessResult {
+    let r = try run(program, arguments)
+    if r.status != 0 { throw ToolError.failed(([program] + arguments).joined(separator: " "), r) }
+    return r
+}
+
+func simg(_ arguments: String...) throws -> ProcessResult { try run(simgBinary, arguments) }
+func simg(_ arguments: [String]) throws -> ProcessResult { try run(simgBinary, arguments) }
+
+/// Runs qemu-img; a missing qemu-img is a failure, never a skip.
+@discardableResult
+func qemuImg(_ arguments: String...) throws -> ProcessResult { try runOK("qemu-img", arguments) }
+@discardableResult
+func qemuIO(_ arguments: String...) throws -> ProcessResult { try runOK("qemu-io", arguments) }
+
+func which(_ tool: String) -> String? {
+    let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+    for dir in path.split(separator: ":") + ["/usr/bin", "/usr/sbin"] {
+        let candidate = "\(dir)/\(tool)"
+        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+    }
+    return nil
+}
+
+/// A fresh temporary folder, removed when the value is deinitialised.
+final class TempDir {
+    let path: String
+    init() throws {
+        let base = FileManager.default.temporaryDirectory.appendingPathComponent("simg-test-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: base, withIntermediateDirectories: true)
+        path = base.path
+    }
+    func file(_ name: String) -> String { "\(path)/\(name)" }
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+}
+
+/// Parses JSON output into a dictionary for field-by-field comparison.
+func jsonObject(_ text: String) throws -> [String: Any] {
+    let value = try JSONSerialization.jsonObject(with: Data(text.utf8))
+    guard let dict = value as? [String: Any] else { throw ToolError.missing("JSON object in: \(text)") }
+    return dict
+}
+
+/// True when the two files have identical contents (compared in chunks, not loaded whole).
+func filesEqual(_ a: String, _ b: String) throws -> Bool {
+    guard let fa = FileHandle(forReadingAtPath: a), let fb = FileHandle(forReadingAtPath: b) else {
+        throw ToolError.missing("\(a) or \(b)")
+    }
+    defer { try? fa.close(); try? fb.close() }
+    while true {
+        let da = fa.readData(ofLength: 1 << 20), db = fb.readData(ofLength: 1 << 20)
+        if da != db { return false }
+        if da.isEmpty { return true }
+    }
+}
