@@ -1,0 +1,136 @@
+import CLibAIO
+import Glibc
+
+/// One read or write for an `IOEngine`. The buffer must stay valid (and, for a read, unused)
+/// until the request's completion has been reaped.
+public struct IORequest: @unchecked Sendable {
+    // @unchecked Sendable: carries a raw buffer pointer; the caller owns the buffer and
+    // promises not to touch it while the request is in flight (the engine's contract).
+
+    public enum Kind: Sendable { case read, write }
+
+    public var kind: Kind
+    public var file: DiskFile
+    public var offset: UInt64
+    public var buffer: UnsafeMutableRawPointer
+    public var length: Int
+    /// The caller's name for the request, returned with its completion.
+    public var tag: UInt64
+
+    public init(kind: Kind, file: DiskFile, offset: UInt64, buffer: UnsafeMutableRawPointer,
+                length: Int, tag: UInt64) {
+        self.kind = kind
+        self.file = file
+        self.offset = offset
+        self.buffer = buffer
+        self.length = length
+        self.tag = tag
+    }
+
+    public static func read(_ file: DiskFile, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+                            tag: UInt64) -> IORequest {
+        // Sound: an empty buffer's base may be nil; any non-nil pointer works for length 0.
+        IORequest(kind: .read, file: file, offset: offset,
+                  buffer: buffer.baseAddress ?? UnsafeMutableRawPointer(bitPattern: 1)!,
+                  length: buffer.count, tag: tag)
+    }
+
+    public static func write(_ file: DiskFile, at offset: UInt64, from buffer: UnsafeRawBufferPointer,
+                             tag: UInt64) -> IORequest {
+        // Sound: the engine never writes through the pointer of a write request.
+        IORequest(kind: .write, file: file, offset: offset,
+                  buffer: UnsafeMutableRawPointer(mutating: buffer.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!),
+                  length: buffer.count, tag: tag)
+    }
+}
+
+/// How one request ended: the bytes transferred or why it failed.
+///
+/// A read that reaches the end of the file completes with fewer bytes than asked (0 past
+/// the end); that is not an error, the caller decides. A write either completes fully or fails.
+public struct IOCompletion: Sendable {
+    public var tag: UInt64
+    public var result: Result<Int, IOError>
+
+    public init(tag: UInt64, result: Result<Int, IOError>) {
+        self.tag = tag
+        self.result = result
+    }
+
+    /// The byte count, or the error thrown.
+    public func get() throws -> Int { try result.get() }
+}
+
+/// Runs reads and writes asynchronously, at most `queueDepth` at a time.
+///
+/// Protocol: `submit` hands over requests (as many as there are free slots), `reap` returns
+/// completions. Every accepted request produces exactly one completion, in any order; errors
+/// (including ones found while submitting) arrive as completions, not as thrown errors.
+/// An engine is driven by one thread (submit and reap from the same thread); the work itself
+/// may run on other threads or in the kernel.
+public protocol IOEngine: AnyObject {
+    /// The most requests that may be outstanding (accepted but not yet reaped).
+    var queueDepth: Int { get }
+    /// Requests accepted and not yet reaped.
+    var outstanding: Int { get }
+    /// Starts as many of `requests` as there are free slots, in order; returns how many were
+    /// accepted. The rest must be submitted again after reaping.
+    func submit(_ requests: UnsafeBufferPointer<IORequest>) throws -> Int
+    /// Calls `handler` for completed requests, waiting until at least `minimum` have completed
+    /// (clamped to `outstanding`); returns how many were handled. If `handler` throws, the
+    /// completions not yet handled stay queued for the next call.
+    @discardableResult
+    func reap(minimum: Int, _ handler: (IOCompletion) throws -> Void) throws -> Int
+    /// Waits for everything outstanding, then releases the engine's threads or kernel context.
+    /// Completions still queued are dropped. The engine cannot be used afterwards.
+    func shutdown()
+}
+
+extension IOEngine {
+    public var freeSlots: Int { queueDepth - outstanding }
+
+    public func submit(_ requests: [IORequest]) throws -> Int {
+        try requests.withUnsafeBufferPointer { try submit($0) }
+    }
+
+    /// Submits one request; false if the queue is full.
+    public func submit(_ request: IORequest) throws -> Bool {
+        try withUnsafePointer(to: request) { try submit(UnsafeBufferPointer(start: $0, count: 1)) } == 1
+    }
+
+    /// Submits all of `requests`, reaping as needed to make room, then waits for all of them;
+    /// `handler` sees every completion. A request's error is passed to the handler, not thrown.
+    public func perform(_ requests: UnsafeBufferPointer<IORequest>, _ handler: (IOCompletion) throws -> Void) throws {
+        var next = 0
+        while next < requests.count {
+            if freeSlots == 0 { try reap(minimum: 1, handler) }
+            // Sound: next < requests.count, so the rebased slice lies inside the buffer.
+            next += try submit(UnsafeBufferPointer(rebasing: requests[next...]))
+        }
+        try drain(handler)
+    }
+
+    public func perform(_ requests: [IORequest], _ handler: (IOCompletion) throws -> Void) throws {
+        try requests.withUnsafeBufferPointer { try perform($0, handler) }
+    }
+
+    /// Waits for every outstanding request.
+    public func drain(_ handler: (IOCompletion) throws -> Void) throws {
+        while outstanding > 0 { try reap(minimum: outstanding, handler) }
+    }
+}
+
+/// Picks the engine for a file.
+public enum IOEngines {
+    /// Linux AIO for O_DIRECT files (it is only truly asynchronous there), a thread pool for
+    /// buffered files, and the thread pool too when the kernel refuses an AIO context
+    /// (EAGAIN when aio-max-nr is used up, ENOSYS without AIO support).
+    public static func make(for file: DiskFile, queueDepth: Int = 32, threads: Int = 4) -> any IOEngine {
+        make(direct: file.isDirect, queueDepth: queueDepth, threads: threads)
+    }
+
+    public static func make(direct: Bool, queueDepth: Int = 32, threads: Int = 4) -> any IOEngine {
+        if direct, let engine = try? AIOEngine(queueDepth: queueDepth) { return engine }
+        return ThreadPoolEngine(queueDepth: queueDepth, threads: threads)
+    }
+}
