@@ -1,0 +1,157 @@
+import DiskIO
+
+/// A write-back cache of one-cluster metadata tables (L2 tables, refcount blocks), keyed by
+/// their host offset in the qcow2 file, evicting the least recently used table when full.
+///
+/// Tables are held as `[UInt64]`: each 8-byte big-endian word of the cluster decoded to a native
+/// integer (for extended L2 tables, entry i is words 2i (the entry) and 2i+1 (the bitmap); for
+/// refcount blocks use `refcount(in:index:order:)` / `setRefcount`). Writing a table encodes the
+/// words back to big-endian bytes.
+///
+/// Not thread-safe: owned by one image, driven by one thread.
+final class QCOW2TableCache {
+    private final class Slot {
+        var words: [UInt64]
+        var dirty = false
+        var lastUse: UInt64
+        init(words: [UInt64], lastUse: UInt64) {
+            self.words = words
+            self.lastUse = lastUse
+        }
+    }
+
+    let file: DiskFile
+    /// Bytes per table (the cluster size).
+    let tableSize: Int
+    /// Most tables kept at once (at least 2).
+    let capacity: Int
+    /// Called before a dirty table is written back (by eviction or `flush`). The write path
+    /// sets it to flush refcount blocks first, so refcounts reach the disk before the tables
+    /// that use them.
+    var beforeWriteback: (() throws -> Void)?
+
+    private var slots: [UInt64: Slot] = [:]
+    private var clock: UInt64 = 0
+
+    /// `budgetBytes`: memory to use; the capacity is that many tables, at least 2.
+    init(file: DiskFile, tableSize: Int, budgetBytes: Int = 4 << 20) {
+        self.file = file
+        self.tableSize = tableSize
+        self.capacity = max(2, budgetBytes / tableSize)
+    }
+
+    var dirtyCount: Int { slots.values.reduce(0) { $0 + ($1.dirty ? 1 : 0) } }
+
+    /// Whether the table at `offset` is cached (for tests and the writer's bookkeeping).
+    func contains(_ offset: UInt64) -> Bool { slots[offset] != nil }
+
+    /// The table at `offset`, read from the file if not cached (bytes past EOF read as zero).
+    func table(at offset: UInt64) throws -> [UInt64] {
+        try slot(at: offset).words
+    }
+
+    /// One entry (word index) of the table at `offset`.
+    func word(at offset: UInt64, index: Int) throws -> UInt64 {
+        try slot(at: offset).words[index]
+    }
+
+    /// Modifies the table at `offset` in place and marks it dirty.
+    @discardableResult
+    func update<R>(at offset: UInt64, _ body: (inout [UInt64]) throws -> R) throws -> R {
+        let s = try slot(at: offset)
+        s.dirty = true
+        return try body(&s.words)
+    }
+
+    /// Puts a new table in the cache without reading the file (for a newly allocated cluster),
+    /// marked dirty unless told otherwise. Replaces any cached copy.
+    func install(at offset: UInt64, words: [UInt64], dirty: Bool = true) throws {
+        precondition(words.count == tableSize / 8, "table of the wrong size")
+        if slots[offset] == nil { try makeRoom() }
+        clock += 1
+        let s = Slot(words: words, lastUse: clock)
+        s.dirty = dirty
+        slots[offset] = s
+    }
+
+    func markDirty(_ offset: UInt64) {
+        slots[offset]?.dirty = true
+    }
+
+    /// Writes every dirty table (after calling `beforeWriteback` once if any is dirty).
+    func flush() throws {
+        let dirty = slots.filter { $0.value.dirty }.sorted { $0.key < $1.key }
+        guard !dirty.isEmpty else { return }
+        try beforeWriteback?()
+        for (offset, s) in dirty { try writeBack(offset, s) }
+    }
+
+    /// Drops a table from the cache without writing it (after freeing its cluster).
+    func forget(_ offset: UInt64) {
+        slots[offset] = nil
+    }
+
+    /// Drops every clean table (keeps dirty ones).
+    func dropClean() {
+        slots = slots.filter { $0.value.dirty }
+    }
+
+    private func slot(at offset: UInt64) throws -> Slot {
+        clock += 1
+        if let s = slots[offset] {
+            s.lastUse = clock
+            return s
+        }
+        try makeRoom()
+        let bytes = try file.readBytes(count: tableSize, at: offset)
+        let s = Slot(words: QCOW2BE.words(bytes), lastUse: clock)
+        slots[offset] = s
+        return s
+    }
+
+    private func makeRoom() throws {
+        while slots.count >= capacity {
+            guard let victim = slots.min(by: { $0.value.lastUse < $1.value.lastUse }) else { return }
+            if victim.value.dirty {
+                try beforeWriteback?()
+                try writeBack(victim.key, victim.value)
+            }
+            slots[victim.key] = nil
+        }
+    }
+
+    private func writeBack(_ offset: UInt64, _ s: Slot) throws {
+        try file.write(QCOW2BE.bytes(s.words), at: offset)
+        s.dirty = false
+    }
+
+    // MARK: - Refcount block entries in decoded words
+
+    /// Entry `index` of a refcount block held as decoded words, for refcount_bits = 1 << order.
+    /// Sub-byte widths count bits from the least significant bit of each byte (spec).
+    static func refcount(in words: [UInt64], index: Int, order: Int) -> UInt64 {
+        let (w, shift, mask) = refcountPosition(index: index, order: order)
+        return (words[w] >> shift) & mask
+    }
+
+    static func setRefcount(in words: inout [UInt64], index: Int, order: Int, value: UInt64) {
+        let (w, shift, mask) = refcountPosition(index: index, order: order)
+        words[w] = (words[w] & ~(mask << shift)) | ((value & mask) << shift)
+    }
+
+    private static func refcountPosition(index: Int, order: Int) -> (word: Int, shift: UInt64, mask: UInt64) {
+        let bits = 1 << order
+        let mask: UInt64 = bits == 64 ? .max : (1 << UInt64(bits)) - 1
+        let bitOffset = index * bits            // from the start of the block
+        let byteInBlock = bitOffset / 8
+        let word = byteInBlock / 8
+        // Byte k of a big-endian word holds bits 56-8k...63-8k of the decoded value.
+        let byteShift = UInt64(56 - 8 * (byteInBlock % 8))
+        if bits >= 8 {
+            // A multi-byte big-endian entry: its last byte is the least significant one.
+            let lastByte = (bitOffset + bits) / 8 - 1
+            return (word, UInt64(56 - 8 * (lastByte % 8)), mask)
+        }
+        return (word, byteShift + UInt64(bitOffset % 8), mask)
+    }
+}
