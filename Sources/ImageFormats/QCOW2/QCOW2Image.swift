@@ -1,33 +1,235 @@
 import DiskIO
 
-// PLACEHOLDER (owned by the qcow2-read work): replaced by the real image class.
+/// An open qcow2 image: header, active L1 table, L2 table cache, and the read path.
+///
+/// Members the write path (QCOW2Image+Write.swift) builds on:
+/// - `header` (var): the parsed header; after changing it, write `header.serialized()`.
+/// - `l1` (var): the active L1 table as decoded entries (`QCOW2L1Entry(raw:)`); its on-disk
+///   copy is at `header.l1TableOffset`.
+/// - `tableCache`: L2 tables (and, if the writer wants, refcount blocks) by host offset,
+///   write-back with `beforeWriteback`.
+/// - `l2Table(at:)`, `l2TableOffset(forGuest:)`, `lookup(at:maxLength:)`, `classify(...)`
+///   (QCOW2ClusterMap.swift), `clusterSize`, `granuleSize`.
+/// - `writeState`: free for the writer's refcount/allocator state.
+/// - `compression`: the image's codec; `snapshots`: the parsed snapshot table.
+/// - `invalidateDecompressedCache()`: call after changing a compressed cluster's mapping.
 public final class QCOW2Image: DiskImage {
     public let path: String
+    /// The qcow2 file (metadata, and data unless there is an external data file).
     public let file: DiskFile
+    /// Where guest clusters live: the external data file, or `file`.
     public let dataFile: DiskFile
     public let isWritable: Bool
     public var format: ImageFormat { .qcow2 }
-    public var virtualSize: UInt64 { 0 }
-    public var backing: (any DiskImage)? { nil }
+    public var virtualSize: UInt64 { header.size }
+    /// The opened backing image; set by `ImageOpener` (or the caller) after opening.
+    public var backing: (any DiskImage)?
 
-    init(path: String, file: DiskFile, writable: Bool) {
+    var header: QCOW2Header
+    /// The active L1 table (decoded entries).
+    var l1: [UInt64]
+    var tableCache: QCOW2TableCache
+    var snapshots: [QCOW2Snapshot]
+    let compression: QCOW2Compression
+    /// For the write helper's refcount/allocator state.
+    var writeState: AnyObject?
+    private var decompressed: (cluster: UInt64, bytes: [UInt8])?
+    private var closed = false
+
+    public var clusterSize: Int { header.clusterSize }
+    /// The header as parsed (read-only view for the CLI and tests).
+    public var qcow2Header: QCOW2Header { header }
+
+    init(path: String, file: DiskFile, dataFile: DiskFile, header: QCOW2Header, l1: [UInt64],
+         snapshots: [QCOW2Snapshot], writable: Bool) {
         self.path = path
         self.file = file
-        self.dataFile = file
+        self.dataFile = dataFile
+        self.header = header
+        self.l1 = l1
+        self.snapshots = snapshots
         self.isWritable = writable
+        self.compression = QCOW2Compression(rawValue: header.compressionType) ?? .zlib
+        self.tableCache = QCOW2TableCache(file: file, tableSize: header.clusterSize)
     }
+
+    /// Opens a qcow2 image (without its backing file: see `ImageOpener`).
+    /// The external data file, if any, is opened by the name stored in the image, relative to
+    /// the current directory as QEMU 7.2 does (not to the image's folder).
+    public static func open(path: String, writable: Bool = false, direct: Bool = false) throws -> QCOW2Image {
+        let file = try DiskFile.open(path, access: writable ? .readWrite : .readOnly, direct: direct)
+        do {
+            return try open(path: path, file: file, writable: writable, direct: direct)
+        } catch {
+            file.close()
+            throw error
+        }
+    }
+
+    /// Opens a qcow2 image on an already open file (the image takes ownership of `file`).
+    public static func open(path: String, file: DiskFile, writable: Bool, direct: Bool = false) throws -> QCOW2Image {
+        let fileSize = try file.size()
+        // The first 112 bytes tell the cluster size; the header is the whole first cluster.
+        let start = try file.qcow2ReadBytes(count: 112, at: 0)
+        let bits = QCOW2BE.u32(start, 20)
+        var bytes = start
+        if QCOW2BE.u32(start, 0) == QCOW2Header.magic,
+           (QCOW2Header.minClusterBits...QCOW2Header.maxClusterBits).contains(bits) {
+            bytes = try file.qcow2ReadBytes(count: 1 << Int(bits), at: 0)
+        }
+        let header = try QCOW2Header.parse(bytes, fileSize: fileSize, path: path)
+        if writable && header.isCorrupt {
+            throw ImageError(path: path, message: "qcow2: Image is corrupt; cannot be opened read/write")
+        }
+
+        let l1Bytes = try file.qcow2ReadBytes(count: Int(header.l1Size) * 8, at: header.l1TableOffset)
+        let l1 = QCOW2BE.words(l1Bytes)
+        let snapshots = try QCOW2Snapshot.readTable(file: file, header: header, fileSize: fileSize, path: path)
+
+        var dataFile = file
+        if header.hasDataFile, let name = header.dataFileName {
+            do {
+                dataFile = try DiskFile.open(name, access: writable ? .readWrite : .readOnly, direct: direct)
+            } catch {
+                throw ImageError(path: path, message: "Could not open data file '\(name)'", cause: error)
+            }
+        }
+        return QCOW2Image(path: path, file: file, dataFile: dataFile, header: header, l1: l1,
+                          snapshots: snapshots, writable: writable)
+    }
+
+    // MARK: - Reading
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        throw ImageError(path: path, message: "reading qcow2 is not implemented yet")
+        let count = UInt64(buffer.count)
+        guard count > 0 else { return }
+        let (end, overflow) = offset.addingReportingOverflow(count)
+        guard !overflow, end <= virtualSize else {
+            throw ImageError(path: path, message: "read of \(count) bytes at offset \(offset) is past the end of the image (virtual size \(virtualSize))")
+        }
+        var done: UInt64 = 0
+        while done < count {
+            let position = offset + done
+            let run = try lookup(at: position, maxLength: count - done)
+            let n = Int(run.length)
+            // Sound: done + n <= count == buffer.count (lookup never exceeds maxLength).
+            let part = UnsafeMutableRawBufferPointer(start: buffer.baseAddress! + Int(done), count: n)
+            switch run.kind {
+            case .normal(let host):
+                try dataFile.qcow2Read(into: part, at: host)
+            case .zero:
+                part.initializeMemory(as: UInt8.self, repeating: 0)
+            case .unallocated:
+                try readBacking(into: part, at: position)
+            case .compressed(let descriptor):
+                let cluster = try decompressCluster(guestOffset: position, descriptor)
+                let within = Int(position % UInt64(clusterSize))
+                cluster.withUnsafeBytes { src in
+                    // Sound: lookup keeps a compressed run inside one cluster, so within + n <= clusterSize.
+                    part.baseAddress!.copyMemory(from: src.baseAddress! + within, byteCount: n)
+                }
+            }
+            done += UInt64(n)
+        }
     }
 
+    /// Unallocated ranges: the backing file's data where it reaches, zeros past its end or
+    /// without one. A backing file named in the header but not opened reads as zeros.
+    private func readBacking(into part: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        var filled = 0
+        if let backing, offset < backing.virtualSize {
+            filled = Int(min(UInt64(part.count), backing.virtualSize - offset))
+            // Sound: filled <= part.count.
+            try backing.read(into: UnsafeMutableRawBufferPointer(start: part.baseAddress!, count: filled), at: offset)
+        }
+        if filled < part.count {
+            UnsafeMutableRawBufferPointer(start: part.baseAddress! + filled, count: part.count - filled)
+                .initializeMemory(as: UInt8.self, repeating: 0)
+        }
+    }
+
+    /// The guest cluster containing `guestOffset`, decompressed. The last one is cached, so
+    /// small sequential reads do not decompress a cluster again and again.
+    func decompressCluster(guestOffset: UInt64, _ d: QCOW2CompressedDescriptor) throws -> [UInt8] {
+        let cluster = guestOffset / UInt64(clusterSize)
+        if let decompressed, decompressed.cluster == cluster { return decompressed.bytes }
+        let input = try file.qcow2ReadBytes(count: Int(d.byteLength), at: d.hostOffset)
+        var output = [UInt8](repeating: 0, count: clusterSize)
+        let ok = input.withUnsafeBytes { src in
+            output.withUnsafeMutableBytes { compression.decompress(src, into: $0) }
+        }
+        guard ok else {
+            throw ImageError(path: path, message: "could not decompress the \(compression.name) cluster at guest offset \(cluster * UInt64(clusterSize)) (host offset \(QCOW2BE.hex(d.hostOffset)), \(d.byteLength) bytes): invalid compressed data")
+        }
+        decompressed = (cluster, output)
+        return output
+    }
+
+    /// Forgets the cached decompressed cluster (the write path calls this when it remaps).
+    func invalidateDecompressedCache() { decompressed = nil }
+
+    // MARK: - Block status
+
+    /// See `DiskImage.blockStatus`. Unallocated ranges are `.backing` while a backing file
+    /// covers them (clipped at the opened backing file's size, `.hole` beyond it); when the
+    /// header names a backing file that was not opened they are `.backing` throughout.
+    /// Allocated zero clusters are `.zero` even when preallocated.
     public func blockStatus(at offset: UInt64, length: UInt64) throws -> Extent {
-        throw ImageError(path: path, message: "reading qcow2 is not implemented yet")
+        guard length > 0, offset < virtualSize else {
+            throw ImageError(path: path, message: "block status of \(length) bytes at offset \(offset) is outside the image (virtual size \(virtualSize))")
+        }
+        let limit = min(length, virtualSize - offset)
+        var run = try lookup(at: offset, maxLength: limit)
+        // Keep merging across L2 tables while the kind continues.
+        while run.length < limit {
+            let next = try lookup(at: offset + run.length, maxLength: limit - run.length)
+            switch (run.kind, next.kind) {
+            case (.unallocated, .unallocated), (.zero, .zero):
+                run.length += next.length
+                continue
+            case (.normal(let a), .normal(let b)) where b == a + run.length:
+                run.length += next.length
+                continue
+            default:
+                break
+            }
+            break
+        }
+        var kind: Extent.Kind
+        var extentLength = run.length
+        switch run.kind {
+        case .normal(let host): kind = .data(hostOffset: host)
+        case .compressed: kind = .compressed
+        case .zero: kind = .zero
+        case .unallocated:
+            if let backing {
+                if offset >= backing.virtualSize {
+                    kind = .hole
+                } else {
+                    kind = .backing
+                    extentLength = min(extentLength, backing.virtualSize - offset)
+                }
+            } else {
+                kind = header.backingFileName != nil ? .backing : .hole
+            }
+        }
+        return Extent(offset: offset, length: extentLength, kind: kind)
     }
 
-    public func close() throws { file.close() }
+    // MARK: - Closing
 
-    public func info() throws -> ImageInfo {
-        throw ImageError(path: path, message: "reading qcow2 is not implemented yet")
+    public func close() throws {
+        guard !closed else { return }
+        closed = true
+        var firstError: (any Error)?
+        if isWritable {
+            do { try flush() } catch { firstError = error }
+        }
+        if let backing {
+            do { try backing.close() } catch { if firstError == nil { firstError = error } }
+        }
+        if dataFile !== file { dataFile.close() }
+        file.close()
+        if let firstError { throw firstError }
     }
 }

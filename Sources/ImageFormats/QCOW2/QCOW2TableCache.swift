@@ -103,7 +103,7 @@ final class QCOW2TableCache {
             return s
         }
         try makeRoom()
-        let bytes = try file.readBytes(count: tableSize, at: offset)
+        let bytes = try file.qcow2ReadBytes(count: tableSize, at: offset)
         let s = Slot(words: QCOW2BE.words(bytes), lastUse: clock)
         slots[offset] = s
         return s
@@ -121,7 +121,7 @@ final class QCOW2TableCache {
     }
 
     private func writeBack(_ offset: UInt64, _ s: Slot) throws {
-        try file.write(QCOW2BE.bytes(s.words), at: offset)
+        try file.qcow2Write(QCOW2BE.bytes(s.words), at: offset)
         s.dirty = false
     }
 

@@ -1,0 +1,85 @@
+import DiskIO
+
+extension QCOW2Image {
+    /// What qemu-img 7.2 `info` reports for this image alone.
+    public func info() throws -> ImageInfo {
+        var info = ImageInfo(filename: path, format: "qcow2", virtualSize: virtualSize)
+        var actual = try file.allocatedBytes()
+        if dataFile !== file { actual += try dataFile.allocatedBytes() }
+        info.actualSize = actual
+        info.clusterSize = clusterSize
+        info.dirtyFlag = header.isDirty
+        if let name = header.backingFileName {
+            info.backingFilename = name
+            info.fullBackingFilename = QCOW2Image.resolveBackingName(name, relativeTo: path)
+            info.backingFilenameFormat = header.backingFormat
+        }
+        info.snapshots = snapshots.map(\.info)
+
+        var specific = QCOW2SpecificInfo(compat: header.version >= 3 ? "1.1" : "0.10",
+                                         refcountBits: header.refcountBits)
+        specific.compressionType = compression.name
+        if header.version >= 3 {
+            specific.lazyRefcounts = header.hasLazyRefcounts
+            specific.corrupt = header.isCorrupt
+            specific.extendedL2 = header.hasExtendedL2
+            if header.hasDataFile {
+                specific.dataFile = header.dataFileName
+                specific.dataFileRaw = header.isDataFileRaw
+            }
+            let bitmaps = try readBitmapDirectory()
+            if !bitmaps.isEmpty { specific.bitmaps = bitmaps }
+        }
+        info.formatSpecific = specific
+        return info
+    }
+
+    /// A backing file name resolved the way QEMU does: absolute names as they are, relative
+    /// ones joined to the folder part of `imagePath` (text before its last '/', kept as
+    /// written, e.g. "sub/../base.qcow2"); with no folder part, the name itself.
+    public static func resolveBackingName(_ name: String, relativeTo imagePath: String) -> String {
+        if name.hasPrefix("/") { return name }
+        guard let slash = imagePath.lastIndex(of: "/") else { return name }
+        return String(imagePath[...slash]) + name
+    }
+
+    /// Names, granularities and flags of the persistent dirty bitmaps, read from the bitmaps
+    /// extension's directory when the extension is marked consistent (autoclear bit 0), as
+    /// QEMU does; otherwise none.
+    func readBitmapDirectory() throws -> [BitmapInfo] {
+        guard let ext = header.bitmapsExtension, ext.count == 24,
+              header.autoclearFeatures & QCOW2Header.autoclearBitmaps != 0 else { return [] }
+        let count = Int(QCOW2BE.u32(ext, 0))
+        let size = QCOW2BE.u64(ext, 8)
+        let offset = QCOW2BE.u64(ext, 16)
+        let fileSize = try file.size()
+        // QEMU's limits: 65535 bitmaps, directory of at most 64 MiB.
+        guard count <= 65535, size <= 64 << 20, offset % UInt64(clusterSize) == 0,
+              offset.addingReportingOverflow(size).overflow == false, offset + size <= fileSize else {
+            throw ImageError(path: path, message: "Invalid bitmaps extension (directory at \(QCOW2BE.hex(offset)), \(size) bytes, \(count) bitmaps)")
+        }
+        let dir = try file.qcow2ReadBytes(count: Int(size), at: offset)
+        var result: [BitmapInfo] = []
+        var p = 0
+        for _ in 0..<count {
+            guard p + 24 <= dir.count else {
+                throw ImageError(path: path, message: "Invalid bitmap directory: entry runs past its end")
+            }
+            let flags = QCOW2BE.u32(dir, p + 12)
+            let granularityBits = dir[p + 17]
+            let nameSize = Int(QCOW2BE.u16(dir, p + 18))
+            let extraSize = Int(QCOW2BE.u32(dir, p + 20))
+            let nameStart = p + 24 + extraSize
+            guard extraSize <= dir.count, nameStart + nameSize <= dir.count, granularityBits < 64 else {
+                throw ImageError(path: path, message: "Invalid bitmap directory: entry runs past its end")
+            }
+            var names: [String] = []
+            if flags & 1 != 0 { names.append("in-use") }
+            if flags & 2 != 0 { names.append("auto") }
+            result.append(BitmapInfo(name: QCOW2BE.string(dir[nameStart..<(nameStart + nameSize)]),
+                                     granularity: 1 << UInt64(granularityBits), flags: names))
+            p = (nameStart + nameSize + 7) & ~7
+        }
+        return result
+    }
+}

@@ -1,0 +1,109 @@
+import DiskIO
+
+/// One internal snapshot table entry (docs/interop/qcow2.txt, "Snapshots").
+public struct QCOW2Snapshot: Equatable, Sendable {
+    public var l1TableOffset: UInt64
+    public var l1Size: UInt32
+    public var id: String
+    public var name: String
+    public var dateSeconds: UInt32
+    public var dateNanoseconds: UInt32
+    public var vmClockNanoseconds: UInt64
+    /// The VM state size: the 64-bit extra-data field when present, else the 32-bit one.
+    public var vmStateSize: UInt64
+    /// Virtual disk size at snapshot time (extra data), nil when not stored.
+    public var diskSize: UInt64?
+    /// Instruction count (extra data), nil when not stored or -1 (not available).
+    public var icount: UInt64?
+    /// The whole extra data as stored (kept so a rewrite of the table can preserve it).
+    public var extraData: [UInt8]
+    /// Bytes this entry occupies in the table, padding included.
+    public var entrySize: Int
+
+    /// QEMU's limit on a snapshot entry's extra data.
+    public static let maxExtraData = 1024
+}
+
+extension QCOW2Snapshot {
+    /// Reads and validates the snapshot table the header points at.
+    static func readTable(file: DiskFile, header h: QCOW2Header, fileSize: UInt64, path: String) throws -> [QCOW2Snapshot] {
+        func fail(_ message: String) -> ImageError { ImageError(path: path, message: message) }
+        var result: [QCOW2Snapshot] = []
+        var offset = h.snapshotsOffset
+        let clusterSize = UInt64(h.clusterSize)
+        for index in 0..<Int(h.nbSnapshots) {
+            guard offset + 40 <= fileSize else {
+                throw fail("snapshot table entry \(index) at offset \(offset) is outside the file")
+            }
+            let fixed = try file.qcow2ReadBytes(count: 40, at: offset)
+            let l1Offset = QCOW2BE.u64(fixed, 0)
+            let l1Size = QCOW2BE.u32(fixed, 8)
+            let idLength = Int(QCOW2BE.u16(fixed, 12))
+            let nameLength = Int(QCOW2BE.u16(fixed, 14))
+            let extraSize = Int(QCOW2BE.u32(fixed, 36))
+            guard extraSize <= QCOW2Snapshot.maxExtraData else {
+                throw fail("snapshot \(index): extra data size \(extraSize) is too large (at most \(QCOW2Snapshot.maxExtraData))")
+            }
+            let variable = extraSize + idLength + nameLength
+            let entrySize = (40 + variable + 7) & ~7
+            guard offset + UInt64(40 + variable) <= fileSize else {
+                throw fail("snapshot table entry \(index) at offset \(offset) extends past the end of the file")
+            }
+            guard l1Offset % clusterSize == 0 else {
+                throw fail("snapshot \(index): L1 table offset \(QCOW2BE.hex(l1Offset)) is not cluster-aligned")
+            }
+            guard UInt64(l1Size) * 8 <= QCOW2Header.maxL1Bytes else {
+                throw fail("snapshot \(index): L1 table too large (\(l1Size) entries)")
+            }
+            if l1Size > 0 && l1Offset + UInt64(l1Size) * 8 > fileSize {
+                throw fail("snapshot \(index): L1 table at \(QCOW2BE.hex(l1Offset)) is outside the file")
+            }
+            let rest = try file.qcow2ReadBytes(count: variable, at: offset + 40)
+            let extra = Array(rest[0..<extraSize])
+            var vmState = UInt64(QCOW2BE.u32(fixed, 32))
+            var diskSize: UInt64?
+            var icount: UInt64?
+            if extraSize >= 8 { vmState = QCOW2BE.u64(extra, 0) }
+            if extraSize >= 16 { diskSize = QCOW2BE.u64(extra, 8) }
+            if extraSize >= 24 {
+                let value = QCOW2BE.u64(extra, 16)
+                icount = value == .max ? nil : value
+            }
+            let id = QCOW2BE.string(rest[extraSize..<(extraSize + idLength)])
+            let name = QCOW2BE.string(rest[(extraSize + idLength)..<variable])
+            result.append(QCOW2Snapshot(
+                l1TableOffset: l1Offset, l1Size: l1Size, id: id, name: name,
+                dateSeconds: QCOW2BE.u32(fixed, 16), dateNanoseconds: QCOW2BE.u32(fixed, 20),
+                vmClockNanoseconds: QCOW2BE.u64(fixed, 24), vmStateSize: vmState,
+                diskSize: diskSize, icount: icount, extraData: extra, entrySize: entrySize))
+            offset += UInt64(entrySize)
+        }
+        return result
+    }
+
+    /// The entry as stored in a snapshot table (padded to 8 bytes).
+    public func serialized() -> [UInt8] {
+        var b: [UInt8] = []
+        QCOW2BE.append64(&b, l1TableOffset)
+        QCOW2BE.append32(&b, l1Size)
+        let idBytes = Array(id.utf8), nameBytes = Array(name.utf8)
+        QCOW2BE.append16(&b, UInt16(clamping: idBytes.count))
+        QCOW2BE.append16(&b, UInt16(clamping: nameBytes.count))
+        QCOW2BE.append32(&b, dateSeconds)
+        QCOW2BE.append32(&b, dateNanoseconds)
+        QCOW2BE.append64(&b, vmClockNanoseconds)
+        QCOW2BE.append32(&b, UInt32(clamping: vmStateSize))
+        QCOW2BE.append32(&b, UInt32(extraData.count))
+        b.append(contentsOf: extraData)
+        b.append(contentsOf: idBytes.prefix(0xffff))
+        b.append(contentsOf: nameBytes.prefix(0xffff))
+        b.append(contentsOf: [UInt8](repeating: 0, count: (8 - b.count % 8) % 8))
+        return b
+    }
+
+    var info: SnapshotInfo {
+        SnapshotInfo(id: id, name: name, vmStateSize: vmStateSize, dateSeconds: UInt64(dateSeconds),
+                     dateNanoseconds: UInt64(dateNanoseconds), vmClockNanoseconds: vmClockNanoseconds,
+                     icount: icount)
+    }
+}
