@@ -39,6 +39,14 @@ public struct RequestMerger {
         /// Bytes inside the merged range that no member covers (the filled gaps).
         public var gapBytes: UInt64
 
+        public init(offset: UInt64, length: UInt64, firstRange: Int, rangeCount: Int, gapBytes: UInt64) {
+            self.offset = offset
+            self.length = length
+            self.firstRange = firstRange
+            self.rangeCount = rangeCount
+            self.gapBytes = gapBytes
+        }
+
         public var end: UInt64 { offset + length }
         public var memberIndices: Swift.Range<Int> { firstRange ..< firstRange + rangeCount }
     }
