@@ -1,14 +1,56 @@
 import Glibc
+import ImageFormats
 
-// PLACEHOLDER (owned by the CLI work).
+/// The simg command line: `simg [-h|--help] [-V|--version] COMMAND [command options]`.
 public enum SimgCLI {
     public static func main() {
-        exit(Int32(run(Array(CommandLine.arguments.dropFirst()))))
+        exit(run(Array(CommandLine.arguments.dropFirst()), console: .standard()))
     }
 
-    public static func run(_ arguments: [String]) -> Int {
-        let message = "simg: not implemented yet\n"
-        _ = message.withCString { Glibc.write(2, $0, strlen($0)) }
+    /// Runs one command line (without the program name) and returns the exit status:
+    /// 0 on success, 1 on any error (the message is on stderr), as qemu-img does.
+    public static func run(_ arguments: [String], console: Console) -> Int32 {
+        do {
+            return try dispatch(arguments, console)
+        } catch let error as CLIError {
+            console.error(error.message)
+            if error.suggestHelp { console.err(tryHelp) }
+        } catch let error as ScanError {
+            console.error(error.message)
+            console.err(tryHelp)
+        } catch let error as ImageError {
+            console.error(error.description)
+        } catch {
+            console.error("\(error)")
+        }
         return 1
+    }
+
+    static let tryHelp = "Try 'simg --help' for more information\n"
+
+    static let globalOptions: [OptionSpec] = [
+        .help, OptionSpec(short: "V", long: "version", key: "version", stops: true),
+    ]
+
+    static func dispatch(_ arguments: [String], _ console: Console) throws -> Int32 {
+        // The global options come before the command; everything after it is the command's.
+        let global = try ArgumentScanner(globalOptions, stopAtOperand: true).scan(arguments)
+        if global.has("help") {
+            console.out(Help.text)
+            return 0
+        }
+        if global.has("version") {
+            console.out(Help.versionText)
+            return 0
+        }
+        guard let name = global.operands.first else { throw CLIError.usage("Not enough arguments") }
+        guard let command = Commands.named(name) else { throw CLIError.usage("Command not found: \(name)") }
+
+        let scan = try ArgumentScanner(command.options).scan(Array(global.operands.dropFirst()))
+        if scan.has("help") {
+            console.out(command.usage)
+            return 0
+        }
+        return try command.run(scan, console)
     }
 }

@@ -1,0 +1,34 @@
+/// One subcommand: its synopsis (the qemu-img style line shown by --help), the options it
+/// accepts, and what it does with them. Adding a command means adding one of these to
+/// `Commands.all`.
+public struct Command: Sendable {
+    public var name: String
+    /// The synopsis after "simg ", e.g. "info [-q] [-f fmt] ... filename".
+    public var synopsis: String
+    /// Lines explaining the command's parameters, shown by `simg COMMAND --help`.
+    public var details: [String]
+    public var options: [OptionSpec]
+    public var run: @Sendable (ScanResult, Console) throws -> Int32
+
+    public init(name: String, synopsis: String, details: [String], options: [OptionSpec],
+                run: @escaping @Sendable (ScanResult, Console) throws -> Int32) {
+        self.name = name
+        self.synopsis = synopsis
+        self.details = details
+        // Every command takes -h/--help and -q.
+        self.options = [.help, .flag("q", "quiet")] + options
+        self.run = run
+    }
+
+    public var usage: String {
+        var text = "usage: simg \(synopsis)\n"
+        if !details.isEmpty { text += "\n" + details.map { $0 + "\n" }.joined() }
+        return text
+    }
+}
+
+public enum Commands {
+    public static let all: [Command] = [CreateCommand.command, InfoCommand.command]
+
+    public static func named(_ name: String) -> Command? { all.first { $0.name == name } }
+}

@@ -1,0 +1,98 @@
+import ImageFormats
+
+/// `simg create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]`
+enum CreateCommand {
+    static let command = Command(
+        name: "create",
+        synopsis: "create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]",
+        details: [
+            "Creates a new disk image 'filename' of 'size' bytes (format 'fmt', raw by default).",
+            "  'size' takes the suffixes k, M, G, T, P, E (powers of 1024); it may be left out",
+            "    when a backing file gives the size",
+            "  '-b' makes 'backing_file' the image's backing file, '-F' names its format",
+            "  '-u' creates the image without opening the backing file",
+            "  '-o' takes format options as name=value[,name=value...] (',,' is a literal comma);",
+            "    '-o help' lists the format's options",
+            "  '-q' does not print the \"Formatting ...\" line",
+        ],
+        options: [.value("f", "format"), .value("b", "backing"), .value("F", "backing-format"),
+                  .flag("u", "unsafe"), .value("o", "options")],
+        run: run)
+
+    static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        let formatName = scan.last("format") ?? "raw"
+        let options = try OptionList.join(scan.values("options"))
+        let filename = scan.operands.first
+
+        if let options, OptionList.wantsHelp(options) {
+            guard let format = ImageFormat(rawValue: formatName) else {
+                throw CLIError("Unknown file format '\(formatName)'")
+            }
+            console.out(optionHelp(for: format, withFilename: filename != nil))
+            return 0
+        }
+        guard let filename else { throw CLIError.usage("Expecting image file name") }
+
+        var size: UInt64?
+        if scan.operands.count > 1 {
+            size = try parseSize(scan.operands[1])
+        }
+        if scan.operands.count > 2 {
+            throw CLIError.usage("Unexpected argument: \(scan.operands[2])")
+        }
+        guard let format = ImageFormat(rawValue: formatName) else {
+            throw CLIError("\(filename): Unknown file format '\(formatName)'")
+        }
+
+        let creation = Backend.Creation(
+            format: format, path: filename, size: size,
+            options: options.map(OptionList.parse) ?? [],
+            backingFile: scan.last("backing"), backingFormat: scan.last("backing-format"),
+            unsafeBacking: scan.has("unsafe"))
+        let quiet = scan.has("quiet")
+        do {
+            try Backend.create(creation) { line in
+                if !quiet { console.out(line.hasSuffix("\n") ? line : line + "\n") }
+            }
+        } catch let error as ImageError where error.path == filename {
+            // qemu-img names the new image without quotes: "x.qcow2: Invalid parameter 'foo'".
+            var message = "\(filename): \(error.message)"
+            if let cause = error.cause { message += ": \(cause)" }
+            throw CLIError(message)
+        }
+        return 0
+    }
+
+    /// qemu-img's two error messages for a size: out of range, or not a size at all.
+    static func parseSize(_ text: String) throws(CLIError) -> UInt64 {
+        let size: UInt64
+        do {
+            size = try Backend.parseSize(text)
+        } catch {
+            throw CLIError(badSizeMessage)
+        }
+        guard size <= UInt64(Int64.max) else { throw CLIError(sizeRangeMessage) }
+        return size
+    }
+
+    static let badSizeMessage = """
+        Invalid image size specified. You may use k, M, G, T, P or E suffixes for
+        simg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.
+        """
+    static let sizeRangeMessage = "Invalid image size specified. Must be between 0 and \(Int64.max)."
+
+    /// `-o help`, laid out like qemu-img's: "  name=<type>" padded to 22 columns, " - ", help.
+    /// Without a filename qemu-img adds that the protocol level may have more options; simg has
+    /// no protocol layer, so with a filename the list is complete.
+    static func optionHelp(for format: ImageFormat, withFilename: Bool) -> String {
+        var text = withFilename ? "Supported options:\n" : "Supported \(format.rawValue) options:\n"
+        for option in Backend.optionHelp(for: format).sorted(by: { $0.name < $1.name }) {
+            text += "  " + TextFormat.left("\(option.name)=<\(option.type)>", 22) + " - " + option.help + "\n"
+        }
+        if !withFilename {
+            text += "\nThe protocol level may support further options.\n"
+            text += "Specify the target filename to include those options.\n"
+        }
+        return text
+    }
+}

@@ -1,0 +1,131 @@
+/// A small JSON model and writer that reproduces QEMU's pretty-printed JSON byte for byte.
+///
+/// qemu-img builds its JSON from a QDict, a hash table, and prints the members in bucket
+/// order, not in the order they were added. `JSONObject.qemuOrder` recomputes that order so
+/// `simg info --output=json` lists keys exactly where qemu-img puts them.
+public indirect enum JSONValue: Equatable, Sendable {
+    case string(String)
+    case int(Int64)
+    case uint(UInt64)
+    case bool(Bool)
+    case array([JSONValue])
+    case object(JSONObject)
+}
+
+/// Members in the order they were added (QEMU's visit order).
+public struct JSONObject: Equatable, Sendable {
+    public private(set) var members: [(key: String, value: JSONValue)] = []
+
+    public init() {}
+
+    public init(_ members: [(String, JSONValue)]) {
+        for (key, value) in members { self[key] = value }
+    }
+
+    /// Setting an existing key replaces its value in place, like qdict_put.
+    public subscript(key: String) -> JSONValue? {
+        get { members.first { $0.key == key }?.value }
+        set {
+            if let at = members.firstIndex(where: { $0.key == key }) {
+                if let newValue { members[at].value = newValue } else { members.remove(at: at) }
+            } else if let newValue {
+                members.append((key, newValue))
+            }
+        }
+    }
+
+    public static func == (a: JSONObject, b: JSONObject) -> Bool {
+        a.members.count == b.members.count
+            && zip(a.members, b.members).allSatisfy { $0.key == $1.key && $0.value == $1.value }
+    }
+
+    /// The order qemu's qdict_first/qdict_next walk: by hash bucket (512 buckets), and within a
+    /// bucket the most recently added key first (each bucket is a list with inserts at its head).
+    public var qemuOrder: [(key: String, value: JSONValue)] {
+        let numbered = members.enumerated().map { (bucket: JSONObject.bucket(of: $0.element.key), added: $0.offset, member: $0.element) }
+        return numbered.sorted { a, b in
+            a.bucket != b.bucket ? a.bucket < b.bucket : a.added > b.added
+        }.map { $0.member }
+    }
+
+    /// QEMU's QDict bucket for a key: the tdb hash of the key bytes, modulo 512.
+    static func bucket(of key: String) -> UInt32 {
+        let bytes = Array(key.utf8)
+        // All arithmetic wraps at 32 bits, as the C code's unsigned int does.
+        var value = UInt32(truncatingIfNeeded: bytes.count) &* 0x238F_13AF
+        for (i, byte) in bytes.enumerated() {
+            value = value &+ (UInt32(byte) << UInt32((i * 5) % 24))
+        }
+        let hash = 1_103_515_243 &* value &+ 12345
+        return hash % 512
+    }
+}
+
+public enum JSONWriter {
+    /// QEMU's pretty form: 4-space indents, `"key": value`, each member on its own line, and
+    /// empty containers still broken over two lines (`[` newline indent `]`). No final newline.
+    public static func pretty(_ value: JSONValue) -> String {
+        var text = ""
+        write(value, level: 0, into: &text)
+        return text
+    }
+
+    private static func write(_ value: JSONValue, level: Int, into text: inout String) {
+        switch value {
+        case .string(let s): text += quote(s)
+        case .int(let n): text += String(n)
+        case .uint(let n): text += String(n)
+        case .bool(let b): text += b ? "true" : "false"
+        case .array(let items):
+            text += "["
+            for (i, item) in items.enumerated() {
+                text += i == 0 ? "\n" : ",\n"
+                text += indent(level + 1)
+                write(item, level: level + 1, into: &text)
+            }
+            text += "\n" + indent(level) + "]"
+        case .object(let object):
+            text += "{"
+            for (i, member) in object.qemuOrder.enumerated() {
+                text += i == 0 ? "\n" : ",\n"
+                text += indent(level + 1) + quote(member.key) + ": "
+                write(member.value, level: level + 1, into: &text)
+            }
+            text += "\n" + indent(level) + "}"
+        }
+    }
+
+    private static func indent(_ level: Int) -> String {
+        String(repeating: " ", count: level * 4)
+    }
+
+    /// QEMU escapes quote, backslash and \b \f \n \r \t by name, and every other code point
+    /// below 0x20 or from 0x7F up as \uXXXX in upper-case hex (UTF-16 surrogate pairs above
+    /// U+FFFF). Swift strings are valid Unicode, so QEMU's U+FFFD for bad UTF-8 happened earlier.
+    public static func quote(_ s: String) -> String {
+        var out = "\""
+        for scalar in s.unicodeScalars {
+            switch scalar {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\u{08}": out += "\\b"
+            case "\u{0C}": out += "\\f"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            default:
+                if scalar.value < 0x20 || scalar.value >= 0x7F {
+                    for unit in String(scalar).utf16 { out += "\\u" + hex4(unit) }
+                } else {
+                    out.unicodeScalars.append(scalar)
+                }
+            }
+        }
+        return out + "\""
+    }
+
+    private static func hex4(_ unit: UInt16) -> String {
+        let digits = String(unit, radix: 16, uppercase: true)
+        return String(repeating: "0", count: 4 - digits.count) + digits
+    }
+}
