@@ -1,0 +1,38 @@
+# simg: build, test, demo and install. `make demo` and `make test` install what is missing first.
+PREFIX ?= /usr/local
+SWIFT ?= swift
+
+.PHONY: all build release deps demo test install clean bench
+
+all: build
+
+deps:
+	@bash scripts/install-deps.sh
+
+build: deps
+	$(SWIFT) build
+
+release: deps
+	$(SWIFT) build -c release
+
+# Builds the release binary, makes a sample qcow2 image with real content and shows simg at work.
+demo: release
+	@bash scripts/demo.sh
+
+# Every test: unit tests and the interoperability tests against qemu-img/qemu-io. The tests run
+# the debug simg binary built beside them.
+test: deps
+	$(SWIFT) build
+	$(SWIFT) build --build-tests
+	$(SWIFT) test
+
+install: release
+	install -d "$(DESTDIR)$(PREFIX)/bin"
+	install -m 755 .build/release/simg "$(DESTDIR)$(PREFIX)/bin/simg"
+
+clean:
+	rm -rf .build
+
+bench: release
+	@if [ -f scripts/bench.sh ]; then bash scripts/bench.sh; \
+	else echo "No benchmarks yet: they arrive with the convert command (scripts/bench.sh)."; fi
