@@ -1,0 +1,269 @@
+import DiskIO
+import Glibc
+
+/// `create`: validates a request the way qemu-img 7.2 does, announces it with qemu-img's
+/// "Formatting ..." line, and writes the new image.
+///
+/// Order of checks (as in QEMU's bdrv_img_create and qcow2_co_create_opts/qcow2_co_create):
+/// option names and value types; size given twice; backing file (opened unless -u, to check
+/// it and take its size); size missing; then the announcement; then format-specific checks.
+/// A failure after the announcement removes the files creation started (QEMU deletes them too).
+public enum ImageCreator {
+    public static func create(_ request: CreateRequest, announce: (String) -> Void) throws {
+        try create(request, announce: announce, warn: { _ in })
+    }
+
+    /// `warn` receives qemu-img's warnings (e.g. a hex size with a suffix), without "qemu-img: ".
+    public static func create(_ request: CreateRequest, announce: (String) -> Void,
+                              warn: (String) -> Void) throws {
+        let path = request.path
+        func fail(_ message: String, _ cause: (any Error)? = nil) -> ImageError {
+            ImageError(path: path, message: message, cause: cause)
+        }
+
+        var options = ParsedCreateOptions(format: request.format)
+        for option in request.options {
+            do {
+                try options.set(option.name, option.value)
+            } catch {
+                throw fail(error.message)
+            }
+        }
+        options.warnings.forEach(warn)
+
+        // Size: the argument, or -o size= (not both); 2^64-1 is QEMU's "no size" marker.
+        if options.isSet("size") {
+            if request.size != nil { throw fail("The image size must be specified only once") }
+        } else if let size = request.size {
+            options.values["size"] = .size(size)
+        }
+
+        // -b and -F override -o backing_file / backing_fmt.
+        if let backing = request.backingFile {
+            guard request.format == .qcow2 else {
+                throw fail("Backing file not supported for file format '\(request.format.rawValue)'")
+            }
+            options.values["backing_file"] = .string(backing)
+        }
+        if let backingFormat = request.backingFormat {
+            guard request.format == .qcow2 else {
+                throw fail("Backing file format not supported for file format '\(request.format.rawValue)'")
+            }
+            options.values["backing_fmt"] = .string(backingFormat)
+        }
+        let backingFile = options.string("backing_file")
+        let backingFormat = options.string("backing_fmt")
+        if let backingFile {
+            if backingFile == path {
+                throw fail("Error: Trying to create an image with the same filename as the backing file")
+            }
+            if backingFile.isEmpty { throw fail("Expected backing file name, got empty string") }
+        }
+
+        var size = options.unsigned("size").flatMap { $0 == UInt64.max ? nil : $0 }
+        if let backingFile, !request.unsafeBacking {
+            let full = QCOW2Image.resolveBackingName(backingFile, relativeTo: path)
+            let backingSize = try openBacking(full, format: backingFormat, imagePath: path)
+            if size == nil {
+                size = backingSize
+                options.values["size"] = .size(backingSize)
+            }
+        } else if backingFile != nil && backingFormat == nil {
+            throw fail("Backing file specified without backing format")
+        }
+        guard let size else { throw fail("Image creation needs a size parameter") }
+
+        announce("Formatting '\(path)', fmt=\(request.format.rawValue) \(options.printed)")
+
+        switch request.format {
+        case .raw:
+            try createRaw(path: path, size: size, options: options)
+        case .qcow2:
+            do {
+                let parameters = try qcow2Parameters(path: path, size: size, options: options)
+                let layout: QCOW2Layout
+                do {
+                    layout = try QCOW2Create.layout(for: parameters)
+                } catch {
+                    throw fail("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
+                }
+                try QCOW2Create.write(parameters, layout: layout)
+            } catch {
+                // QEMU creates the files before its qcow2 checks and deletes them when creation
+                // fails; the net effect (no image, and no data file) is reproduced here.
+                _ = unlink(path)
+                if let data = options.string("data_file") { _ = unlink(data) }
+                throw error
+            }
+        }
+    }
+
+    // MARK: - Backing file
+
+    /// Opens the backing file (without its own backing chain) to check it and get its size.
+    private static func openBacking(_ full: String, format: String?, imagePath: String) throws -> UInt64 {
+        func fail(_ message: String, _ cause: (any Error)? = nil) -> ImageError {
+            ImageError(path: imagePath, message: message, cause: cause)
+        }
+        var chosen: ImageFormat?
+        if let format {
+            guard let known = ImageFormat(rawValue: format) else {
+                throw fail(qemuDrivers.contains(format)
+                           ? "Could not open '\(full)': backing format '\(format)' is not supported by simg\nCould not open backing image."
+                           : "Unknown driver '\(format)'\nCould not open backing image.")
+            }
+            chosen = known
+        }
+        let image: any DiskImage
+        do {
+            image = try ImageOpener.open(full, options: OpenOptions(format: chosen, writable: false, openBacking: false))
+        } catch let error as IOError {
+            throw fail("\(error)\nCould not open backing image.")
+        } catch let error as ImageError {
+            throw fail("Could not open '\(full)': \(error.message)\nCould not open backing image.", error.cause)
+        } catch {
+            throw fail("Could not open '\(full)': \(error)\nCould not open backing image.")
+        }
+        let size = image.virtualSize
+        let detected = image.format.rawValue
+        try? image.close()
+        guard format != nil else {
+            throw fail("Backing file specified without backing format\nDetected format of \(detected).")
+        }
+        return size
+    }
+
+    /// QEMU 7.2's block driver names (BlockdevDriver): accepted as backing_fmt with -u.
+    static let qemuDrivers: Set<String> = [
+        "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress",
+        "copy-before-write", "copy-on-read", "dmg", "file", "snapshot-access", "ftp", "ftps",
+        "gluster", "host_cdrom", "host_device", "http", "https", "io_uring", "iscsi", "luks",
+        "nbd", "nfs", "null-aio", "null-co", "nvme", "nvme-io_uring", "parallels", "preallocate",
+        "qcow", "qcow2", "qed", "quorum", "raw", "rbd", "replication", "ssh", "throttle", "vdi",
+        "vhdx", "virtio-blk-vfio-pci", "virtio-blk-vhost-user", "virtio-blk-vhost-vdpa", "vmdk",
+        "vpc", "vvfat",
+    ]
+
+    // MARK: - raw
+
+    private static func createRaw(path: String, size: UInt64, options: ParsedCreateOptions) throws {
+        if let hint = options.unsigned("extent_size_hint"), hint > UInt64(UInt32.max) {
+            throw ImageError(path: path, message: "Extent size hint is too large")
+        }
+        let mode = options.string("preallocation") ?? "off"
+        switch mode {
+        case "off", "falloc", "full": break
+        case "metadata": throw ImageError(path: path, message: "Unsupported preallocation mode: metadata")
+        default: throw ImageError(path: path, message: "invalid parameter value: \(mode)")
+        }
+        guard size <= UInt64(Int64.max) - 511 else {
+            throw ImageError(path: path, message: "The image size is too large for file format 'raw'")
+        }
+        try RawCreate.create(path: path, size: size, preallocation: mode)
+    }
+
+    // MARK: - qcow2
+
+    /// Turns the options into creation parameters with QEMU's checks, in QEMU's order.
+    static func qcow2Parameters(path: String, size rawSize: UInt64,
+                                options: ParsedCreateOptions) throws -> QCOW2CreateParameters {
+        func fail(_ message: String) -> ImageError { ImageError(path: path, message: message) }
+
+        if options.bool("encryption") == true && options.isSet("encrypt.format") {
+            throw fail("'encrypt.format' and its alias 'encryption' can't be used at the same time")
+        }
+        if let hint = options.unsigned("extent_size_hint"), hint > UInt64(UInt32.max) {
+            throw fail("Extent size hint is too large")
+        }
+
+        // Enumerations, in the order QEMU's option visitor meets them.
+        var p = QCOW2CreateParameters(path: path, size: rawSize)
+        if let compat = options.string("compat") {
+            switch compat {
+            case "0.10", "v2": p.version = 2
+            case "1.1", "v3": p.version = 3
+            default: throw fail("Parameter 'version' does not accept value '\(compat)'")
+            }
+        }
+        if let format = options.string("backing_fmt"), !qemuDrivers.contains(format) {
+            throw fail("Parameter 'backing-fmt' does not accept value '\(format)'")
+        }
+        let encryptionOptions = options.values.keys.filter { $0.hasPrefix("encrypt.") }
+        if options.bool("encryption") == true || !encryptionOptions.isEmpty {
+            throw fail("Encrypted images are not supported by simg")
+        }
+        if let mode = options.string("preallocation") {
+            guard let parsed = QCOW2CreateParameters.Preallocation(rawValue: mode) else {
+                throw fail("Parameter 'preallocation' does not accept value '\(mode)'")
+            }
+            p.preallocation = parsed
+        }
+        if let compression = options.string("compression_type") {
+            switch compression {
+            case "zlib": p.compressionType = 0
+            case "zstd": p.compressionType = 1
+            default: throw fail("Parameter 'compression-type' does not accept value '\(compression)'")
+            }
+        }
+
+        // QEMU silently rounds the size up to a multiple of 512.
+        guard rawSize <= UInt64(Int64.max) - 511 else {
+            throw fail("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
+        }
+        p.size = (rawSize + 511) / 512 * 512
+
+        p.extendedL2 = options.bool("extended_l2") ?? false
+        if p.extendedL2 && p.version < 3 {
+            throw fail("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)")
+        }
+        let clusterSize = options.unsigned("cluster_size") ?? 65536
+        guard clusterSize >= 512, clusterSize <= 2 << 20, clusterSize & (clusterSize - 1) == 0 else {
+            throw fail("Cluster size must be a power of two between 512 and 2048k")
+        }
+        if p.extendedL2 && clusterSize < 16384 {
+            throw fail("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")
+        }
+        p.clusterBits = clusterSize.trailingZeroBitCount
+
+        p.backingFile = options.string("backing_file")
+        p.backingFormat = options.string("backing_fmt")
+        if p.backingFile != nil && p.preallocation != .off && !p.extendedL2 {
+            throw fail("Backing file and preallocation can only be used at the same time if extended_l2 is on")
+        }
+        if p.backingFormat != nil && p.backingFile == nil {
+            throw fail("Backing format cannot be used without backing file")
+        }
+        if let name = p.backingFile, name.utf8.count > Int(QCOW2Header.maxBackingNameLength) {
+            throw fail("Could not assign backing file '\(name)': the name is longer than 1023 bytes")
+        }
+
+        p.lazyRefcounts = options.bool("lazy_refcounts") ?? false
+        if p.version < 3 && p.lazyRefcounts {
+            throw fail("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)")
+        }
+        let refcountBits = options.unsigned("refcount_bits") ?? 16
+        guard refcountBits <= 64, refcountBits != 0, refcountBits & (refcountBits - 1) == 0 else {
+            throw fail("Refcount width must be a power of two and may not exceed 64 bits")
+        }
+        if p.version < 3 && refcountBits != 16 {
+            throw fail("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)")
+        }
+        p.refcountOrder = refcountBits.trailingZeroBitCount
+
+        p.dataFile = options.string("data_file")
+        p.dataFileRaw = options.bool("data_file_raw") ?? false
+        if p.dataFileRaw && p.dataFile == nil { throw fail("data-file-raw requires data-file") }
+        if p.dataFileRaw && p.backingFile != nil {
+            throw fail("Backing file and data-file-raw cannot be used at the same time")
+        }
+        // A raw data file must read the same with or without the metadata: map it 1:1.
+        if p.dataFileRaw && p.preallocation == .off { p.preallocation = .metadata }
+        if p.dataFile != nil && p.version < 3 {
+            throw fail("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)")
+        }
+        if p.compressionType != 0 && p.version < 3 {
+            throw fail("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)")
+        }
+        return p
+    }
+}

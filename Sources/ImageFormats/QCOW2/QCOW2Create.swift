@@ -1,0 +1,142 @@
+import DiskIO
+
+/// Writes a new qcow2 image from validated parameters (ImageCreator does the option checks).
+struct QCOW2CreateParameters: Equatable {
+    enum Preallocation: String { case off, metadata, falloc, full }
+
+    var path: String
+    var size: UInt64
+    var version: UInt32 = 3
+    var clusterBits: Int = 16
+    var refcountOrder: Int = 4
+    var extendedL2 = false
+    var lazyRefcounts = false
+    var compressionType: UInt8 = 0
+    var preallocation: Preallocation = .off
+    var backingFile: String?
+    var backingFormat: String?
+    /// The external data file name as stored in the image and as created (relative to the
+    /// current directory, as QEMU 7.2 does).
+    var dataFile: String?
+    var dataFileRaw = false
+}
+
+enum QCOW2Create {
+    /// The header a new image gets.
+    static func header(for p: QCOW2CreateParameters, layout: QCOW2Layout) -> QCOW2Header {
+        var h = QCOW2Header(version: p.version, clusterBits: UInt32(p.clusterBits), size: p.size)
+        h.refcountOrder = UInt32(p.refcountOrder)
+        h.refcountTableOffset = layout.refcountTableOffset
+        h.refcountTableClusters = UInt32(layout.refcountTableClusters)
+        h.l1Size = UInt32(layout.l1Entries)
+        h.l1TableOffset = layout.l1Offset
+        if p.lazyRefcounts { h.compatibleFeatures |= QCOW2Header.compatibleLazyRefcounts }
+        if p.dataFile != nil {
+            h.incompatibleFeatures |= QCOW2Header.incompatibleDataFile
+            h.dataFileName = p.dataFile
+        }
+        if p.dataFileRaw { h.autoclearFeatures |= QCOW2Header.autoclearDataFileRaw }
+        if p.compressionType != 0 {
+            h.incompatibleFeatures |= QCOW2Header.incompatibleCompressionType
+            h.compressionType = p.compressionType
+        }
+        if p.extendedL2 { h.incompatibleFeatures |= QCOW2Header.incompatibleExtendedL2 }
+        h.backingFileName = p.backingFile
+        h.backingFormat = p.backingFile != nil ? p.backingFormat : nil
+        return h
+    }
+
+    static func layout(for p: QCOW2CreateParameters) throws(QCOW2Layout.Failure) -> QCOW2Layout {
+        try QCOW2Layout(clusterBits: p.clusterBits, refcountOrder: p.refcountOrder, extendedL2: p.extendedL2,
+                        size: p.size, preallocate: p.preallocation != .off, externalData: p.dataFile != nil)
+    }
+
+    /// Creates (or truncates) the image file and, if requested, the data file, and writes the
+    /// whole image. The caller has validated `p` and computed `layout` with `layout(for:)`.
+    /// Metadata is written in large writes: the refcount blocks in one, each L2 table in one.
+    static func write(_ p: QCOW2CreateParameters, layout: QCOW2Layout) throws {
+        let header = header(for: p, layout: layout)
+        var headerBytes = header.serialized()
+        guard headerBytes.count <= layout.clusterSize else {
+            throw ImageError(path: p.path, message: "Could not write qcow2 header: the header, its extensions and the backing file name need \(headerBytes.count) bytes, more than one \(layout.clusterSize)-byte cluster")
+        }
+        headerBytes.append(contentsOf: [UInt8](repeating: 0, count: layout.clusterSize - headerBytes.count))
+
+        let file: DiskFile
+        do {
+            file = try DiskFile.create(p.path)
+        } catch {
+            throw ImageError(path: p.path, message: "Could not create the image file", cause: error)
+        }
+        defer { file.close() }
+        let cs = UInt64(layout.clusterSize)
+
+        try io(p.path) {
+            try file.write(headerBytes, at: 0)
+            try file.write(layout.refcountTableBytes(), at: layout.refcountTableOffset)
+            try file.write(layout.refcountBlockBytes(), at: layout.refcountBlocksOffset)
+            if layout.l1Entries > 0 { try file.write(layout.l1Bytes(), at: layout.l1Offset) }
+            if layout.preallocate {
+                for t in 0..<layout.l2Count {
+                    try file.write(layout.l2Bytes(t), at: layout.l2Offset(t))
+                }
+            }
+            let length = layout.fileLength
+            if try file.size() < length { try file.truncate(to: length) }
+            if !layout.externalData && layout.l2Count > 0 {
+                // Only the data clusters: the metadata between them is already written.
+                for t in 0..<layout.l2Count {
+                    let start = layout.l2Offset(t) + cs
+                    let bytes = layout.dataClusters(inTable: t) * cs
+                    switch p.preallocation {
+                    case .falloc: try file.allocate(at: start, length: bytes)
+                    case .full: try writeZeros(file, at: start, length: bytes)
+                    default: break
+                    }
+                }
+            }
+            try file.sync()
+        }
+
+        if let dataName = p.dataFile {
+            let data: DiskFile
+            do {
+                data = try DiskFile.create(dataName)
+            } catch {
+                throw ImageError(path: p.path, message: "Could not create data file '\(dataName)'", cause: error)
+            }
+            defer { data.close() }
+            try io(dataName) {
+                switch p.preallocation {
+                case .falloc: try data.allocate(at: 0, length: p.size)
+                case .full: try writeZeros(data, at: 0, length: p.size)
+                default: break
+                }
+                if try data.size() < p.size { try data.truncate(to: p.size) }
+                try data.sync()
+            }
+        }
+    }
+
+    private static func writeZeros(_ file: DiskFile, at offset: UInt64, length: UInt64) throws {
+        let chunk = [UInt8](repeating: 0, count: 1 << 22)
+        var done: UInt64 = 0
+        try chunk.withUnsafeBytes { zeros in
+            while done < length {
+                let n = Int(min(UInt64(zeros.count), length - done))
+                // Sound: n <= zeros.count.
+                try file.write(UnsafeRawBufferPointer(rebasing: zeros[0..<n]), at: offset + done)
+                done += UInt64(n)
+            }
+        }
+    }
+
+    /// Runs `body`, turning an IOError into an ImageError about `path`.
+    private static func io(_ path: String, _ body: () throws -> Void) throws {
+        do {
+            try body()
+        } catch let error as IOError {
+            throw ImageError(path: path, message: "Could not write the new image", cause: error)
+        }
+    }
+}
