@@ -11,7 +11,7 @@ final class ScratchFolder {
         var template = Array("/var/tmp/simg-diskio-XXXXXX".utf8CString)
         let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
         guard made != nil else { throw IOError(code: errno, operation: "create a temp folder", path: "/var/tmp") }
-        path = String(cString: template)
+        path = String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
     deinit { try? FileManager.default.removeItem(atPath: path) }
