@@ -4,9 +4,8 @@ extension QCOW2Image {
     /// What qemu-img 7.2 `info` reports for this image alone.
     public func info() throws -> ImageInfo {
         var info = ImageInfo(filename: path, format: "qcow2", virtualSize: virtualSize)
-        var actual = try file.allocatedBytes()
-        if dataFile !== file { actual += try dataFile.allocatedBytes() }
-        info.actualSize = actual
+        // qemu-img 7.2 counts the qcow2 file only, not an external data file.
+        info.actualSize = try file.allocatedBytes()
         info.clusterSize = clusterSize
         info.dirtyFlag = header.isDirty
         if let name = header.backingFileName {
