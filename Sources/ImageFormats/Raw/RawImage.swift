@@ -81,14 +81,16 @@ public final class RawImage: DiskImage {
         guard length > 0 else { return }
         // A hole allocates nothing and reads as zeros; where the file system cannot punch
         // holes, zero the range in place; failing that, write zeros.
+        // EINVAL too: block devices refuse ranges not aligned to their logical block size,
+        // and writing zeros is always a correct fallback.
         do {
             try file.punchHole(at: offset, length: length)
             return
-        } catch let error as IOError where RawImage.isUnsupported(error) {}
+        } catch let error as IOError where RawImage.isUnsupported(error) || error.code == EINVAL {}
         do {
             try file.zeroRange(at: offset, length: length)
             return
-        } catch let error as IOError where RawImage.isUnsupported(error) {}
+        } catch let error as IOError where RawImage.isUnsupported(error) || error.code == EINVAL {}
         try writeZeroBuffers(at: offset, length: length)
     }
 
@@ -98,8 +100,9 @@ public final class RawImage: DiskImage {
         guard length > 0 else { return }
         do {
             try file.punchHole(at: offset, length: length)
-        } catch let error as IOError where RawImage.isUnsupported(error) {
-            // Discard is advisory: a file system without hole punching keeps the data.
+        } catch let error as IOError where RawImage.isUnsupported(error) || error.code == EINVAL {
+            // Discard is advisory: a file system without hole punching (or a block device
+            // given an unaligned range) keeps the data.
         }
     }
 
