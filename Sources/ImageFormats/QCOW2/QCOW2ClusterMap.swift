@@ -53,8 +53,16 @@ extension QCOW2Image {
             let g = position / granule  // granule index in the guest
             let withinTable = Int((position % tableSpan) / UInt64(clusterSize))
             let sub = Int(g % perCluster)
-            let kind = try classify(table: table, index: withinTable, subcluster: sub,
+            let kind: QCOW2ClusterKind
+            do {
+                kind = try classify(table: table, index: withinTable, subcluster: sub,
                                     l2Offset: l2Offset, guestOffset: position)
+            } catch {
+                // Return the good run before a corrupt entry; the error comes when the caller
+                // asks about the corrupt entry itself.
+                if first != nil { break }
+                throw error
+            }
             let inGranule = position % granule
             // Compressed clusters have no subclusters: a step covers the rest of the cluster.
             let step: UInt64
