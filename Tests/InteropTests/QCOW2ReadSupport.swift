@@ -23,8 +23,9 @@ func qcow2ReadDump(_ image: any DiskImage, to output: String) throws {
 }
 
 /// Opens `path` with ImageOpener, dumps it, and compares with `qemu-img convert -O raw`.
-func expectSameContentAsQemu(_ path: String, in dir: TempDir, sourceLocation: SourceLocation = #_sourceLocation) throws {
-    let image = try ImageOpener.open(path)
+func expectSameContentAsQemu(_ path: String, in dir: TempDir, options: OpenOptions = OpenOptions(),
+                             sourceLocation: SourceLocation = #_sourceLocation) throws {
+    let image = try ImageOpener.open(path, options: options)
     defer { try? image.close() }
     let ours = dir.file("ours-\(UUID().uuidString).raw")
     let theirs = dir.file("theirs-\(UUID().uuidString).raw")

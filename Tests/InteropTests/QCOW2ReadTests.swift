@@ -224,6 +224,22 @@ import Testing
         #expect(b == [5, 5, 5, 5])
     }
 
+    @Test func directIO() throws {
+        let dir = try TempDir()
+        let raw = dir.file("src.raw")
+        try qemuImg("create", "-q", "-f", "raw", raw, "2M")
+        try qemuIO("-f", "raw", "-c", "write -P 0x21 0 300k", "-c", "write -P 0x42 1100k 5k", raw)
+        let base = dir.file("base.qcow2")
+        try qemuImg("convert", "-c", "-O", "qcow2", "-o", "cluster_size=4k", raw, base)
+        let top = dir.file("top.qcow2")
+        try qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-b", "base.qcow2", "-F", "qcow2", top)
+        try qemuIO("-c", "write -P 3 1000 3000", "-c", "write -z 200k 8k", top)
+        try expectSameContentAsQemu(top, in: dir, options: OpenOptions(direct: true))
+        let image = try ImageOpener.open(top, options: OpenOptions(direct: true))
+        defer { try? image.close() }
+        #expect(image.dataFile.isDirect)
+    }
+
     @Test func readPastEndIsRefused() throws {
         let dir = try TempDir()
         let img = dir.file("p.qcow2")
