@@ -1,18 +1,438 @@
 import DiskIO
 
-// PLACEHOLDER (owned by the qcow2-write work): replaced by the real write path.
+/// What the write path keeps per image (stored in `QCOW2Image.writeState`).
+final class QCOW2WriteState {
+    let refcounts: QCOW2Refcounts
+    /// L1 entries changed in memory and not yet written: [lower, upper).
+    var l1Dirty: Range<Int>?
+    /// Bytes of the data file known to exist; clusters at or past it read as zeros (only
+    /// used with an external data file, where host offset == guest offset).
+    var dataFileEnd: UInt64
+
+    init(refcounts: QCOW2Refcounts, dataFileEnd: UInt64) {
+        self.refcounts = refcounts
+        self.dataFileEnd = dataFileEnd
+    }
+
+    func markL1Dirty(_ index: Int) {
+        if let range = l1Dirty {
+            l1Dirty = min(range.lowerBound, index)..<max(range.upperBound, index + 1)
+        } else {
+            l1Dirty = index..<(index + 1)
+        }
+    }
+}
+
+/// The qcow2 write path.
+///
+/// - Writes to clusters that are allocated with refcount 1 (COPIED) go in place. Other
+///   clusters get new host clusters (consecutive guest clusters of one request get one
+///   contiguous run), filled with the request's data and, where the request covers a cluster
+///   only partly, the cluster's old contents (backing file, compressed data, shared cluster):
+///   copy-on-write. When the old contents read as zeros and the new cluster lies past the old
+///   end of the file (so it reads as zeros already), nothing is filled: a sequential writer
+///   that ends mid-cluster and continues in the next request writes each byte once, because
+///   its next request finds the cluster allocated with COPIED and writes in place.
+/// - Refcounts are exact at all times; the lazy-refcounts dirty bit is never set.
+/// - Write-back order: refcount blocks, then L2 tables (the L2 cache's `beforeWriteback`
+///   flushes refcount blocks first), then the L1 table, then the header, then fdatasync.
+/// - Not supported (refused with an error naming the image): extended L2 entries, images with
+///   the dirty or corrupt bit, and images whose named backing file was not opened.
 extension QCOW2Image {
+    // MARK: - Public operations
+
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        throw ImageError(path: path, message: "writing qcow2 is not implemented yet")
+        guard data.count > 0 else { return }
+        let state = try writer()
+        try checkRange(offset, UInt64(data.count), "write")
+        var done = 0
+        while done < data.count {
+            let position = offset + UInt64(done)
+            let tableEnd = (position / header.bytesPerL2Table + 1) * header.bytesPerL2Table
+            let n = Int(min(UInt64(data.count - done), tableEnd - position))
+            // Sound: done + n <= data.count.
+            try writeWithinTable(UnsafeRawBufferPointer(rebasing: data[done..<(done + n)]), at: position, state)
+            done += n
+        }
     }
 
     public func writeZeroes(at offset: UInt64, length: UInt64) throws {
-        throw ImageError(path: path, message: "writing qcow2 is not implemented yet")
+        guard length > 0 else { return }
+        let state = try writer()
+        try checkRange(offset, length, "write zeroes")
+        let cs = UInt64(clusterSize)
+        let end = offset + length
+        let alignedStart = (offset + cs - 1) / cs * cs
+        let alignedEnd = end / cs * cs
+        if alignedStart >= alignedEnd {
+            // Head and tail are in one cluster (or two adjacent partial ones).
+            try zeroPartial(offset, end, state)
+            return
+        }
+        if offset < alignedStart { try zeroPartial(offset, alignedStart, state) }
+        if alignedEnd < end { try zeroPartial(alignedEnd, end, state) }
+        try forEachCluster(from: alignedStart, to: alignedEnd) { index, guest in
+            try zeroCluster(guest: guest, l1Index: index, state)
+        }
     }
 
     public func discard(at offset: UInt64, length: UInt64) throws {
-        throw ImageError(path: path, message: "writing qcow2 is not implemented yet")
+        guard length > 0 else { return }
+        let state = try writer()
+        try checkRange(offset, length, "discard")
+        // A raw external data file must keep reading like the image: nothing to drop.
+        if header.isDataFileRaw { return }
+        let cs = UInt64(clusterSize)
+        // Only whole clusters are dropped (as QEMU does); the tail of an image whose size is
+        // not a cluster multiple counts as whole.
+        let start = (offset + cs - 1) / cs * cs
+        var stop = (offset + length) / cs * cs
+        if offset + length == virtualSize { stop = (virtualSize + cs - 1) / cs * cs }
+        guard start < stop else { return }
+        try forEachCluster(from: start, to: stop) { index, guest in
+            try discardCluster(guest: guest, l1Index: index, state)
+        }
     }
 
-    public func flush() throws {}
+    public func flush() throws {
+        guard let state = writeState as? QCOW2WriteState else { return }
+        do {
+            try state.refcounts.flush()
+            try tableCache.flush()
+            if let range = state.l1Dirty {
+                let bytes = QCOW2BE.bytes(Array(l1[range]))
+                try file.qcow2Write(bytes, at: header.l1TableOffset + UInt64(range.lowerBound) * 8)
+                state.l1Dirty = nil
+            }
+            try file.sync()
+            if dataFile !== file { try dataFile.sync() }
+        } catch let error as IOError {
+            throw ImageError(path: path, message: "Could not write back metadata", cause: error)
+        }
+    }
+
+    // MARK: - Setup
+
+    /// The write state, created on first use after checking the image can be written.
+    func writer() throws -> QCOW2WriteState {
+        if let state = writeState as? QCOW2WriteState { return state }
+        guard isWritable else { throw ImageError(path: path, message: "the image is opened read-only") }
+        if header.isCorrupt {
+            throw ImageError(path: path, message: "the image is marked corrupt; it must not be written")
+        }
+        if header.isDirty {
+            throw ImageError(path: path, message: "the image is marked dirty (lazy refcounts were not written back); repair it with 'qemu-img check -r all' before writing")
+        }
+        if header.hasExtendedL2 {
+            throw ImageError(path: path, message: "writing images with extended L2 entries (subclusters) is not supported")
+        }
+        if header.backingFileName != nil && backing == nil {
+            throw ImageError(path: path, message: "cannot write: the backing file '\(header.backingFileName ?? "")' is not open, so copy-on-write would lose its data")
+        }
+        let refcounts = try QCOW2Refcounts(file: file, path: path, header: header)
+        let dataEnd = dataFile === file ? 0 : try dataFile.size()
+        let state = QCOW2WriteState(refcounts: refcounts, dataFileEnd: dataEnd)
+        refcounts.tableMoved = { [unowned self] offset, clusters in
+            self.header.refcountTableOffset = offset
+            self.header.refcountTableClusters = UInt32(clusters)
+            var bytes = [UInt8](repeating: 0, count: 12)
+            QCOW2BE.put64(&bytes, 0, offset)
+            QCOW2BE.put32(&bytes, 8, UInt32(clusters))
+            try self.file.qcow2Write(bytes, at: 48)
+            try self.file.sync()
+        }
+        tableCache.beforeWriteback = { [unowned refcounts] in try refcounts.flush() }
+        // Autoclear bits simg does not maintain (bitmaps) must be cleared before writing.
+        let keep = header.autoclearFeatures & QCOW2Header.autoclearDataFileRaw
+        if header.version >= 3 && header.autoclearFeatures != keep {
+            header.autoclearFeatures = keep
+            var bytes = [UInt8](repeating: 0, count: 8)
+            QCOW2BE.put64(&bytes, 0, keep)
+            try file.qcow2Write(bytes, at: 88)
+            try file.sync()
+        }
+        writeState = state
+        return state
+    }
+
+    private func checkRange(_ offset: UInt64, _ length: UInt64, _ what: String) throws {
+        let (end, overflow) = offset.addingReportingOverflow(length)
+        guard !overflow, end <= virtualSize else {
+            throw ImageError(path: path, message: "\(what) of \(length) bytes at offset \(offset) is past the end of the image (virtual size \(virtualSize))")
+        }
+    }
+
+    // MARK: - L2 entries
+
+    private var externalData: Bool { header.hasDataFile }
+
+    /// The L2 entry of guest cluster `guest` (0 when no table).
+    private func l2Entry(guest: UInt64) throws -> QCOW2L2Entry {
+        let table = try l2TableOffset(forGuest: guest)
+        if table == 0 { return QCOW2L2Entry(raw: 0) }
+        return QCOW2L2Entry(raw: try tableCache.word(at: table, index: l2Index(guest)))
+    }
+
+    private func l2Index(_ guest: UInt64) -> Int {
+        Int((guest % header.bytesPerL2Table) / UInt64(clusterSize))
+    }
+
+    /// The L2 table for L1 entry `index`, allocated (or copied, when shared with a snapshot)
+    /// so that it can be changed.
+    private func writableL2(l1Index index: Int, _ state: QCOW2WriteState) throws -> UInt64 {
+        let entry = QCOW2L1Entry(raw: l1[index])
+        if entry.l2Offset != 0 && entry.isCopied { return entry.l2Offset }
+        if entry.l2Offset % UInt64(clusterSize) != 0 {
+            throw corruption("L2 table offset \(QCOW2BE.hex(entry.l2Offset)) unaligned (L1 index \(index))")
+        }
+        let (offset, _) = try state.refcounts.allocate(count: 1)
+        var words = [UInt64](repeating: 0, count: clusterSize / 8)
+        if entry.l2Offset != 0 {
+            // Shared with a snapshot: the copy references the same clusters, whose refcounts
+            // already count the snapshot's table and ours.
+            words = try tableCache.table(at: entry.l2Offset)
+        }
+        try tableCache.install(at: offset, words: words)
+        l1[index] = QCOW2L1Entry(l2Offset: offset, copied: true).raw
+        state.markL1Dirty(index)
+        if entry.l2Offset != 0 { try state.refcounts.free(offset: entry.l2Offset) }
+        return offset
+    }
+
+    private func setL2Entry(table: UInt64, guest: UInt64, _ entry: QCOW2L2Entry) throws {
+        let i = l2Index(guest)
+        try tableCache.update(at: table) { $0[i] = entry.raw }
+    }
+
+    /// Drops this image's reference to the host cluster(s) behind an L2 entry that is being
+    /// replaced. Data clusters of an external data file are not refcounted.
+    private func release(_ entry: QCOW2L2Entry, _ state: QCOW2WriteState) throws {
+        if entry.isCompressed {
+            let d = entry.compressedDescriptor(clusterBits: header.clusterBits)
+            let first = d.hostOffset >> UInt64(header.clusterBits)
+            let last = (d.hostOffset + d.byteLength - 1) >> UInt64(header.clusterBits)
+            try state.refcounts.adjust(cluster: first, count: last - first + 1, by: -1)
+            invalidateDecompressedCache()
+            return
+        }
+        if externalData { return }
+        let host = entry.hostOffset
+        if host != 0 { try state.refcounts.free(offset: host) }
+    }
+
+    /// Whether guest cluster `guest` (with L2 entry `entry`) reads as zeros without looking
+    /// at data: zero flag, or unallocated where no backing file data lies.
+    private func readsAsZero(_ entry: QCOW2L2Entry, guest: UInt64) -> Bool {
+        if entry.isCompressed { return false }
+        if entry.hasZeroFlag && header.version >= 3 { return true }
+        let allocated = entry.hostOffset != 0 || (externalData && entry.isCopied)
+        if allocated { return false }
+        return !backingCovers(guest)
+    }
+
+    private func backingCovers(_ guest: UInt64) -> Bool {
+        guard let backing else { return false }
+        return guest < backing.virtualSize
+    }
+
+    /// Calls `body` for each guest cluster in [start, stop) (cluster-aligned), skipping L2
+    /// tables that are not allocated when nothing there could need a change.
+    private func forEachCluster(from start: UInt64, to stop: UInt64,
+                                _ body: (_ l1Index: Int, _ guest: UInt64) throws -> Void) throws {
+        let cs = UInt64(clusterSize)
+        var guest = start
+        while guest < stop {
+            let index = Int(guest / header.bytesPerL2Table)
+            let tableEnd = min(stop, UInt64(index + 1) * header.bytesPerL2Table)
+            if QCOW2L1Entry(raw: l1[index]).l2Offset == 0 && !backingCovers(guest) {
+                guest = tableEnd
+                continue
+            }
+            while guest < tableEnd {
+                try body(index, guest)
+                guest += cs
+            }
+        }
+    }
+
+    // MARK: - Writing data
+
+    /// Writes `data` at guest `position`; the range stays inside one L2 table.
+    private func writeWithinTable(_ data: UnsafeRawBufferPointer, at position: UInt64,
+                                  _ state: QCOW2WriteState) throws {
+        let cs = UInt64(clusterSize)
+        let end = position + UInt64(data.count)
+        let l1Index = Int(position / header.bytesPerL2Table)
+        var guest = position / cs * cs
+        while guest < end {
+            let entry = try l2Entry(guest: guest)
+            if canWriteInPlace(entry) {
+                // A run of in-place clusters with contiguous host offsets: one write.
+                var runEnd = guest + cs
+                var expected = entry.hostOffset + cs
+                while runEnd < end {
+                    let next = try l2Entry(guest: runEnd)
+                    guard canWriteInPlace(next), next.hostOffset == expected else { break }
+                    runEnd += cs
+                    expected += cs
+                }
+                let from = max(guest, position), to = min(runEnd, end)
+                let slice = UnsafeRawBufferPointer(rebasing: data[Int(from - position)..<Int(to - position)])
+                try io { try dataFile.qcow2Write(slice, at: entry.hostOffset + (from - guest)) }
+                guest = runEnd
+                continue
+            }
+            // A run of clusters that need new host clusters.
+            var runEnd = guest + cs
+            while runEnd < end, !canWriteInPlace(try l2Entry(guest: runEnd)) { runEnd += cs }
+            try allocateAndWrite(data, position: position, from: guest, to: runEnd, l1Index: l1Index, state)
+            guest = runEnd
+        }
+    }
+
+    private func canWriteInPlace(_ entry: QCOW2L2Entry) -> Bool {
+        guard !entry.isCompressed, entry.isCopied, !entry.hasZeroFlag else { return false }
+        return entry.hostOffset != 0 || externalData
+    }
+
+    /// Gives guest clusters [first, stop) new host clusters and writes the part of `data` (which
+    /// starts at guest `position`) that falls into them, with copy-on-write for partial clusters.
+    private func allocateAndWrite(_ data: UnsafeRawBufferPointer, position: UInt64, from first: UInt64,
+                                  to stop: UInt64, l1Index: Int, _ state: QCOW2WriteState) throws {
+        let cs = UInt64(clusterSize)
+        let count = (stop - first) / cs
+        let dataEnd = position + UInt64(data.count)
+        let table = try writableL2(l1Index: l1Index, state)
+        let firstEntry = try l2Entry(guest: first)
+        let lastEntry = try l2Entry(guest: stop - cs)
+
+        // Where the data goes, and whether that place reads as zeros already.
+        var host: UInt64
+        var fresh: Bool
+        if externalData {
+            host = first
+            fresh = first >= state.dataFileEnd
+        } else if count == 1 && firstEntry.hasZeroFlag && firstEntry.isCopied && firstEntry.hostOffset != 0 {
+            // A preallocated zero cluster of ours: reuse it.
+            host = firstEntry.hostOffset
+            fresh = false
+        } else {
+            (host, fresh) = try state.refcounts.allocate(count: count)
+        }
+
+        // Copy-on-write for the uncovered head and tail (clipped at the virtual size).
+        let from = max(first, position), to = min(stop, dataEnd)
+        if from > first && !(fresh && readsAsZero(firstEntry, guest: first)) {
+            try copyOld(guest: first, length: from - first, to: host)
+        }
+        let tailEnd = min(stop, virtualSize)
+        if to < tailEnd && !(fresh && readsAsZero(lastEntry, guest: stop - cs)) {
+            try copyOld(guest: to, length: tailEnd - to, to: host + (to - first))
+        }
+        let slice = UnsafeRawBufferPointer(rebasing: data[Int(from - position)..<Int(to - position)])
+        try io { try dataFile.qcow2Write(slice, at: host + (from - first)) }
+        if externalData { state.dataFileEnd = max(state.dataFileEnd, host + (to - first)) }
+
+        // Now the metadata: new entries, then drop the old clusters.
+        var guest = first
+        var target = host
+        while guest < stop {
+            let old = try l2Entry(guest: guest)
+            try setL2Entry(table: table, guest: guest, .standard(hostOffset: target, copied: true))
+            let reused = !externalData && old.hasZeroFlag && old.hostOffset == target
+            if !reused && !(externalData && !old.isCompressed) { try release(old, state) }
+            guest += cs
+            target += cs
+        }
+    }
+
+    /// Copies the current guest contents of [guest, guest + length) to host offset `host` in
+    /// the data file (reads go through the old mapping, which is still in place).
+    private func copyOld(guest: UInt64, length: UInt64, to host: UInt64) throws {
+        var buffer = [UInt8](repeating: 0, count: Int(length))
+        try buffer.withUnsafeMutableBytes { try read(into: $0, at: guest) }
+        try io { try dataFile.qcow2Write(buffer, at: host) }
+    }
+
+    // MARK: - Zeroes and discard
+
+    /// Zeroes [start, end) inside one cluster: nothing if it reads as zeros already, else a
+    /// read-modify-write through `write`.
+    private func zeroPartial(_ start: UInt64, _ end: UInt64, _ state: QCOW2WriteState) throws {
+        guard start < end else { return }
+        let cs = UInt64(clusterSize)
+        var position = start
+        while position < end {
+            let clusterEnd = min(end, (position / cs + 1) * cs)
+            let entry = try l2Entry(guest: position / cs * cs)
+            if !readsAsZero(entry, guest: position / cs * cs) {
+                let zeros = [UInt8](repeating: 0, count: Int(clusterEnd - position))
+                try zeros.withUnsafeBytes { try write($0, at: position) }
+            }
+            position = clusterEnd
+        }
+    }
+
+    /// Makes one whole guest cluster read as zeros, allocating as little as possible.
+    private func zeroCluster(guest: UInt64, l1Index: Int, _ state: QCOW2WriteState) throws {
+        let entry = try l2Entry(guest: guest)
+        if readsAsZero(entry, guest: guest) { return }
+        let cs = UInt64(clusterSize)
+        let length = min(cs, virtualSize - guest)
+        if header.isDataFileRaw {
+            // The raw data file must read as the image does: write the zeros there.
+            let zeros = [UInt8](repeating: 0, count: Int(length))
+            try zeros.withUnsafeBytes { try write($0, at: guest) }
+            return
+        }
+        if header.version >= 3 {
+            let table = try writableL2(l1Index: l1Index, state)
+            if canWriteInPlace(entry) {
+                // Keep our cluster allocated (preallocated zero cluster), as QEMU does.
+                try setL2Entry(table: table, guest: guest,
+                               .standard(hostOffset: entry.hostOffset, copied: true, zero: true))
+                return
+            }
+            try setL2Entry(table: table, guest: guest, .standard(hostOffset: 0, copied: false, zero: true))
+            try release(entry, state)
+            return
+        }
+        // Version 2 has no zero flag.
+        if backingCovers(guest) {
+            let zeros = [UInt8](repeating: 0, count: Int(length))
+            try zeros.withUnsafeBytes { try write($0, at: guest) }
+            return
+        }
+        let table = try writableL2(l1Index: l1Index, state)
+        try setL2Entry(table: table, guest: guest, QCOW2L2Entry(raw: 0))
+        try release(entry, state)
+    }
+
+    /// Drops one whole guest cluster: it then reads as zeros (v3 with a backing file gets the
+    /// zero flag so the backing file's data does not show through) or from the backing file (v2).
+    private func discardCluster(guest: UInt64, l1Index: Int, _ state: QCOW2WriteState) throws {
+        let entry = try l2Entry(guest: guest)
+        let allocated = entry.isCompressed || entry.hostOffset != 0 || (externalData && entry.isCopied)
+        let wantZeroFlag = header.version >= 3 && backingCovers(guest)
+        // Nothing allocated: only an unallocated cluster over backing data needs the zero flag.
+        if !allocated && !(wantZeroFlag && !entry.hasZeroFlag) { return }
+        let table = try writableL2(l1Index: l1Index, state)
+        try setL2Entry(table: table, guest: guest,
+                       wantZeroFlag ? .standard(hostOffset: 0, copied: false, zero: true) : QCOW2L2Entry(raw: 0))
+        if externalData && !entry.isCompressed && allocated {
+            // Let the data file drop the range too, where the file system can.
+            let cs = UInt64(clusterSize)
+            try? dataFile.punchHole(at: guest, length: min(cs, virtualSize - guest))
+            return
+        }
+        if allocated { try release(entry, state) }
+    }
+
+    private func io(_ body: () throws -> Void) throws {
+        do {
+            try body()
+        } catch let error as IOError {
+            throw ImageError(path: path, message: "write failed", cause: error)
+        }
+    }
 }

@@ -1,0 +1,280 @@
+import DiskIO
+
+/// The refcount structures of an image opened for writing: the refcount table (in memory),
+/// refcount blocks (through their own write-back cache), and cluster allocation.
+///
+/// Refcounts are kept exact at all times (lazy refcounts are never used: the dirty bit is
+/// never set). Ordering for crash safety follows the spec's implications: a refcount is raised
+/// (and its block written before any table that points at the cluster, see `flush` and the L2
+/// cache's `beforeWriteback`) before the cluster is used, and lowered only after the last
+/// reference is gone, so a crash leaves at worst leaked clusters.
+final class QCOW2Refcounts {
+    let file: DiskFile
+    let path: String
+    let clusterBits: UInt64
+    let order: Int
+    /// Largest value one entry holds.
+    let maxRefcount: UInt64
+    /// Entries per refcount block.
+    let perBlock: UInt64
+
+    private(set) var tableOffset: UInt64
+    private(set) var tableClusters: UInt64
+    /// Decoded refcount table entries (block host offsets, 0 = not allocated).
+    private(set) var table: [UInt64]
+    let blocks: QCOW2TableCache
+    /// Where the next first-fit search starts (a cluster index).
+    private var freeHint: UInt64 = 0
+    /// Clusters at or past this index have never been in the file: they read as zeros.
+    private(set) var fileEndCluster: UInt64
+    /// Called after the refcount table moved (the header must point at the new one).
+    var tableMoved: ((_ offset: UInt64, _ clusters: UInt64) throws -> Void)?
+
+    init(file: DiskFile, path: String, header: QCOW2Header) throws {
+        self.file = file
+        self.path = path
+        clusterBits = UInt64(header.clusterBits)
+        order = Int(header.refcountOrder)
+        maxRefcount = order == 6 ? .max : (UInt64(1) << UInt64(1 << order)) - 1
+        perBlock = UInt64(header.refcountBlockEntries)
+        tableOffset = header.refcountTableOffset
+        tableClusters = UInt64(header.refcountTableClusters)
+        let bytes = try file.qcow2ReadBytes(count: Int(tableClusters << clusterBits), at: tableOffset)
+        table = QCOW2BE.words(bytes)
+        blocks = QCOW2TableCache(file: file, tableSize: header.clusterSize, budgetBytes: 1 << 20)
+        let size = try file.size()
+        fileEndCluster = (size + (UInt64(1) << clusterBits) - 1) >> clusterBits
+        for (i, entry) in table.enumerated() where entry != 0 {
+            let offset = entry & qcow2OffsetMask
+            guard offset & ((UInt64(1) << clusterBits) - 1) == 0 else {
+                throw ImageError(path: path, message: "Image is corrupt: refcount block offset \(QCOW2BE.hex(offset)) unaligned (refcount table index \(i))")
+            }
+        }
+    }
+
+    var clusterSize: UInt64 { UInt64(1) << clusterBits }
+
+    // MARK: - Entries
+
+    /// The refcount of the cluster with index `cluster` (0 where no block covers it).
+    func refcount(ofCluster cluster: UInt64) throws -> UInt64 {
+        let index = cluster / perBlock
+        guard index < UInt64(table.count) else { return 0 }
+        let block = table[Int(index)] & qcow2OffsetMask
+        if block == 0 { return 0 }
+        let words = try blocks.table(at: block)
+        return QCOW2TableCache.refcount(in: words, index: Int(cluster % perBlock), order: order)
+    }
+
+    /// Adds `delta` to the refcount of each of `count` clusters from `cluster`. A result below
+    /// zero or above the entry width's maximum is refused before anything changes for that
+    /// cluster. The blocks must exist when raising (allocation makes sure of it).
+    func adjust(cluster first: UInt64, count: UInt64 = 1, by delta: Int64) throws {
+        for cluster in first..<(first + count) {
+            let index = cluster / perBlock
+            guard index < UInt64(table.count), table[Int(index)] & qcow2OffsetMask != 0 else {
+                if delta < 0 {
+                    throw corrupt("cannot lower the refcount of cluster \(cluster): it is not covered by a refcount block")
+                }
+                try ensureBlock(index: index)
+                try adjust(cluster: cluster, by: delta)
+                continue
+            }
+            let block = table[Int(index)] & qcow2OffsetMask
+            let at = Int(cluster % perBlock)
+            let old = QCOW2TableCache.refcount(in: try blocks.table(at: block), index: at, order: order)
+            let new: UInt64
+            if delta >= 0 {
+                let (sum, overflow) = old.addingReportingOverflow(UInt64(delta))
+                guard !overflow, sum <= maxRefcount else {
+                    throw ImageError(path: path, message: "refcount of cluster \(cluster) would exceed the maximum of \(maxRefcount) for \(1 << order)-bit refcounts")
+                }
+                new = sum
+            } else {
+                guard old >= delta.magnitude else {
+                    throw corrupt("refcount of cluster \(cluster) would drop below zero (it is \(old))")
+                }
+                new = old - delta.magnitude
+            }
+            let order = self.order
+            try blocks.update(at: block) { QCOW2TableCache.setRefcount(in: &$0, index: at, order: order, value: new) }
+            if new == 0 && cluster < freeHint { freeHint = cluster }
+        }
+    }
+
+    // MARK: - Allocation
+
+    /// Allocates `count` contiguous clusters (first fit from the free hint) with refcount 1;
+    /// returns the host offset of the first. `fresh` tells whether they lie past the old end
+    /// of the file (so they read as zeros without being written).
+    func allocate(count: UInt64) throws -> (offset: UInt64, fresh: Bool) {
+        precondition(count > 0)
+        while true {
+            let start = try findFreeRun(count: count)
+            // Make sure blocks cover the run; creating one may take a cluster of the run, so
+            // search again afterwards.
+            var created = false
+            var index = start / perBlock
+            while index <= (start + count - 1) / perBlock {
+                if index >= UInt64(table.count) || table[Int(index)] & qcow2OffsetMask == 0 {
+                    try ensureBlock(index: index)
+                    created = true
+                }
+                index += 1
+            }
+            if created { continue }
+            let fresh = start >= fileEndCluster
+            try adjust(cluster: start, count: count, by: 1)
+            freeHint = start + count
+            fileEndCluster = max(fileEndCluster, start + count)
+            return (start << clusterBits, fresh)
+        }
+    }
+
+    /// Lowers the refcount of `count` clusters from host offset `offset` by one.
+    func free(offset: UInt64, count: UInt64 = 1) throws {
+        try adjust(cluster: offset >> clusterBits, count: count, by: -1)
+    }
+
+    private func findFreeRun(count: UInt64) throws -> UInt64 {
+        var start = freeHint
+        var length: UInt64 = 0
+        var cluster = freeHint
+        while length < count {
+            let index = cluster / perBlock
+            // Past every block and past the file, everything is free.
+            if cluster >= fileEndCluster && index >= UInt64(table.count) {
+                return length == 0 ? cluster : start
+            }
+            let block = index < UInt64(table.count) ? table[Int(index)] & qcow2OffsetMask : 0
+            if block == 0 {
+                // No block: the whole range it would cover is free.
+                if length == 0 { start = cluster }
+                let blockEnd = (index + 1) * perBlock
+                length += blockEnd - cluster
+                cluster = blockEnd
+                continue
+            }
+            // Scan this block's entries with one cache lookup.
+            let words = try blocks.table(at: block)
+            var at = Int(cluster % perBlock)
+            while at < Int(perBlock) && length < count {
+                if QCOW2TableCache.refcount(in: words, index: at, order: order) == 0 {
+                    if length == 0 { start = cluster }
+                    length += 1
+                } else {
+                    length = 0
+                }
+                at += 1
+                cluster += 1
+            }
+        }
+        return start
+    }
+
+    /// Creates refcount block `index` if it does not exist. A missing block means every
+    /// cluster it covers is free, so the block goes into the first cluster of its own range
+    /// (describing itself). The table grows first when it has no entry for `index`.
+    private func ensureBlock(index: UInt64) throws {
+        if index < UInt64(table.count), table[Int(index)] & qcow2OffsetMask != 0 { return }
+        if index >= UInt64(table.count) { try growTable(toCover: index) }
+        if table[Int(index)] & qcow2OffsetMask != 0 { return }
+        let cluster = index * perBlock
+        let offset = cluster << clusterBits
+        var words = [UInt64](repeating: 0, count: Int(clusterSize / 8))
+        QCOW2TableCache.setRefcount(in: &words, index: 0, order: order, value: 1)
+        try blocks.install(at: offset, words: words)
+        // The block must be on disk before the table entry that points at it.
+        try blocks.flush()
+        table[Int(index)] = offset
+        try writeTableEntry(Int(index))
+        fileEndCluster = max(fileEndCluster, cluster + 1)
+    }
+
+    /// Moves the refcount table to a larger one that has an entry for `index`: the new table
+    /// goes past everything in use, with whatever blocks it needs to describe itself; it is
+    /// written in full before the header switches to it, and the old table is freed after.
+    private func growTable(toCover index: UInt64) throws {
+        let perCluster = clusterSize / 8
+        var entries = max(index + 1, UInt64(table.count) * 3 / 2)
+        entries = (entries + perCluster - 1) / perCluster * perCluster
+        // Place the new table after all blocks and the file end; it may need blocks of its own,
+        // which go at the start of their ranges (free by definition) before it.
+        var start = max(fileEndCluster, UInt64(table.count) * perBlock)
+        var newClusters = entries / perCluster
+        var newTable = table + [UInt64](repeating: 0, count: Int(entries) - table.count)
+        var pendingBlocks: [(index: UInt64, offset: UInt64)] = []
+        while true {
+            pendingBlocks = []
+            if start % perBlock == 0 { start += 1 }
+            let end = start + newClusters
+            var i = start / perBlock
+            var clash = false
+            while i <= (end - 1) / perBlock {
+                if i >= UInt64(newTable.count) { break }
+                if newTable[Int(i)] == 0 {
+                    // A block goes to the first cluster of its range; the table must not cover it.
+                    if i * perBlock >= start { clash = true; start = i * perBlock + 1; break }
+                    pendingBlocks.append((i, (i * perBlock) << clusterBits))
+                }
+                i += 1
+            }
+            if clash { continue }
+            let neededEntries = (end - 1) / perBlock + 1
+            if neededEntries <= UInt64(newTable.count) { break }
+            let grown = (neededEntries + perCluster - 1) / perCluster * perCluster
+            newTable += [UInt64](repeating: 0, count: Int(grown) - newTable.count)
+            newClusters = grown / perCluster
+        }
+        let maxTable = QCOW2Header.maxRefcountTableBytes / 8
+        guard UInt64(newTable.count) <= maxTable else {
+            throw ImageError(path: path, message: "the refcount table would exceed QEMU's limit of \(QCOW2Header.maxRefcountTableBytes) bytes")
+        }
+        // New blocks (self-describing), then the table clusters' refcounts.
+        let order = self.order
+        for b in pendingBlocks {
+            var words = [UInt64](repeating: 0, count: Int(clusterSize / 8))
+            QCOW2TableCache.setRefcount(in: &words, index: 0, order: order, value: 1)
+            try blocks.install(at: b.offset, words: words)
+            newTable[Int(b.index)] = b.offset
+        }
+        let oldTable = table
+        let oldOffset = tableOffset, oldClusters = tableClusters
+        table = newTable  // so adjust() finds the new blocks
+        for cluster in start..<(start + newClusters) {
+            let blockIndex = cluster / perBlock
+            let block = newTable[Int(blockIndex)]
+            let at = Int(cluster % perBlock)
+            let old = QCOW2TableCache.refcount(in: try blocks.table(at: block), index: at, order: order)
+            try blocks.update(at: block) { QCOW2TableCache.setRefcount(in: &$0, index: at, order: order, value: old + 1) }
+        }
+        do {
+            try blocks.flush()
+            let newOffset = start << clusterBits
+            try file.qcow2Write(QCOW2BE.bytes(newTable), at: newOffset)
+            try file.sync()
+            tableOffset = newOffset
+            tableClusters = newClusters
+            try tableMoved?(newOffset, newClusters)
+        } catch {
+            table = oldTable
+            throw error
+        }
+        fileEndCluster = max(fileEndCluster, start + newClusters)
+        for b in pendingBlocks { fileEndCluster = max(fileEndCluster, b.offset >> clusterBits + 1) }
+        try free(offset: oldOffset, count: oldClusters)
+    }
+
+    private func writeTableEntry(_ index: Int) throws {
+        try file.qcow2Write(QCOW2BE.bytes([table[index]]), at: tableOffset + UInt64(index) * 8)
+    }
+
+    /// Writes every dirty refcount block.
+    func flush() throws {
+        try blocks.flush()
+    }
+
+    private func corrupt(_ message: String) -> ImageError {
+        ImageError(path: path, message: "Image is corrupt: " + message)
+    }
+}
