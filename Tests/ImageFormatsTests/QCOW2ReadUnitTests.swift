@@ -10,7 +10,8 @@ import DiskIO
 
     /// Writes a v3 image with 64 KiB clusters, size 16 clusters, one L2 table at 0x30000.
     static func makeImage(at path: String, extendedL2: Bool = false, l2: [UInt64],
-                          data: [(UInt64, [UInt8])], backing: String? = nil) throws {
+                          data: [(UInt64, [UInt8])], backing: String? = nil,
+                          snapshotTable: (count: UInt32, bytes: [UInt8])? = nil) throws {
         var h = QCOW2Header(version: 3, clusterBits: 16, size: 16 * c)
         h.l1Size = 1
         h.l1TableOffset = 0x20000
@@ -18,6 +19,10 @@ import DiskIO
         h.refcountTableClusters = 1
         if extendedL2 { h.incompatibleFeatures |= QCOW2Header.incompatibleExtendedL2 }
         h.backingFileName = backing
+        if let snapshotTable {
+            h.nbSnapshots = snapshotTable.count
+            h.snapshotsOffset = 0x80000
+        }
         let file = try DiskFile.create(path)
         defer { file.close() }
         try file.write(h.serialized(), at: 0)
@@ -26,6 +31,7 @@ import DiskIO
         table += [UInt64](repeating: 0, count: Int(c / 8) - table.count)
         try file.write(QCOW2BE.bytes(table), at: 0x30000)
         for (offset, bytes) in data { try file.write(bytes, at: offset) }
+        if let snapshotTable { try file.write(snapshotTable.bytes, at: 0x80000) }
         try file.truncate(to: 0xa0000)
     }
 
@@ -180,6 +186,46 @@ import DiskIO
         } catch let e as ImageError {
             #expect(e.message.contains("no host offset"))
         }
+    }
+
+    @Test func snapshotTable() throws {
+        let dir = NSTemporaryDirectory() + "qcow2-unit-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var one = QCOW2Snapshot(l1TableOffset: 0x20000, l1Size: 1, id: "1", name: "first", dateSeconds: 1000,
+                                dateNanoseconds: 5, vmClockNanoseconds: 3_000_000_007, vmStateSize: 9,
+                                diskSize: 16 * Self.c, icount: nil,
+                                extraData: [0, 0, 0, 0, 0, 0, 0, 9] + [0, 0, 0, 0, 0, 0x10, 0, 0] + [UInt8](repeating: 0xff, count: 8),
+                                entrySize: 0)
+        var two = one
+        two.id = "2"; two.name = "second one"; two.extraData = [0, 0, 0, 0, 0, 0, 0, 0]; two.vmStateSize = 0
+        let bytes = one.serialized() + two.serialized()
+        let path = dir + "/s.qcow2"
+        try Self.makeImage(at: path, l2: [], data: [], snapshotTable: (2, bytes))
+        let image = try QCOW2Image.open(path: path)
+        let snaps = image.snapshots
+        #expect(snaps.map(\.name) == ["first", "second one"])
+        #expect(snaps[0].vmStateSize == 9 && snaps[0].diskSize == 16 * Self.c && snaps[0].icount == nil)
+        #expect(snaps[1].vmStateSize == 0 && snaps[1].diskSize == nil)
+        #expect(snaps[0].entrySize == one.serialized().count)
+        one.entrySize = snaps[0].entrySize
+        #expect(snaps[0] == one)
+        let info = try image.info().snapshots
+        #expect(info[0].vmClockNanoseconds == 3_000_000_007 && info[0].dateSeconds == 1000)
+        try image.close()
+
+        // Broken tables: extra data too large, names running past the end of the file.
+        var bad = one.serialized()
+        bad[36] = 0; bad[37] = 0; bad[38] = 0x10; bad[39] = 0  // extra_data_size 4096
+        try Self.makeImage(at: path, l2: [], data: [], snapshotTable: (1, bad))
+        #expect(throws: ImageError.self) { _ = try QCOW2Image.open(path: path) }
+        bad = one.serialized()
+        bad[12] = 0xff; bad[13] = 0xff; bad[14] = 0xff; bad[15] = 0xff  // id and name past the end of the file
+        try Self.makeImage(at: path, l2: [], data: [], snapshotTable: (1, bad))
+        #expect(throws: ImageError.self) { _ = try QCOW2Image.open(path: path) }
+        // More entries claimed than the file holds.
+        try Self.makeImage(at: path, l2: [], data: [], snapshotTable: (5000, one.serialized()))
+        #expect(throws: ImageError.self) { _ = try QCOW2Image.open(path: path) }
     }
 
     @Test func tableCacheWritesBackDirtyTablesBeforeEvicting() throws {
