@@ -1,35 +1,62 @@
+import DiskIO
 import ImageFormats
 
-/// The library calls the commands make, in one place.
-/// TEMPORARY: stubs until ImageOpener / ImageCreator / SizeParser land in ImageFormats.
+/// The library calls the commands make, in one place, with their errors turned into the
+/// sentences qemu-img prints.
 enum Backend {
-    struct OptionHelp {
-        var name: String
-        var type: String
-        var help: String
-    }
-
+    /// The info of `path` and, for `chain`, of every image below it. Only with `chain` are
+    /// backing files opened (qemu-img info reads the backing name from the header alone).
     static func infos(path: String, format: ImageFormat?, chain: Bool) throws -> [ImageInfo] {
-        throw CLIError("Could not open '\(path)': image opening is not available yet")
+        let top: any DiskImage
+        do {
+            top = try ImageOpener.open(path, options: OpenOptions(format: format, writable: false,
+                                                                  direct: false, openBacking: chain))
+        } catch {
+            throw CLIError(openFailure(error, path: path))
+        }
+        defer { try? top.close() }
+        var infos = [try top.info()]
+        var next = top.backing
+        while chain, let image = next {
+            infos.append(try image.info())
+            next = image.backing
+        }
+        return infos
     }
 
-    static func optionHelp(for format: ImageFormat) -> [OptionHelp] { [] }
-
-    static func parseSize(_ text: String) throws -> UInt64 {
-        throw CLIError("size parsing is not available yet")
+    /// qemu-img says "Could not open 'NAME': REASON", where a failed open(2) reason itself reads
+    /// "Could not open 'NAME': strerror" and NAME is the file that failed (maybe a backing file).
+    static func openFailure(_ error: any Error, path: String) -> String {
+        if let io = error as? IOError { return "Could not open '\(io.path)': \(io)" }
+        if let image = error as? ImageError {
+            if let io = image.cause as? IOError, io.operation == "open" {
+                return "Could not open '\(io.path)': \(io)"
+            }
+            var reason = image.path == path ? image.message : image.description
+            if image.path == path, let cause = image.cause { reason += ": \(cause)" }
+            return "Could not open '\(path)': \(reason)"
+        }
+        return "Could not open '\(path)': \(error)"
     }
 
-    struct Creation {
-        var format: ImageFormat
-        var path: String
-        var size: UInt64?
-        var options: [(name: String, value: String)]
-        var backingFile: String?
-        var backingFormat: String?
-        var unsafeBacking: Bool
+    static func optionSpecs(for format: ImageFormat, includeProtocol: Bool) -> [CreateOptionSpec] {
+        ImageCreator.optionSpecs(for: format, includeProtocol: includeProtocol)
     }
 
-    static func create(_ creation: Creation, announce: (String) -> Void) throws {
-        throw CLIError("\(creation.path): image creation is not available yet")
+    /// A size as qemu_strtosz reads it, and whether qemu-img would warn about a hex suffix.
+    static func parseSize(_ text: String) throws(SizeParser.Error) -> (value: UInt64, hexSuffix: Bool) {
+        do {
+            let parsed = try SizeParser.parseDetailed(text)
+            return (parsed.value, parsed.usedHexSuffix)
+        } catch let error as SizeParser.Error {
+            throw error
+        } catch {
+            throw .invalid(text)
+        }
+    }
+
+    /// `warn` gets qemu-img's warnings without a prefix (e.g. a hex size with a suffix).
+    static func create(_ request: CreateRequest, announce: (String) -> Void, warn: (String) -> Void) throws {
+        try ImageCreator.create(request, announce: announce, warn: warn)
     }
 }

@@ -35,7 +35,7 @@ enum CreateCommand {
 
         var size: UInt64?
         if scan.operands.count > 1 {
-            size = try parseSize(scan.operands[1])
+            size = try parseSize(scan.operands[1], console: console)
         }
         if scan.operands.count > 2 {
             throw CLIError.usage("Unexpected argument: \(scan.operands[2])")
@@ -44,16 +44,16 @@ enum CreateCommand {
             throw CLIError("\(filename): Unknown file format '\(formatName)'")
         }
 
-        let creation = Backend.Creation(
+        let request = CreateRequest(
             format: format, path: filename, size: size,
             options: options.map(OptionList.parse) ?? [],
             backingFile: scan.last("backing"), backingFormat: scan.last("backing-format"),
             unsafeBacking: scan.has("unsafe"))
         let quiet = scan.has("quiet")
         do {
-            try Backend.create(creation) { line in
+            try Backend.create(request, announce: { line in
                 if !quiet { console.out(line.hasSuffix("\n") ? line : line + "\n") }
-            }
+            }, warn: { console.error("warning: " + $0) })
         } catch let error as ImageError where error.path == filename {
             // qemu-img names the new image without quotes: "x.qcow2: Invalid parameter 'foo'".
             var message = "\(filename): \(error.message)"
@@ -64,10 +64,14 @@ enum CreateCommand {
     }
 
     /// qemu-img's two error messages for a size: out of range, or not a size at all.
-    static func parseSize(_ text: String) throws(CLIError) -> UInt64 {
+    static func parseSize(_ text: String, console: Console) throws(CLIError) -> UInt64 {
         let size: UInt64
         do {
-            size = try Backend.parseSize(text)
+            let parsed = try Backend.parseSize(text)
+            if parsed.hexSuffix { console.error("warning: " + SizeParser.hexSuffixWarning(text)) }
+            size = parsed.value
+        } catch .outOfRange {
+            throw CLIError(sizeRangeMessage)
         } catch {
             throw CLIError(badSizeMessage)
         }
@@ -82,12 +86,13 @@ enum CreateCommand {
     static let sizeRangeMessage = "Invalid image size specified. Must be between 0 and \(Int64.max)."
 
     /// `-o help`, laid out like qemu-img's: "  name=<type>" padded to 22 columns, " - ", help.
-    /// Without a filename qemu-img adds that the protocol level may have more options; simg has
-    /// no protocol layer, so with a filename the list is complete.
+    /// With a file name qemu-img also lists its file protocol's options under one heading;
+    /// without, it lists the format's and says the protocol may have more.
     static func optionHelp(for format: ImageFormat, withFilename: Bool) -> String {
         var text = withFilename ? "Supported options:\n" : "Supported \(format.rawValue) options:\n"
-        for option in Backend.optionHelp(for: format).sorted(by: { $0.name < $1.name }) {
-            text += "  " + TextFormat.left("\(option.name)=<\(option.type)>", 22) + " - " + option.help + "\n"
+        let specs = Backend.optionSpecs(for: format, includeProtocol: withFilename)
+        for option in specs.sorted(by: { $0.name < $1.name }) {
+            text += "  " + TextFormat.left("\(option.name)=<\(option.helpType)>", 22) + " - " + option.help + "\n"
         }
         if !withFilename {
             text += "\nThe protocol level may support further options.\n"

@@ -40,8 +40,10 @@ enum ToolError: Error, CustomStringConvertible {
 
 /// Runs a program (looked up in PATH unless it is a path) and captures its output.
 @discardableResult
-func run(_ program: String, _ arguments: [String], input: Data? = nil) throws -> ProcessResult {
+func run(_ program: String, _ arguments: [String], input: Data? = nil,
+         in directory: String? = nil) throws -> ProcessResult {
     let process = Process()
+    if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
     if program.contains("/") {
         process.executableURL = URL(fileURLWithPath: program)
     } else {
@@ -83,8 +85,8 @@ private final class DataBox: @unchecked Sendable {
 
 /// Runs a program and fails the test (by throwing) unless it exits 0.
 @discardableResult
-func runOK(_ program: String, _ arguments: [String]) throws -> ProcessResult {
-    let r = try run(program, arguments)
+func runOK(_ program: String, _ arguments: [String], in directory: String? = nil) throws -> ProcessResult {
+    let r = try run(program, arguments, in: directory)
     if r.status != 0 { throw ToolError.failed(([program] + arguments).joined(separator: " "), r) }
     return r
 }
@@ -97,6 +99,24 @@ func simg(_ arguments: [String]) throws -> ProcessResult { try run(simgBinary, a
 func qemuImg(_ arguments: String...) throws -> ProcessResult { try runOK("qemu-img", arguments) }
 @discardableResult
 func qemuIO(_ arguments: String...) throws -> ProcessResult { try runOK("qemu-io", arguments) }
+
+/// The same, run in `directory` (for relative file names, as a user would type them).
+func simg(in directory: String, _ arguments: String...) throws -> ProcessResult {
+    try run(simgBinary, arguments, in: directory)
+}
+@discardableResult
+func qemuImg(in directory: String, _ arguments: String...) throws -> ProcessResult {
+    try runOK("qemu-img", arguments, in: directory)
+}
+@discardableResult
+func qemuIO(in directory: String, _ arguments: String...) throws -> ProcessResult {
+    try runOK("qemu-io", arguments, in: directory)
+}
+/// Runs qemu-img without requiring success (to compare its errors with simg's); a missing
+/// qemu-img still throws.
+func qemuImgResult(in directory: String? = nil, _ arguments: [String]) throws -> ProcessResult {
+    try run("qemu-img", arguments, in: directory)
+}
 
 func which(_ tool: String) -> String? {
     let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
