@@ -228,6 +228,58 @@ import DiskIO
         #expect(throws: ImageError.self) { _ = try QCOW2Image.open(path: path) }
     }
 
+    /// Random byte corruptions of the header, L1 and L2 tables: opening and reading must throw
+    /// or succeed, never trap or hang.
+    @Test func corruptedImagesNeverTrap() throws {
+        let dir = NSTemporaryDirectory() + "qcow2-unit-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let c = Self.c
+        let plain = Self.pattern(50, Int(c))
+        let compressed = try #require(plain.withUnsafeBytes { QCOW2Compression.zlib.compress($0, limit: Int(c) - 1) })
+        let desc = QCOW2CompressedDescriptor.covering(hostOffset: 0x70010, length: UInt64(compressed.count))
+        let l2: [UInt64] = [
+            QCOW2L2Entry.standard(hostOffset: 0x40000, copied: true).raw,
+            QCOW2L2Entry.standard(hostOffset: 0, copied: false, zero: true).raw,
+            QCOW2L2Entry.compressed(desc, clusterBits: 16).raw,
+        ]
+        let path = dir + "/f.qcow2"
+        var state: UInt64 = 0x9e37_79b9_7f4a_7c15
+        func next() -> UInt64 {
+            state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            return state >> 33
+        }
+        var outcomes = (opened: 0, refused: 0)
+        for _ in 0..<300 {
+            try Self.makeImage(at: path, l2: l2, data: [(0x40000, plain), (0x70010, compressed)], backing: "b.raw")
+            let file = try DiskFile.open(path, access: .readWrite)
+            for _ in 0..<(1 + next() % 4) {
+                // Mostly the header's fields, sometimes the L1 entry or the L2 entries.
+                let region = next() % 4
+                let offset: UInt64 = region < 2 ? next() % 128 : region == 2 ? 0x20000 + next() % 8 : 0x30000 + next() % 24
+                try file.write([UInt8(truncatingIfNeeded: next())], at: offset)
+            }
+            file.close()
+            do {
+                let image = try QCOW2Image.open(path: path)
+                defer { try? image.close() }
+                outcomes.opened += 1
+                var buffer = [UInt8](repeating: 0, count: 3 * Int(c))
+                let n = Int(min(UInt64(buffer.count), image.virtualSize))
+                _ = try? buffer.withUnsafeMutableBytes { try image.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: 0) }
+                if image.virtualSize > 0 {
+                    _ = try? image.blockStatus(at: 0, length: min(image.virtualSize, 1 << 30))
+                }
+                _ = try? image.info()
+            } catch is ImageError {
+                outcomes.refused += 1
+            } catch is IOError {
+                outcomes.refused += 1
+            }
+        }
+        #expect(outcomes.opened > 0 && outcomes.refused > 0)
+    }
+
     @Test func tableCacheWritesBackDirtyTablesBeforeEvicting() throws {
         let dir = NSTemporaryDirectory() + "qcow2-unit-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
