@@ -25,7 +25,7 @@ private func makeBase(_ dir: String) throws {
     @Test(arguments: [
         [], ["foo"], ["-z"], ["--zz"], ["--zz", "info"],
         ["info"], ["info", "-z", "x"], ["info", "--zz", "x"], ["info", "-f"], ["info", "x", "--output"],
-        ["info", "--backing-chain=1", "x"], ["info", "-Uf"], ["info", "--o", "x"],
+        ["info", "--backing-chain=1", "x"], ["info", "-Uf"], ["info", "--outpt=json", "x"],
         ["create"], ["create", "-f"], ["create", "-qz", "x"], ["create", "--bogus", "x", "1M"],
         ["create", "-o", "", "x", "1M"], ["create", "-o", ",,", "x", "1M"], ["create", "-o", "a=1,", "x", "1M"],
         ["create", "-f", "raw", "x", "1M", "extra"],
@@ -108,9 +108,11 @@ private func makeBase(_ dir: String) throws {
         #expect(r.ours.status == 0, "\(r.ours.stderr)")
         #expect(r.ours.stderr.isEmpty)
         #expect(r.ours.stdout == r.theirs.stdout)
-        let image = arguments.first { $0.hasPrefix("x.") }!
-        let check = try qemuImgResult(in: r.ourDir.path, ["check", image])
-        #expect(check.status == 0, "qemu-img check: \(check.stdout)\(check.stderr)")
+        let image = try #require(arguments.first { $0.hasPrefix("x.") })
+        if image.hasSuffix(".qcow2") {  // qemu-img cannot check raw images
+            let check = try qemuImgResult(in: r.ourDir.path, ["check", image])
+            #expect(check.status == 0, "qemu-img check: \(check.stdout)\(check.stderr)")
+        }
         // qemu-img sees the same image in both.
         let theirInfo = try qemuImg(in: r.theirDir.path, "info", "--output=json", image)
         let ourInfo = try qemuImg(in: r.ourDir.path, "info", "--output=json", image)

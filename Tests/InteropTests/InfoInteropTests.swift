@@ -277,7 +277,9 @@ private func sameScalar(_ a: Any, _ b: Any) -> Bool {
     }
 }
 
-/// qemu-img's messages as simg prints them.
+/// qemu-img's messages as simg prints them. qemu-img sometimes ends a message without a newline
+/// (after a hint such as "Detected format of qcow2."); simg always ends its lines.
 func qemuToSimg(_ text: String) -> String {
-    text.replacingOccurrences(of: "qemu-img", with: "simg")
+    let renamed = text.replacingOccurrences(of: "qemu-img", with: "simg")
+    return renamed.isEmpty || renamed.hasSuffix("\n") ? renamed : renamed + "\n"
 }
