@@ -78,10 +78,7 @@ import Testing
         try qemuImg("snapshot", "-c", "two", snap)
         try expectInfoMatchesQemu(snap)
         // Relative image path: full-backing-filename keeps it relative, as qemu prints it.
-        let saved = FileManager.default.currentDirectoryPath
-        FileManager.default.changeCurrentDirectoryPath(dir.path)
-        defer { FileManager.default.changeCurrentDirectoryPath(saved) }
-        try expectInfoMatchesQemu("sub/top.qcow2")
+        try expectInfoMatchesQemu(relativeFromCurrentDirectory(top))
     }
 
     @Test func bitmapsInInfo() throws {

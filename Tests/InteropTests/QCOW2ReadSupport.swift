@@ -138,3 +138,11 @@ func expectImageError(_ what: String, sourceLocation: SourceLocation = #_sourceL
     }
     return ""
 }
+
+/// A relative path to `absolute` from the current directory ("../../tmp/x"), so tests can
+/// use relative names without changing the directory of the whole (parallel) test process.
+func relativeFromCurrentDirectory(_ absolute: String) -> String {
+    let cwd = FileManager.default.currentDirectoryPath.split(separator: "/")
+    let ups = [String](repeating: "..", count: cwd.count).joined(separator: "/")
+    return (ups.isEmpty ? "." : ups) + absolute
+}

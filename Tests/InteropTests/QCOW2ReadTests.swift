@@ -213,12 +213,11 @@ import Testing
         try qemuImg("create", "-q", "-f", "qcow2", dir.file("b.qcow2"), "1M")
         try qemuIO("-c", "write -P 5 0 64k", dir.file("b.qcow2"))
         try qemuImg("create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", dir.file("o.qcow2"))
-        let saved = FileManager.default.currentDirectoryPath
-        FileManager.default.changeCurrentDirectoryPath(dir.path)
-        defer { FileManager.default.changeCurrentDirectoryPath(saved) }
-        let image = try ImageOpener.open("o.qcow2")
+        // A relative path from the current directory (no chdir: tests run in parallel).
+        let relative = relativeFromCurrentDirectory(dir.file("o.qcow2"))
+        let image = try ImageOpener.open(relative)
         defer { try? image.close() }
-        #expect(image.backing?.path == "b.qcow2")
+        #expect(image.backing?.path == relativeFromCurrentDirectory(dir.path) + "/b.qcow2")
         var b = [UInt8](repeating: 0, count: 4)
         try b.withUnsafeMutableBytes { try image.read(into: $0, at: 100) }
         #expect(b == [5, 5, 5, 5])
