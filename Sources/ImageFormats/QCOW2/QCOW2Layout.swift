@@ -63,7 +63,7 @@ struct QCOW2Layout: Equatable {
 
         // Refcount blocks must cover every cluster, themselves and the table included; the
         // table must hold an entry per block. Grow both until they are self-consistent.
-        let perBlock = UInt64(clusterSize * 8 >> refcountOrder)
+        let perBlock = UInt64((clusterSize * 8) >> refcountOrder)
         let perTableCluster = cs / 8
         var blocks: UInt64 = 1
         var tableClusters: UInt64 = 1
