@@ -81,6 +81,20 @@ import Testing
         try expectInfoMatchesQemu(relativeFromCurrentDirectory(top))
     }
 
+    @Test func dirtyImageAfterCrash() throws {
+        let dir = try TempDir()
+        let img = dir.file("dirty.qcow2")
+        try qemuImg("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", img, "1M")
+        // qemu-io killed mid-session leaves the dirty bit set (lazy refcounts).
+        let r = try run("qemu-io", ["-c", "write -P 1 0 64k", "-c", "write -P 2 200k 4k", "-c", "sigraise 9", img])
+        #expect(r.status != 0)
+        try expectInfoMatchesQemu(img)
+        let image = try ImageOpener.open(img)
+        defer { try? image.close() }
+        #expect(try image.info().dirtyFlag == true)
+        try expectSameContentAsQemu(img, in: dir)
+    }
+
     @Test func bitmapsInInfo() throws {
         let dir = try TempDir()
         let img = dir.file("bm.qcow2")
