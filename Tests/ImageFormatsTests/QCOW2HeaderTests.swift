@@ -245,6 +245,26 @@ func expectRefused(_ builder: HeaderBuilder, mentioning field: String,
         #expect(again == h)
     }
 
+    @Test func unknownHeaderFieldsArePreserved() throws {
+        var b = HeaderBuilder()
+        b.headerLength = 128
+        var bytes = b.bytes()
+        for i in 112..<128 { bytes[i] = UInt8(i) }
+        let h = try QCOW2Header.parse(bytes, fileSize: b.fileSize, path: "x")
+        #expect(h.unknownHeaderFields == (112..<128).map { UInt8($0) })
+        let s = h.serialized()
+        #expect(QCOW2BE.u32(s, 100) == 128)
+        #expect(Array(s[112..<128]) == h.unknownHeaderFields)
+        // Extensions start after the longer header.
+        #expect(QCOW2BE.u32(s, 128) == QCOW2Header.extensionFeatureTable)
+        // A 104-byte header (no compression_type) is accepted and written back as QEMU's 112.
+        b = HeaderBuilder()
+        b.headerLength = 104
+        let short = try b.parse()
+        #expect(short.compressionType == 0 && short.unknownHeaderFields.isEmpty)
+        #expect(QCOW2BE.u32(short.serialized(), 100) == 112)
+    }
+
     @Test func smallClustersHaveNoFeatureTable() throws {
         var b = HeaderBuilder()
         b.clusterBits = 12

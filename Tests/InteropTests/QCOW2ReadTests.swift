@@ -79,10 +79,11 @@ import Testing
         let raw = dir.file("src.raw")
         try qemuImg("create", "-q", "-f", "raw", raw, "1M")
         try qemuIO("-f", "raw", "-c", "write -P 0x21 0 300k", "-c", "write -P 0x42 333k 5k", raw)
-        for cs in ["512", "2M"] {
-            let img = dir.file("c\(cs).qcow2")
-            try qemuImg("convert", "-c", "-O", "qcow2", "-o", "cluster_size=\(cs)", raw, img)
+        for options in ["cluster_size=512", "cluster_size=2M", "extended_l2=on,compression_type=zstd"] {
+            let img = dir.file("c-\(options).qcow2")
+            try qemuImg("convert", "-c", "-O", "qcow2", "-o", options, raw, img)
             try expectSameContentAsQemu(img, in: dir)
+            try expectBlockStatusMatchesQemu(img)
         }
     }
 
