@@ -95,6 +95,17 @@ import Testing
         try expectSameContentAsQemu(img, in: dir)
     }
 
+    @Test func sizeNotMultipleOfSector() throws {
+        let dir = try TempDir()
+        let img = dir.file("odd.qcow2")
+        try qemuImg("create", "-q", "-f", "qcow2", img, "1M")
+        try qemuIO("-c", "write -P 1 1016k 8k", img)
+        try patchFile(img, at: 24, bigEndian64(1_048_336))
+        try expectInfoMatchesQemu(img)
+        #expect(try ImageOpener.open(img).virtualSize == 1_048_064)
+        try expectSameContentAsQemu(img, in: dir)
+    }
+
     @Test func bitmapsInInfo() throws {
         let dir = try TempDir()
         let img = dir.file("bm.qcow2")

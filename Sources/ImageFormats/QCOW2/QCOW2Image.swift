@@ -21,7 +21,8 @@ public final class QCOW2Image: DiskImage {
     public let dataFile: DiskFile
     public let isWritable: Bool
     public var format: ImageFormat { .qcow2 }
-    public var virtualSize: UInt64 { header.size }
+    /// The header's size rounded down to whole 512-byte sectors, as QEMU sees it.
+    public var virtualSize: UInt64 { header.size & ~511 }
     /// The opened backing image; set by `ImageOpener` (or the caller) after opening.
     public var backing: (any DiskImage)?
 
