@@ -34,7 +34,9 @@ public final class QCOW2Image: DiskImage {
     let compression: QCOW2Compression
     /// For the write helper's refcount/allocator state.
     var writeState: AnyObject?
-    private var decompressed: (cluster: UInt64, bytes: [UInt8])?
+    /// The last decompressed cluster, keyed by guest cluster and descriptor (so a remapped
+    /// cluster never hits a stale entry).
+    private var decompressed: (cluster: UInt64, descriptor: QCOW2CompressedDescriptor, bytes: [UInt8])?
     private var closed = false
 
     public var clusterSize: Int { header.clusterSize }
@@ -153,7 +155,7 @@ public final class QCOW2Image: DiskImage {
     /// small sequential reads do not decompress a cluster again and again.
     func decompressCluster(guestOffset: UInt64, _ d: QCOW2CompressedDescriptor) throws -> [UInt8] {
         let cluster = guestOffset / UInt64(clusterSize)
-        if let decompressed, decompressed.cluster == cluster { return decompressed.bytes }
+        if let decompressed, decompressed.cluster == cluster, decompressed.descriptor == d { return decompressed.bytes }
         let input = try file.qcow2ReadBytes(count: Int(d.byteLength), at: d.hostOffset)
         var output = [UInt8](repeating: 0, count: clusterSize)
         let ok = input.withUnsafeBytes { src in
@@ -162,7 +164,7 @@ public final class QCOW2Image: DiskImage {
         guard ok else {
             throw ImageError(path: path, message: "could not decompress the \(compression.name) cluster at guest offset \(cluster * UInt64(clusterSize)) (host offset \(QCOW2BE.hex(d.hostOffset)), \(d.byteLength) bytes): invalid compressed data")
         }
-        decompressed = (cluster, output)
+        decompressed = (cluster, d, output)
         return output
     }
 
