@@ -312,6 +312,19 @@ import DiskIO
         #expect(try file.readBytes(count: 8, at: 1536 + 504) == [0, 0, 0, 0, 0, 0, 0, 9])
         try cache.flush()
         #expect(hookCalls == 2)  // nothing dirty: no hook
+
+        // Least recently used goes first: with A, B cached and A touched, loading C evicts B.
+        let lru = QCOW2TableCache(file: file, tableSize: 512, budgetBytes: 1024)
+        _ = try lru.table(at: 0)
+        _ = try lru.table(at: 512)
+        _ = try lru.word(at: 0, index: 1)
+        _ = try lru.table(at: 1024)
+        #expect(lru.contains(0) && !lru.contains(512) && lru.contains(1024))
+        lru.forget(1024)
+        try lru.install(at: 1536, words: [UInt64](repeating: 1, count: 64), dirty: false)
+        #expect(lru.contains(0) && lru.contains(1536) && lru.dirtyCount == 0)
+        lru.dropClean()
+        #expect(!lru.contains(0) && !lru.contains(1536))
     }
 }
 

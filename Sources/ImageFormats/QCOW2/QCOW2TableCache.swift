@@ -10,13 +10,17 @@ import DiskIO
 ///
 /// Not thread-safe: owned by one image, driven by one thread.
 final class QCOW2TableCache {
+    /// A cached table, linked into the recency list (most recent at `head`).
     private final class Slot {
+        let offset: UInt64
         var words: [UInt64]
         var dirty = false
-        var lastUse: UInt64
-        init(words: [UInt64], lastUse: UInt64) {
+        // Strong links both ways: unlink and deinit clear them, so no cycle outlives the cache.
+        var newer: Slot?
+        var older: Slot?
+        init(offset: UInt64, words: [UInt64]) {
+            self.offset = offset
             self.words = words
-            self.lastUse = lastUse
         }
     }
 
@@ -31,13 +35,20 @@ final class QCOW2TableCache {
     var beforeWriteback: (() throws -> Void)?
 
     private var slots: [UInt64: Slot] = [:]
-    private var clock: UInt64 = 0
+    private var head: Slot?  // most recently used
+    private var tail: Slot?  // least recently used
 
     /// `budgetBytes`: memory to use; the capacity is that many tables, at least 2.
     init(file: DiskFile, tableSize: Int, budgetBytes: Int = 4 << 20) {
         self.file = file
         self.tableSize = tableSize
         self.capacity = max(2, budgetBytes / tableSize)
+    }
+
+    deinit {
+        // Break the list's links so the slots are freed.
+        var s = head
+        while let current = s { s = current.older; current.older = nil; current.newer = nil }
     }
 
     var dirtyCount: Int { slots.values.reduce(0) { $0 + ($1.dirty ? 1 : 0) } }
@@ -67,11 +78,16 @@ final class QCOW2TableCache {
     /// marked dirty unless told otherwise. Replaces any cached copy.
     func install(at offset: UInt64, words: [UInt64], dirty: Bool = true) throws {
         precondition(words.count == tableSize / 8, "table of the wrong size")
-        if slots[offset] == nil { try makeRoom() }
-        clock += 1
-        let s = Slot(words: words, lastUse: clock)
+        if let existing = slots[offset] {
+            existing.words = words
+            existing.dirty = dirty
+            touch(existing)
+            return
+        }
+        try makeRoom()
+        let s = Slot(offset: offset, words: words)
         s.dirty = dirty
-        slots[offset] = s
+        insert(s)
     }
 
     func markDirty(_ offset: UInt64) {
@@ -80,49 +96,79 @@ final class QCOW2TableCache {
 
     /// Writes every dirty table (after calling `beforeWriteback` once if any is dirty).
     func flush() throws {
-        let dirty = slots.filter { $0.value.dirty }.sorted { $0.key < $1.key }
+        let dirty = slots.values.filter(\.dirty).sorted { $0.offset < $1.offset }
         guard !dirty.isEmpty else { return }
         try beforeWriteback?()
-        for (offset, s) in dirty { try writeBack(offset, s) }
+        for s in dirty { try writeBack(s) }
     }
 
     /// Drops a table from the cache without writing it (after freeing its cluster).
     func forget(_ offset: UInt64) {
-        slots[offset] = nil
+        if let s = slots[offset] { remove(s) }
     }
 
     /// Drops every clean table (keeps dirty ones).
     func dropClean() {
-        slots = slots.filter { $0.value.dirty }
+        for s in slots.values where !s.dirty { remove(s) }
     }
 
     private func slot(at offset: UInt64) throws -> Slot {
-        clock += 1
         if let s = slots[offset] {
-            s.lastUse = clock
+            touch(s)
             return s
         }
         try makeRoom()
         let bytes = try file.qcow2ReadBytes(count: tableSize, at: offset)
-        let s = Slot(words: QCOW2BE.words(bytes), lastUse: clock)
-        slots[offset] = s
+        let s = Slot(offset: offset, words: QCOW2BE.words(bytes))
+        insert(s)
         return s
     }
 
     private func makeRoom() throws {
-        while slots.count >= capacity {
-            guard let victim = slots.min(by: { $0.value.lastUse < $1.value.lastUse }) else { return }
-            if victim.value.dirty {
+        while slots.count >= capacity, let victim = tail {
+            if victim.dirty {
                 try beforeWriteback?()
-                try writeBack(victim.key, victim.value)
+                try writeBack(victim)
             }
-            slots[victim.key] = nil
+            remove(victim)
         }
     }
 
-    private func writeBack(_ offset: UInt64, _ s: Slot) throws {
-        try file.qcow2Write(QCOW2BE.bytes(s.words), at: offset)
+    private func writeBack(_ s: Slot) throws {
+        try file.qcow2Write(QCOW2BE.bytes(s.words), at: s.offset)
         s.dirty = false
+    }
+
+    // Recency list.
+
+    private func insert(_ s: Slot) {
+        slots[s.offset] = s
+        s.older = head
+        s.newer = nil
+        head?.newer = s
+        head = s
+        if tail == nil { tail = s }
+    }
+
+    private func unlink(_ s: Slot) {
+        if let newer = s.newer { newer.older = s.older } else { head = s.older }
+        if let older = s.older { older.newer = s.newer } else { tail = s.newer }
+        s.newer = nil
+        s.older = nil
+    }
+
+    private func touch(_ s: Slot) {
+        guard head !== s else { return }
+        unlink(s)
+        s.older = head
+        head?.newer = s
+        head = s
+        if tail == nil { tail = s }
+    }
+
+    private func remove(_ s: Slot) {
+        unlink(s)
+        slots[s.offset] = nil
     }
 
     // MARK: - Refcount block entries in decoded words
