@@ -284,6 +284,14 @@ import Testing
         #expect(text.contains("No such file or directory"), "'\(text)'")
     }
 
+    @Test func unsupportedBackingFormatIsNamed() throws {
+        let dir = try TempDir()
+        let img = dir.file("v.qcow2")
+        try qemuImg("create", "-q", "-f", "qcow2", "-u", "-b", "disk.vmdk", "-F", "vmdk", img, "1M")
+        let text = expectImageError("vmdk backing") { _ = try ImageOpener.open(img) }
+        #expect(text.contains("vmdk") && text.contains(img), "'\(text)'")
+    }
+
     @Test func rawOpenedAsQcow2IsRefused() throws {
         let dir = try TempDir()
         let raw = dir.file("r.raw")
