@@ -51,7 +51,7 @@ enum InfoImage: String, CaseIterable, CustomTestStringConvertible, Sendable {
             try write("disk.img", format: "raw")
         case .rawOddSize:
             // qemu rounds a raw image's size up to whole 512-byte sectors.
-            FileManager.default.createFile(atPath: dir + "/disk.img", contents: Data(repeating: 7, count: 1000))
+            _ = FileManager.default.createFile(atPath: dir + "/disk.img", contents: Data(repeating: 7, count: 1000))
         case .qcow2v2:
             try qcow2("compat=0.10")
             try write()
@@ -267,7 +267,7 @@ private func sameScalar(_ a: Any, _ b: Any) -> Bool {
     ])
     func errors(arguments: [String]) throws {
         let dir = try TempDir()
-        FileManager.default.createFile(atPath: dir.file("plain.raw"), contents: Data(count: 4096))
+        _ = FileManager.default.createFile(atPath: dir.file("plain.raw"), contents: Data(count: 4096))
         let theirs = try qemuImgResult(in: dir.path, ["info"] + arguments)
         let ours = try run(simgBinary, ["info"] + arguments, in: dir.path)
         #expect(theirs.status == 1)
