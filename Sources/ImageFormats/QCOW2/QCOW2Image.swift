@@ -11,8 +11,13 @@ import DiskIO
 /// - `l2Table(at:)`, `l2TableOffset(forGuest:)`, `lookup(at:maxLength:)`, `classify(...)`
 ///   (QCOW2ClusterMap.swift), `clusterSize`, `granuleSize`.
 /// - `writeState`: free for the writer's refcount/allocator state.
-/// - `compression`: the image's codec; `snapshots`: the parsed snapshot table.
+/// - `compression`: the image's codec (`compress(_:limit:)` for compressed writes);
+///   `snapshots`: the parsed snapshot table (`QCOW2Snapshot.serialized()` writes an entry).
 /// - `invalidateDecompressedCache()`: call after changing a compressed cluster's mapping.
+/// - `DiskFile.qcow2Read/qcow2ReadBytes/qcow2Write` (QCOW2HostIO.swift): host I/O that also
+///   works on O_DIRECT files (bounce buffers for unaligned metadata).
+/// - `virtualSize` is `header.size` rounded down to 512 bytes (QEMU's view); resizing means
+///   changing `header.size` (and the L1 table) and rewriting the header.
 public final class QCOW2Image: DiskImage {
     public let path: String
     /// The qcow2 file (metadata, and data unless there is an external data file).
