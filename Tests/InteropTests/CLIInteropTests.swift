@@ -109,7 +109,8 @@ private func makeBase(_ dir: String) throws {
         #expect(r.ours.stderr.isEmpty)
         #expect(r.ours.stdout == r.theirs.stdout)
         let image = try #require(arguments.first { $0.hasPrefix("x.") })
-        if image.hasSuffix(".qcow2") {  // qemu-img cannot check raw images
+        // qemu-img cannot check raw images, nor images whose backing file is missing (-u).
+        if image.hasSuffix(".qcow2") && !arguments.contains("-u") {
             let check = try qemuImgResult(in: r.ourDir.path, ["check", image])
             #expect(check.status == 0, "qemu-img check: \(check.stdout)\(check.stderr)")
         }
