@@ -124,16 +124,21 @@ extension QCOW2Image {
             return hasHost ? .normal(hostOffset: host) : .unallocated
         }
         let bits = QCOW2ExtendedL2Entry(entry: entry, bitmap: table[2 * index + 1])
+        // As QEMU: without a host cluster any allocation bit is corrupt; with one, a subcluster
+        // both allocated and zero is.
+        guard hasHost else {
+            if bits.allocationMask != 0 {
+                throw corruption("extended L2 entry marks subclusters allocated but has no host offset (L2 table \(QCOW2BE.hex(l2Offset)), guest offset \(QCOW2BE.hex(guestOffset)))")
+            }
+            return bits.readsAsZero(subcluster: subcluster) ? .zero : .unallocated
+        }
         if bits.allocationMask & bits.zeroMask != 0 {
             throw corruption("extended L2 entry has subclusters both allocated and zero (L2 table \(QCOW2BE.hex(l2Offset)), guest offset \(QCOW2BE.hex(guestOffset)))")
         }
+        if bits.readsAsZero(subcluster: subcluster) { return .zero }
         if bits.isAllocated(subcluster: subcluster) {
-            guard hasHost else {
-                throw corruption("extended L2 entry marks subclusters allocated but has no host offset (L2 table \(QCOW2BE.hex(l2Offset)), guest offset \(QCOW2BE.hex(guestOffset)))")
-            }
             return .normal(hostOffset: host + UInt64(subcluster) * granuleSize)
         }
-        if bits.readsAsZero(subcluster: subcluster) { return .zero }
         return .unallocated
     }
 
