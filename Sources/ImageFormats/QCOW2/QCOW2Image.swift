@@ -74,7 +74,8 @@ public final class QCOW2Image: DiskImage {
         }
     }
 
-    /// Opens a qcow2 image on an already open file (the image takes ownership of `file`).
+    /// Opens a qcow2 image on an already open file. On success the image owns `file` (closes
+    /// it in `close()`); on failure the caller still owns it.
     public static func open(path: String, file: DiskFile, writable: Bool, direct: Bool = false) throws -> QCOW2Image {
         let fileSize = try file.size()
         // The first 112 bytes tell the cluster size; the header is the whole first cluster.
