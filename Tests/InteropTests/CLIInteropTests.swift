@@ -121,6 +121,9 @@ private func makeBase(_ dir: String) throws {
         theirs["actual-size"] = nil
         ours["actual-size"] = nil
         for difference in jsonDifferences(theirs, ours, at: "") { Issue.record("qemu-img info differs at \(difference)") }
+        // And simg reads what it made as qemu-img does.
+        try expectSameInfo([image], in: r.ourDir.path)
+        try expectSameInfo(["--output=json", image], in: r.ourDir.path)
     }
 
     @Test func quietCreate() throws {
