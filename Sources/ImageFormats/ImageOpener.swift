@@ -68,7 +68,8 @@ public enum ImageOpener {
             var format: ImageFormat?
             if let formatName = image.qcow2Header.backingFormat {
                 guard let known = ImageFormat(rawValue: formatName) else {
-                    throw ImageError(path: image.path, message: "Could not open backing file '\(full)' of '\(image.path)': backing format '\(formatName)' is not supported")
+                    throw nested(ImageError(path: image.path, message: "Could not open backing file '\(full)' of '\(image.path)': backing format '\(formatName)' is not supported"),
+                                 from: top, to: image)
                 }
                 format = known
             }
@@ -76,7 +77,8 @@ public enum ImageOpener {
             do {
                 backing = try openOne(full, format: format, writable: false, direct: direct)
             } catch {
-                throw ImageError(path: image.path, message: "Could not open backing file '\(full)' of '\(image.path)'", cause: error)
+                throw nested(ImageError(path: image.path, message: "Could not open backing file '\(full)' of '\(image.path)'", cause: error),
+                             from: top, to: image)
             }
             let identity: FileIdentity
             do {
@@ -93,6 +95,28 @@ public enum ImageOpener {
             image.backing = backing
             current = backing as? QCOW2Image
         }
+    }
+
+    /// Wraps the failure to open `image`'s backing file in one "Could not open backing file"
+    /// error per level above it, as QEMU nests them: qemu-img prints the chain as
+    /// "Could not open 'top': Could not open backing file: Could not open backing file: ...".
+    /// Each level is an ImageError whose path is the image whose backing file failed and
+    /// whose cause is the level below (the innermost cause is the real error).
+    private static func nested(_ error: ImageError, from top: any DiskImage, to image: QCOW2Image) -> ImageError {
+        // The images from the top down to (not including) `image`.
+        var above: [QCOW2Image] = []
+        var walk = top as? QCOW2Image
+        while let w = walk, w !== image {
+            above.append(w)
+            walk = w.backing as? QCOW2Image
+        }
+        var result = error
+        var below: any DiskImage = image
+        for parent in above.reversed() {
+            result = ImageError(path: parent.path, message: "Could not open backing file '\(below.path)' of '\(parent.path)'", cause: result)
+            below = parent
+        }
+        return result
     }
 
     /// The file that identifies an image (its qcow2 file, or a raw image's data file).

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import ImageFormats
+import DiskIO
 
 /// info() against `qemu-img info`, header serialization against qemu's bytes, and refusal of
 /// broken images and backing chains.
@@ -282,6 +283,23 @@ import Testing
         let text = expectImageError("missing backing") { _ = try ImageOpener.open(img) }
         #expect(text.contains("Could not open backing file '\(dir.file("nothere.qcow2"))' of '\(img)'"), "'\(text)'")
         #expect(text.contains("No such file or directory"), "'\(text)'")
+
+        // One level of "Could not open backing file" per image above the failure, as qemu nests them.
+        let mid = dir.file("mid.qcow2"), top = dir.file("top.qcow2")
+        try qemuImg("create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", mid, "1M")
+        try qemuImg("create", "-q", "-f", "qcow2", "-u", "-b", "mid.qcow2", "-F", "qcow2", top, "1M")
+        do {
+            _ = try ImageOpener.open(top)
+            Issue.record("opened a chain with a missing file")
+        } catch let outer as ImageError {
+            #expect(outer.path == top)
+            #expect(outer.message == "Could not open backing file '\(mid)' of '\(top)'")
+            let inner = try #require(outer.cause as? ImageError)
+            #expect(inner.path == mid)
+            #expect(inner.message == "Could not open backing file '\(dir.file("gone.qcow2"))' of '\(mid)'")
+            let io = try #require(inner.cause as? IOError)
+            #expect(io.path == dir.file("gone.qcow2") && io.code == ENOENT)
+        }
     }
 
     @Test func unsupportedBackingFormatIsNamed() throws {
