@@ -1,3 +1,4 @@
+import DiskIO
 import ImageFormats
 
 /// `simg create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]`
@@ -55,10 +56,16 @@ enum CreateCommand {
                 if !quiet { console.out(line.hasSuffix("\n") ? line : line + "\n") }
             }, warn: { console.error("warning: " + $0) })
         } catch let error as ImageError where error.path == filename {
-            // qemu-img names the new image without quotes: "x.qcow2: Invalid parameter 'foo'".
+            // qemu-img names the new image without quotes: "x.qcow2: Invalid parameter 'foo'",
+            // and a failed open(2) is just "x: Could not create 'x': strerror".
+            if let io = error.cause as? IOError, io.operation == "create" {
+                throw CLIError("\(filename): \(io)")
+            }
             var message = "\(filename): \(error.message)"
             if let cause = error.cause { message += ": \(cause)" }
             throw CLIError(message)
+        } catch let io as IOError where io.operation == "create" {
+            throw CLIError("\(filename): \(io)")
         }
         return 0
     }

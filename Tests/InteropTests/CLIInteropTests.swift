@@ -147,6 +147,8 @@ private func makeBase(_ dir: String) throws {
         ["-f", "qcow2", "y.qcow2"],
         ["-f", "foo", "y.qcow2", "1M"],
         ["-f", "foo", "-o", "help"],
+        ["-f", "qcow2", "/nonexistent-folder/y.qcow2", "1M"],
+        ["-f", "raw", "/nonexistent-folder/y.img", "1M"],
     ])
     func createErrors(arguments: [String]) throws {
         let r = try both(["create"] + arguments, prepare: makeBase)
