@@ -224,6 +224,44 @@ import Testing
         #expect(b == [5, 5, 5, 5])
     }
 
+    /// Many random writes, zero writes and discards (a fixed seed per configuration), then a
+    /// snapshot and more of them, over a backing file: content and map must match qemu's.
+    @Test(arguments: ["compat=1.1,cluster_size=64k", "compat=0.10,cluster_size=4k",
+                      "extended_l2=on,cluster_size=32k", "cluster_size=512,refcount_bits=2",
+                      "cluster_size=2M,lazy_refcounts=on"])
+    func randomOperations(options: String) throws {
+        let dir = try TempDir()
+        let size: UInt64 = 6 << 20
+        let base = dir.file("base.qcow2")
+        try qemuImg("create", "-q", "-f", "qcow2", base, "\(size - 1536 * 1024)")
+        try qemuIO("-c", "write -P 0x5a 0 \(size - 1536 * 1024)", base)
+        let img = dir.file("rand.qcow2")
+        try qemuImg("create", "-q", "-f", "qcow2", "-o", options, "-b", "base.qcow2", "-F", "qcow2", img, "\(size)")
+        // FNV-1a of the options: a fixed, different sequence per configuration.
+        var seed: UInt64 = options.utf8.reduce(1_469_598_103_934_665_603) { ($0 ^ UInt64($1)) &* 1_099_511_628_211 }
+        func next(_ bound: UInt64) -> UInt64 {
+            seed = seed &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            return (seed >> 33) % bound
+        }
+        let v2 = options.contains("0.10")
+        for round in 0..<2 {
+            var commands: [String] = []
+            for _ in 0..<40 {
+                let offset = next(size / 512) * 512
+                let length = min(size - offset, (1 + next(300)) * 512)
+                switch next(v2 ? 2 : 3) {
+                case 0: commands += ["-c", "write -P \(next(256)) \(offset) \(length)"]
+                case 1: commands += ["-c", "discard \(offset) \(length)"]
+                default: commands += ["-c", "write -z \(next(2) == 0 ? "-u " : "")\(offset) \(length)"]
+                }
+            }
+            try runOK("qemu-io", commands + [img])
+            if round == 0 { try qemuImg("snapshot", "-c", "mid", img) }
+        }
+        try expectSameContentAsQemu(img, in: dir)
+        try expectBlockStatusMatchesQemu(img)
+    }
+
     @Test func directIO() throws {
         let dir = try TempDir()
         let raw = dir.file("src.raw")
