@@ -24,19 +24,24 @@ enum Backend {
         return infos
     }
 
-    /// qemu-img says "Could not open 'NAME': REASON", where a failed open(2) reason itself reads
-    /// "Could not open 'NAME': strerror" and NAME is the file that failed (maybe a backing file).
+    /// qemu-img says "Could not open 'NAME': REASON" about the deepest failure only: NAME is the
+    /// image that failed (maybe a backing file some levels down) and a failed open(2) reads
+    /// "Could not open 'NAME': strerror" itself. The library nests one ImageError per chain
+    /// level, so the sentence comes from the innermost error.
     static func openFailure(_ error: any Error, path: String) -> String {
-        if let io = error as? IOError { return "Could not open '\(io.path)': \(io)" }
-        if let image = error as? ImageError {
-            if let io = image.cause as? IOError, io.operation == "open" {
-                return "Could not open '\(io.path)': \(io)"
+        var name = path
+        var current: any Error = error
+        while let image = current as? ImageError {
+            name = image.path
+            guard let cause = image.cause else {
+                return "Could not open '\(name)': \(image.message)"
             }
-            var reason = image.path == path ? image.message : image.description
-            if image.path == path, let cause = image.cause { reason += ": \(cause)" }
-            return "Could not open '\(path)': \(reason)"
+            current = cause
         }
-        return "Could not open '\(path)': \(error)"
+        if let io = current as? IOError, io.operation == "open" {
+            return "Could not open '\(io.path)': \(io)"
+        }
+        return "Could not open '\(name)': \(current)"
     }
 
     static func optionSpecs(for format: ImageFormat, includeProtocol: Bool) -> [CreateOptionSpec] {

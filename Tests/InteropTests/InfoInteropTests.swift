@@ -255,6 +255,26 @@ private func sameScalar(_ a: Any, _ b: Any) -> Bool {
         #expect(ours.stderr == qemuToSimg(theirs.stderr))
     }
 
+    /// A chain broken two levels down: qemu-img names only the file that failed.
+    @Test(arguments: ["missing", "not qcow2"])
+    func brokenChain(breakage: String) throws {
+        let dir = try TempDir()
+        try qemuImg(in: dir.path, "create", "-q", "-f", "qcow2", "gone.qcow2", "1M")
+        try qemuImg(in: dir.path, "create", "-q", "-f", "qcow2", "-b", "gone.qcow2", "-F", "qcow2", "mid.qcow2")
+        try qemuImg(in: dir.path, "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2")
+        try FileManager.default.removeItem(atPath: dir.file("gone.qcow2"))
+        if breakage == "not qcow2" {
+            _ = FileManager.default.createFile(atPath: dir.file("gone.qcow2"), contents: Data(count: 65536))
+        }
+        try expectSameInfo(["top.qcow2"], in: dir.path)
+        let theirs = try qemuImgResult(in: dir.path, ["info", "--backing-chain", "top.qcow2"])
+        let ours = try simg(in: dir.path, "info", "--backing-chain", "top.qcow2")
+        #expect(theirs.status == 1)
+        #expect(ours.status == 1)
+        #expect(ours.stdout.isEmpty)
+        #expect(ours.stderr == qemuToSimg(theirs.stderr))
+    }
+
     /// Errors read as qemu-img's, with "simg" for "qemu-img".
     @Test(arguments: [
         ["nosuch.qcow2"],
