@@ -86,6 +86,7 @@ enum CreateCommand {
         return size
     }
 
+    /// qemu-img reports a bad size as two errors, so the second line carries the prefix too.
     static let badSizeMessage = """
         Invalid image size specified. You may use k, M, G, T, P or E suffixes for
         simg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.
