@@ -13,8 +13,7 @@ struct ProbeTests {
     /// Formats qemu-img can create that simg refuses by name.
     @Test(arguments: [("vmdk", [String]()), ("vmdk", ["-o", "subformat=monolithicFlat"]), ("vdi", []),
                       ("vhdx", []), ("vpc", []), ("vpc", ["-o", "subformat=fixed"]), ("qed", []),
-                      ("parallels", []), ("qcow", []),
-                      ("luks", ["--object", "secret,id=s0,data=abc", "-o", "key-secret=s0"])])
+                      ("parallels", []), ("qcow", [])])
     func refusesOtherFormatsByName(format: String, options: [String]) throws {
         let scratch = try RawScratch()
         let path = scratch.file("x.\(format)")
@@ -75,6 +74,11 @@ struct ProbeTests {
         #expect((#expect(throws: UnsupportedFormatError.self) { try probe(bochsPath) })?.format == "bochs")
         let descriptor = try make("d.img", Array("# Disk DescriptorFile\nversion=1\nCID=fffffffe\n".utf8))
         #expect((#expect(throws: UnsupportedFormatError.self) { try probe(descriptor) })?.format == "vmdk")
+        // LUKS1 by hand: qemu-img's luks creation times its key derivation and fails
+        // ("Unable to get accurate CPU usage") on a busy machine.
+        let luks = try make("l.img", [0x4C, 0x55, 0x4B, 0x53, 0xBA, 0xBE, 0, 1] + Array("aes".utf8))
+        #expect((#expect(throws: UnsupportedFormatError.self) { try probe(luks) })?.description
+                == "'\(luks)' is a luks image; that format is not supported yet")
         let dmg = try make("apple.dmg", [])
         #expect((#expect(throws: UnsupportedFormatError.self) { try probe(dmg) })?.format == "dmg")
     }
