@@ -1,4 +1,5 @@
 import DiskIO
+import Glibc
 import ImageFormats
 
 /// The library calls the commands make, in one place, with their errors turned into the
@@ -7,6 +8,11 @@ enum Backend {
     /// The info of `path` and, for `chain`, of every image below it. Only with `chain` are
     /// backing files opened (qemu-img info reads the backing name from the header alone).
     static func infos(path: String, format: ImageFormat?, chain: Bool) throws -> [ImageInfo] {
+        // WORKAROUND until the library refuses directories itself: qemu-img's file driver only
+        // opens regular files and devices, with this message.
+        if isDirectory(path) {
+            throw CLIError("Could not open '\(path)': 'file' driver requires '\(path)' to be a regular file")
+        }
         let top: any DiskImage
         do {
             top = try ImageOpener.open(path, options: OpenOptions(format: format, writable: false,
@@ -22,6 +28,11 @@ enum Backend {
             next = image.backing
         }
         return infos
+    }
+
+    static func isDirectory(_ path: String) -> Bool {
+        var status = stat()
+        return stat(path, &status) == 0 && (status.st_mode & S_IFMT) == S_IFDIR
     }
 
     /// qemu-img says "Could not open 'NAME': REASON" about the deepest failure only: NAME is the

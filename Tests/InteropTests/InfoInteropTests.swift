@@ -284,6 +284,8 @@ private func sameScalar(_ a: Any, _ b: Any) -> Bool {
         ["--output=xml", "plain.raw"],
         ["--output=json"],
         ["plain.raw", "other"],
+        ["."],
+        ["-f", "raw", "."],
     ])
     func errors(arguments: [String]) throws {
         let dir = try TempDir()
