@@ -40,19 +40,20 @@ enum Backend {
     /// "Could not open 'NAME': strerror" itself. The library nests one ImageError per chain
     /// level, so the sentence comes from the innermost error.
     static func openFailure(_ error: any Error, path: String) -> String {
-        var name = path
+        var innermost: ImageError?
         var current: any Error = error
         while let image = current as? ImageError {
-            name = image.path
+            innermost = image
             guard let cause = image.cause else {
-                return "Could not open '\(name)': \(image.message)"
+                return "Could not open '\(image.path)': \(image.message)"
             }
             current = cause
         }
         if let io = current as? IOError, io.operation == "open" {
             return "Could not open '\(io.path)': \(io)"
         }
-        return "Could not open '\(name)': \(current)"
+        guard let innermost else { return "Could not open '\(path)': \(current)" }
+        return "Could not open '\(innermost.path)': \(innermost.message): \(current)"
     }
 
     static func optionSpecs(for format: ImageFormat, includeProtocol: Bool) -> [CreateOptionSpec] {
