@@ -73,12 +73,7 @@ final class QCOW2Refcounts {
         for cluster in first..<(first + count) {
             let index = cluster / perBlock
             guard index < UInt64(table.count), table[Int(index)] & qcow2OffsetMask != 0 else {
-                if delta < 0 {
-                    throw corrupt("cannot lower the refcount of cluster \(cluster): it is not covered by a refcount block")
-                }
-                try ensureBlock(index: index)
-                try adjust(cluster: cluster, by: delta)
-                continue
+                throw corrupt("cannot change the refcount of cluster \(cluster): it is not covered by a refcount block")
             }
             let block = table[Int(index)] & qcow2OffsetMask
             let at = Int(cluster % perBlock)
@@ -109,26 +104,53 @@ final class QCOW2Refcounts {
     /// of the file (so they read as zeros without being written).
     func allocate(count: UInt64) throws -> (offset: UInt64, fresh: Bool) {
         precondition(count > 0)
+        // Ranges the run touches may have no refcount block yet. Their blocks go at the start
+        // of the run, the data after them (blocks at the start of their own range would split
+        // runs of a block's span or more, forever).
+        var reserve: UInt64 = 0
         while true {
-            let start = try findFreeRun(count: count)
-            // Make sure blocks cover the run; creating one may take a cluster of the run, so
-            // search again afterwards.
-            var created = false
+            let start = try findFreeRun(count: count + reserve)
+            var missing: [UInt64] = []
             var index = start / perBlock
-            while index <= (start + count - 1) / perBlock {
+            while index <= (start + count + reserve - 1) / perBlock {
                 if index >= UInt64(table.count) || table[Int(index)] & qcow2OffsetMask == 0 {
-                    try ensureBlock(index: index)
-                    created = true
+                    missing.append(index)
                 }
                 index += 1
             }
-            if created { continue }
+            if let last = missing.last, last >= UInt64(table.count) {
+                // The table moves past everything in use; search again.
+                try growTable(toCover: last)
+                continue
+            }
+            if UInt64(missing.count) > reserve {
+                reserve = UInt64(missing.count)
+                continue
+            }
             let fresh = start >= fileEndCluster
-            try adjust(cluster: start, count: count, by: 1)
-            freeHint = start + count
-            fileEndCluster = max(fileEndCluster, start + count)
-            return (start << clusterBits, fresh)
+            let blockCount = UInt64(missing.count)
+            if blockCount > 0 { try createBlocks(missing, at: start) }
+            let dataStart = start + blockCount
+            try adjust(cluster: dataStart, count: count, by: 1)
+            freeHint = dataStart + count
+            fileEndCluster = max(fileEndCluster, dataStart + count)
+            return (dataStart << clusterBits, fresh)
         }
+    }
+
+    /// Creates empty refcount blocks for table entries `indices` in the free clusters from
+    /// `first` on, then counts those clusters (every cluster they take is covered by an
+    /// existing block or one of them). Blocks reach the disk before the table points at them.
+    private func createBlocks(_ indices: [UInt64], at first: UInt64) throws {
+        for (k, index) in indices.enumerated() {
+            let offset = (first + UInt64(k)) << clusterBits
+            try blocks.install(at: offset, words: [UInt64](repeating: 0, count: Int(clusterSize / 8)))
+            table[Int(index)] = offset
+        }
+        try adjust(cluster: first, count: UInt64(indices.count), by: 1)
+        try blocks.flush()
+        for index in indices { try writeTableEntry(Int(index)) }
+        fileEndCluster = max(fileEndCluster, first + UInt64(indices.count))
     }
 
     /// Lowers the refcount of `count` clusters from host offset `offset` by one.
@@ -170,25 +192,6 @@ final class QCOW2Refcounts {
             }
         }
         return start
-    }
-
-    /// Creates refcount block `index` if it does not exist. A missing block means every
-    /// cluster it covers is free, so the block goes into the first cluster of its own range
-    /// (describing itself). The table grows first when it has no entry for `index`.
-    private func ensureBlock(index: UInt64) throws {
-        if index < UInt64(table.count), table[Int(index)] & qcow2OffsetMask != 0 { return }
-        if index >= UInt64(table.count) { try growTable(toCover: index) }
-        if table[Int(index)] & qcow2OffsetMask != 0 { return }
-        let cluster = index * perBlock
-        let offset = cluster << clusterBits
-        var words = [UInt64](repeating: 0, count: Int(clusterSize / 8))
-        QCOW2TableCache.setRefcount(in: &words, index: 0, order: order, value: 1)
-        try blocks.install(at: offset, words: words)
-        // The block must be on disk before the table entry that points at it.
-        try blocks.flush()
-        table[Int(index)] = offset
-        try writeTableEntry(Int(index))
-        fileEndCluster = max(fileEndCluster, cluster + 1)
     }
 
     /// Moves the refcount table to a larger one that has an entry for `index`: the new table
