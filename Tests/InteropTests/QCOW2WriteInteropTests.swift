@@ -108,7 +108,8 @@ import Testing
     static let optionSets: [[String]] = [
         [], ["compat=0.10"], ["cluster_size=4k"], ["cluster_size=512", "refcount_bits=64"],
         ["refcount_bits=1", "cluster_size=1k"], ["lazy_refcounts=on"], ["preallocation=metadata"],
-        ["compat=0.10", "preallocation=metadata"], ["cluster_size=2M"],
+        ["compat=0.10", "preallocation=metadata"], ["cluster_size=2M"], ["extended_l2=on"],
+        ["extended_l2=on", "preallocation=metadata"], ["extended_l2=on", "cluster_size=16k", "refcount_bits=8"],
     ]
 
     @Test(arguments: optionSets)
@@ -138,7 +139,7 @@ import Testing
             // Discard only drops whole 64 KiB clusters in the model; keep it to images with
             // 64 KiB clusters, and to plain zeroing elsewhere.
             if !(options.isEmpty || options == ["compat=0.10"] || options == ["lazy_refcounts=on"]
-                 || options.contains("preallocation=metadata")) {
+                 || options.contains("preallocation=metadata") || options == ["extended_l2=on"]) {
                 ops = ops.map { if case .discard(let o, let l) = $0 { return .zero(o, l) } else { return $0 } }
             }
             let zeros = [UInt8](repeating: 0, count: Int(size))
@@ -197,7 +198,8 @@ import Testing
 
     /// Over a backing file: partial writes copy the backing data, zero writes and (v3) discards
     /// hide it, and nothing of the backing file changes.
-    @Test(arguments: [[String](), ["compat=0.10"], ["cluster_size=4k"]])
+    @Test(arguments: [[String](), ["compat=0.10"], ["cluster_size=4k"], ["extended_l2=on"],
+                      ["extended_l2=on", "preallocation=metadata"]])
     func overBackingFile(_ options: [String]) throws {
         let dir = try TempDir()
         let size: UInt64 = 4 << 20
@@ -220,7 +222,7 @@ import Testing
             .zero(65536 * 20 + 17, 1000),               // partial zero: read-modify-write
             .write(UInt64(size) - 1000, rng.bytes(1000)),
         ]
-        if options.isEmpty { ops.append(.discard(65536 * 30, 65536 * 3)) }
+        if options.isEmpty || options.first == "extended_l2=on" { ops.append(.discard(65536 * 30, 65536 * 3)) }
         for _ in 0..<40 {
             let offset = rng.below(size - 1)
             let length = 1 + rng.below(min(size - offset, 150_000) - 1)
@@ -275,11 +277,12 @@ import Testing
 
     /// A preallocated image: zeroing keeps the clusters allocated with the zero flag, and
     /// writing into them reuses them (the file does not grow).
-    @Test func preallocatedZeroClustersAreReused() throws {
+    @Test(arguments: [["preallocation=metadata"], ["preallocation=metadata", "extended_l2=on"]])
+    func preallocatedZeroClustersAreReused(_ options: [String]) throws {
         let dir = try TempDir()
         let size: UInt64 = 4 << 20
         let path = dir.file("p.qcow2")
-        try create(path, size: size, options: ["preallocation=metadata"])
+        try create(path, size: size, options: options)
         let before = try FileManager.default.attributesOfItem(atPath: path)[.size] as? NSNumber
         var rng = Random(seed: 3)
         _ = try apply([.write(0, rng.bytes(Int(size))), .zero(65536, 65536 * 10), .write(65536 * 2 + 7, rng.bytes(1000)),
@@ -291,8 +294,13 @@ import Testing
 
     @Test func refusesWhatItCannotWrite() throws {
         let dir = try TempDir()
+        // A dirty image (lazy refcounts not written back) is not written.
         let path = dir.file("x.qcow2")
-        try create(path, size: 1 << 20, options: ["extended_l2=on"])
+        try create(path, size: 1 << 20, options: ["lazy_refcounts=on"])
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: path))
+        try handle.seek(toOffset: 79)
+        try handle.write(contentsOf: Data([1]))
+        try handle.close()
         let image = try ImageOpener.open(path, options: OpenOptions(format: .qcow2, writable: true))
         defer { try? image.close() }
         #expect(throws: ImageError.self) { try [UInt8](repeating: 1, count: 10).withUnsafeBytes { try image.write($0, at: 0) } }

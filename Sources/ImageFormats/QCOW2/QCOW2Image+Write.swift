@@ -36,8 +36,11 @@ final class QCOW2WriteState {
 /// - Refcounts are exact at all times; the lazy-refcounts dirty bit is never set.
 /// - Write-back order: refcount blocks, then L2 tables (the L2 cache's `beforeWriteback`
 ///   flushes refcount blocks first), then the L1 table, then the header, then fdatasync.
-/// - Not supported (refused with an error naming the image): extended L2 entries, images with
-///   the dirty or corrupt bit, and images whose named backing file was not opened.
+/// - Extended L2 entries: written at cluster granularity (a written cluster gets all 32
+///   subclusters allocated, its uncovered subclusters copied from their old contents; zeroed
+///   clusters get all 32 zero bits), which is valid but does not save subcluster-sized COW.
+/// - Not supported (refused with an error naming the image): images with the dirty or
+///   corrupt bit, and images whose named backing file was not opened.
 extension QCOW2Image {
     // MARK: - Public operations
 
@@ -123,9 +126,6 @@ extension QCOW2Image {
         if header.isDirty {
             throw ImageError(path: path, message: "the image is marked dirty (lazy refcounts were not written back); repair it with 'qemu-img check -r all' before writing")
         }
-        if header.hasExtendedL2 {
-            throw ImageError(path: path, message: "writing images with extended L2 entries (subclusters) is not supported")
-        }
         if header.backingFileName != nil && backing == nil {
             throw ImageError(path: path, message: "cannot write: the backing file '\(header.backingFileName ?? "")' is not open, so copy-on-write would lose its data")
         }
@@ -166,12 +166,26 @@ extension QCOW2Image {
 
     private var externalData: Bool { header.hasDataFile }
 
-    /// The L2 entry of guest cluster `guest` (0 when no table).
+    /// The L2 entry of guest cluster `guest` (0 when no table), with its subcluster bitmap
+    /// for extended L2 entries (0 otherwise).
     private func l2Entry(guest: UInt64) throws -> QCOW2L2Entry {
-        let table = try l2TableOffset(forGuest: guest)
-        if table == 0 { return QCOW2L2Entry(raw: 0) }
-        return QCOW2L2Entry(raw: try tableCache.word(at: table, index: l2Index(guest)))
+        try l2Mapping(guest: guest).entry
     }
+
+    private func l2Mapping(guest: UInt64) throws -> (entry: QCOW2L2Entry, bitmap: UInt64) {
+        let table = try l2TableOffset(forGuest: guest)
+        if table == 0 { return (QCOW2L2Entry(raw: 0), 0) }
+        let i = l2Index(guest)
+        if !header.hasExtendedL2 {
+            return (QCOW2L2Entry(raw: try tableCache.word(at: table, index: i)), 0)
+        }
+        let words = try tableCache.table(at: table)
+        return (QCOW2L2Entry(raw: words[2 * i]), words[2 * i + 1])
+    }
+
+    /// Extended L2 bitmaps: every subcluster allocated, or every subcluster reading as zeros.
+    private static let allAllocated: UInt64 = 0xffff_ffff
+    private static let allZero: UInt64 = 0xffff_ffff << 32
 
     private func l2Index(_ guest: UInt64) -> Int {
         Int((guest % header.bytesPerL2Table) / UInt64(clusterSize))
@@ -199,9 +213,27 @@ extension QCOW2Image {
         return offset
     }
 
+    /// Sets an L2 entry. With extended L2 entries, `bitmap` is stored too; a zero flag in
+    /// `entry` (which extended entries do not have) becomes "all subclusters read as zeros",
+    /// and any other entry with a host offset becomes "all subclusters allocated".
     private func setL2Entry(table: UInt64, guest: UInt64, _ entry: QCOW2L2Entry) throws {
         let i = l2Index(guest)
-        try tableCache.update(at: table) { $0[i] = entry.raw }
+        if !header.hasExtendedL2 {
+            try tableCache.update(at: table) { $0[i] = entry.raw }
+            return
+        }
+        var raw = entry.raw
+        var bitmap: UInt64 = 0
+        if entry.hasZeroFlag {
+            raw &= ~qcow2ZeroFlag
+            bitmap = QCOW2Image.allZero
+        } else if entry.hostOffset != 0 || (externalData && entry.isCopied) {
+            bitmap = QCOW2Image.allAllocated
+        }
+        try tableCache.update(at: table) { words in
+            words[2 * i] = raw
+            words[2 * i + 1] = bitmap
+        }
     }
 
     /// Drops this image's reference to the host cluster(s) behind an L2 entry that is being
@@ -222,12 +254,24 @@ extension QCOW2Image {
 
     /// Whether guest cluster `guest` (with L2 entry `entry`) reads as zeros without looking
     /// at data: zero flag, or unallocated where no backing file data lies.
-    private func readsAsZero(_ entry: QCOW2L2Entry, guest: UInt64) -> Bool {
+    private func readsAsZero(_ entry: QCOW2L2Entry, guest: UInt64) throws -> Bool {
         if entry.isCompressed { return false }
+        if header.hasExtendedL2 {
+            let bitmap = try l2Mapping(guest: guest).bitmap
+            if bitmap & QCOW2Image.allAllocated != 0 { return false }
+            if bitmap >> 32 == 0xffff_ffff { return true }
+            return !backingCovers(guest)
+        }
         if entry.hasZeroFlag && header.version >= 3 { return true }
         let allocated = entry.hostOffset != 0 || (externalData && entry.isCopied)
         if allocated { return false }
         return !backingCovers(guest)
+    }
+
+    /// For extended L2 entries: whether every subcluster of the cluster is allocated.
+    private func fullyAllocated(guest: UInt64) throws -> Bool {
+        guard header.hasExtendedL2 else { return true }
+        return try l2Mapping(guest: guest).bitmap & QCOW2Image.allAllocated == QCOW2Image.allAllocated
     }
 
     private func backingCovers(_ guest: UInt64) -> Bool {
@@ -266,13 +310,13 @@ extension QCOW2Image {
         var guest = position / cs * cs
         while guest < end {
             let entry = try l2Entry(guest: guest)
-            if canWriteInPlace(entry) {
+            if try canWriteInPlace(entry, guest: guest) {
                 // A run of in-place clusters with contiguous host offsets: one write.
                 var runEnd = guest + cs
                 var expected = entry.hostOffset + cs
                 while runEnd < end {
                     let next = try l2Entry(guest: runEnd)
-                    guard canWriteInPlace(next), next.hostOffset == expected else { break }
+                    guard try canWriteInPlace(next, guest: runEnd), next.hostOffset == expected else { break }
                     runEnd += cs
                     expected += cs
                 }
@@ -284,15 +328,33 @@ extension QCOW2Image {
             }
             // A run of clusters that need new host clusters.
             var runEnd = guest + cs
-            while runEnd < end, !canWriteInPlace(try l2Entry(guest: runEnd)) { runEnd += cs }
+            // A host cluster of ours that can be reused (preallocated zero cluster, or partly
+            // allocated subclusters) is handled on its own; others are allocated together.
+            if !reusable(entry) {
+                while runEnd < end {
+                    let next = try l2Entry(guest: runEnd)
+                    if try canWriteInPlace(next, guest: runEnd) || reusable(next) { break }
+                    runEnd += cs
+                }
+            }
             try allocateAndWrite(data, position: position, from: guest, to: runEnd, l1Index: l1Index, state)
             guest = runEnd
         }
     }
 
-    private func canWriteInPlace(_ entry: QCOW2L2Entry) -> Bool {
+    /// A cluster of ours whose host cluster a write can take over: preallocated with the zero
+    /// flag, or (extended L2) with subclusters not all allocated.
+    private func reusable(_ entry: QCOW2L2Entry) -> Bool {
+        guard !externalData, !entry.isCompressed, entry.isCopied, entry.hostOffset != 0 else { return false }
+        return entry.hasZeroFlag || header.hasExtendedL2
+    }
+
+    private func canWriteInPlace(_ entry: QCOW2L2Entry, guest: UInt64) throws -> Bool {
         guard !entry.isCompressed, entry.isCopied, !entry.hasZeroFlag else { return false }
-        return entry.hostOffset != 0 || externalData
+        guard entry.hostOffset != 0 || externalData else { return false }
+        // Extended L2: only clusters with every subcluster allocated are written in place;
+        // others are completed to whole clusters (simg allocates at cluster granularity).
+        return try fullyAllocated(guest: guest)
     }
 
     /// Gives guest clusters [first, stop) new host clusters and writes the part of `data` (which
@@ -312,8 +374,9 @@ extension QCOW2Image {
         if externalData {
             host = first
             fresh = first >= state.dataFileEnd
-        } else if count == 1 && firstEntry.hasZeroFlag && firstEntry.isCopied && firstEntry.hostOffset != 0 {
-            // A preallocated zero cluster of ours: reuse it.
+        } else if count == 1 && reusable(firstEntry) {
+            // A preallocated zero cluster of ours (or, with extended L2 entries, our host
+            // cluster with some subclusters not allocated): reuse it.
             host = firstEntry.hostOffset
             fresh = false
         } else {
@@ -322,11 +385,11 @@ extension QCOW2Image {
 
         // Copy-on-write for the uncovered head and tail (clipped at the virtual size).
         let from = max(first, position), to = min(stop, dataEnd)
-        if from > first && !(fresh && readsAsZero(firstEntry, guest: first)) {
+        if from > first, try !(fresh && readsAsZero(firstEntry, guest: first)) {
             try copyOld(guest: first, length: from - first, to: host)
         }
         let tailEnd = min(stop, virtualSize)
-        if to < tailEnd && !(fresh && readsAsZero(lastEntry, guest: stop - cs)) {
+        if to < tailEnd, try !(fresh && readsAsZero(lastEntry, guest: stop - cs)) {
             try copyOld(guest: to, length: tailEnd - to, to: host + (to - first))
         }
         let slice = UnsafeRawBufferPointer(rebasing: data[Int(from - position)..<Int(to - position)])
@@ -339,7 +402,7 @@ extension QCOW2Image {
         while guest < stop {
             let old = try l2Entry(guest: guest)
             try setL2Entry(table: table, guest: guest, .standard(hostOffset: target, copied: true))
-            let reused = !externalData && old.hasZeroFlag && old.hostOffset == target
+            let reused = !externalData && !old.isCompressed && old.hostOffset == target
             if !reused && !(externalData && !old.isCompressed) { try release(old, state) }
             guest += cs
             target += cs
@@ -365,7 +428,7 @@ extension QCOW2Image {
         while position < end {
             let clusterEnd = min(end, (position / cs + 1) * cs)
             let entry = try l2Entry(guest: position / cs * cs)
-            if !readsAsZero(entry, guest: position / cs * cs) {
+            if try !readsAsZero(entry, guest: position / cs * cs) {
                 let zeros = [UInt8](repeating: 0, count: Int(clusterEnd - position))
                 try zeros.withUnsafeBytes { try write($0, at: position) }
             }
@@ -376,7 +439,7 @@ extension QCOW2Image {
     /// Makes one whole guest cluster read as zeros, allocating as little as possible.
     private func zeroCluster(guest: UInt64, l1Index: Int, _ state: QCOW2WriteState) throws {
         let entry = try l2Entry(guest: guest)
-        if readsAsZero(entry, guest: guest) { return }
+        if try readsAsZero(entry, guest: guest) { return }
         let cs = UInt64(clusterSize)
         let length = min(cs, virtualSize - guest)
         if header.isDataFileRaw {
@@ -387,7 +450,7 @@ extension QCOW2Image {
         }
         if header.version >= 3 {
             let table = try writableL2(l1Index: l1Index, state)
-            if canWriteInPlace(entry) {
+            if try canWriteInPlace(entry, guest: guest) {
                 // Keep our cluster allocated (preallocated zero cluster), as QEMU does.
                 try setL2Entry(table: table, guest: guest,
                                .standard(hostOffset: entry.hostOffset, copied: true, zero: true))
@@ -411,11 +474,12 @@ extension QCOW2Image {
     /// Drops one whole guest cluster: it then reads as zeros (v3 with a backing file gets the
     /// zero flag so the backing file's data does not show through) or from the backing file (v2).
     private func discardCluster(guest: UInt64, l1Index: Int, _ state: QCOW2WriteState) throws {
-        let entry = try l2Entry(guest: guest)
+        let (entry, bitmap) = try l2Mapping(guest: guest)
         let allocated = entry.isCompressed || entry.hostOffset != 0 || (externalData && entry.isCopied)
         let wantZeroFlag = header.version >= 3 && backingCovers(guest)
+        let alreadyZero = header.hasExtendedL2 ? bitmap >> 32 == 0xffff_ffff : entry.hasZeroFlag
         // Nothing allocated: only an unallocated cluster over backing data needs the zero flag.
-        if !allocated && !(wantZeroFlag && !entry.hasZeroFlag) { return }
+        if !allocated && !(wantZeroFlag && !alreadyZero) { return }
         let table = try writableL2(l1Index: l1Index, state)
         try setL2Entry(table: table, guest: guest,
                        wantZeroFlag ? .standard(hostOffset: 0, copied: false, zero: true) : QCOW2L2Entry(raw: 0))
