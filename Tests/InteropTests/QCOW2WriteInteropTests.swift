@@ -251,6 +251,25 @@ import Testing
         _ = try apply(ops, to: path, expected: content, dir: dir)
     }
 
+    /// An image with an internal snapshot: writes copy shared L2 tables and data clusters,
+    /// the snapshot keeps its contents, and refcounts stay exact.
+    @Test func writesBesideASnapshot() throws {
+        let dir = try TempDir()
+        let size: UInt64 = 2 << 20
+        let path = dir.file("s.qcow2")
+        try create(path, size: size)
+        var rng = Random(seed: 21)
+        let first = rng.bytes(Int(size))
+        _ = try apply([.write(0, first)], to: path, expected: [UInt8](repeating: 0, count: Int(size)), dir: dir)
+        try qemuImg("snapshot", "-c", "snap", path)
+        let ops: [Op] = [.write(1000, rng.bytes(3000)), .write(65536 * 7, rng.bytes(65536 * 3 + 5)),
+                         .zero(65536 * 15, 65536 * 2), .discard(65536 * 20, 65536), .zero(65536 * 25 + 3, 100)]
+        _ = try apply(ops, to: path, expected: first, dir: dir)
+        let out = dir.file("snap.raw")
+        try qemuImg("convert", "-l", "snapshot.name=snap", "-O", "raw", path, out)
+        #expect(try [UInt8](Data(contentsOf: URL(fileURLWithPath: out))) == first)
+    }
+
     /// External data file: guest offset == host offset, written in place; qemu-img reads it.
     @Test(arguments: [false, true])
     func externalDataFile(_ rawData: Bool) throws {
