@@ -93,7 +93,9 @@ import Testing
 
         let qSize = try fileSize(q.path), sSize = try fileSize(s.path)
         let cluster = UInt64(qInfo["cluster-size"] as? Int ?? 65536)
-        let tolerance = max(4 * cluster, qSize / 100)
+        // QEMU grows its refcount table while creating large images with tiny clusters and
+        // leaves the old one as a hole; simg computes the final layout up front.
+        let tolerance = (c.options.contains("cluster_size=512") ? 64 : 4) * cluster
         #expect(qSize <= sSize + tolerance && sSize <= qSize + tolerance, "file sizes: qemu \(qSize), simg \(sSize)")
 
         if c.options.contains(where: { $0.hasPrefix("data_file=") }) {
