@@ -34,8 +34,10 @@ final class QCOW2WriteState {
 ///   that ends mid-cluster and continues in the next request writes each byte once, because
 ///   its next request finds the cluster allocated with COPIED and writes in place.
 /// - Refcounts are exact at all times; the lazy-refcounts dirty bit is never set.
-/// - Write-back order: refcount blocks, then L2 tables (the L2 cache's `beforeWriteback`
-///   flushes refcount blocks first), then the L1 table, then the header, then fdatasync.
+/// - Write-back order: refcount blocks, sync, L2 tables (the L2 cache's `beforeWriteback`
+///   flushes and syncs refcount blocks first, also on eviction), sync, the L1 table, sync.
+///   The header only changes when the refcount table moves, and before the first write when
+///   autoclear bits simg does not maintain are cleared (each written and synced at once).
 /// - Extended L2 entries: written at cluster granularity (a written cluster gets all 32
 ///   subclusters allocated, its uncovered subclusters copied from their old contents; zeroed
 ///   clusters get all 32 zero bits), which is valid but does not save subcluster-sized COW.
@@ -103,6 +105,8 @@ extension QCOW2Image {
             try state.refcounts.flush()
             try tableCache.flush()
             if let range = state.l1Dirty {
+                // The L2 tables the new L1 entries point at must be on disk first.
+                try file.sync()
                 let bytes = QCOW2BE.bytes(Array(l1[range]))
                 try file.qcow2Write(bytes, at: header.l1TableOffset + UInt64(range.lowerBound) * 8)
                 state.l1Dirty = nil
@@ -141,7 +145,14 @@ extension QCOW2Image {
             try self.file.qcow2Write(bytes, at: 48)
             try self.file.sync()
         }
-        tableCache.beforeWriteback = { [unowned refcounts] in try refcounts.flush() }
+        // Refcount blocks reach stable storage before any L2 table that uses their clusters
+        // (QEMU's cache dependency does the same: flush the blocks, then sync).
+        tableCache.beforeWriteback = { [unowned refcounts, unowned file] in
+            if refcounts.blocks.dirtyCount > 0 {
+                try refcounts.flush()
+                try file.sync()
+            }
+        }
         // Autoclear bits simg does not maintain (bitmaps) must be cleared before writing.
         let keep = header.autoclearFeatures & QCOW2Header.autoclearDataFileRaw
         if header.version >= 3 && header.autoclearFeatures != keep {
