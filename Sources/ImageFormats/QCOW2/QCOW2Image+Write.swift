@@ -8,6 +8,12 @@ final class QCOW2WriteState {
     /// Bytes of the data file known to exist; clusters at or past it read as zeros (only
     /// used with an external data file, where host offset == guest offset).
     var dataFileEnd: UInt64
+    /// Clusters whose reference was dropped from an L2 (or L1) entry in memory: their
+    /// refcounts are lowered only after the tables that no longer use them are on disk, so a
+    /// crash can leak them but never leave a table pointing at a free cluster.
+    var pendingFrees: [(cluster: UInt64, count: UInt64)] = []
+    /// More pending frees than this trigger a flush (bounds memory on huge discards).
+    static let pendingFreeLimit = 1 << 16
 
     init(refcounts: QCOW2Refcounts, dataFileEnd: UInt64) {
         self.refcounts = refcounts
@@ -112,6 +118,14 @@ extension QCOW2Image {
                 state.l1Dirty = nil
             }
             try file.sync()
+            if !state.pendingFrees.isEmpty {
+                // The tables no longer reference these clusters on disk: now they may be freed.
+                let frees = state.pendingFrees
+                state.pendingFrees = []
+                for free in frees { try state.refcounts.adjust(cluster: free.cluster, count: free.count, by: -1) }
+                try state.refcounts.flush()
+                try file.sync()
+            }
             if dataFile !== file { try dataFile.sync() }
         } catch let error as IOError {
             throw ImageError(path: path, message: "Could not write back metadata", cause: error)
@@ -220,7 +234,7 @@ extension QCOW2Image {
         try tableCache.install(at: offset, words: words)
         l1[index] = QCOW2L1Entry(l2Offset: offset, copied: true).raw
         state.markL1Dirty(index)
-        if entry.l2Offset != 0 { try state.refcounts.free(offset: entry.l2Offset) }
+        if entry.l2Offset != 0 { try deferFree(cluster: entry.l2Offset >> UInt64(header.clusterBits), count: 1, state) }
         return offset
     }
 
@@ -254,13 +268,18 @@ extension QCOW2Image {
             let d = entry.compressedDescriptor(clusterBits: header.clusterBits)
             let first = d.hostOffset >> UInt64(header.clusterBits)
             let last = (d.hostOffset + d.byteLength - 1) >> UInt64(header.clusterBits)
-            try state.refcounts.adjust(cluster: first, count: last - first + 1, by: -1)
+            try deferFree(cluster: first, count: last - first + 1, state)
             invalidateDecompressedCache()
             return
         }
         if externalData { return }
         let host = entry.hostOffset
-        if host != 0 { try state.refcounts.free(offset: host) }
+        if host != 0 { try deferFree(cluster: host >> UInt64(header.clusterBits), count: 1, state) }
+    }
+
+    private func deferFree(cluster: UInt64, count: UInt64, _ state: QCOW2WriteState) throws {
+        state.pendingFrees.append((cluster, count))
+        if state.pendingFrees.count > QCOW2WriteState.pendingFreeLimit { try flush() }
     }
 
     /// Whether guest cluster `guest` (with L2 entry `entry`) reads as zeros without looking
