@@ -311,6 +311,31 @@ import Testing
         #expect(before == after)
     }
 
+    /// Extended L2 entries: a small write allocates only the subclusters it touches, so the
+    /// rest of the cluster still shows the backing file; zeroing whole subclusters sets their
+    /// zero bits.
+    @Test func subclusterWrites() throws {
+        let dir = try TempDir()
+        let size: UInt64 = 1 << 20
+        let base = dir.file("base.qcow2")
+        try create(base, size: size)
+        var rng = Random(seed: 77)
+        let baseData = rng.bytes(Int(size))
+        _ = try apply([.write(0, baseData)], to: base, expected: [UInt8](repeating: 0, count: Int(size)), dir: dir)
+        let top = dir.file("top.qcow2")
+        try runOK("qemu-img", ["create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", "-o", "extended_l2=on", top])
+        // 64 KiB clusters, 2 KiB subclusters: 4096 bytes at 8192 are subclusters 4 and 5;
+        // 100 bytes at 70000 are inside subcluster 2 of cluster 1 (copy-on-write of that one).
+        let ops: [Op] = [.write(8192, rng.bytes(4096)), .write(70000, rng.bytes(100)), .zero(131072 + 4096, 6144),
+                         .zero(131072 + 100, 50)]
+        _ = try apply(ops, to: top, expected: baseData, backing: baseData, dir: dir)
+        let map = try qemuImg("map", "--output=json", top).stdout
+        // Only the written subclusters are allocated in the top image (depth 0, data).
+        #expect(map.contains("\"start\": 8192, \"length\": 4096, \"depth\": 0, \"present\": true, \"zero\": false, \"data\": true"), "\(map)")
+        #expect(map.contains("\"start\": 69632, \"length\": 2048, \"depth\": 0, \"present\": true, \"zero\": false, \"data\": true"), "\(map)")
+        #expect(map.contains("\"start\": 135168, \"length\": 6144, \"depth\": 0, \"present\": true, \"zero\": true, \"data\": false"), "\(map)")
+    }
+
     @Test func refusesWhatItCannotWrite() throws {
         let dir = try TempDir()
         // A dirty image (lazy refcounts not written back) is not written.

@@ -44,9 +44,9 @@ final class QCOW2WriteState {
 ///   flushes and syncs refcount blocks first, also on eviction), sync, the L1 table, sync.
 ///   The header only changes when the refcount table moves, and before the first write when
 ///   autoclear bits simg does not maintain are cleared (each written and synced at once).
-/// - Extended L2 entries: written at cluster granularity (a written cluster gets all 32
-///   subclusters allocated, its uncovered subclusters copied from their old contents; zeroed
-///   clusters get all 32 zero bits), which is valid but does not save subcluster-sized COW.
+/// - Extended L2 entries: writes allocate subclusters (copy-on-write only for partly written
+///   subclusters; QCOW2Image+WriteSubclusters.swift); compressed and shared clusters are
+///   replaced as whole clusters. Zeroing sets zero bits per whole subcluster.
 /// - Not supported (refused with an error naming the image): images with the dirty or
 ///   corrupt bit, and images whose named backing file was not opened.
 extension QCOW2Image {
@@ -189,7 +189,7 @@ extension QCOW2Image {
 
     // MARK: - L2 entries
 
-    private var externalData: Bool { header.hasDataFile }
+    var externalData: Bool { header.hasDataFile }
 
     /// The L2 entry of guest cluster `guest` (0 when no table), with its subcluster bitmap
     /// for extended L2 entries (0 otherwise).
@@ -197,7 +197,7 @@ extension QCOW2Image {
         try l2Mapping(guest: guest).entry
     }
 
-    private func l2Mapping(guest: UInt64) throws -> (entry: QCOW2L2Entry, bitmap: UInt64) {
+    func l2Mapping(guest: UInt64) throws -> (entry: QCOW2L2Entry, bitmap: UInt64) {
         let table = try l2TableOffset(forGuest: guest)
         if table == 0 { return (QCOW2L2Entry(raw: 0), 0) }
         let i = l2Index(guest)
@@ -209,16 +209,16 @@ extension QCOW2Image {
     }
 
     /// Extended L2 bitmaps: every subcluster allocated, or every subcluster reading as zeros.
-    private static let allAllocated: UInt64 = 0xffff_ffff
-    private static let allZero: UInt64 = 0xffff_ffff << 32
+    static let allAllocated: UInt64 = 0xffff_ffff
+    static let allZero: UInt64 = 0xffff_ffff << 32
 
-    private func l2Index(_ guest: UInt64) -> Int {
+    func l2Index(_ guest: UInt64) -> Int {
         Int((guest % header.bytesPerL2Table) / UInt64(clusterSize))
     }
 
     /// The L2 table for L1 entry `index`, allocated (or copied, when shared with a snapshot)
     /// so that it can be changed.
-    private func writableL2(l1Index index: Int, _ state: QCOW2WriteState) throws -> UInt64 {
+    func writableL2(l1Index index: Int, _ state: QCOW2WriteState) throws -> UInt64 {
         let entry = QCOW2L1Entry(raw: l1[index])
         if entry.l2Offset != 0 && entry.isCopied { return entry.l2Offset }
         if entry.l2Offset % UInt64(clusterSize) != 0 {
@@ -284,7 +284,7 @@ extension QCOW2Image {
 
     /// Whether guest cluster `guest` (with L2 entry `entry`) reads as zeros without looking
     /// at data: zero flag, or unallocated where no backing file data lies.
-    private func readsAsZero(_ entry: QCOW2L2Entry, guest: UInt64) throws -> Bool {
+    func readsAsZero(_ entry: QCOW2L2Entry, guest: UInt64) throws -> Bool {
         if entry.isCompressed { return false }
         if header.hasExtendedL2 {
             let bitmap = try l2Mapping(guest: guest).bitmap
@@ -304,7 +304,7 @@ extension QCOW2Image {
         return try l2Mapping(guest: guest).bitmap & QCOW2Image.allAllocated == QCOW2Image.allAllocated
     }
 
-    private func backingCovers(_ guest: UInt64) -> Bool {
+    func backingCovers(_ guest: UInt64) -> Bool {
         guard let backing else { return false }
         return guest < backing.virtualSize
     }
@@ -339,6 +339,16 @@ extension QCOW2Image {
         let l1Index = Int(position / header.bytesPerL2Table)
         var guest = position / cs * cs
         while guest < end {
+            if header.hasExtendedL2 {
+                // Subcluster granularity, one cluster at a time; whole clusters otherwise.
+                let from = max(guest, position), to = min(guest + cs, end)
+                let slice = UnsafeRawBufferPointer(rebasing: data[Int(from - position)..<Int(to - position)])
+                if try !writeSubclusters(slice, at: from, l1Index: l1Index, state) {
+                    try allocateAndWrite(data, position: position, from: guest, to: guest + cs, l1Index: l1Index, state)
+                }
+                guest += cs
+                continue
+            }
             let entry = try l2Entry(guest: guest)
             if try canWriteInPlace(entry, guest: guest) {
                 // A run of in-place clusters with contiguous host offsets: one write.
@@ -389,7 +399,7 @@ extension QCOW2Image {
 
     /// Gives guest clusters [first, stop) new host clusters and writes the part of `data` (which
     /// starts at guest `position`) that falls into them, with copy-on-write for partial clusters.
-    private func allocateAndWrite(_ data: UnsafeRawBufferPointer, position: UInt64, from first: UInt64,
+    func allocateAndWrite(_ data: UnsafeRawBufferPointer, position: UInt64, from first: UInt64,
                                   to stop: UInt64, l1Index: Int, _ state: QCOW2WriteState) throws {
         let cs = UInt64(clusterSize)
         let count = (stop - first) / cs
@@ -441,7 +451,7 @@ extension QCOW2Image {
 
     /// Copies the current guest contents of [guest, guest + length) to host offset `host` in
     /// the data file (reads go through the old mapping, which is still in place).
-    private func copyOld(guest: UInt64, length: UInt64, to host: UInt64) throws {
+    func copyOld(guest: UInt64, length: UInt64, to host: UInt64) throws {
         var buffer = [UInt8](repeating: 0, count: Int(length))
         try buffer.withUnsafeMutableBytes { try read(into: $0, at: guest) }
         try io { try dataFile.qcow2Write(buffer, at: host) }
@@ -457,6 +467,11 @@ extension QCOW2Image {
         var position = start
         while position < end {
             let clusterEnd = min(end, (position / cs + 1) * cs)
+            if header.hasExtendedL2 {
+                try zeroSubclusters(position, clusterEnd, state)
+                position = clusterEnd
+                continue
+            }
             let entry = try l2Entry(guest: position / cs * cs)
             if try !readsAsZero(entry, guest: position / cs * cs) {
                 let zeros = [UInt8](repeating: 0, count: Int(clusterEnd - position))
@@ -522,7 +537,7 @@ extension QCOW2Image {
         if allocated { try release(entry, state) }
     }
 
-    private func io(_ body: () throws -> Void) throws {
+    func io(_ body: () throws -> Void) throws {
         do {
             try body()
         } catch let error as IOError {
