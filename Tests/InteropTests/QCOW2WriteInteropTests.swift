@@ -336,6 +336,33 @@ import Testing
         #expect(map.contains("\"start\": 135168, \"length\": 6144, \"depth\": 0, \"present\": true, \"zero\": true, \"data\": false"), "\(map)")
     }
 
+    /// An L2 entry pointing at the refcount table is corrupt: writing there is refused and
+    /// the metadata survives.
+    @Test func refusesToOverwriteMetadata() throws {
+        let dir = try TempDir()
+        let path = dir.file("m.qcow2")
+        try create(path, size: 1 << 20)
+        _ = try apply([.write(0, [UInt8](repeating: 9, count: 65536))], to: path,
+                      expected: [UInt8](repeating: 0, count: 1 << 20), dir: dir)
+        // L1[0] -> L2 table; point its first entry at the refcount table (0x10000), COPIED.
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: path))
+        try handle.seek(toOffset: 0x30000)
+        let l1 = try #require(try handle.read(upToCount: 8))
+        let l2 = l1.reduce(UInt64(0)) { $0 << 8 | UInt64($1) } & 0x00ff_ffff_ffff_fe00
+        try handle.seek(toOffset: l2)
+        try handle.write(contentsOf: Data([0x80, 0, 0, 0, 0, 0x01, 0, 0]))
+        try handle.close()
+        let image = try ImageOpener.open(path, options: OpenOptions(format: .qcow2, writable: true))
+        #expect(throws: ImageError.self) {
+            try [UInt8](repeating: 1, count: 100).withUnsafeBytes { try image.write($0, at: 10) }
+        }
+        try image.close()
+        let check = try run("qemu-img", ["check", path])
+        #expect(check.stderr.contains("refcount") || check.stdout.contains("refcount") || check.status != 0)
+        let table = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))[0x10000..<0x10008]
+        #expect(Array(table) == [0, 0, 0, 0, 0, 0x02, 0, 0])  // refcount table entry 0 untouched
+    }
+
     @Test func refusesWhatItCannotWrite() throws {
         let dir = try TempDir()
         // A dirty image (lazy refcounts not written back) is not written.

@@ -361,6 +361,7 @@ extension QCOW2Image {
                     expected += cs
                 }
                 let from = max(guest, position), to = min(runEnd, end)
+                try checkNotMetadata(entry.hostOffset, length: runEnd - guest, guest: guest)
                 let slice = UnsafeRawBufferPointer(rebasing: data[Int(from - position)..<Int(to - position)])
                 try io { try dataFile.qcow2Write(slice, at: entry.hostOffset + (from - guest)) }
                 guest = runEnd
@@ -379,6 +380,20 @@ extension QCOW2Image {
             }
             try allocateAndWrite(data, position: position, from: guest, to: runEnd, l1Index: l1Index, state)
             guest = runEnd
+        }
+    }
+
+    /// Refuses to write guest data over the header, the refcount table or the L1 table (an L2
+    /// entry pointing there is corrupt; QEMU refuses such writes too).
+    func checkNotMetadata(_ host: UInt64, length: UInt64, guest: UInt64) throws {
+        guard !externalData else { return }
+        let cs = UInt64(clusterSize)
+        let rtEnd = header.refcountTableOffset + UInt64(header.refcountTableClusters) * cs
+        let l1End = header.l1TableOffset + UInt64(l1.count) * 8
+        let end = host + length
+        if host < cs || (host < rtEnd && end > header.refcountTableOffset)
+            || (l1End > header.l1TableOffset && host < l1End && end > header.l1TableOffset) {
+            throw corruption("data cluster for guest offset \(QCOW2BE.hex(guest)) is at host offset \(QCOW2BE.hex(host)), which holds metadata; refusing to write there")
         }
     }
 
@@ -419,6 +434,7 @@ extension QCOW2Image {
             // cluster with some subclusters not allocated): reuse it.
             host = firstEntry.hostOffset
             fresh = false
+            try checkNotMetadata(host, length: cs, guest: first)
         } else {
             (host, fresh) = try state.refcounts.allocate(count: count)
         }

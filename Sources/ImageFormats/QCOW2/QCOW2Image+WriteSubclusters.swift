@@ -24,6 +24,7 @@ extension QCOW2Image {
             fresh = host >= state.dataFileEnd
         } else if hasHost {
             host = entry.hostOffset
+            try checkNotMetadata(host, length: cs, guest: clusterStart)
         } else {
             (host, fresh) = try state.refcounts.allocate(count: 1)
         }
