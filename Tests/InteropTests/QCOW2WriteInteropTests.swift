@@ -358,7 +358,7 @@ import Testing
         }
         try image.close()
         let check = try run("qemu-img", ["check", path])
-        #expect(check.stderr.contains("refcount") || check.stdout.contains("refcount") || check.status != 0)
+        #expect(check.status != 0)  // qemu-img sees the corruption too: the test set it up right
         let table = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))[0x10000..<0x10008]
         #expect(Array(table) == [0, 0, 0, 0, 0, 0x02, 0, 0])  // refcount table entry 0 untouched
     }
