@@ -67,6 +67,8 @@ import Testing
         let image = try ImageOpener.open(img)
         defer { try? image.close() }
         #expect(try image.blockStatus(at: 0, length: 64 << 10).kind == .compressed)
+        // The 1 MiB of compressible data is one extent of compressed clusters.
+        #expect(try image.blockStatus(at: 0, length: 3 << 20) == Extent(offset: 0, length: 1 << 20, kind: .compressed))
         #expect(try image.info().formatSpecific?.compressionType == type)
         // Small reads inside one compressed cluster.
         var small = [UInt8](repeating: 0, count: 10)

@@ -193,7 +193,9 @@ public final class QCOW2Image: DiskImage {
         while run.length < limit {
             let next = try lookup(at: offset + run.length, maxLength: limit - run.length)
             switch (run.kind, next.kind) {
-            case (.unallocated, .unallocated), (.zero, .zero):
+            case (.unallocated, .unallocated), (.zero, .zero), (.compressed, .compressed):
+                // Consecutive compressed clusters make one extent (callers read them through
+                // read(into:at:), which looks up each cluster's descriptor).
                 run.length += next.length
                 continue
             case (.normal(let a), .normal(let b)) where b == a + run.length:
