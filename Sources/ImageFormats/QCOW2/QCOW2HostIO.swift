@@ -4,10 +4,9 @@ import DiskIO
 /// metadata and compressed data are neither sector-aligned in memory nor in the file, so with
 /// O_DIRECT such requests go through an aligned bounce buffer.
 extension DiskFile {
-    /// Whether a request can be passed to the kernel as is.
-    private func qcow2Aligned(_ base: UnsafeRawPointer?, _ count: Int, _ offset: UInt64) -> Bool {
-        guard isDirect else { return true }
-        let a = dioAlignment()
+    /// Whether a request can be passed to the kernel as is, given the file's DIO alignment.
+    private func qcow2Aligned(_ base: UnsafeRawPointer?, _ count: Int, _ offset: UInt64,
+                              _ a: (memory: Int, offset: Int)) -> Bool {
         guard let base else { return count == 0 }
         return Int(bitPattern: base) % a.memory == 0 && count % a.offset == 0 && offset % UInt64(a.offset) == 0
     }
@@ -18,10 +17,10 @@ extension DiskFile {
     func qcow2Read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
         guard buffer.count > 0 else { return 0 }
         var n: Int
-        if qcow2Aligned(UnsafeRawPointer(buffer.baseAddress), buffer.count, offset) {
-            n = try read(into: buffer, at: offset)
-        } else {
-            let a = UInt64(dioAlignment().offset)
+        // One statx per request, and none without O_DIRECT.
+        let alignment = isDirect ? dioAlignment() : nil
+        if let alignment, !qcow2Aligned(UnsafeRawPointer(buffer.baseAddress), buffer.count, offset, alignment) {
+            let a = UInt64(alignment.offset)
             let start = offset / a * a
             let end = (offset + UInt64(buffer.count) + a - 1) / a * a
             let bounce = try AlignedBuffer(byteCount: Int(end - start), for: self)
@@ -32,6 +31,8 @@ extension DiskFile {
                 // Sound: skip + n <= got <= bounce.count and n <= buffer.count.
                 buffer.baseAddress!.copyMemory(from: bounce.baseAddress + skip, byteCount: n)
             }
+        } else {
+            n = try read(into: buffer, at: offset)
         }
         if n < buffer.count {
             // Sound: n < buffer.count, so the zeroed range is inside the buffer.
@@ -51,11 +52,16 @@ extension DiskFile {
     /// aligned range, patches it and writes it back (which may extend the file to the alignment).
     func qcow2Write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         guard data.count > 0 else { return }
-        if qcow2Aligned(data.baseAddress, data.count, offset) {
+        guard isDirect else {
             try write(data, at: offset)
             return
         }
-        let a = UInt64(dioAlignment().offset)
+        let alignment = dioAlignment()
+        if qcow2Aligned(data.baseAddress, data.count, offset, alignment) {
+            try write(data, at: offset)
+            return
+        }
+        let a = UInt64(alignment.offset)
         let start = offset / a * a
         let end = (offset + UInt64(data.count) + a - 1) / a * a
         let bounce = try AlignedBuffer(byteCount: Int(end - start), for: self)

@@ -39,9 +39,11 @@ public final class QCOW2Image: DiskImage {
     let compression: QCOW2Compression
     /// For the write helper's refcount/allocator state.
     var writeState: AnyObject?
-    /// The last decompressed cluster, keyed by guest cluster and descriptor (so a remapped
-    /// cluster never hits a stale entry).
-    private var decompressed: (cluster: UInt64, descriptor: QCOW2CompressedDescriptor, bytes: [UInt8])?
+    /// Which cluster `clusterBuffer` holds decompressed, keyed by guest cluster and descriptor
+    /// (so a remapped cluster never hits a stale entry); nil when none.
+    private var decompressedKey: (cluster: UInt64, descriptor: QCOW2CompressedDescriptor)?
+    private var clusterBuffer: [UInt8] = []
+    private var compressedInput: [UInt8] = []
     private var closed = false
 
     public var clusterSize: Int { header.clusterSize }
@@ -131,12 +133,7 @@ public final class QCOW2Image: DiskImage {
             case .unallocated:
                 try readBacking(into: part, at: position)
             case .compressed(let descriptor):
-                let cluster = try decompressCluster(guestOffset: position, descriptor)
-                let within = Int(position % UInt64(clusterSize))
-                cluster.withUnsafeBytes { src in
-                    // Sound: lookup keeps a compressed run inside one cluster, so within + n <= clusterSize.
-                    part.baseAddress!.copyMemory(from: src.baseAddress! + within, byteCount: n)
-                }
+                try readCompressed(into: part, guestOffset: position, descriptor)
             }
             done += UInt64(n)
         }
@@ -157,25 +154,39 @@ public final class QCOW2Image: DiskImage {
         }
     }
 
-    /// The guest cluster containing `guestOffset`, decompressed. The last one is cached, so
-    /// small sequential reads do not decompress a cluster again and again.
-    func decompressCluster(guestOffset: UInt64, _ d: QCOW2CompressedDescriptor) throws -> [UInt8] {
+    /// Copies guest bytes at `guestOffset` (inside one compressed cluster) into `part`. The
+    /// last decompressed cluster stays in `clusterBuffer`, so small sequential reads do not
+    /// decompress it again; the input and output buffers are reused, not allocated per cluster.
+    private func readCompressed(into part: UnsafeMutableRawBufferPointer, guestOffset: UInt64,
+                                _ d: QCOW2CompressedDescriptor) throws {
         let cluster = guestOffset / UInt64(clusterSize)
-        if let decompressed, decompressed.cluster == cluster, decompressed.descriptor == d { return decompressed.bytes }
-        let input = try file.qcow2ReadBytes(count: Int(d.byteLength), at: d.hostOffset)
-        var output = [UInt8](repeating: 0, count: clusterSize)
-        let ok = input.withUnsafeBytes { src in
-            output.withUnsafeMutableBytes { compression.decompress(src, into: $0) }
+        if decompressedKey?.cluster != cluster || decompressedKey?.descriptor != d {
+            decompressedKey = nil
+            let n = Int(d.byteLength)  // at most 2^13 sectors: 4 MiB
+            if compressedInput.count < n { compressedInput = [UInt8](repeating: 0, count: n) }
+            if clusterBuffer.count != clusterSize { clusterBuffer = [UInt8](repeating: 0, count: clusterSize) }
+            try compressedInput.withUnsafeMutableBytes {
+                _ = try file.qcow2Read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: d.hostOffset)
+            }
+            let ok = compressedInput.withUnsafeBytes { src in
+                clusterBuffer.withUnsafeMutableBytes {
+                    compression.decompress(UnsafeRawBufferPointer(rebasing: src[0..<n]), into: $0)
+                }
+            }
+            guard ok else {
+                throw ImageError(path: path, message: "could not decompress the \(compression.name) cluster at guest offset \(cluster * UInt64(clusterSize)) (host offset \(QCOW2BE.hex(d.hostOffset)), \(d.byteLength) bytes): invalid compressed data")
+            }
+            decompressedKey = (cluster, d)
         }
-        guard ok else {
-            throw ImageError(path: path, message: "could not decompress the \(compression.name) cluster at guest offset \(cluster * UInt64(clusterSize)) (host offset \(QCOW2BE.hex(d.hostOffset)), \(d.byteLength) bytes): invalid compressed data")
+        let within = Int(guestOffset % UInt64(clusterSize))
+        clusterBuffer.withUnsafeBytes { src in
+            // Sound: lookup keeps a compressed run inside one cluster, so within + part.count <= clusterSize.
+            part.baseAddress!.copyMemory(from: src.baseAddress! + within, byteCount: part.count)
         }
-        decompressed = (cluster, d, output)
-        return output
     }
 
     /// Forgets the cached decompressed cluster (the write path calls this when it remaps).
-    func invalidateDecompressedCache() { decompressed = nil }
+    func invalidateDecompressedCache() { decompressedKey = nil }
 
     // MARK: - Block status
 
