@@ -264,6 +264,18 @@ import Testing
         try expectBlockStatusMatchesQemu(img)
     }
 
+    @Test(arguments: ["metadata", "falloc", "full"])
+    func preallocated(mode: String) throws {
+        let dir = try TempDir()
+        for options in ["preallocation=\(mode)", "preallocation=\(mode),compat=0.10", "preallocation=\(mode),extended_l2=on"] {
+            let img = dir.file("p.qcow2")
+            try qemuImg("create", "-q", "-f", "qcow2", "-o", options, img, "3M")
+            try qemuIO("-c", "write -P 1 100k 10k", "-c", "write -z 1M 64k", img)
+            try expectSameContentAsQemu(img, in: dir)
+            try expectBlockStatusMatchesQemu(img)
+        }
+    }
+
     @Test func directIO() throws {
         let dir = try TempDir()
         let raw = dir.file("src.raw")
