@@ -276,6 +276,22 @@ import Testing
         }
     }
 
+    @Test func resizedImages() throws {
+        let dir = try TempDir()
+        let img = dir.file("g.qcow2")
+        // 512-byte clusters: one L1 entry covers 32 KiB, so growing moves the L1 table.
+        try qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img, "1M")
+        try qemuIO("-c", "write -P 1 0 100k", "-c", "write -P 2 1000k 24k", img)
+        try qemuImg("resize", "-q", img, "5M")
+        try qemuIO("-c", "write -P 3 4M 64k", img)
+        try expectSameContentAsQemu(img, in: dir)
+        try expectBlockStatusMatchesQemu(img)
+        try qemuImg("resize", "-q", "--shrink", img, "1536K")
+        try expectSameContentAsQemu(img, in: dir)
+        try expectBlockStatusMatchesQemu(img)
+        #expect(try ImageOpener.open(img).virtualSize == 1536 << 10)
+    }
+
     @Test func directIO() throws {
         let dir = try TempDir()
         let raw = dir.file("src.raw")
