@@ -310,6 +310,15 @@ import DiskIO
         #expect(text.contains("vmdk") && text.contains(img), "'\(text)'")
     }
 
+    @Test func encryptedImageIsRefusedClearly() throws {
+        let dir = try TempDir()
+        let img = dir.file("enc.qcow2")
+        try qemuImg("create", "-q", "--object", "secret,id=sec0,data=abc", "-f", "qcow2",
+                    "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", img, "1M")
+        let text = expectImageError("LUKS image") { _ = try ImageOpener.open(img) }
+        #expect(text.contains("encrypted images are not supported") && text.contains(img), "'\(text)'")
+    }
+
     @Test func rawOpenedAsQcow2IsRefused() throws {
         let dir = try TempDir()
         let raw = dir.file("r.raw")
