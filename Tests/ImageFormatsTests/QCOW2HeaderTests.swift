@@ -122,7 +122,7 @@ func expectRefused(_ builder: HeaderBuilder, mentioning field: String,
 
     @Test func refusesBrokenFields() {
         var b = HeaderBuilder(); b.magic = 0x1234_5678
-        expectRefused(b, mentioning: "magic")
+        expectRefused(b, mentioning: "Image is not in qcow2 format")
         b = HeaderBuilder(); b.version = 1
         expectRefused(b, mentioning: "version")
         b = HeaderBuilder(); b.version = 4
@@ -212,6 +212,22 @@ func expectRefused(_ builder: HeaderBuilder, mentioning field: String,
         b.extensions = [(0x6803_f857, entry)]
         b.incompatible = 1 << 7
         expectRefused(b, mentioning: "future thing")
+    }
+
+    @Test func messagesStartWithQemusWords() throws {
+        var b = HeaderBuilder(); b.version = 5
+        #expect(throws: ImageError.self) { try b.parse() }
+        do { _ = try b.parse() } catch let e as ImageError { #expect(e.message.hasPrefix("Unsupported qcow2 version 5")) }
+        b = HeaderBuilder(); b.incompatible = 1 << 40 | 1 << 41
+        do { _ = try b.parse() } catch let e as ImageError {
+            #expect(e.message.hasPrefix("Unsupported qcow2 feature(s): Unknown incompatible feature: 30000000000"))
+        }
+        b = HeaderBuilder(); b.refcountOrder = 9
+        do { _ = try b.parse() } catch let e as ImageError {
+            #expect(e.message.hasPrefix("Reference count entry width too large; may not exceed 64 bits"))
+        }
+        b = HeaderBuilder(); b.l1Offset = 0x30008
+        do { _ = try b.parse() } catch let e as ImageError { #expect(e.message.hasPrefix("Active L1 table offset invalid")) }
     }
 
     @Test func refusesTruncatedBuffer() {

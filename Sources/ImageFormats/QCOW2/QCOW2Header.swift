@@ -132,9 +132,10 @@ public struct QCOW2Header: Equatable, Sendable {
     public static func parse(_ bytes: [UInt8], fileSize: UInt64, path: String) throws -> QCOW2Header {
         func fail(_ message: String) -> ImageError { ImageError(path: path, message: message) }
         guard bytes.count >= 72 else {
-            throw fail("Image is not in qcow2 format (file too small for a qcow2 header)")
+            throw fail("Image is not in qcow2 format")
         }
-        guard QCOW2BE.u32(bytes, 0) == magic else { throw fail("Image is not in qcow2 format (bad magic)") }
+        // QEMU's exact words (the magic is the only thing checked here).
+        guard QCOW2BE.u32(bytes, 0) == magic else { throw fail("Image is not in qcow2 format") }
         var h = QCOW2Header()
         h.version = QCOW2BE.u32(bytes, 4)
         guard h.version == 2 || h.version == 3 else {
@@ -177,7 +178,7 @@ public struct QCOW2Header: Equatable, Sendable {
                 throw fail("qcow2 header too short (field 'header_length' is \(h.headerLength), at least 104 needed)")
             }
             guard h.headerLength % 8 == 0 else {
-                throw fail("field 'header_length' (\(h.headerLength)) is not a multiple of 8")
+                throw fail("Invalid qcow2 header length (field 'header_length' \(h.headerLength) is not a multiple of 8)")
             }
             guard UInt64(h.headerLength) <= clusterSize, Int(h.headerLength) <= bytes.count else {
                 throw fail("qcow2 header exceeds cluster size (field 'header_length' is \(h.headerLength))")
@@ -201,23 +202,25 @@ public struct QCOW2Header: Equatable, Sendable {
         if h.version == 3 {
             let unknown = h.incompatibleFeatures & ~knownIncompatible
             if unknown != 0 {
-                throw fail("Unsupported qcow2 feature(s) in field 'incompatible_features': "
-                           + h.describeFeatures(unknown, type: 0))
+                throw fail("Unsupported qcow2 feature(s): \(h.describeUnsupported(unknown)) (field 'incompatible_features')")
             }
         }
         guard h.cryptMethod == 0 else {
-            let kind = h.cryptMethod == 1 ? "AES" : h.cryptMethod == 2 ? "LUKS" : "method \(h.cryptMethod)"
+            guard h.cryptMethod <= 2 else {
+                throw fail("Unsupported encryption method \(h.cryptMethod) (field 'crypt_method')")
+            }
+            let kind = h.cryptMethod == 1 ? "AES" : "LUKS"
             throw fail("encrypted images are not supported (field 'crypt_method' is \(h.cryptMethod): \(kind))")
         }
         guard h.refcountOrder <= 6 else {
-            throw fail("Unsupported refcount width (field 'refcount_order' is \(h.refcountOrder), at most 6)")
+            throw fail("Reference count entry width too large; may not exceed 64 bits (field 'refcount_order' is \(h.refcountOrder), at most 6)")
         }
         if h.incompatibleFeatures & incompatibleCompressionType != 0 {
             guard h.compressionType != 0 else {
-                throw fail("field 'compression_type' must be non-zero when the compression type feature bit is set")
+                throw fail("Invalid compression type (field 'compression_type' must be non-zero when the compression type feature bit is set)")
             }
         } else if h.compressionType != 0 {
-            throw fail("field 'compression_type' is \(h.compressionType) but the compression type feature bit is not set")
+            throw fail("Invalid compression type (field 'compression_type' is \(h.compressionType) but the compression type feature bit is not set)")
         }
         guard h.compressionType <= 1 else {
             throw fail("Unknown compression type \(h.compressionType) (field 'compression_type')")
@@ -226,7 +229,7 @@ public struct QCOW2Header: Equatable, Sendable {
             throw fail("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes (field 'cluster_bits' is \(h.clusterBits))")
         }
         if h.isDataFileRaw && !h.hasDataFile {
-            throw fail("field 'autoclear_features' sets data-file-raw without an external data file")
+            throw fail("data-file-raw requires a data file (field 'autoclear_features')")
         }
 
         // Size and L1 table.
@@ -241,26 +244,26 @@ public struct QCOW2Header: Equatable, Sendable {
             throw fail("L1 table is too small for the virtual size (field 'l1_size' \(h.l1Size), \(needed) needed for size \(h.size))")
         }
         try checkTable(offset: h.l1TableOffset, bytes: UInt64(h.l1Size) * 8, field: "l1_table_offset",
-                       what: "L1 table", clusterSize: clusterSize, fileSize: fileSize, path: path)
+                       sentence: "Active L1 table offset invalid", clusterSize: clusterSize, fileSize: fileSize, path: path)
 
         // Refcount table.
         guard h.refcountTableClusters > 0 else {
-            throw fail("field 'refcount_table_clusters' is 0: the image has no refcount table")
+            throw fail("Invalid reference count table (field 'refcount_table_clusters' is 0)")
         }
         let refcountTableBytes = UInt64(h.refcountTableClusters) << UInt64(h.clusterBits)
         guard refcountTableBytes <= maxRefcountTableBytes else {
             throw fail("Reference count table too large (field 'refcount_table_clusters' \(h.refcountTableClusters))")
         }
         try checkTable(offset: h.refcountTableOffset, bytes: refcountTableBytes, field: "refcount_table_offset",
-                       what: "refcount table", clusterSize: clusterSize, fileSize: fileSize, path: path)
+                       sentence: "Invalid reference count table offset", clusterSize: clusterSize, fileSize: fileSize, path: path)
 
         // Snapshot table (each entry is at least 40 bytes).
         guard h.nbSnapshots <= maxSnapshots else {
-            throw fail("Too many snapshots (field 'nb_snapshots' \(h.nbSnapshots), at most \(maxSnapshots))")
+            throw fail("Snapshot table too large (field 'nb_snapshots' \(h.nbSnapshots), at most \(maxSnapshots))")
         }
         if h.nbSnapshots > 0 {
             try checkTable(offset: h.snapshotsOffset, bytes: UInt64(h.nbSnapshots) * 40, field: "snapshots_offset",
-                           what: "snapshot table", clusterSize: clusterSize, fileSize: fileSize, path: path)
+                           sentence: "Invalid snapshot table offset", clusterSize: clusterSize, fileSize: fileSize, path: path)
         } else if h.snapshotsOffset % clusterSize != 0 {
             throw fail("Invalid snapshot table offset (field 'snapshots_offset' \(QCOW2BE.hex(h.snapshotsOffset)) is not cluster-aligned)")
         }
@@ -272,46 +275,49 @@ public struct QCOW2Header: Equatable, Sendable {
             }
             let end = h.backingFileOffset + UInt64(h.backingFileSize)
             guard end <= clusterSize, end <= UInt64(bytes.count) else {
-                throw fail("backing file name (fields 'backing_file_offset' \(QCOW2BE.hex(h.backingFileOffset)) and 'backing_file_size' \(h.backingFileSize)) extends past the first cluster")
+                throw fail("Invalid backing file offset (fields 'backing_file_offset' \(QCOW2BE.hex(h.backingFileOffset)) and 'backing_file_size' \(h.backingFileSize) run past the first cluster)")
             }
             guard h.backingFileSize > 0 else {
-                throw fail("field 'backing_file_size' is 0 but 'backing_file_offset' is set")
+                throw fail("Invalid backing file name (field 'backing_file_size' is 0 but 'backing_file_offset' is set)")
             }
             h.backingFileName = QCOW2BE.string(bytes[Int(h.backingFileOffset)..<Int(end)])
             if h.isDataFileRaw {
-                throw fail("a backing file cannot be used with a raw external data file (data-file-raw)")
+                throw fail("data-file-raw cannot be used with a backing file (field 'autoclear_features')")
             }
         }
         if h.hasDataFile && h.dataFileName == nil {
-            throw fail("the image uses an external data file but has no data file name extension ('data-file' is required)")
+            throw fail("'data-file' is required for this image (field 'incompatible_features' has the external data file bit, and there is no data file name extension)")
         }
         return h
     }
 
-    /// Checks that a table is cluster-aligned and lies inside the file.
-    private static func checkTable(offset: UInt64, bytes: UInt64, field: String, what: String,
+    /// Checks that a table is cluster-aligned and lies inside the file. `sentence` is QEMU's
+    /// wording; the field and the numbers follow in parentheses.
+    private static func checkTable(offset: UInt64, bytes: UInt64, field: String, sentence: String,
                                    clusterSize: UInt64, fileSize: UInt64, path: String) throws {
         guard offset % clusterSize == 0 else {
-            throw ImageError(path: path, message: "Invalid \(what) offset (field '\(field)' \(QCOW2BE.hex(offset)) is not cluster-aligned)")
+            throw ImageError(path: path, message: "\(sentence) (field '\(field)' \(QCOW2BE.hex(offset)) is not cluster-aligned)")
         }
         guard bytes > 0 else { return }
         let (end, overflow) = offset.addingReportingOverflow(bytes)
         guard !overflow, offset != 0, end <= fileSize else {
-            throw ImageError(path: path, message: "Invalid \(what) offset (field '\(field)' \(QCOW2BE.hex(offset)), \(bytes) bytes, is outside the file of \(fileSize) bytes)")
+            throw ImageError(path: path, message: "\(sentence) (field '\(field)' \(QCOW2BE.hex(offset)), \(bytes) bytes, is outside the file of \(fileSize) bytes)")
         }
     }
 
-    /// Names feature bits using the image's feature name table where it has them.
-    /// `type` is 0 incompatible, 1 compatible, 2 autoclear.
-    func describeFeatures(_ bits: UInt64, type: UInt8) -> String {
+    /// Unsupported incompatible feature bits as QEMU lists them: names from the image's
+    /// feature name table, then "Unknown incompatible feature: <hex>" for bits it lacks.
+    func describeUnsupported(_ bits: UInt64) -> String {
         var parts: [String] = []
+        var unnamed: UInt64 = 0
         for bit in 0..<64 where bits & (UInt64(1) << UInt64(bit)) != 0 {
-            if let entry = featureNameTable.first(where: { $0.type == type && Int($0.bit) == bit }) {
-                parts.append("bit \(bit) ('\(entry.name)')")
+            if let entry = featureNameTable.first(where: { $0.type == 0 && Int($0.bit) == bit }) {
+                parts.append(entry.name)
             } else {
-                parts.append("bit \(bit) (unknown)")
+                unnamed |= UInt64(1) << UInt64(bit)
             }
         }
+        if unnamed != 0 { parts.append("Unknown incompatible feature: " + String(unnamed, radix: 16)) }
         return parts.joined(separator: ", ")
     }
 }

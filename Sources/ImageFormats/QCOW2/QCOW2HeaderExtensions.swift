@@ -50,24 +50,19 @@ extension QCOW2Header {
                                 into h: inout QCOW2Header, path: String) throws {
         let end = min(limit, bytes.count)
         var offset = start
-        var seen = Set<UInt32>()
         while offset + 8 <= end {
             let type = QCOW2BE.u32(bytes, offset)
             let length = Int(QCOW2BE.u32(bytes, offset + 4))
             offset += 8
             if type == extensionEnd { return }
             guard length <= end - offset else {
-                throw ImageError(path: path, message: "Header extension \(QCOW2BE.hex(UInt64(type))) too large (length \(length) at offset \(offset - 8) runs past the header area ending at \(end))")
+                throw ImageError(path: path, message: "Header extension too large (extension \(QCOW2BE.hex(UInt64(type))): length \(length) at offset \(offset - 8) runs past the header area ending at \(end))")
             }
             let data = Array(bytes[offset..<offset + length])
+            // Known extensions that appear twice: the last one wins, as in QEMU.
             if type != extensionFeatureTable && type != extensionBackingFormat && type != extensionDataFile
                 && type != extensionBitmaps && type != extensionCrypto {
                 h.unknownExtensions.append(QCOW2HeaderExtension(type: type, data: data))
-            } else {
-                guard !seen.contains(type) else {
-                    throw ImageError(path: path, message: "Header extension \(QCOW2BE.hex(UInt64(type))) appears more than once")
-                }
-                seen.insert(type)
             }
             switch type {
             case extensionBackingFormat:
@@ -75,10 +70,8 @@ extension QCOW2Header {
             case extensionDataFile:
                 h.dataFileName = QCOW2BE.string(data[...])
             case extensionFeatureTable:
-                guard length % 48 == 0 else {
-                    throw ImageError(path: path, message: "Feature name table extension length \(length) is not a multiple of 48")
-                }
-                for i in stride(from: 0, to: length, by: 48) {
+                // Whole entries only; QEMU ignores a partial one too.
+                for i in stride(from: 0, to: length - length % 48, by: 48) {
                     var nameBytes = data[(i + 2)..<(i + 48)]
                     if let nul = nameBytes.firstIndex(of: 0) { nameBytes = nameBytes[..<nul] }
                     h.featureNameTable.append(QCOW2FeatureName(type: data[i], bit: data[i + 1],
@@ -86,7 +79,7 @@ extension QCOW2Header {
                 }
             case extensionBitmaps:
                 guard length == 24 else {
-                    throw ImageError(path: path, message: "Bitmaps extension has length \(length), expected 24")
+                    throw ImageError(path: path, message: "bitmaps_ext: Invalid extension length (\(length), expected 24)")
                 }
                 h.bitmapsExtension = data
             case extensionCrypto:
