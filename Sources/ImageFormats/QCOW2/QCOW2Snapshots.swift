@@ -20,8 +20,9 @@ public struct QCOW2Snapshot: Equatable, Sendable {
     /// Bytes this entry occupies in the table, padding included.
     public var entrySize: Int
 
-    /// QEMU's limit on a snapshot entry's extra data.
+    /// QEMU's limits on a snapshot entry's extra data and on the whole table.
     public static let maxExtraData = 1024
+    public static let maxTableBytes: UInt64 = 64 << 20
 }
 
 extension QCOW2Snapshot {
@@ -77,6 +78,9 @@ extension QCOW2Snapshot {
                 vmClockNanoseconds: QCOW2BE.u64(fixed, 24), vmStateSize: vmState,
                 diskSize: diskSize, icount: icount, extraData: extra, entrySize: entrySize))
             offset += UInt64(entrySize)
+            guard offset - h.snapshotsOffset <= QCOW2Snapshot.maxTableBytes else {
+                throw fail("Snapshot table too large (more than \(QCOW2Snapshot.maxTableBytes) bytes by entry \(index))")
+            }
         }
         return result
     }
