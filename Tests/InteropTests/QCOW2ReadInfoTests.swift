@@ -313,9 +313,11 @@ import DiskIO
     @Test func encryptedImageIsRefusedClearly() throws {
         let dir = try TempDir()
         let img = dir.file("enc.qcow2")
+        // Legacy AES (crypt_method 1): qemu-img makes it without the key-derivation benchmark
+        // LUKS runs, which fails on a loaded machine. LUKS (2) is covered by the header patches.
         try qemuImg("create", "-q", "--object", "secret,id=sec0,data=abc", "-f", "qcow2",
-                    "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", img, "1M")
-        let text = expectImageError("LUKS image") { _ = try ImageOpener.open(img) }
+                    "-o", "encrypt.format=aes,encrypt.key-secret=sec0", img, "1M")
+        let text = expectImageError("AES image") { _ = try ImageOpener.open(img) }
         #expect(text.contains("encrypted images are not supported") && text.contains(img), "'\(text)'")
     }
 
