@@ -15,11 +15,14 @@ let package = Package(
 
         .target(name: "DiskIO", dependencies: ["CLinuxShims", "CLibAIO"]),
         .target(name: "ImageFormats", dependencies: ["DiskIO", "CLinuxShims", "CZlib", "CZstd"]),
-        .target(name: "SimgCLI", dependencies: ["ImageFormats", "DiskIO"]),
+        // The aligned, merged copy pipeline behind convert (and rebase).
+        .target(name: "Pipeline", dependencies: ["ImageFormats", "DiskIO"]),
+        .target(name: "SimgCLI", dependencies: ["Pipeline", "ImageFormats", "DiskIO"]),
         .executableTarget(name: "simg", dependencies: ["SimgCLI"]),
 
         .testTarget(name: "DiskIOTests", dependencies: ["DiskIO"]),
         .testTarget(name: "ImageFormatsTests", dependencies: ["ImageFormats", "DiskIO"]),
+        .testTarget(name: "PipelineTests", dependencies: ["Pipeline", "ImageFormats", "DiskIO"]),
         .testTarget(name: "SimgCLITests", dependencies: ["SimgCLI", "ImageFormats"]),
         .testTarget(name: "InteropTests", dependencies: ["ImageFormats", "DiskIO"]),
     ]
