@@ -1,0 +1,177 @@
+import DiskIO
+import ImageFormats
+
+/// Where the convert pipeline writes: the output image, seen as a guest address space.
+///
+/// How the pipeline drives a target (the contract implementations rely on):
+/// - Writes come in guest order, in chunks of at most the pipeline's buffer size. A chunk
+///   starts and ends on a multiple of `writeGranularity` except where a chunk ends at the end
+///   of the image (or, with `-S` smaller than the granularity, never: the pipeline rounds its
+///   zero detection up to `writeGranularity`). A compressing target can therefore compress each
+///   whole cluster of a `write` on its own, in parallel, before returning.
+/// - Ranges that read as zeros are either skipped (when `readsAsZero(at:length:)` says the target
+///   already reads as zeros there) or passed to `writeZeroes`; they never reach `write`.
+/// - With `-B` (target keeps a backing file) ranges the source does not allocate in its top
+///   layer are neither written nor zeroed: they keep reading from the target's backing file.
+/// - `write` is synchronous unless `asyncFile(forWriteAt:length:)` returns a file: then the
+///   pipeline writes those bytes itself, asynchronously through its IOEngine, at the same
+///   offset in that file (the target maps guest offset N to byte N of that file: raw).
+/// - `finish()` is called once at the end, after every write has completed (not after an error).
+///
+/// A target is driven by one thread (the pipeline's) except for the async file writes, which
+/// the IOEngine performs on that file.
+public protocol ConvertTarget: AnyObject {
+    /// The output file name (for messages).
+    var path: String { get }
+    /// Guest size of the output.
+    var virtualSize: UInt64 { get }
+    /// The unit the target wants whole: qcow2's cluster size, a raw file's O_DIRECT offset
+    /// alignment (1 when buffered). A power of two.
+    var writeGranularity: Int { get }
+    /// Whether the target's file is opened with O_DIRECT (the pipeline then prefers Linux AIO).
+    var isDirect: Bool { get }
+    /// True when the range already reads as zeros in the target (a fresh image without a
+    /// backing file, or `--target-is-zero`): zeros there need not be written.
+    func readsAsZero(at offset: UInt64, length: UInt64) -> Bool
+    /// The file to write `length` bytes at guest `offset` into directly (same offset, async
+    /// through the pipeline's engine), or nil when the pipeline must call `write`.
+    func asyncFile(forWriteAt offset: UInt64, length: Int) -> DiskFile?
+    /// Writes `data` at guest `offset`. Synchronous: `data` may be reused once this returns.
+    func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws
+    /// Makes the range read as zeros (also over a backing file), allocating as little as possible.
+    func writeZeroes(at offset: UInt64, length: UInt64) throws
+    /// Flushes metadata and data to stable storage and closes the target.
+    func finish() throws
+    /// Closes without flushing metadata obligations beyond what is safe (after an error).
+    func abandon()
+}
+
+// MARK: - raw
+
+/// A raw output file. Fresh: holes stay holes (the file was created sparse at its size).
+/// Existing (`-n`): zero ranges are punched (or zeroed in place).
+public final class RawTarget: ConvertTarget {
+    public let image: RawImage
+    public let path: String
+    public let virtualSize: UInt64
+    public let writeGranularity: Int
+    public var isDirect: Bool { image.file.isDirect }
+    /// Whether unwritten ranges read as zeros (fresh file or --target-is-zero).
+    public let startsZeroed: Bool
+    /// The real end of the file: O_DIRECT writes may not be rounded past it.
+    private let fileSize: UInt64
+    /// A buffered descriptor for the unaligned tail of an O_DIRECT file (opened on first use).
+    private var tailFile: DiskFile?
+
+    /// Opens `path` (an existing raw file) as the target. `direct` = cache mode none/directsync.
+    public init(path: String, direct: Bool, startsZeroed: Bool) throws {
+        image = try RawImage.open(path: path, writable: true, direct: direct)
+        self.path = path
+        virtualSize = image.virtualSize
+        fileSize = try image.file.size()
+        writeGranularity = direct ? image.file.dioAlignment().offset : 1
+        self.startsZeroed = startsZeroed
+    }
+
+    public func readsAsZero(at offset: UInt64, length: UInt64) -> Bool { startsZeroed }
+
+    public func asyncFile(forWriteAt offset: UInt64, length: Int) -> DiskFile? {
+        guard image.file.isDirect else { return image.file }
+        let unit = UInt64(writeGranularity)
+        // O_DIRECT needs aligned offset and length; the unaligned tail goes through `write`.
+        guard offset % unit == 0, UInt64(length) % unit == 0, offset + UInt64(length) <= fileSize else { return nil }
+        return image.file
+    }
+
+    public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        guard image.file.isDirect else {
+            try image.file.write(data, at: offset)
+            return
+        }
+        let unit = UInt64(writeGranularity)
+        let alignedLength = UInt64(data.count) / unit * unit
+        if offset % unit == 0 && alignedLength > 0, let pointer = data.baseAddress,
+           Int(bitPattern: pointer) % DiskFile.pageSize == 0 {
+            // Sound: alignedLength <= data.count.
+            try image.file.write(UnsafeRawBufferPointer(start: pointer, count: Int(alignedLength)), at: offset)
+            if alignedLength == UInt64(data.count) { return }
+            try buffered().write(UnsafeRawBufferPointer(rebasing: data[Int(alignedLength)...]), at: offset + alignedLength)
+            return
+        }
+        try buffered().write(data, at: offset)
+    }
+
+    private func buffered() throws -> DiskFile {
+        if let tailFile { return tailFile }
+        let file = try DiskFile.open(path, access: .readWrite, direct: false)
+        tailFile = file
+        return file
+    }
+
+    public func writeZeroes(at offset: UInt64, length: UInt64) throws {
+        try image.writeZeroes(at: offset, length: length)
+    }
+
+    public func finish() throws {
+        try image.flush()
+        if let tailFile { try tailFile.sync() }
+        tailFile?.close()
+        try image.close()
+    }
+
+    public func abandon() {
+        tailFile?.close()
+        try? image.close()
+    }
+}
+
+// MARK: - qcow2 (generic)
+
+/// A qcow2 output written through `QCOW2Image.write` in large chunks: the write path gives a
+/// large write one contiguous run of new host clusters. Zeros on a fresh image without a
+/// backing file are skipped, so nothing is allocated for them.
+open class QCOW2Target: ConvertTarget {
+    public let image: QCOW2Image
+    public let path: String
+    public let virtualSize: UInt64
+    public let writeGranularity: Int
+    public var isDirect: Bool { image.file.isDirect }
+    public let startsZeroed: Bool
+
+    /// `image` opened writable, with its backing chain if it has one. `startsZeroed`: a fresh
+    /// image (or --target-is-zero); ignored where a backing file covers the range.
+    public init(image: QCOW2Image, startsZeroed: Bool) {
+        self.image = image
+        path = image.path
+        virtualSize = image.virtualSize
+        writeGranularity = image.clusterSize
+        self.startsZeroed = startsZeroed
+    }
+
+    open func readsAsZero(at offset: UInt64, length: UInt64) -> Bool {
+        guard startsZeroed else { return false }
+        if image.qcow2Header.backingFileName == nil { return true }
+        // A backing file shows through unallocated clusters: only past its end is it zero.
+        guard let backing = image.backing else { return false }
+        return offset >= backing.virtualSize
+    }
+
+    open func asyncFile(forWriteAt offset: UInt64, length: Int) -> DiskFile? { nil }
+
+    open func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        try image.write(data, at: offset)
+    }
+
+    open func writeZeroes(at offset: UInt64, length: UInt64) throws {
+        try image.writeZeroes(at: offset, length: length)
+    }
+
+    open func finish() throws {
+        try image.flush()
+        try image.close()
+    }
+
+    open func abandon() {
+        try? image.close()
+    }
+}
