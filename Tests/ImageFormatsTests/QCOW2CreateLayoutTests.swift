@@ -59,6 +59,29 @@ import Testing
         #expect(l.totalClusters == expected)
     }
 
+    /// Refcount blocks are produced a chunk at a time (all at once they can be tens of GiB):
+    /// every block reads refcount 1 exactly for the clusters below totalClusters.
+    @Test(arguments: [(9, 6), (9, 0), (12, 6)])
+    func refcountBlocksInChunks(_ bits: Int, _ order: Int) throws {
+        let l = try layout(bits: bits, order: order, size: 8 << 20, prealloc: true)
+        #expect(l.refcountBlockCount > 3)
+        var counted: UInt64 = 0
+        for block in 0..<l.refcountBlockCount {
+            let words = QCOW2BE.words(l.refcountBlockBytes(first: block, count: 1))
+            for i in 0..<Int(l.refcountsPerBlock) {
+                let cluster = block * l.refcountsPerBlock + UInt64(i)
+                let value = QCOW2TableCache.refcount(in: words, index: i, order: order)
+                #expect(value == (cluster < l.totalClusters ? 1 : 0))
+                counted += value
+            }
+        }
+        #expect(counted == l.totalClusters)
+        // A chunk of several blocks equals those blocks one by one.
+        let together = l.refcountBlockBytes(first: 1, count: 3)
+        let apart = (1...3).flatMap { l.refcountBlockBytes(first: UInt64($0), count: 1) }
+        #expect(together == apart)
+    }
+
     @Test func limits() {
         // 512-byte clusters map at most 128 GiB with a 32 MiB L1 table.
         #expect(throws: QCOW2Layout.Failure.tooLarge) { try layout(bits: 9, size: (128 << 30) + 512) }

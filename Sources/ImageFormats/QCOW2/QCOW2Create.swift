@@ -74,7 +74,7 @@ enum QCOW2Create {
         try io(p.path) {
             try file.write(headerBytes, at: 0)
             try file.write(layout.refcountTableBytes(), at: layout.refcountTableOffset)
-            try file.write(layout.refcountBlockBytes(), at: layout.refcountBlocksOffset)
+            try writeRefcountBlocks(file, layout: layout)
             if layout.l1Entries > 0 { try file.write(layout.l1Bytes(), at: layout.l1Offset) }
             if layout.preallocate {
                 for t in 0..<layout.l2Count {
@@ -115,6 +115,29 @@ enum QCOW2Create {
                 if try data.size() < p.size { try data.truncate(to: p.size) }
                 try data.sync()
             }
+        }
+    }
+
+    /// Writes the refcount blocks in chunks of at most 8 MiB. Every chunk entirely below
+    /// totalClusters has the same contents, so that one is built once and written again.
+    private static func writeRefcountBlocks(_ file: DiskFile, layout: QCOW2Layout) throws {
+        let cs = UInt64(layout.clusterSize)
+        let chunkBlocks = max(1, (8 << 20) / cs)
+        var fullChunk: [UInt8]?
+        var block: UInt64 = 0
+        while block < layout.refcountBlockCount {
+            let count = min(chunkBlocks, layout.refcountBlockCount - block)
+            let isFull = count == chunkBlocks
+                && (block + count) * layout.refcountsPerBlock <= layout.totalClusters
+            let bytes: [UInt8]
+            if isFull, let fullChunk {
+                bytes = fullChunk
+            } else {
+                bytes = layout.refcountBlockBytes(first: block, count: count)
+                if isFull { fullChunk = bytes }
+            }
+            try file.write(bytes, at: layout.refcountBlocksOffset + block * cs)
+            block += count
         }
     }
 

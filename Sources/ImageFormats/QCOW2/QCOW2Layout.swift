@@ -134,10 +134,17 @@ struct QCOW2Layout: Equatable {
         return bytes
     }
 
-    /// All refcount blocks, with refcount 1 for clusters 0 ..< totalClusters.
-    func refcountBlockBytes() -> [UInt8] {
-        var bytes = [UInt8](repeating: 0, count: Int(refcountBlockCount * cs))
-        QCOW2Layout.setRefcountsToOne(&bytes, count: Int(totalClusters), order: refcountOrder)
+    /// Refcount entries one block holds.
+    var refcountsPerBlock: UInt64 { (cs * 8) >> UInt64(refcountOrder) }
+
+    /// Refcount blocks `first ..< first + count`, with refcount 1 for every cluster they cover
+    /// below totalClusters. Callers write the blocks a bounded chunk at a time: all of them
+    /// together are 2 bytes per cluster with 16-bit refcounts, 32 GiB for a 1 PiB image.
+    func refcountBlockBytes(first: UInt64, count: UInt64) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: Int(count * cs))
+        let start = first * refcountsPerBlock
+        let covered = totalClusters > start ? min(totalClusters - start, count * refcountsPerBlock) : 0
+        QCOW2Layout.setRefcountsToOne(&bytes, count: Int(covered), order: refcountOrder)
         return bytes
     }
 
