@@ -14,6 +14,8 @@ final class QCOW2WriteState {
     var pendingFrees: [(cluster: UInt64, count: UInt64)] = []
     /// More pending frees than this trigger a flush (bounds memory on huge discards).
     static let pendingFreeLimit = 1 << 16
+    /// Where compressed clusters are packed (QCOW2Image+WriteCompressed.swift).
+    let compressedArea = QCOW2CompressedArea()
 
     init(refcounts: QCOW2Refcounts, dataFileEnd: UInt64) {
         self.refcounts = refcounts
@@ -123,6 +125,8 @@ extension QCOW2Image {
                 let frees = state.pendingFrees
                 state.pendingFrees = []
                 for free in frees { try state.refcounts.adjust(cluster: free.cluster, count: free.count, by: -1) }
+                // A freed cluster may be the partly filled compressed one: start a new one.
+                state.compressedArea.forgetPartialCluster()
                 try state.refcounts.flush()
                 try file.sync()
             }

@@ -1,0 +1,275 @@
+import CZlib
+import CZstd
+import DiskIO
+
+/// Where compressed clusters are packed: like QEMU, compressed streams are placed byte after
+/// byte in a host cluster (not sector-aligned), a stream may continue into the next host
+/// cluster when that one is allocated right after it, and every host cluster a stream touches
+/// has its refcount raised once for that stream.
+final class QCOW2CompressedArea {
+    /// Host byte offset where the next stream may start, inside a partly filled host cluster;
+    /// 0 when there is none (the next stream starts a new host cluster).
+    var nextOffset: UInt64 = 0
+    /// Reused staging memory for batches of streams that are contiguous on the host.
+    var staging: [UInt8] = []
+
+    /// Called when clusters were freed: the partly filled one may be among them.
+    func forgetPartialCluster() { nextOffset = 0 }
+}
+
+/// One compressed cluster for `QCOW2Image.writeCompressedClusters`.
+public struct QCOW2CompressedCluster: @unchecked Sendable {
+    // @unchecked Sendable: a plain pointer; the caller keeps the bytes alive and unchanged
+    // for the duration of the call (the usual buffer contract).
+    public var guestOffset: UInt64
+    public var data: UnsafeRawBufferPointer
+
+    public init(guestOffset: UInt64, data: UnsafeRawBufferPointer) {
+        self.guestOffset = guestOffset
+        self.data = data
+    }
+}
+
+/// Compressed cluster writes (QEMU's qcow2_co_pwritev_compressed_part and qcow2_alloc_bytes).
+///
+/// - The guest cluster must not have a host cluster in this layer (unallocated, or zero without
+///   a preallocated host cluster), as QEMU requires; the entry then becomes a compressed
+///   descriptor (COPIED clear; extended L2 entries get an all-zero bitmap, as the spec says).
+/// - Images with an external data file are refused (QEMU: not supported).
+/// - Order: stream data, then refcounts (the L2 cache flushes refcount blocks before any L2
+///   table it writes back), then the L2 entry.
+extension QCOW2Image {
+    /// The codec the image's header selects (zlib, or zstd with compression_type=zstd).
+    public var compressionCodec: QCOW2Compression { compression }
+
+    /// Writes one compressed cluster (`compressed` is a whole cluster's compressed stream in
+    /// the image's codec, shorter than the cluster size) for the cluster at `guestOffset`.
+    public func writeCompressedCluster(guestOffset: UInt64, compressed: UnsafeRawBufferPointer) throws {
+        var one = QCOW2CompressedCluster(guestOffset: guestOffset, data: compressed)
+        try withUnsafePointer(to: &one) { try writeCompressedClusters(UnsafeBufferPointer(start: $0, count: 1)) }
+    }
+
+    public func writeCompressedClusters(_ clusters: [QCOW2CompressedCluster]) throws {
+        try clusters.withUnsafeBufferPointer { try writeCompressedClusters($0) }
+    }
+
+    /// Writes several compressed clusters; streams that land next to each other on the host
+    /// go out in one write.
+    public func writeCompressedClusters(_ clusters: UnsafeBufferPointer<QCOW2CompressedCluster>) throws {
+        guard !clusters.isEmpty else { return }
+        let state = try writer()
+        if header.hasDataFile {
+            throw ImageError(path: path, message: "compressed writes are not supported for images with an external data file")
+        }
+        let cs = UInt64(clusterSize)
+        // Validate everything before allocating anything, so a refused batch leaks nothing.
+        for c in clusters {
+            guard c.guestOffset % cs == 0, c.guestOffset < virtualSize else {
+                throw ImageError(path: path, message: "compressed write at guest offset \(c.guestOffset) is not at a cluster boundary inside the image (virtual size \(virtualSize))")
+            }
+            guard c.data.count > 0, c.data.count < clusterSize else {
+                throw ImageError(path: path, message: "compressed cluster for guest offset \(c.guestOffset) is \(c.data.count) bytes; it must be between 1 and \(clusterSize - 1)")
+            }
+            let entry = try l2Mapping(guest: c.guestOffset).entry
+            if entry.isCompressed || entry.hostOffset != 0 {
+                throw ImageError(path: path, message: "cannot write a compressed cluster at guest offset \(QCOW2BE.hex(c.guestOffset)): the cluster is already allocated")
+            }
+        }
+
+        // Place the streams and write them, one host write per contiguous run.
+        let area = state.compressedArea
+        var hosts = [UInt64](repeating: 0, count: clusters.count)
+        var runStart: UInt64 = 0
+        var runLength = 0
+        func flushRun() throws {
+            guard runLength > 0 else { return }
+            let start = runStart, n = runLength
+            try area.staging.withUnsafeBytes { buf in
+                try io { try file.qcow2Write(UnsafeRawBufferPointer(rebasing: buf[0..<n]), at: start) }
+            }
+            runLength = 0
+        }
+        for (k, c) in clusters.enumerated() {
+            let host = try allocateCompressedBytes(UInt64(c.data.count), state)
+            hosts[k] = host
+            if runLength > 0 && runStart + UInt64(runLength) != host { try flushRun() }
+            if runLength == 0 { runStart = host }
+            let needed = runLength + c.data.count
+            if area.staging.count < needed {
+                area.staging.append(contentsOf: repeatElement(0, count: needed - area.staging.count))
+            }
+            let at = runLength
+            area.staging.withUnsafeMutableBytes { buf in
+                // Sound: at + data.count == needed <= buf.count.
+                (buf.baseAddress! + at).copyMemory(from: c.data.baseAddress!, byteCount: c.data.count)
+            }
+            runLength = needed
+        }
+        try flushRun()
+
+        // Then the L2 entries.
+        let extended = header.hasExtendedL2
+        for (k, c) in clusters.enumerated() {
+            let descriptor = QCOW2CompressedDescriptor.covering(hostOffset: hosts[k], length: UInt64(c.data.count))
+            let raw = QCOW2L2Entry.compressed(descriptor, clusterBits: header.clusterBits).raw
+            let table = try writableL2(l1Index: Int(c.guestOffset / header.bytesPerL2Table), state)
+            let i = l2Index(c.guestOffset)
+            try tableCache.update(at: table) { words in
+                if extended {
+                    words[2 * i] = raw
+                    words[2 * i + 1] = 0
+                } else {
+                    words[i] = raw
+                }
+            }
+        }
+        invalidateDecompressedCache()
+    }
+
+    /// Reserves `n` (< cluster size) bytes for a compressed stream, QEMU's way: after the
+    /// previous stream when the partly filled host cluster has room (or the next host cluster
+    /// is allocated right after it) and its refcount can still grow; else at a new cluster.
+    private func allocateCompressedBytes(_ n: UInt64, _ state: QCOW2WriteState) throws -> UInt64 {
+        let cs = UInt64(clusterSize)
+        let bits = UInt64(header.clusterBits)
+        let refcounts = state.refcounts
+        let area = state.compressedArea
+        var offset = area.nextOffset
+        if offset != 0 {
+            let count = try refcounts.refcount(ofCluster: offset >> bits)
+            if count == 0 || count >= refcounts.maxRefcount { offset = 0 }
+        }
+        if offset == 0 {
+            offset = try refcounts.allocate(count: 1).offset
+        } else if n <= cs - offset % cs {
+            try refcounts.adjust(cluster: offset >> bits, count: 1, by: 1)
+        } else {
+            // The stream needs part of a second cluster (refcount 1 from allocation).
+            let next = try refcounts.allocate(count: 1).offset
+            if next == (offset / cs + 1) * cs {
+                try refcounts.adjust(cluster: offset >> bits, count: 1, by: 1)
+            } else {
+                offset = next
+            }
+        }
+        // The descriptor's offset field has 62 - (cluster_bits - 8) bits (and at most 56).
+        let fieldBits = min(QCOW2CompressedDescriptor.sectorShift(clusterBits: header.clusterBits), 56)
+        guard offset + n <= UInt64(1) << fieldBits else {
+            throw ImageError(path: path, message: "compressed cluster at host offset \(QCOW2BE.hex(offset)) is beyond what a compressed descriptor can address with \(clusterSize)-byte clusters")
+        }
+        let end = offset + n
+        area.nextOffset = end % cs == 0 ? 0 : end
+        return offset
+    }
+
+    /// Pads the image file to a whole number of 512-byte sectors (QEMU does this at the end of
+    /// a compressed conversion, as the last stream usually ends mid-sector).
+    public func alignFileEndToSector() throws {
+        guard isWritable else { return }
+        try io {
+            let size = try file.size()
+            if size % 512 != 0 { try file.truncate(to: (size + 511) / 512 * 512) }
+        }
+    }
+}
+
+/// Compresses whole clusters for one worker, reusing its codec state and output buffer
+/// (nothing is allocated per cluster). Streams match QEMU's: raw deflate with window bits -12
+/// at the default level, or one zstd frame at the default level.
+///
+/// One instance is used by one thread at a time.
+public final class QCOW2ClusterCompressor: @unchecked Sendable {
+    // @unchecked Sendable: owned by one worker thread at a time (the parallel compressor hands
+    // each worker its own instance); nothing is shared between instances.
+
+    public let codec: QCOW2Compression
+    public let clusterSize: Int
+    /// Output room: cluster_size - 1 bytes, QEMU's limit (a stream that does not fit means
+    /// the cluster is stored uncompressed).
+    private let output: UnsafeMutableRawBufferPointer
+    private let zstream: UnsafeMutablePointer<z_stream>?
+    private let zstd: OpaquePointer?
+
+    public init(codec: QCOW2Compression, clusterSize: Int) throws {
+        precondition(clusterSize >= 512, "cluster size too small")
+        self.codec = codec
+        self.clusterSize = clusterSize
+        output = .allocate(byteCount: clusterSize - 1, alignment: 16)
+        switch codec {
+        case .zlib:
+            // The stream must not move after deflateInit2 (zlib keeps a pointer back to it).
+            let s = UnsafeMutablePointer<z_stream>.allocate(capacity: 1)
+            s.initialize(to: z_stream())
+            let r = deflateInit2_(s, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY,
+                                  zlibVersion(), Int32(MemoryLayout<z_stream>.size))
+            guard r == Z_OK else {
+                s.deallocate()
+                output.deallocate()
+                throw AllocationError(byteCount: MemoryLayout<z_stream>.size, alignment: 8, code: 12)
+            }
+            zstream = s
+            zstd = nil
+        case .zstd:
+            guard let ctx = ZSTD_createCCtx() else {
+                output.deallocate()
+                throw AllocationError(byteCount: 0, alignment: 8, code: 12)
+            }
+            zstream = nil
+            zstd = ctx
+        }
+    }
+
+    deinit {
+        if let zstream {
+            deflateEnd(zstream)
+            zstream.deallocate()
+        }
+        if let zstd { ZSTD_freeCCtx(zstd) }
+        output.deallocate()
+    }
+
+    /// Compresses one whole cluster (`input.count == clusterSize`). Returns the stream (valid
+    /// until the next call), or nil when it would not be shorter than the cluster.
+    public func compress(_ input: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer? {
+        guard let n = compress(input, into: output) else { return nil }
+        return UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(output)[0..<n])
+    }
+
+    /// Compresses one whole cluster into `output` (at most its first clusterSize - 1 bytes are
+    /// used); returns the stream length, or nil when it does not fit.
+    public func compress(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) -> Int? {
+        precondition(input.count == clusterSize, "compress takes exactly one cluster")
+        let room = UnsafeMutableRawBufferPointer(rebasing: output[0..<min(output.count, clusterSize - 1)])
+        switch codec {
+        case .zlib: return deflateCluster(input, room)
+        case .zstd: return zstdCluster(input, room)
+        }
+    }
+
+    private func deflateCluster(_ input: UnsafeRawBufferPointer, _ output: UnsafeMutableRawBufferPointer) -> Int? {
+        guard let s = zstream, deflateReset(s) == Z_OK else { return nil }
+        // Sound: zlib reads next_in within avail_in bytes (the const is lost in the C
+        // declaration) and writes next_out within avail_out bytes; both outlive the call.
+        s.pointee.next_in = UnsafeMutablePointer(mutating: input.baseAddress?.assumingMemoryBound(to: Bytef.self))
+        s.pointee.avail_in = uInt(input.count)
+        s.pointee.next_out = output.baseAddress?.assumingMemoryBound(to: Bytef.self)
+        s.pointee.avail_out = uInt(output.count)
+        guard deflate(s, Z_FINISH) == Z_STREAM_END else { return nil }
+        return output.count - Int(s.pointee.avail_out)
+    }
+
+    private func zstdCluster(_ input: UnsafeRawBufferPointer, _ output: UnsafeMutableRawBufferPointer) -> Int? {
+        guard let ctx = zstd else { return nil }
+        if ZSTD_isError(ZSTD_CCtx_reset(ctx, ZSTD_reset_session_only)) != 0 { return nil }
+        var inBuf = ZSTD_inBuffer(src: input.baseAddress, size: input.count, pos: 0)
+        var outBuf = ZSTD_outBuffer(dst: output.baseAddress, size: output.count, pos: 0)
+        while true {
+            let lastOut = outBuf.pos
+            let r = ZSTD_compressStream2(ctx, &outBuf, &inBuf, ZSTD_e_end)
+            if ZSTD_isError(r) != 0 { return nil }
+            if r == 0 { return outBuf.pos }
+            // More to flush but no room (or no progress): it does not fit.
+            if outBuf.pos == outBuf.size || outBuf.pos == lastOut { return nil }
+        }
+    }
+}
