@@ -1,0 +1,442 @@
+import DiskIO
+import Glibc
+import ImageFormats
+
+/// The copy behind `simg convert`: plans from block status, reads large merged requests into
+/// pooled aligned buffers through an IOEngine (many in flight), detects zeros, and writes
+/// through a `ConvertTarget` (raw data asynchronously through the same engine).
+///
+/// The output is cut into chunks of `bufferSize` (aligned to the chunk grid). Ranges that read
+/// as zeros (or, with -B, belong to the target's backing file) over at least one granule are
+/// handled without a buffer: skipped, or zeroed on a target that does not read as zeros there.
+/// Each other chunk gets a buffer; its data pieces are read with as few requests as the host
+/// layout allows; when they are all in, zero granules (-S) are skipped or zeroed and the rest
+/// written in runs as long as possible.
+public final class ConvertPipeline {
+    public let planner: ConvertPlanner
+    public let target: any ConvertTarget
+    public let options: ConvertOptions
+    public private(set) var stats = ConvertStats()
+
+    /// Zero detection and write unit: -S rounded up to the target's granularity.
+    let granule: UInt64
+    let chunkSize: UInt64
+    let engine: any IOEngine
+    let pool: BufferPool
+
+    private struct Slot {
+        var offset: UInt64 = 0
+        var length: Int = 0
+        var pendingReads = 0
+        var pendingWrites = 0
+    }
+
+    private struct ReadOp {
+        var file: Int
+        var host: UInt64
+        var position: Int
+        var length: Int
+        var image: Int
+        var imageOffset: UInt64
+    }
+
+    private var slots: [Slot]
+    private var zeroPieces: [[(position: Int, length: Int)]]
+    private var keepRanges: [[(position: Int, length: Int)]]
+    private var readOps: [[ReadOp]]
+    /// Slots whose reads are complete, waiting to be written (at most one entry per slot).
+    private var ready: [Int]
+    private var firstError: (any Error)?
+    private var done: UInt64 = 0
+    private var fileSizes: [Int: UInt64] = [:]
+    private var fileAlignments: [Int: UInt64] = [:]
+
+    private static let writeFlag: UInt64 = 1 << 63
+    /// Extra bytes per buffer so a read rounded up to the O_DIRECT unit at end of file fits.
+    private static let slack = 64 << 10
+
+    public init(sources: [any DiskImage], target: any ConvertTarget, options: ConvertOptions) throws {
+        planner = ConvertPlanner(sources: sources, keepBacking: options.keepBacking)
+        self.target = target
+        self.options = options
+        let targetUnit = UInt64(max(target.writeGranularity, 1))
+        var unit = max(options.sparseSize, targetUnit)
+        if unit % targetUnit != 0 { unit = (unit / targetUnit + 1) * targetUnit }
+        granule = unit
+        let wanted = UInt64(max(options.bufferSize, 4096))
+        chunkSize = max(granule, (wanted + granule - 1) / granule * granule)
+        let depth = max(1, options.queueDepth)
+        guard chunkSize <= 1 << 30 else {
+            throw ImageError(path: target.path, message: "buffer size \(chunkSize) is too large")
+        }
+        pool = try BufferPool(count: depth, bufferSize: Int(chunkSize) + ConvertPipeline.slack)
+
+        // Linux AIO only pays off when every file it touches is O_DIRECT.
+        var allDirect = target.isDirect
+        for source in sources {
+            var layer: (any DiskImage)? = source
+            while let image = layer {
+                if !image.dataFile.isDirect { allDirect = false }
+                layer = image.backing
+            }
+        }
+        engine = IOEngines.make(direct: allDirect, queueDepth: max(32, depth * 4), threads: max(1, options.ioThreads))
+        stats.engine = engine is AIOEngine ? "linux-aio" : "thread-pool"
+        stats.bufferSize = Int(chunkSize)
+        stats.queueDepth = depth
+
+        slots = Array(repeating: Slot(), count: depth)
+        zeroPieces = Array(repeating: [], count: depth)
+        keepRanges = Array(repeating: [], count: depth)
+        readOps = Array(repeating: [], count: depth)
+        for i in 0..<depth {
+            zeroPieces[i].reserveCapacity(64)
+            keepRanges[i].reserveCapacity(16)
+            readOps[i].reserveCapacity(64)
+        }
+        ready = []
+        ready.reserveCapacity(depth)
+    }
+
+    deinit { engine.shutdown() }
+
+    /// Copies everything; on success the target is finished (flushed and closed). On failure
+    /// the target is abandoned and the error (a `ConvertError` for I/O) thrown.
+    @discardableResult
+    public func run() throws -> ConvertStats {
+        let start = monotonicSeconds()
+        let total = planner.totalSize
+        var position: UInt64 = 0
+        while firstError == nil {
+            // Plan and start chunks while buffers are free.
+            while firstError == nil && position < total {
+                let length: UInt64
+                do {
+                    guard let action = try nextAction(at: position) else { break }
+                    length = action
+                } catch {
+                    firstError = error
+                    break
+                }
+                position += length
+            }
+            if firstError != nil { break }
+            if !ready.isEmpty {
+                let slot = ready.removeFirst()
+                writeChunk(slot)
+                continue
+            }
+            if engine.outstanding > 0 {
+                do {
+                    try engine.reap(minimum: 1, handle)
+                } catch {
+                    firstError = error
+                }
+                continue
+            }
+            if position >= total && pool.available == pool.capacity { break }
+        }
+        if let firstError {
+            try? engine.drain { _ in }
+            target.abandon()
+            throw firstError
+        }
+        try target.finish()
+        stats.seconds = monotonicSeconds() - start
+        return stats
+    }
+
+    // MARK: - Planning
+
+    /// Handles the range at `position`: a skip run (no buffer) or a chunk started with a
+    /// buffer. Returns its length, or nil when no buffer is free.
+    private func nextAction(at position: UInt64) throws -> UInt64? {
+        let total = planner.totalSize
+        let piece = try planner.piece(at: position)
+        let skippable = piece.kind == .keep || (piece.kind == .zero && options.sparseSize > 0)
+        if skippable {
+            var end = piece.end
+            while end < total {
+                let next = try planner.piece(at: end)
+                guard next.kind == piece.kind else { break }
+                end = next.end
+            }
+            if end < total { end = end / granule * granule }
+            if end > position {
+                let length = end - position
+                if piece.kind == .zero {
+                    if target.readsAsZero(at: position, length: length) {
+                        stats.bytesZeroSkipped += length
+                    } else {
+                        do {
+                            try target.writeZeroes(at: position, length: length)
+                        } catch {
+                            throw ConvertError(.writing, byte: position, path: target.path, cause: error)
+                        }
+                        stats.zeroRequests += 1
+                        stats.bytesZeroWritten += length
+                    }
+                }
+                advanceProgress(length)
+                return length
+            }
+        }
+        guard let buffer = pool.tryAcquire() else { return nil }
+        let end = min(total, (position / chunkSize + 1) * chunkSize)
+        startChunk(buffer, offset: position, length: Int(end - position))
+        return end - position
+    }
+
+    private func startChunk(_ buffer: BufferPool.Buffer, offset: UInt64, length: Int) {
+        let slot = buffer.index
+        slots[slot] = Slot(offset: offset, length: length)
+        zeroPieces[slot].removeAll(keepingCapacity: true)
+        keepRanges[slot].removeAll(keepingCapacity: true)
+        readOps[slot].removeAll(keepingCapacity: true)
+
+        // Collect pieces, merging data pieces of one file whose host offsets continue (also
+        // across short zero gaps, which are cleared again once the read is in).
+        var cursor = offset
+        let end = offset + UInt64(length)
+        var gap: UInt64 = 0
+        var canMerge = false
+        do {
+            while cursor < end {
+                var piece = try planner.piece(at: cursor, resolvingKeep: true)
+                if piece.end > end { piece.length = end - cursor }
+                let position = Int(cursor - offset)
+                let pieceLength = Int(piece.length)
+                if piece.isKeep { keepRanges[slot].append((position, pieceLength)) }
+                switch piece.kind {
+                case .zero, .keep:
+                    zeroPieces[slot].append((position, pieceLength))
+                    gap += piece.length
+                case .data(let file, let host, let image, let imageOffset):
+                    if canMerge, gap <= options.gapLimit, let last = readOps[slot].last,
+                       last.file == file, last.image == image,
+                       last.host + UInt64(last.length) + gap == host,
+                       last.imageOffset + UInt64(last.length) + gap == imageOffset {
+                        readOps[slot][readOps[slot].count - 1].length += Int(gap) + pieceLength
+                        stats.extentsMerged += 1
+                    } else {
+                        readOps[slot].append(ReadOp(file: file, host: host, position: position, length: pieceLength,
+                                                    image: image, imageOffset: imageOffset))
+                    }
+                    canMerge = true
+                    gap = 0
+                case .read(let image, let imageOffset):
+                    try readSync(image: image, imageOffset: imageOffset, buffer: buffer, position: position,
+                                 length: pieceLength, guest: cursor)
+                    canMerge = false
+                    gap = 0
+                }
+                cursor = piece.end
+            }
+            for index in readOps[slot].indices {
+                let op = readOps[slot][index]
+                if try !directReadPossible(op) {
+                    try readSync(image: op.image, imageOffset: op.imageOffset, buffer: buffer,
+                                 position: op.position, length: op.length, guest: offset + UInt64(op.position))
+                    continue
+                }
+                var readLength = op.length
+                let unit = alignment(of: op.file)
+                if UInt64(readLength) % unit != 0 {
+                    readLength = Int((UInt64(readLength) + unit - 1) / unit * unit)
+                }
+                // Sound: position + readLength <= chunk length + slack, inside the buffer.
+                let request = IORequest.read(planner.files[op.file], at: op.host,
+                                             into: UnsafeMutableRawBufferPointer(start: buffer.baseAddress + op.position,
+                                                                                 count: readLength),
+                                             tag: UInt64(slot) | UInt64(index) << 32)
+                slots[slot].pendingReads += 1
+                stats.readRequests += 1
+                stats.bytesRead += UInt64(op.length)
+                try submit(request)
+            }
+        } catch {
+            if firstError == nil { firstError = error }
+        }
+        if slots[slot].pendingReads == 0 { ready.append(slot) }
+    }
+
+    /// Whether `op` can go to the engine as is: always for buffered files; with O_DIRECT when
+    /// offset, buffer position and length are aligned (a length ending at the end of the file
+    /// may be rounded up: the read just comes back short).
+    private func directReadPossible(_ op: ReadOp) throws -> Bool {
+        let file = planner.files[op.file]
+        guard file.isDirect else { return true }
+        let unit = alignment(of: op.file)
+        guard op.host % unit == 0, UInt64(op.position) % max(unit, UInt64(DiskFile.pageSize)) == 0 else { return false }
+        if UInt64(op.length) % unit == 0 { return true }
+        return op.host + UInt64(op.length) == (try size(of: op.file))
+    }
+
+    private func alignment(of file: Int) -> UInt64 {
+        if let known = fileAlignments[file] { return known }
+        let files = planner.files
+        let value = files[file].isDirect ? UInt64(max(files[file].dioAlignment().offset, 1)) : 1
+        fileAlignments[file] = value
+        return value
+    }
+
+    private func size(of file: Int) throws -> UInt64 {
+        if let known = fileSizes[file] { return known }
+        let value = try planner.files[file].size()
+        fileSizes[file] = value
+        return value
+    }
+
+    private func readSync(image: Int, imageOffset: UInt64, buffer: BufferPool.Buffer, position: Int,
+                          length: Int, guest: UInt64) throws {
+        let source = planner.images[image]
+        do {
+            // Sound: position + length <= chunk length, inside the buffer.
+            try source.read(into: UnsafeMutableRawBufferPointer(start: buffer.baseAddress + position, count: length),
+                            at: imageOffset)
+        } catch {
+            throw ConvertError(.reading, byte: guest, path: source.path, cause: error)
+        }
+        stats.readRequests += 1
+        stats.bytesRead += UInt64(length)
+    }
+
+    private func submit(_ request: IORequest) throws {
+        while engine.freeSlots == 0 { try engine.reap(minimum: 1, handle) }
+        _ = try engine.submit(request)
+    }
+
+    // MARK: - Completions
+
+    private func handle(_ completion: IOCompletion) {
+        let slot = Int(completion.tag & 0xffff_ffff)
+        let index = Int((completion.tag & ~ConvertPipeline.writeFlag) >> 32)
+        if completion.tag & ConvertPipeline.writeFlag != 0 {
+            slots[slot].pendingWrites -= 1
+            if case .failure(let error) = completion.result, firstError == nil {
+                firstError = ConvertError(.writing, byte: slots[slot].offset + UInt64(index), path: target.path, cause: error)
+            }
+            if slots[slot].pendingWrites == 0 { releaseSlot(slot) }
+            return
+        }
+        let op = readOps[slot][index]
+        switch completion.result {
+        case .success(let count) where count >= op.length:
+            break
+        case .success(let count):
+            if firstError == nil {
+                let file = planner.files[op.file]
+                firstError = ConvertError(.reading, byte: slots[slot].offset + UInt64(op.position) + UInt64(count),
+                                          path: file.path,
+                                          cause: IOError(code: EIO, operation: "read", path: file.path,
+                                                         offset: op.host + UInt64(count),
+                                                         detail: "unexpected end of file (the image is truncated)"))
+            }
+        case .failure(let error):
+            if firstError == nil {
+                firstError = ConvertError(.reading, byte: slots[slot].offset + UInt64(op.position),
+                                          path: planner.files[op.file].path, cause: error)
+            }
+        }
+        slots[slot].pendingReads -= 1
+        if slots[slot].pendingReads == 0 { ready.append(slot) }
+    }
+
+    private func releaseSlot(_ slot: Int) {
+        advanceProgress(UInt64(slots[slot].length))
+        pool.release(pool.buffer(at: slot))
+    }
+
+    private func advanceProgress(_ length: UInt64) {
+        done += length
+        options.progress?(done, planner.totalSize)
+    }
+
+    // MARK: - Writing
+
+    private enum RunKind { case data, zero, keep }
+
+    private func writeChunk(_ slot: Int) {
+        guard firstError == nil else {
+            releaseSlot(slot)
+            return
+        }
+        let buffer = pool.buffer(at: slot)
+        let base = buffer.baseAddress
+        for piece in zeroPieces[slot] {
+            // Sound: pieces lie within the chunk, inside the buffer.
+            memset(base + piece.position, 0, piece.length)
+        }
+        let length = slots[slot].length
+        let unit = Int(granule)
+        var runStart = 0
+        var runKind = RunKind.data
+        var position = 0
+        var keepIndex = 0
+        let keeps = keepRanges[slot]
+        while position < length {
+            let stop = min(position + unit, length)
+            var kind = RunKind.data
+            // Fully inside one -B range: leave it to the backing file.
+            while keepIndex < keeps.count && keeps[keepIndex].position + keeps[keepIndex].length <= position {
+                keepIndex += 1
+            }
+            if keepIndex < keeps.count && keeps[keepIndex].position <= position
+                && keeps[keepIndex].position + keeps[keepIndex].length >= stop {
+                kind = .keep
+            } else if options.sparseSize > 0 && ZeroScan.isZero(base + position, count: stop - position) {
+                kind = .zero
+            }
+            if kind != runKind && position > runStart {
+                if !emit(runKind, slot: slot, from: runStart, to: position) { break }
+                runStart = position
+            }
+            if position == runStart { runKind = kind }
+            runKind = kind
+            position = stop
+        }
+        if firstError == nil && runStart < length { _ = emit(runKind, slot: slot, from: runStart, to: length) }
+        if slots[slot].pendingWrites == 0 { releaseSlot(slot) }
+    }
+
+    /// Issues one run; false after an error.
+    private func emit(_ kind: RunKind, slot: Int, from start: Int, to stop: Int) -> Bool {
+        let offset = slots[slot].offset + UInt64(start)
+        let length = stop - start
+        let base = pool.buffer(at: slot).baseAddress
+        do {
+            switch kind {
+            case .keep:
+                break
+            case .zero:
+                if target.readsAsZero(at: offset, length: UInt64(length)) {
+                    stats.bytesZeroSkipped += UInt64(length)
+                } else {
+                    try target.writeZeroes(at: offset, length: UInt64(length))
+                    stats.zeroRequests += 1
+                    stats.bytesZeroWritten += UInt64(length)
+                }
+            case .data:
+                stats.writeRequests += 1
+                stats.bytesWritten += UInt64(length)
+                if let file = target.asyncFile(forWriteAt: offset, length: length) {
+                    // Sound: start..<stop lies within the chunk, inside the buffer, which stays
+                    // out of the pool until this write completes.
+                    let request = IORequest.write(file, at: offset,
+                                                  from: UnsafeRawBufferPointer(start: base + start, count: length),
+                                                  tag: UInt64(slot) | UInt64(start) << 32 | ConvertPipeline.writeFlag)
+                    slots[slot].pendingWrites += 1
+                    try submit(request)
+                } else {
+                    try target.write(UnsafeRawBufferPointer(start: base + start, count: length), at: offset)
+                }
+            }
+        } catch {
+            if firstError == nil {
+                firstError = error is ConvertError ? error : ConvertError(.writing, byte: offset, path: target.path, cause: error)
+            }
+            return false
+        }
+        return true
+    }
+}

@@ -1,0 +1,143 @@
+import DiskIO
+import ImageFormats
+
+/// One resolved range of the output: where its bytes come from.
+public struct SourcePiece: Equatable, Sendable {
+    public enum Kind: Equatable, Sendable {
+        /// Reads as zeros: never read.
+        case zero
+        /// With `-B`: not allocated in the source's top layer, so the target's backing file
+        /// supplies it; neither read nor written (unless a written cluster needs it, see
+        /// `ConvertPlanner.piece(at:resolvingKeep:)`).
+        case keep
+        /// Plain data at `host` in `files[file]`; `image`/`imageOffset` read it through the
+        /// format when a direct read is not possible (O_DIRECT alignment).
+        case data(file: Int, host: UInt64, image: Int, imageOffset: UInt64)
+        /// Read through `images[image].read` at `imageOffset` (compressed clusters, data
+        /// without a host offset).
+        case read(image: Int, imageOffset: UInt64)
+    }
+
+    /// Offset in the output (the concatenation of the sources).
+    public var offset: UInt64
+    public var length: UInt64
+    public var kind: Kind
+    /// A `-B` range resolved to its data because a written cluster includes it.
+    public var isKeep: Bool = false
+
+    public var end: UInt64 { offset + length }
+}
+
+/// Walks the block status of the sources (concatenated), flattening each backing chain:
+/// a `.backing` extent asks the backing image for the same range, `.hole` and `.zero` are
+/// zeros, data is data. Keeps the last answer so sequential callers ask each layer once per
+/// extent.
+public final class ConvertPlanner {
+    public let sources: [any DiskImage]
+    /// Every image met (sources and their backing layers), indexed by `SourcePiece` kinds.
+    public private(set) var images: [any DiskImage] = []
+    /// Every data file met, indexed by `SourcePiece.Kind.data(file:)`.
+    public private(set) var files: [DiskFile] = []
+    /// Where each source starts in the output.
+    public let starts: [UInt64]
+    public let totalSize: UInt64
+    /// `-B`: ranges the top layer does not allocate become `.keep`.
+    public let keepBacking: Bool
+    /// Block-status calls made (for statistics).
+    public private(set) var queries = 0
+
+    private var cached: SourcePiece?
+
+    public init(sources: [any DiskImage], keepBacking: Bool = false) {
+        self.sources = sources
+        self.keepBacking = keepBacking
+        var starts: [UInt64] = []
+        var total: UInt64 = 0
+        for source in sources {
+            starts.append(total)
+            total += source.virtualSize
+        }
+        self.starts = starts
+        totalSize = total
+    }
+
+    /// The piece starting exactly at `offset` (< totalSize), as long as its kind and host
+    /// contiguity continue (and within one source). With `resolvingKeep`, a `.keep` range is
+    /// resolved through the backing chain instead, flagged `isKeep`.
+    public func piece(at offset: UInt64, resolvingKeep: Bool = false) throws -> SourcePiece {
+        precondition(offset < totalSize, "planner asked past the end")
+        if let cached, cached.offset <= offset, offset < cached.end,
+           !(resolvingKeep && cached.kind == .keep) {
+            return ConvertPlanner.advance(cached, to: offset)
+        }
+        var index = sources.count - 1
+        while starts[index] > offset { index -= 1 }
+        let source = sources[index]
+        let local = offset - starts[index]
+        let piece = try resolve(source, local: local, length: source.virtualSize - local,
+                                base: starts[index], top: true, resolvingKeep: resolvingKeep)
+        cached = piece
+        return piece
+    }
+
+    /// `piece` from `offset` on (offset inside it).
+    static func advance(_ piece: SourcePiece, to offset: UInt64) -> SourcePiece {
+        let delta = offset - piece.offset
+        var result = piece
+        result.offset = offset
+        result.length -= delta
+        switch piece.kind {
+        case .zero, .keep: break
+        case .data(let file, let host, let image, let imageOffset):
+            result.kind = .data(file: file, host: host + delta, image: image, imageOffset: imageOffset + delta)
+        case .read(let image, let imageOffset):
+            result.kind = .read(image: image, imageOffset: imageOffset + delta)
+        }
+        return result
+    }
+
+    private func resolve(_ image: any DiskImage, local: UInt64, length: UInt64, base: UInt64,
+                         top: Bool, resolvingKeep: Bool) throws -> SourcePiece {
+        queries += 1
+        let extent = try image.blockStatus(at: local, length: length)
+        // A layer answering with nothing would loop forever: treat it as corrupt.
+        guard extent.length > 0, extent.length <= length else {
+            throw ImageError(path: image.path, message: "block status at offset \(local) returned an invalid length \(extent.length)")
+        }
+        let offset = base + local
+        switch extent.kind {
+        case .zero, .hole:
+            return SourcePiece(offset: offset, length: extent.length, kind: .zero)
+        case .data(let host?):
+            return SourcePiece(offset: offset, length: extent.length,
+                               kind: .data(file: fileIndex(image.dataFile), host: host,
+                                           image: imageIndex(image), imageOffset: local))
+        case .data(nil), .compressed:
+            return SourcePiece(offset: offset, length: extent.length,
+                               kind: .read(image: imageIndex(image), imageOffset: local))
+        case .backing:
+            if top && keepBacking && !resolvingKeep {
+                return SourcePiece(offset: offset, length: extent.length, kind: .keep)
+            }
+            guard let backing = image.backing, local < backing.virtualSize else {
+                return SourcePiece(offset: offset, length: extent.length, kind: .zero)
+            }
+            var piece = try resolve(backing, local: local, length: min(extent.length, backing.virtualSize - local),
+                                    base: base, top: false, resolvingKeep: false)
+            if top && keepBacking { piece.isKeep = true }
+            return piece
+        }
+    }
+
+    private func imageIndex(_ image: any DiskImage) -> Int {
+        if let index = images.firstIndex(where: { $0 === image }) { return index }
+        images.append(image)
+        return images.count - 1
+    }
+
+    private func fileIndex(_ file: DiskFile) -> Int {
+        if let index = files.firstIndex(where: { $0 === file }) { return index }
+        files.append(file)
+        return files.count - 1
+    }
+}

@@ -1,0 +1,109 @@
+import DiskIO
+import Glibc
+import ImageFormats
+
+/// How the pipeline runs. The defaults were picked by measuring on a 2-core machine (see
+/// docs/BENCHMARKS.md); `--buffer-size`, `--queue-depth` and `--io-threads` (or the
+/// SIMG_BUFFER_SIZE / SIMG_QUEUE_DEPTH / SIMG_IO_THREADS environment variables) override them.
+public struct ConvertOptions: Sendable {
+    /// Largest request, and the size of each pooled buffer.
+    public var bufferSize: Int = 2 << 20
+    /// Buffers (chunks) in flight at once.
+    public var queueDepth: Int = 16
+    /// Threads of the thread-pool engine (buffered I/O).
+    public var ioThreads: Int = 4
+    /// Zero detection granularity (`-S`); 0 writes everything (fully allocated output).
+    public var sparseSize: UInt64 = 4096
+    /// Data extents of one file separated by at most this many bytes of zeros, with the host
+    /// offsets continuing across the gap, are read with one request.
+    public var gapLimit: UInt64 = 64 << 10
+    /// `-B`: ranges the sources' top layers do not allocate are left to the target's backing file.
+    public var keepBacking: Bool = false
+    /// Called with (bytes done, total) as the copy advances.
+    public var progress: (@Sendable (UInt64, UInt64) -> Void)?
+
+    public init() {}
+}
+
+/// What a run did, for `--stats`.
+public struct ConvertStats: Sendable, Equatable {
+    public var engine = ""
+    public var readRequests = 0
+    public var writeRequests = 0
+    public var zeroRequests = 0
+    public var extentsMerged = 0
+    public var bytesRead: UInt64 = 0
+    public var bytesWritten: UInt64 = 0
+    public var bytesZeroSkipped: UInt64 = 0
+    public var bytesZeroWritten: UInt64 = 0
+    public var seconds: Double = 0
+    public var bufferSize = 0
+    public var queueDepth = 0
+
+    public init() {}
+
+    /// One JSON object on one line.
+    public var json: String {
+        var secondsText = String(Int((seconds * 1_000_000).rounded()))
+        while secondsText.count < 7 { secondsText = "0" + secondsText }
+        secondsText.insert(".", at: secondsText.index(secondsText.endIndex, offsetBy: -6))
+        return "{\"engine\": \"\(engine)\", \"read-requests\": \(readRequests), "
+            + "\"write-requests\": \(writeRequests), \"zero-requests\": \(zeroRequests), "
+            + "\"extents-merged\": \(extentsMerged), \"bytes-read\": \(bytesRead), "
+            + "\"bytes-written\": \(bytesWritten), \"bytes-zero-skipped\": \(bytesZeroSkipped), "
+            + "\"bytes-zeroed\": \(bytesZeroWritten), \"buffer-size\": \(bufferSize), "
+            + "\"queue-depth\": \(queueDepth), \"seconds\": \(secondsText)}"
+    }
+}
+
+/// A failure during the copy: qemu-img's "error while reading/writing at byte N" plus the file.
+public struct ConvertError: Error, CustomStringConvertible {
+    public enum Operation: String, Sendable { case reading, writing }
+    public var operation: Operation
+    /// Output (guest) byte where the failing request starts.
+    public var byte: UInt64
+    public var path: String
+    public var cause: any Error
+
+    public init(_ operation: Operation, byte: UInt64, path: String, cause: any Error) {
+        self.operation = operation
+        self.byte = byte
+        self.path = path
+        self.cause = cause
+    }
+
+    public var description: String {
+        let reason: String
+        if let io = cause as? IOError {
+            reason = io.description
+        } else if let image = cause as? ImageError {
+            reason = image.description
+        } else {
+            reason = "'\(path)': \(cause)"
+        }
+        return "error while \(operation.rawValue) at byte \(byte): \(reason)"
+    }
+}
+
+/// Zero detection on read data.
+public enum ZeroScan {
+    /// True when all `count` bytes at `pointer` are zero. Checks the first 16 bytes, then
+    /// compares the rest with itself shifted by 16 (memcmp is vectorised): equal means every
+    /// byte equals the one 16 before it, hence zero.
+    public static func isZero(_ pointer: UnsafeRawPointer, count: Int) -> Bool {
+        if count <= 32 {
+            for i in 0..<count where pointer.load(fromByteOffset: i, as: UInt8.self) != 0 { return false }
+            return true
+        }
+        for i in 0..<16 where pointer.load(fromByteOffset: i, as: UInt8.self) != 0 { return false }
+        // Sound: both ranges lie within [pointer, pointer + count).
+        return memcmp(pointer, pointer + 16, count - 16) == 0
+    }
+}
+
+/// Monotonic seconds.
+func monotonicSeconds() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}

@@ -1,0 +1,257 @@
+import DiskIO
+import Glibc
+import ImageFormats
+import Pipeline
+
+/// `simg convert`: qemu-img convert's command line over simg's copy pipeline.
+enum ConvertCommand {
+    static let command = Command(
+        name: "convert",
+        synopsis: "convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] "
+            + "[-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num] [-W] [-C] "
+            + "[--target-is-zero] [--stats] filename [filename2 [...]] output_filename",
+        details: [
+            "Converts the images 'filename' (several are concatenated) to 'output_filename' in format",
+            "'output_fmt' (raw by default).",
+            "  '-t'/'-T' cache mode of the target/source: none, writeback, writethrough, directsync,",
+            "    unsafe (defaults: -t unsafe, -T writeback); none and directsync use O_DIRECT",
+            "  '-S' zero-detection granularity (default 4k); 0 writes everything (fully allocated)",
+            "  '-c' compressed qcow2 output; '-B' output with a backing file holding only the differences",
+            "  '-n' writes into an existing target; '--target-is-zero' says it reads as zeros",
+            "  '-p' shows progress; '-m' and '-W' are accepted as in qemu-img",
+            "  '--stats' prints what the copy did as JSON on stderr",
+        ],
+        options: [
+            .flag("U", "force-share"), .flag("c", "compress"), .flag("p", "progress"),
+            .flag("n", "no-create"), .value("f", "format"), .value("t", "cache"),
+            .value("T", "source-cache"), .value("O", "output-format"), .value("B", "backing"),
+            .value("F", "backing-format"), .value("o", "options"), .value("S", "sparse-size"),
+            .value("m", "coroutines"), .flag("W", "out-of-order"), .flag("C", "copy-offload"),
+            .long("target-is-zero"), .long("stats"), .long("force-share"),
+            // Tuning (not in qemu-img): request size, buffers in flight, I/O threads.
+            .long("buffer-size", takesValue: true), .long("queue-depth", takesValue: true),
+            .long("io-threads", takesValue: true),
+        ],
+        run: run)
+
+    /// Cache mode -> O_DIRECT, as QEMU maps them (none and directsync bypass the page cache).
+    static func isDirect(cacheMode: String) -> Bool? {
+        switch cacheMode {
+        case "none", "directsync": return true
+        case "writeback", "writethrough", "unsafe": return false
+        default: return nil
+        }
+    }
+
+    static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        let quiet = scan.has("quiet")
+        let noCreate = scan.has("no-create")
+        let compress = scan.has("compress")
+        let targetIsZero = scan.has("target-is-zero")
+        let optionText = try OptionList.join(scan.values("options"))
+        let outputFormatName = scan.last("output-format") ?? "raw"
+
+        if let coroutines = scan.last("coroutines") {
+            guard let n = Int(coroutines), (1...16).contains(n) else {
+                throw CLIError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
+            }
+        }
+        var options = ConvertOptions()
+        if let sparse = scan.last("sparse-size") {
+            let value: UInt64
+            do {
+                value = try Backend.parseSize(sparse).value
+            } catch {
+                throw CLIError("Invalid buffer size for sparse output specified. You may use k, M, G, T, P or E suffixes for\nsimg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+            }
+            guard value % 512 == 0, value <= 16 << 20 else {
+                throw CLIError("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).")
+            }
+            options.sparseSize = value
+        }
+        let targetCache = scan.last("cache") ?? "unsafe"
+        guard let targetDirect = isDirect(cacheMode: targetCache) else {
+            throw CLIError("Invalid cache option: \(targetCache)")
+        }
+        let sourceCache = scan.last("source-cache") ?? "writeback"
+        guard let sourceDirect = isDirect(cacheMode: sourceCache) else {
+            throw CLIError("Invalid source cache option: \(sourceCache)")
+        }
+        if scan.has("copy-offload") {
+            if compress { throw CLIError("Cannot enable copy offloading when -c is used") }
+            if scan.has("sparse-size") { throw CLIError("Cannot enable copy offloading when -S is used") }
+        }
+        if targetIsZero && !noCreate { throw CLIError("--target-is-zero requires use of -n flag") }
+        try applyTuning(scan, to: &options)
+
+        if let optionText, OptionList.wantsHelp(optionText) {
+            guard let format = ImageFormat(rawValue: outputFormatName) else {
+                throw CLIError("Unknown file format '\(outputFormatName)'")
+            }
+            console.out(CreateCommand.optionHelp(for: format, withFilename: scan.operands.count > 1))
+            return 0
+        }
+        guard scan.operands.count >= 2 else { throw CLIError("Must specify image file name") }
+        let sourcePaths = Array(scan.operands.dropLast())
+        let output = scan.operands[scan.operands.count - 1]
+        if noCreate && optionText != nil { throw CLIError("-o has no effect when skipping image creation") }
+
+        var sourceFormat: ImageFormat?
+        if let name = scan.last("format") {
+            guard let known = ImageFormat(rawValue: name) else { throw CLIError("Unknown driver '\(name)'") }
+            sourceFormat = known
+        }
+        guard let outputFormat = ImageFormat(rawValue: outputFormatName) else {
+            throw CLIError("Unknown file format '\(outputFormatName)'")
+        }
+        let createOptions = (optionText.map(OptionList.parse) ?? []).filter { $0.name != "size" }
+        let backingFile = scan.last("backing") ?? createOptions.last(where: { $0.name == "backing_file" })?.value
+        let backingFormat = scan.last("backing-format") ?? createOptions.last(where: { $0.name == "backing_fmt" })?.value
+        if compress && outputFormat != .qcow2 { throw CLIError("Compression not supported for this file format") }
+        if backingFile != nil {
+            if outputFormat != .qcow2 { throw CLIError("Backing file not supported for file format '\(outputFormat.rawValue)'") }
+            if backingFormat == nil { throw CLIError("Use of backing file requires explicit backing format") }
+        } else if backingFormat != nil && outputFormat != .qcow2 {
+            throw CLIError("Backing file format not supported for file format '\(outputFormat.rawValue)'")
+        }
+        options.keepBacking = backingFile != nil
+
+        // Sources, each with its backing chain.
+        var sources: [any DiskImage] = []
+        defer { for source in sources { try? source.close() } }
+        for path in sourcePaths {
+            if Backend.isDirectory(path) {
+                throw CLIError("Could not open '\(path)': 'file' driver requires '\(path)' to be a regular file")
+            }
+            do {
+                sources.append(try ImageOpener.open(path, options: OpenOptions(format: sourceFormat, writable: false,
+                                                                               direct: sourceDirect)))
+            } catch {
+                throw CLIError(Backend.openFailure(error, path: path))
+            }
+        }
+        let totalSize = sources.reduce(UInt64(0)) { $0 + $1.virtualSize }
+
+        if !noCreate {
+            let request = CreateRequest(format: outputFormat, path: output, size: totalSize,
+                                        options: createOptions.map { CreateOption(name: $0.name, value: $0.value) },
+                                        backingFile: scan.last("backing"), backingFormat: scan.last("backing-format"),
+                                        unsafeBacking: false)
+            do {
+                try Backend.create(request, announce: { _ in }, warn: { console.error("warning: " + $0) })
+            } catch let error as ImageError where error.path == output {
+                if error.message.hasPrefix("Invalid parameter") { throw CLIError(error.message) }
+                var message = "\(output): error while converting \(outputFormat.rawValue): \(error.message)"
+                if let cause = error.cause { message += ": \(cause)" }
+                throw CLIError(message)
+            } catch let io as IOError {
+                throw CLIError("\(output): error while converting \(outputFormat.rawValue): \(io)")
+            }
+        }
+
+        let target = try openTarget(output, format: outputFormat, direct: targetDirect,
+                                    startsZeroed: !noCreate || targetIsZero, compress: compress,
+                                    sparse: options.sparseSize)
+        if noCreate && target.virtualSize < totalSize {
+            target.abandon()
+            throw CLIError("output file is smaller than input file")
+        }
+
+        let showProgress = scan.has("progress") && !quiet
+        var lastShown = -1
+        if showProgress {
+            let progress = ProgressPrinter(console: console)
+            options.progress = { done, total in progress.update(done: done, total: total) }
+            console.out(ProgressPrinter.line(0))
+            lastShown = 0
+        }
+        let pipeline: ConvertPipeline
+        do {
+            pipeline = try ConvertPipeline(sources: sources, target: target, options: options)
+        } catch {
+            target.abandon()
+            throw error
+        }
+        let stats = try pipeline.run()
+        if showProgress && lastShown >= 0 { console.out(ProgressPrinter.line(10000) + "\n") }
+        if scan.has("stats") { console.err(stats.json + "\n") }
+        return 0
+    }
+
+    /// `--buffer-size`, `--queue-depth`, `--io-threads`, or SIMG_BUFFER_SIZE, SIMG_QUEUE_DEPTH,
+    /// SIMG_IO_THREADS in the environment (the options win).
+    static func applyTuning(_ scan: ScanResult, to options: inout ConvertOptions) throws {
+        func setting(_ key: String, _ variable: String) -> String? {
+            if let value = scan.last(key) { return value }
+            guard let raw = getenv(variable) else { return nil }
+            return String(cString: raw)
+        }
+        if let text = setting("buffer-size", "SIMG_BUFFER_SIZE") {
+            guard let value = try? Backend.parseSize(text).value, value >= 4096, value <= 256 << 20 else {
+                throw CLIError("Invalid buffer size: \(text) (4k to 256M)")
+            }
+            options.bufferSize = Int(value)
+        }
+        if let text = setting("queue-depth", "SIMG_QUEUE_DEPTH") {
+            guard let value = Int(text), (1...256).contains(value) else {
+                throw CLIError("Invalid queue depth: \(text) (1 to 256)")
+            }
+            options.queueDepth = value
+        }
+        if let text = setting("io-threads", "SIMG_IO_THREADS") {
+            guard let value = Int(text), (1...64).contains(value) else {
+                throw CLIError("Invalid number of I/O threads: \(text) (1 to 64)")
+            }
+            options.ioThreads = value
+        }
+    }
+
+    static func openTarget(_ path: String, format: ImageFormat, direct: Bool, startsZeroed: Bool,
+                           compress: Bool, sparse: UInt64) throws -> any ConvertTarget {
+        do {
+            switch format {
+            case .raw:
+                return try RawTarget(path: path, direct: direct, startsZeroed: startsZeroed)
+            case .qcow2:
+                let opened = try ImageOpener.open(path, options: OpenOptions(format: .qcow2, writable: true, direct: direct))
+                guard let image = opened as? QCOW2Image else {
+                    try? opened.close()
+                    throw ImageError(path: path, message: "Image is not in qcow2 format")
+                }
+                if compress {
+                    return try ConvertTargets.compressed(image: image, startsZeroed: startsZeroed, sparse: sparse)
+                }
+                return QCOW2Target(image: image, startsZeroed: startsZeroed)
+            }
+        } catch let error as CLIError {
+            throw error
+        } catch {
+            throw CLIError(Backend.openFailure(error, path: path))
+        }
+    }
+}
+
+/// Prints qemu-img's progress line, `    (12.34/100%)` ending in a carriage return, each time
+/// the copy advances by at least 1%.
+final class ProgressPrinter: @unchecked Sendable {
+    // @unchecked Sendable: only called from the pipeline's thread, which runs the command.
+    private let console: Console
+    private var shown = 0
+
+    init(console: Console) { self.console = console }
+
+    func update(done: UInt64, total: UInt64) {
+        guard total > 0 else { return }
+        let hundredths = Int(Double(done) / Double(total) * 10000)
+        if hundredths - shown >= 100 {
+            shown = hundredths
+            console.out(ProgressPrinter.line(hundredths))
+        }
+    }
+
+    /// The line for `hundredths` of a percent.
+    static func line(_ hundredths: Int) -> String {
+        let fraction = hundredths % 100
+        return "    (\(hundredths / 100).\(fraction < 10 ? "0" : "")\(fraction)/100%)\r"
+    }
+}
