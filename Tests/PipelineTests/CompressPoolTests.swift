@@ -1,0 +1,186 @@
+import DiskIO
+import Foundation
+import ImageFormats
+import Testing
+@testable import Pipeline
+
+/// The parallel compressor (order, padding, incompressible clusters) and the compressing
+/// qcow2 target end to end (checked by qemu-img check and compare).
+@Suite struct CompressPoolTests {
+    static func cluster(_ index: Int, size: Int, randomFraction: Double) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: size)
+        var x = UInt64(index + 7) &* 0x9E37_79B9_7F4A_7C15
+        let random = Int(Double(size) * randomFraction)
+        let text = Array("pool test cluster \(index) ".utf8)
+        for i in 0..<size {
+            if i < random {
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17
+                out[i] = UInt8(truncatingIfNeeded: x)
+            } else {
+                out[i] = text[i % text.count]
+            }
+        }
+        return out
+    }
+
+    @Test(arguments: [(QCOW2Compression.zlib, 1), (.zlib, 3), (.zstd, 4)])
+    func resultsInOrder(_ codec: QCOW2Compression, _ threads: Int) throws {
+        let cs = 65536
+        let pool = try CompressPool(codec: codec, clusterSize: cs, threads: threads)
+        defer { pool.stop() }
+        let count = 3 * pool.depth + 5
+        var inputs: [[UInt8]] = []
+        for k in 0..<count {
+            // Every 5th incompressible; the last one short (an image end inside a cluster).
+            var c = Self.cluster(k, size: cs, randomFraction: k % 5 == 4 ? 1 : 0.3)
+            if k == count - 1 { c = Array(c[0..<1000]) }
+            inputs.append(c)
+        }
+        var seen: [UInt64] = []
+        var compressed = 0, stored = 0
+        let sink: (UInt64, CompressPool.Result) throws -> Void = { guest, result in
+            let k = Int(guest) / cs
+            seen.append(guest)
+            var expected = inputs[k]
+            switch result {
+            case .compressed(let stream):
+                compressed += 1
+                #expect(stream.count < cs)
+                var out = [UInt8](repeating: 1, count: cs)
+                let ok = out.withUnsafeMutableBytes { codec.decompress(stream, into: $0) }
+                #expect(ok)
+                // A short cluster was zero-padded for compression.
+                expected += [UInt8](repeating: 0, count: cs - expected.count)
+                #expect(out == expected)
+            case .uncompressed(let bytes):
+                stored += 1
+                #expect(Array(bytes) == expected)
+            }
+        }
+        for (k, c) in inputs.enumerated() {
+            try c.withUnsafeBytes { try pool.submit(guestOffset: UInt64(k * cs), $0, sink: sink) }
+        }
+        try pool.drain(sink)
+        #expect(seen == (0..<count).map { UInt64($0 * cs) })
+        #expect(stored == count / 5)
+        #expect(compressed == count - count / 5)
+    }
+
+    /// `convert -c` through the target: compressible, incompressible and zero clusters, a
+    /// size that is not a cluster multiple; the result passes qemu-img check and compare,
+    /// zero clusters stay unallocated, and the file is much smaller than the data.
+    @Test(arguments: ["zlib", "zstd"])
+    func compressedTarget(_ compression: String) throws {
+        let dir = try CQTemp()
+        let path = dir.file("out.qcow2")
+        let cs = 65536
+        let size = 40 * cs + 12_800
+        try ImageCreator.create(CreateRequest(format: .qcow2, path: path, size: UInt64(size),
+                                              options: [CreateOption(name: "compression_type", value: compression)]),
+                                announce: { _ in })
+        var expected = [UInt8](repeating: 0, count: size)
+        for k in 0..<41 {
+            let start = k * cs, end = min(size, start + cs)
+            switch k % 4 {
+            case 0, 1: expected.replaceSubrange(start..<end, with: Self.cluster(k, size: cs, randomFraction: 0.05)[0..<(end - start)])
+            case 2: break  // zeros
+            default:
+                if k == 39 {
+                    expected.replaceSubrange(start..<end, with: Self.cluster(k, size: cs, randomFraction: 1)[0..<(end - start)])
+                }
+            }
+        }
+        let image = try QCOW2Image.open(path: path, writable: true)
+        let target = try QCOW2CompressedTarget(image: image, startsZeroed: true, threads: 2)
+        // Chunks of 3 clusters, as a pipeline with a small buffer would send them.
+        var offset = 0
+        try expected.withUnsafeBytes { all in
+            while offset < size {
+                let n = min(3 * cs, size - offset)
+                try target.write(UnsafeRawBufferPointer(rebasing: all[offset..<(offset + n)]), at: UInt64(offset))
+                offset += n
+            }
+        }
+        try target.finish()
+        #expect(target.uncompressedClusters == 1)
+        // k % 4 in {0, 1}: 21 compressible; k % 4 in {2, 3}: 19 zero and cluster 39 random.
+        #expect(target.zeroClusters == 19)
+        #expect(target.compressedClusters == 21)
+
+        try cqQemuImg(["check", path])
+        let raw = dir.file("expected.raw")
+        try Data(expected).write(to: URL(fileURLWithPath: raw))
+        try cqQemuImg(["compare", "-f", "qcow2", "-F", "raw", path, raw])
+        // qemu-img 7.2's human map refuses images with compressed clusters: proof they are there.
+        do {
+            try cqQemuImg(["map", path])
+            Issue.record("qemu-img map found no compressed clusters")
+        } catch let failure as CQToolFailure {
+            #expect(failure.description.contains("compressed clusters"))
+        }
+        var st = stat()
+        #expect(stat(path, &st) == 0)
+        #expect(st.st_size % 512 == 0)
+        // 4 metadata clusters, an L2 table, two clusters of streams (21 x ~3.4 KiB), one raw
+        // cluster: far below the 22 data clusters written.
+        #expect(Int(st.st_size) <= 8 * cs)
+        let info = try cqQemuImg(["info", "--output=json", path])
+        #expect(info.contains("\"compression-type\": \"\(compression)\""))
+    }
+
+    @Test func refusesExternalDataFile() throws {
+        let dir = try CQTemp()
+        let path = dir.file("d.qcow2")
+        try ImageCreator.create(CreateRequest(format: .qcow2, path: path, size: 1 << 20,
+                                              options: [CreateOption(name: "data_file", value: dir.file("d.raw"))]),
+                                announce: { _ in })
+        let image = try QCOW2Image.open(path: path, writable: true)
+        defer { try? image.close() }
+        #expect(throws: ImageError.self) { _ = try QCOW2CompressedTarget(image: image, startsZeroed: true) }
+    }
+
+    @Test func zeroDetection() {
+        var bytes = [UInt8](repeating: 0, count: 4099)
+        #expect(bytes.withUnsafeBytes { CompressZero.isZero($0) })
+        bytes[4098] = 1
+        #expect(!bytes.withUnsafeBytes { CompressZero.isZero($0) })
+        bytes[4098] = 0
+        bytes[8] = 1
+        #expect(!bytes.withUnsafeBytes { CompressZero.isZero($0) })
+    }
+}
+
+/// A temporary folder for these tests.
+final class CQTemp {
+    let path: String
+    init() throws {
+        path = NSTemporaryDirectory() + "simg-cq-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    }
+    func file(_ name: String) -> String { path + "/" + name }
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+}
+
+struct CQToolFailure: Error, CustomStringConvertible { var description: String }
+
+/// Runs qemu-img (a missing qemu-img fails the test) and returns stdout; nonzero exit throws.
+@discardableResult
+func cqQemuImg(_ arguments: [String]) throws -> String {
+    guard let tool = ["/usr/bin/qemu-img", "/usr/local/bin/qemu-img"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
+        throw CQToolFailure(description: "qemu-img is not installed")
+    }
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: tool)
+    process.arguments = arguments
+    let out = Pipe(), err = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    try process.run()
+    let outData = out.fileHandleForReading.readDataToEndOfFile()
+    let errData = err.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    guard process.terminationStatus == 0 else {
+        throw CQToolFailure(description: "qemu-img \(arguments.joined(separator: " ")) exited \(process.terminationStatus): \(String(decoding: outData + errData, as: UTF8.self))")
+    }
+    return String(decoding: outData, as: UTF8.self)
+}
