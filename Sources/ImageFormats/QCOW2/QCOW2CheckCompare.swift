@@ -1,0 +1,99 @@
+import DiskIO
+import Glibc
+
+/// Stored refcounts against the references found (QEMU's compare_refcounts), and the
+/// OFLAG_COPIED flags against the stored refcounts (check_oflag_copied).
+extension QCOW2Checker {
+    /// Compares every cluster; with `fix`, lowers leaked counts (leaks) and raises too-low
+    /// nonzero counts (all). A used cluster counted 0 needs a rebuild.
+    func compareRefcounts(fix: CheckRepair) throws {
+        highestCluster = 0
+        for i in 0..<counts.count {
+            let cluster = UInt64(i)
+            guard let stored = try stored.refcount(of: cluster) else {
+                say("Can't get refcount for cluster \(i): \(String(cString: strerror(EIO)))")
+                result.checkErrors += 1
+                continue
+            }
+            let found = counts[i]
+            if stored > 0 || found > 0 { highestCluster = cluster }
+            guard stored != found else { continue }
+            var fixesLeak = false, fixesError = false
+            if stored == 0 {
+                rebuild = true
+            } else if stored > found && fix.fixesLeaks {
+                fixesLeak = true
+            } else if stored < found && fix.fixesErrors {
+                fixesError = true
+            }
+            let word = fixesLeak || fixesError ? "Repairing" : (stored < found ? "ERROR" : "Leaked")
+            say("\(word) cluster \(i) refcount=\(stored) reference=\(found)")
+            if fixesLeak || fixesError, try self.stored.setRefcount(of: cluster, to: found) {
+                if fixesLeak { result.leaksFixed += 1 } else { result.corruptionsFixed += 1 }
+                continue
+            }
+            if stored < found { result.corruptions += 1 } else { result.leaks += 1 }
+        }
+        try stored.flush()
+        if fix != .none { try file.sync() }
+    }
+
+    /// The COPIED flag of each active L1 entry and of each active L2 entry must be set exactly
+    /// when the cluster's refcount is 1. Repaired with -r all, and with -r leaks when nothing
+    /// else is wrong (the refcounts are then known to be right).
+    func checkCopiedFlags(fix: CheckRepair) throws {
+        let repair = fix.fixesErrors
+            || (fix.fixesLeaks && result.checkErrors == 0 && result.corruptions == 0 && result.leaks == 0)
+        let extended = header.hasExtendedL2
+        let entrySize = extended ? 16 : 8
+        let entries = Int(clusterSize) / entrySize
+        var reader = QCOW2TableReader(file: file, tableBytes: Int(clusterSize), offsets: l1.map { $0 & qcow2OffsetMask })
+        for i in l1.indices {
+            let l1Entry = l1[i]
+            let l2Offset = l1Entry & qcow2OffsetMask
+            if l2Offset == 0 { continue }
+            guard let refcount = try stored.refcount(of: l2Offset >> clusterBits) else { continue }
+            if (refcount == 1) != (l1Entry & qcow2CopiedFlag != 0) {
+                result.corruptions += 1
+                say("\(repair ? "Repairing" : "ERROR") OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(Self.hex(l1Entry)) refcount=\(refcount)")
+                if repair {
+                    let fixed = refcount == 1 ? l1Entry | qcow2CopiedFlag : l1Entry & ~qcow2CopiedFlag
+                    var patch: [UInt8] = []
+                    QCOW2BE.append64(&patch, fixed)
+                    try file.qcow2Write(patch, at: header.l1TableOffset + UInt64(i) * 8)
+                    try file.sync()
+                    l1[i] = fixed
+                    result.corruptions -= 1
+                    result.corruptionsFixed += 1
+                }
+            }
+            var table = try reader.table(at: i)
+            var changed = 0
+            for j in 0..<entries {
+                let entry = QCOW2BE.u64(table, j * entrySize)
+                let type = clusterType(entry)
+                guard type == .normal || type == .zeroAllocated else { continue }
+                var dataRefcount: UInt64 = 1
+                if !header.hasDataFile {
+                    guard let r = try stored.refcount(of: (entry & qcow2OffsetMask) >> clusterBits) else { continue }
+                    dataRefcount = r
+                }
+                if (dataRefcount == 1) != (entry & qcow2CopiedFlag != 0) {
+                    result.corruptions += 1
+                    say("\(repair ? "Repairing" : "ERROR") OFLAG_COPIED data cluster: l2_entry=\(Self.hex(entry)) refcount=\(dataRefcount)")
+                    if repair {
+                        let fixed = dataRefcount == 1 ? entry | qcow2CopiedFlag : entry & ~qcow2CopiedFlag
+                        QCOW2BE.put64(&table, j * entrySize, fixed)
+                        changed += 1
+                    }
+                }
+            }
+            if changed > 0 {
+                try file.qcow2Write(table, at: l2Offset)
+                try file.sync()
+                result.corruptions -= Int64(changed)
+                result.corruptionsFixed += Int64(changed)
+            }
+        }
+    }
+}

@@ -1,0 +1,169 @@
+import Glibc
+import ImageFormats
+
+/// `simg check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename`
+/// with qemu-img check's contract: exit 0 clean, 1 check failed, 2 corruptions, 3 leaks only,
+/// 63 no check for the format; after a repair the status describes the repaired image.
+enum CheckCommand {
+    static let command = Command(
+        name: "check",
+        synopsis: "check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename",
+        details: [
+            "Checks an image for consistency; qcow2 images can also be repaired.",
+            "  '-f' names the format instead of probing it",
+            "  '--output' is 'human' (default) or 'json', the same fields as qemu-img's",
+            "  '-r leaks' frees leaked clusters; '-r all' also repairs corruptions",
+            "  '-T' is the cache mode used to read the image (accepted as qemu-img does)",
+            "  '-U' (force share) is accepted for compatibility with qemu-img",
+            "  '-q' prints no summary: only the exit status tells the result",
+        ],
+        options: [.value("f", "format"), .value("r", "repair"), .value("T", "cache"),
+                  .flag("U", "force-share"), .long("output", takesValue: true)],
+        run: run)
+
+    static let cacheModes: Set<String> = ["none", "off", "directsync", "writeback", "unsafe", "writethrough"]
+
+    static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        var repair = CheckRepair.none
+        if let value = scan.last("repair") {
+            switch value {
+            case "leaks": repair = .leaks
+            case "all": repair = .all
+            default: throw CLIError.usage("Unknown option value for -r (expecting 'leaks' or 'all'): \(value)")
+            }
+        }
+        guard scan.operands.count == 1, let filename = scan.operands.first else {
+            throw CLIError.usage("Expecting one image file name")
+        }
+        let output = scan.last("output") ?? "human"
+        guard output == "human" || output == "json" else {
+            throw CLIError("--output must be used with human or json as argument.")
+        }
+        if let cache = scan.last("cache"), !cacheModes.contains(cache) {
+            throw CLIError("Invalid source cache option: \(cache)")
+        }
+        var format: ImageFormat?
+        if let name = scan.last("format") {
+            guard let known = ImageFormat(rawValue: name) else {
+                throw CLIError("Could not open '\(filename)': Unknown driver '\(name)'")
+            }
+            format = known
+        }
+        let quiet = scan.has("quiet")
+        let opened = try openFormat(path: filename, format: format)
+        guard ImageChecker.supportsCheck(opened) else {
+            console.error("This image format does not support checks")
+            return 63
+        }
+        let report: (String) -> Void = { console.err($0) }
+
+        var result: ImageCheckResult
+        var failure: Int32?
+        do {
+            result = try ImageChecker.check(path: filename, format: opened, repair: repair, report: report)
+        } catch let f as ImageCheckFailure {
+            result = f.result
+            failure = f.errno
+        }
+        if failure == nil && (result.corruptionsFixed != 0 || result.leaksFixed != 0) {
+            if output == "human" && !quiet {
+                console.out("The following inconsistencies were found and repaired:\n\n"
+                            + "    \(result.leaksFixed) leaked clusters\n"
+                            + "    \(result.corruptionsFixed) corruptions\n\n"
+                            + "Double checking the fixed image now...\n")
+            }
+            let fixed = result
+            do {
+                result = try ImageChecker.check(path: filename, format: opened, repair: .none, report: report)
+            } catch let f as ImageCheckFailure {
+                result = f.result
+                failure = f.errno
+            }
+            result.leaksFixed = fixed.leaksFixed
+            result.corruptionsFixed = fixed.corruptionsFixed
+        }
+        if failure == nil && !quiet {
+            console.out(output == "json" ? jsonText(result, filename: filename, format: opened) : humanText(result))
+        }
+        if let failure {
+            throw CLIError("Check failed: \(String(cString: strerror(failure)))")
+        }
+        if result.checkErrors != 0 { throw CLIError("Check failed") }
+        if result.corruptions != 0 { return 2 }
+        if result.leaks != 0 { return 3 }
+        return 0
+    }
+
+    /// Opens the image with its backing chain as qemu-img check does (so the same images fail
+    /// to open, with the same sentences) and returns its format; the check itself then works
+    /// on the file.
+    static func openFormat(path: String, format: ImageFormat?) throws -> ImageFormat {
+        if Backend.isDirectory(path) {
+            throw CLIError("Could not open '\(path)': 'file' driver requires '\(path)' to be a regular file")
+        }
+        do {
+            let image = try ImageOpener.open(path, options: OpenOptions(format: format, writable: false,
+                                                                        direct: false, openBacking: true))
+            let found = image.format
+            try image.close()
+            return found
+        } catch {
+            throw CLIError(Backend.openFailure(error, path: path))
+        }
+    }
+
+    /// qemu-img's dump_human_image_check.
+    static func humanText(_ r: ImageCheckResult) -> String {
+        var text = ""
+        if r.corruptions == 0 && r.leaks == 0 && r.checkErrors == 0 {
+            text += "No errors were found on the image.\n"
+        } else {
+            if r.corruptions != 0 {
+                text += "\n\(r.corruptions) errors were found on the image.\n"
+                    + "Data may be corrupted, or further writes to the image may corrupt it.\n"
+            }
+            if r.leaks != 0 {
+                text += "\n\(r.leaks) leaked clusters were found on the image.\n"
+                    + "This means waste of disk space, but no harm to data.\n"
+            }
+            if r.checkErrors != 0 {
+                text += "\n\(r.checkErrors) internal errors have occurred during the check.\n"
+            }
+        }
+        if r.totalClusters != 0 && r.allocatedClusters != 0 {
+            let allocated = Double(r.allocatedClusters)
+            text += "\(r.allocatedClusters)/\(r.totalClusters) = "
+                + "\(percent(allocated * 100 / Double(r.totalClusters)))% allocated, "
+                + "\(percent(Double(r.fragmentedClusters) * 100 / allocated))% fragmented, "
+                + "\(percent(Double(r.compressedClusters) * 100 / allocated))% compressed clusters\n"
+        }
+        if r.imageEndOffset != 0 { text += "Image end offset: \(r.imageEndOffset)\n" }
+        return text
+    }
+
+    /// printf's "%0.2f".
+    static func percent(_ value: Double) -> String {
+        var buffer = [CChar](repeating: 0, count: 64)
+        // snprintf writes at most buffer.count bytes including the terminator.
+        _ = withVaList([value]) { vsnprintf(&buffer, buffer.count, "%0.2f", $0) }
+        return String(cString: buffer)
+    }
+
+    /// qemu-img's ImageCheck as JSON: optional counts only when nonzero.
+    static func jsonText(_ r: ImageCheckResult, filename: String, format: ImageFormat) -> String {
+        var object = JSONObject()
+        object["filename"] = .string(filename)
+        object["format"] = .string(format.rawValue)
+        object["check-errors"] = .int(r.checkErrors)
+        if r.imageEndOffset != 0 { object["image-end-offset"] = .uint(r.imageEndOffset) }
+        if r.corruptions != 0 { object["corruptions"] = .int(r.corruptions) }
+        if r.leaks != 0 { object["leaks"] = .int(r.leaks) }
+        if r.corruptionsFixed != 0 { object["corruptions-fixed"] = .int(r.corruptionsFixed) }
+        if r.leaksFixed != 0 { object["leaks-fixed"] = .int(r.leaksFixed) }
+        if r.totalClusters != 0 { object["total-clusters"] = .int(r.totalClusters) }
+        if r.allocatedClusters != 0 { object["allocated-clusters"] = .int(r.allocatedClusters) }
+        if r.fragmentedClusters != 0 { object["fragmented-clusters"] = .int(r.fragmentedClusters) }
+        if r.compressedClusters != 0 { object["compressed-clusters"] = .int(r.compressedClusters) }
+        return JSONWriter.pretty(.object(object)) + "\n"
+    }
+}
