@@ -6,7 +6,6 @@ import ImageFormats
 public enum ConvertTargets {
     /// The `-c` target (compressed clusters). `sparse` is -S: 0 compresses zero clusters too.
     public static func compressed(image: QCOW2Image, startsZeroed: Bool, sparse: UInt64) throws -> any ConvertTarget {
-        // Plugged in once the compressed target (QCOW2TargetCompressed.swift) is in.
-        throw ImageError(path: image.path, message: "compressed output (-c) is not supported yet")
+        try QCOW2CompressedTarget(image: image, startsZeroed: startsZeroed, compressZeroClusters: sparse == 0)
     }
 }

@@ -141,6 +141,9 @@ enum ConvertCommand {
                 try Backend.create(request, announce: { _ in }, warn: { console.error("warning: " + $0) })
             } catch let error as ImageError where error.path == output {
                 if error.message.hasPrefix("Invalid parameter") { throw CLIError(error.message) }
+                if let io = error.cause as? IOError, io.operation == "create" {
+                    throw CLIError("\(output): error while converting \(outputFormat.rawValue): \(io)")
+                }
                 var message = "\(output): error while converting \(outputFormat.rawValue): \(error.message)"
                 if let cause = error.cause { message += ": \(cause)" }
                 throw CLIError(message)
