@@ -44,8 +44,13 @@ public final class ConvertPipeline {
     private var zeroPieces: [[(position: Int, length: Int)]]
     private var keepRanges: [[(position: Int, length: Int)]]
     private var readOps: [[ReadOp]]
-    /// Slots whose reads are complete, waiting to be written (at most one entry per slot).
-    private var ready: [Int]
+    /// Slots in the order their chunks were started (guest order): chunks are written in
+    /// this order, each once its reads are complete, so a qcow2 target allocates host
+    /// clusters in guest order.
+    private var started: [Int]
+    private var startedHead = 0
+    private var startedCount = 0
+    private var isReady: [Bool]
     private var firstError: (any Error)?
     private var done: UInt64 = 0
     private var fileSizes: [Int: UInt64] = [:]
@@ -94,8 +99,8 @@ public final class ConvertPipeline {
             keepRanges[i].reserveCapacity(16)
             readOps[i].reserveCapacity(64)
         }
-        ready = []
-        ready.reserveCapacity(depth)
+        started = Array(repeating: 0, count: depth)
+        isReady = Array(repeating: false, count: depth)
     }
 
     deinit { engine.shutdown() }
@@ -121,8 +126,11 @@ public final class ConvertPipeline {
                 position += length
             }
             if firstError != nil { break }
-            if !ready.isEmpty {
-                let slot = ready.removeFirst()
+            if startedCount > 0 && isReady[started[startedHead]] {
+                let slot = started[startedHead]
+                startedHead = (startedHead + 1) % started.count
+                startedCount -= 1
+                isReady[slot] = false
                 writeChunk(slot)
                 continue
             }
@@ -190,6 +198,8 @@ public final class ConvertPipeline {
     private func startChunk(_ buffer: BufferPool.Buffer, offset: UInt64, length: Int) {
         let slot = buffer.index
         slots[slot] = Slot(offset: offset, length: length)
+        started[(startedHead + startedCount) % started.count] = slot
+        startedCount += 1
         zeroPieces[slot].removeAll(keepingCapacity: true)
         keepRanges[slot].removeAll(keepingCapacity: true)
         readOps[slot].removeAll(keepingCapacity: true)
@@ -257,7 +267,7 @@ public final class ConvertPipeline {
         } catch {
             if firstError == nil { firstError = error }
         }
-        if slots[slot].pendingReads == 0 { ready.append(slot) }
+        if slots[slot].pendingReads == 0 { isReady[slot] = true }
     }
 
     /// Whether `op` can go to the engine as is: always for buffered files; with O_DIRECT when
@@ -339,7 +349,7 @@ public final class ConvertPipeline {
             }
         }
         slots[slot].pendingReads -= 1
-        if slots[slot].pendingReads == 0 { ready.append(slot) }
+        if slots[slot].pendingReads == 0 { isReady[slot] = true }
     }
 
     private func releaseSlot(_ slot: Int) {

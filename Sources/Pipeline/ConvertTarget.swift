@@ -11,6 +11,8 @@ import ImageFormats
 ///   whole cluster of a `write` on its own, in parallel, before returning.
 /// - Ranges that read as zeros are either skipped (when `readsAsZero(at:length:)` says the target
 ///   already reads as zeros there) or passed to `writeZeroes`; they never reach `write`.
+///   A long zero range (no buffer needed) may be zeroed before earlier chunks still being read
+///   are written; ranges never overlap.
 /// - With `-B` (target keeps a backing file) ranges the source does not allocate in its top
 ///   layer are neither written nor zeroed: they keep reading from the target's backing file.
 /// - `write` is synchronous unless `asyncFile(forWriteAt:length:)` returns a file: then the
