@@ -8,34 +8,66 @@ extension QCOW2Checker {
     /// nonzero counts (all). A used cluster counted 0 needs a rebuild.
     func compareRefcounts(fix: CheckRepair) throws {
         highestCluster = 0
-        for i in 0..<counts.count {
-            let cluster = UInt64(i)
-            guard let stored = try stored.refcount(of: cluster) else {
-                say("Can't get refcount for cluster \(i): \(String(cString: strerror(EIO)))")
-                result.checkErrors += 1
+        let perBlock = 1 << Int(stored.blockBits)
+        let order = stored.order
+        let total = counts.count
+        var blockStart = 0
+        while blockStart < total {
+            let blockEnd = min(blockStart + perBlock, total)
+            let block = try stored.block(blockStart / perBlock)
+            if case .unaligned = block {
+                for i in blockStart..<blockEnd {
+                    say("Can't get refcount for cluster \(i): \(String(cString: strerror(EIO)))")
+                    result.checkErrors += 1
+                    if counts[i] > 0 { highestCluster = UInt64(i) }
+                }
+                blockStart = blockEnd
                 continue
             }
-            let found = counts[i]
-            if stored > 0 || found > 0 { highestCluster = cluster }
-            guard stored != found else { continue }
-            var fixesLeak = false, fixesError = false
-            if stored == 0 {
-                rebuild = true
-            } else if stored > found && fix.fixesLeaks {
-                fixesLeak = true
-            } else if stored < found && fix.fixesErrors {
-                fixesError = true
+            var mismatches: [Int] = []
+            let base = counts.base
+            var highest = -1
+            if case .bytes(let bytes) = block {
+                for i in blockStart..<blockEnd {
+                    // Sound: i < counts.count.
+                    let found = UInt64(base[i])
+                    let value = QCOW2RefcountEntry.get(bytes, i - blockStart, order: order)
+                    if value | found != 0 { highest = i }
+                    if value != found { mismatches.append(i) }
+                }
+            } else {
+                for i in blockStart..<blockEnd where base[i] != 0 {
+                    highest = i
+                    mismatches.append(i)
+                }
             }
-            let word = fixesLeak || fixesError ? "Repairing" : (stored < found ? "ERROR" : "Leaked")
-            say("\(word) cluster \(i) refcount=\(stored) reference=\(found)")
-            if fixesLeak || fixesError, try self.stored.setRefcount(of: cluster, to: found) {
-                if fixesLeak { result.leaksFixed += 1 } else { result.corruptionsFixed += 1 }
-                continue
-            }
-            if stored < found { result.corruptions += 1 } else { result.leaks += 1 }
+            if highest >= 0 { highestCluster = UInt64(highest) }
+            for i in mismatches { try mismatch(UInt64(i), fix: fix) }
+            blockStart = blockEnd
         }
         try stored.flush()
         if fix != .none { try file.sync() }
+    }
+
+    /// One cluster whose stored refcount differs from the references found.
+    private func mismatch(_ cluster: UInt64, fix: CheckRepair) throws {
+        let stored = try self.stored.refcount(of: cluster) ?? 0
+        let found = counts[Int(cluster)]
+        var fixesLeak = false, fixesError = false
+        if stored == 0 {
+            rebuild = true
+        } else if stored > found && fix.fixesLeaks {
+            fixesLeak = true
+        } else if stored < found && fix.fixesErrors {
+            fixesError = true
+        }
+        let word = fixesLeak || fixesError ? "Repairing" : (stored < found ? "ERROR" : "Leaked")
+        say("\(word) cluster \(cluster) refcount=\(stored) reference=\(found)")
+        if fixesLeak || fixesError, try self.stored.setRefcount(of: cluster, to: found) {
+            if fixesLeak { result.leaksFixed += 1 } else { result.corruptionsFixed += 1 }
+            return
+        }
+        if stored < found { result.corruptions += 1 } else { result.leaks += 1 }
     }
 
     /// The COPIED flag of each active L1 entry and of each active L2 entry must be set exactly
@@ -69,14 +101,29 @@ extension QCOW2Checker {
             }
             var table = try reader.table(at: i)
             var changed = 0
+            // The stored refcount block of the data clusters, looked up once per block.
+            var blockIndex = -1
+            var block = QCOW2StoredBlock.none
+            let blockBits = stored.blockBits, order = stored.order
+            let withinMask = (UInt64(1) << blockBits) - 1
             for j in 0..<entries {
                 let entry = QCOW2BE.u64(table, j * entrySize)
+                if entry == 0 { continue }
                 let type = clusterType(entry)
                 guard type == .normal || type == .zeroAllocated else { continue }
                 var dataRefcount: UInt64 = 1
                 if !header.hasDataFile {
-                    guard let r = try stored.refcount(of: (entry & qcow2OffsetMask) >> clusterBits) else { continue }
-                    dataRefcount = r
+                    let cluster = (entry & qcow2OffsetMask) >> clusterBits
+                    let index = Int(cluster >> blockBits)
+                    if index != blockIndex {
+                        block = try stored.block(index)
+                        blockIndex = index
+                    }
+                    switch block {
+                    case .none: dataRefcount = 0
+                    case .unaligned: continue
+                    case .bytes(let b): dataRefcount = QCOW2RefcountEntry.get(b, Int(cluster & withinMask), order: order)
+                    }
                 }
                 if (dataRefcount == 1) != (entry & qcow2CopiedFlag != 0) {
                     result.corruptions += 1

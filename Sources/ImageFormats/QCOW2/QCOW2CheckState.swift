@@ -17,38 +17,98 @@ enum QCOW2CheckMask {
 }
 
 /// The refcounts a check finds by walking every structure, one per host cluster, in a compact
-/// array (4 bytes per cluster, grown on demand like QEMU's in-memory refcount table).
-struct QCOW2CheckCounts {
-    var values: [UInt32]
+/// array (4 bytes per cluster, grown on demand like QEMU's in-memory refcount table). Kept in
+/// manually allocated memory so the hot loops index it without Swift's per-access
+/// exclusivity and uniqueness checks on a class property.
+final class QCOW2CheckCounts {
+    /// `count` initialized entries, `capacity` allocated.
+    private(set) var base: UnsafeMutablePointer<UInt32>
+    private(set) var count: Int
+    private var capacity: Int
     /// The largest count one entry may hold: the image's refcount width, capped by the array's.
     let limit: UInt64
 
     init(clusters: Int, refcountOrder: Int) {
-        values = [UInt32](repeating: 0, count: clusters)
+        capacity = Swift.max(clusters, 1)
+        base = .allocate(capacity: capacity)
+        base.initialize(repeating: 0, count: capacity)
+        count = clusters
         let max: UInt64 = refcountOrder == 6 ? .max : (UInt64(1) << UInt64(1 << refcountOrder)) - 1
         limit = Swift.min(max, UInt64(UInt32.max))
     }
 
-    var count: Int { values.count }
+    deinit { base.deallocate() }
 
     subscript(cluster: Int) -> UInt64 {
-        cluster < values.count ? UInt64(values[cluster]) : 0
+        // Sound: only indices below `count` (all initialized) are read.
+        cluster >= 0 && cluster < count ? UInt64(base[cluster]) : 0
     }
 
-    mutating func grow(to clusters: Int) {
-        if clusters > values.count {
-            values.append(contentsOf: repeatElement(0, count: clusters - values.count))
+    func grow(to clusters: Int) {
+        guard clusters > count else { return }
+        if clusters > capacity {
+            let newCapacity = Swift.max(clusters, capacity * 2)
+            let bigger = UnsafeMutablePointer<UInt32>.allocate(capacity: newCapacity)
+            // Sound: both blocks hold at least `capacity` elements; the rest is zeroed.
+            bigger.initialize(from: base, count: capacity)
+            (bigger + capacity).initialize(repeating: 0, count: newCapacity - capacity)
+            base.deallocate()
+            base = bigger
+            capacity = newCapacity
+        }
+        count = clusters
+    }
+
+    func set(_ cluster: Int, _ value: UInt64) {
+        grow(to: cluster + 1)
+        base[cluster] = UInt32(truncatingIfNeeded: value)
+    }
+
+    func reset() {
+        base.update(repeating: 0, count: capacity)
+    }
+}
+
+/// Entries of a refcount block as stored (raw bytes), for refcount_bits = 1 << order: sub-byte
+/// widths count from the least significant bit of each byte, wider ones are big-endian.
+enum QCOW2RefcountEntry {
+    @inline(__always)
+    static func get(_ b: [UInt8], _ i: Int, order: Int) -> UInt64 {
+        switch order {
+        case 4: return UInt64(b[2 * i]) << 8 | UInt64(b[2 * i + 1])
+        case 3: return UInt64(b[i])
+        case 0, 1, 2:
+            let bits = 1 << order, bit = i * bits
+            return UInt64(b[bit >> 3] >> UInt8(bit & 7)) & ((1 << UInt64(bits)) - 1)
+        default:
+            let width = 1 << (order - 3)
+            var v: UInt64 = 0
+            for k in 0..<width { v = v << 8 | UInt64(b[i * width + k]) }
+            return v
         }
     }
 
-    mutating func set(_ cluster: Int, _ value: UInt64) {
-        grow(to: cluster + 1)
-        values[cluster] = UInt32(truncatingIfNeeded: value)
+    static func set(_ b: inout [UInt8], _ i: Int, order: Int, value: UInt64) {
+        if order < 3 {
+            let bits = 1 << order, bit = i * bits
+            let mask = UInt8((1 << bits) - 1) << UInt8(bit & 7)
+            b[bit >> 3] = (b[bit >> 3] & ~mask) | (UInt8(truncatingIfNeeded: value) << UInt8(bit & 7)) & mask
+            return
+        }
+        let width = 1 << (order - 3)
+        for k in 0..<width {
+            b[i * width + k] = UInt8(truncatingIfNeeded: value >> UInt64(8 * (width - 1 - k)))
+        }
     }
+}
 
-    mutating func reset() {
-        for i in values.indices { values[i] = 0 }
-    }
+/// What covers a range of clusters in the stored refcount structure.
+enum QCOW2StoredBlock {
+    /// No refcount block: every refcount is 0.
+    case none
+    /// The table entry's block offset is not cluster-aligned (QEMU: EIO for every cluster).
+    case unaligned
+    case bytes([UInt8])
 }
 
 /// The refcounts stored in the image, read through the refcount table with a one-block
@@ -59,8 +119,9 @@ final class QCOW2StoredRefcounts {
     let order: Int
     let blockBits: UInt64
     var table: [UInt64]
+    private var cachedIndex = -1
     private var cachedOffset: UInt64 = 0
-    private var cached: [UInt64] = []
+    private var cached: [UInt8] = []
     private var dirty = false
 
     init(file: DiskFile, clusterBits: UInt64, order: Int, table: [UInt64]) {
@@ -71,42 +132,43 @@ final class QCOW2StoredRefcounts {
         self.table = table
     }
 
+    /// The block of refcount table entry `index` (zeros past the end of the file).
+    func block(_ index: Int) throws -> QCOW2StoredBlock {
+        if index == cachedIndex { return .bytes(cached) }
+        guard index >= 0 && index < table.count else { return .none }
+        let offset = table[index] & QCOW2CheckMask.reftableOffset
+        if offset == 0 { return .none }
+        if offset & ((1 << clusterBits) - 1) != 0 { return .unaligned }
+        try flush()
+        cached = try file.qcow2ReadBytes(count: 1 << Int(clusterBits), at: offset)
+        cachedIndex = index
+        cachedOffset = offset
+        return .bytes(cached)
+    }
+
     /// The stored refcount of `cluster`; nil when its refcount block offset is unaligned
     /// (QEMU then reports EIO).
     func refcount(of cluster: UInt64) throws -> UInt64? {
-        guard let (words, index) = try block(for: cluster) else { return 0 }
-        guard let words else { return nil }
-        return QCOW2TableCache.refcount(in: words, index: index, order: order)
+        switch try block(Int(clamping: cluster >> blockBits)) {
+        case .none: return 0
+        case .unaligned: return nil
+        case .bytes(let b): return QCOW2RefcountEntry.get(b, Int(cluster & ((1 << blockBits) - 1)), order: order)
+        }
     }
 
-    /// Sets the stored refcount of `cluster` (its block must exist); written by `flush`.
+    /// Sets the stored refcount of `cluster` if a block covers it; written by `flush`.
     func setRefcount(of cluster: UInt64, to value: UInt64) throws -> Bool {
-        guard let (words, index) = try block(for: cluster), words != nil else { return false }
-        QCOW2TableCache.setRefcount(in: &cached, index: index, order: order, value: value)
+        let index = Int(clamping: cluster >> blockBits)
+        guard case .bytes = try block(index) else { return false }
+        QCOW2RefcountEntry.set(&cached, Int(cluster & ((1 << blockBits) - 1)), order: order, value: value)
         dirty = true
         return true
-    }
-
-    /// nil: no block covers the cluster (refcount 0); (nil, _): the block offset is unaligned.
-    private func block(for cluster: UInt64) throws -> ([UInt64]?, Int)? {
-        let index = cluster >> blockBits
-        guard index < UInt64(table.count) else { return nil }
-        let offset = table[Int(index)] & QCOW2CheckMask.reftableOffset
-        if offset == 0 { return nil }
-        let within = Int(cluster & ((1 << blockBits) - 1))
-        if offset & ((1 << clusterBits) - 1) != 0 { return (nil, within) }
-        if cached.isEmpty || cachedOffset != offset {
-            try flush()
-            cached = QCOW2BE.words(try file.qcow2ReadBytes(count: 1 << Int(clusterBits), at: offset))
-            cachedOffset = offset
-        }
-        return (cached, within)
     }
 
     /// Writes the cached block if it changed.
     func flush() throws {
         if dirty {
-            try file.qcow2Write(QCOW2BE.bytes(cached), at: cachedOffset)
+            try file.qcow2Write(cached, at: cachedOffset)
             dirty = false
         }
     }
@@ -115,6 +177,7 @@ final class QCOW2StoredRefcounts {
     func drop(newTable: [UInt64]) throws {
         try flush()
         cached = []
+        cachedIndex = -1
         table = newTable
     }
 }
@@ -131,7 +194,7 @@ final class QCOW2Checker {
     let clusterSize: UInt64
     /// File length as QEMU sees it (whole 512-byte sectors).
     var fileLength: UInt64
-    var counts: QCOW2CheckCounts
+    let counts: QCOW2CheckCounts
     var stored: QCOW2StoredRefcounts
     var result = ImageCheckResult()
     /// The refcount structures are broken beyond entry-by-entry repair.
@@ -186,15 +249,17 @@ final class QCOW2Checker {
         }
         let first = offset >> clusterBits, last = (end - 1) >> clusterBits
         counts.grow(to: Int(last) + 1)
+        let base = counts.base
         for k in Int(first)...Int(last) {
-            let value = UInt64(counts.values[k])
+            // Sound: grow made every index up to `last` valid.
+            let value = UInt64(base[k])
             if value >= counts.limit {
                 say("ERROR: overflow cluster offset=0x\(Self.hex(UInt64(k) << clusterBits))")
                 say("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing")
                 result.corruptions += 1
                 continue
             }
-            counts.values[k] = UInt32(value + 1)
+            base[k] = UInt32(value + 1)
         }
     }
 }
