@@ -77,12 +77,22 @@ import Testing
         [("cluster_size", "2M")],
     ])
     func roundTrip(_ options: [(String, String)]) throws {
+        try Self.roundTrip(options, direct: false)
+    }
+
+    /// O_DIRECT: runs of streams are widened to whole blocks (no read-modify-write).
+    @Test(arguments: [[("cluster_size", "65536")], [("cluster_size", "4096"), ("compression_type", "zstd")]])
+    func roundTripDirect(_ options: [(String, String)]) throws {
+        try Self.roundTrip(options, direct: true)
+    }
+
+    static func roundTrip(_ options: [(String, String)], direct: Bool) throws {
         let scratch = try RawScratch()
         let path = scratch.file("c.qcow2")
         let clusterSize = Int(options.first { $0.0 == "cluster_size" }.map { try! SizeParser.parse($0.1) } ?? 65536)
         let count = clusterSize >= 1 << 21 ? 5 : 24
         try Self.create(path, size: UInt64(count * clusterSize), options: options)
-        let image = try QCOW2Image.open(path: path, writable: true)
+        let image = try QCOW2Image.open(path: path, writable: true, direct: direct)
         // Mixed: well compressible, half random (streams cross host clusters), incompressible,
         // and holes.
         var clusters: [[UInt8]?] = []

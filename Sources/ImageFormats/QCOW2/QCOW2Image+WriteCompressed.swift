@@ -10,11 +10,27 @@ final class QCOW2CompressedArea {
     /// Host byte offset where the next stream may start, inside a partly filled host cluster;
     /// 0 when there is none (the next stream starts a new host cluster).
     var nextOffset: UInt64 = 0
-    /// Reused staging memory for batches of streams that are contiguous on the host.
-    var staging: [UInt8] = []
+    /// Reused, aligned staging memory for runs of streams that are contiguous on the host.
+    var staging: AlignedBuffer?
+    /// The bytes from the start of the I/O block holding `nextOffset` up to it (what the last
+    /// run wrote there), so that the next run can be written as whole aligned blocks (O_DIRECT
+    /// without read-modify-write).
+    var lastBlockStart: UInt64 = 0
+    var lastBlock: [UInt8] = []
 
     /// Called when clusters were freed: the partly filled one may be among them.
-    func forgetPartialCluster() { nextOffset = 0 }
+    func forgetPartialCluster() {
+        nextOffset = 0
+        lastBlock.removeAll(keepingCapacity: true)
+    }
+
+    /// Staging memory of at least `count` bytes.
+    func stagingBuffer(_ count: Int) throws -> AlignedBuffer {
+        if let staging, staging.count >= count { return staging }
+        let buffer = try AlignedBuffer(byteCount: max(count, 1 << 20))
+        staging = buffer
+        return buffer
+    }
 }
 
 /// One compressed cluster for `QCOW2Image.writeCompressedClusters`.
@@ -76,16 +92,44 @@ extension QCOW2Image {
             }
         }
 
-        // Place the streams and write them, one host write per contiguous run.
+        // Place the streams and write them, one host write per contiguous run. With O_DIRECT
+        // a run is widened to whole I/O blocks: the head from what the previous run left in
+        // its last block, the tail zero-padded (later streams rewrite it).
         let area = state.compressedArea
+        let unit = file.isDirect ? file.dioAlignment().offset : 1
+        var total = 0
+        for c in clusters { total += c.data.count }
+        let staging = try area.stagingBuffer(total + 2 * unit)
         var hosts = [UInt64](repeating: 0, count: clusters.count)
         var runStart: UInt64 = 0
         var runLength = 0
+        var head = 0
         func flushRun() throws {
             guard runLength > 0 else { return }
-            let start = runStart, n = runLength
-            try area.staging.withUnsafeBytes { buf in
-                try io { try file.qcow2Write(UnsafeRawBufferPointer(rebasing: buf[0..<n]), at: start) }
+            let end = runStart + UInt64(runLength)
+            var start = runStart
+            var count = runLength
+            var at = head
+            if unit > 1 {
+                let blockStart = runStart / UInt64(unit) * UInt64(unit)
+                if head == 0 || (area.lastBlockStart == blockStart && area.lastBlock.count == head) {
+                    // Sound: head <= unit and the staging buffer has unit bytes before the run.
+                    area.lastBlock.withUnsafeBytes { staging.baseAddress.copyMemory(from: $0.baseAddress ?? UnsafeRawPointer(staging.baseAddress), byteCount: head) }
+                    let padded = (head + runLength + unit - 1) / unit * unit
+                    (staging.baseAddress + head + runLength).initializeMemory(as: UInt8.self, repeating: 0, count: padded - head - runLength)
+                    start = blockStart
+                    count = padded
+                    at = 0
+                }
+            }
+            try io { try file.qcow2Write(UnsafeRawBufferPointer(start: staging.baseAddress + at, count: count), at: start) }
+            if unit > 1 {
+                // Remember the bytes of the block the run ended in.
+                let lastStart = end / UInt64(unit) * UInt64(unit)
+                let keep = Int(end - lastStart)
+                let from = head + runLength - keep
+                area.lastBlockStart = lastStart
+                area.lastBlock = Array(UnsafeRawBufferPointer(start: staging.baseAddress + from, count: keep))
             }
             runLength = 0
         }
@@ -93,17 +137,13 @@ extension QCOW2Image {
             let host = try allocateCompressedBytes(UInt64(c.data.count), state)
             hosts[k] = host
             if runLength > 0 && runStart + UInt64(runLength) != host { try flushRun() }
-            if runLength == 0 { runStart = host }
-            let needed = runLength + c.data.count
-            if area.staging.count < needed {
-                area.staging.append(contentsOf: repeatElement(0, count: needed - area.staging.count))
+            if runLength == 0 {
+                runStart = host
+                head = Int(host % UInt64(unit))
             }
-            let at = runLength
-            area.staging.withUnsafeMutableBytes { buf in
-                // Sound: at + data.count == needed <= buf.count.
-                (buf.baseAddress! + at).copyMemory(from: c.data.baseAddress!, byteCount: c.data.count)
-            }
-            runLength = needed
+            // Sound: head + total bytes of the batch + unit <= staging.count.
+            (staging.baseAddress + head + runLength).copyMemory(from: c.data.baseAddress!, byteCount: c.data.count)
+            runLength += c.data.count
         }
         try flushRun()
 
