@@ -1,0 +1,324 @@
+#!/usr/bin/env bash
+# simg convert against qemu-img convert on the same inputs (issue 3, "Benchmark").
+#
+# Makes its inputs once in BENCH_DIR (kept between runs while they are valid), then for every
+# workload runs simg and qemu-img in turn (simg, qemu-img, simg, qemu-img, ...) BENCH_RUNS times
+# each with a fresh output every run, timing each run with GNU time (wall seconds, peak RSS).
+# Every simg output is checked once against its source with `qemu-img compare` (and `qemu-img
+# check` for qcow2), so a fast but wrong result cannot win. Prints a markdown table.
+#
+# Environment:
+#   BENCH_DIR     work folder (default /var/tmp/simg-bench); must support O_DIRECT
+#   BENCH_RUNS    timed runs per tool and workload (default 5)
+#   BENCH_ONLY    workloads to run, comma separated, from: 1,1T,2,3 (default all)
+#   BENCH_TOOLS   simg,qemu-img (default both); the tuning script runs simg alone
+#   SIMG          simg binary (default <repo>/.build/release/simg, what `make release` builds)
+#   SIMG_ARGS     extra options given to `simg convert` (e.g. "--buffer-size 2M --queue-depth 16")
+#   BENCH_VERIFY  1 (default) checks simg's output once per workload; 0 skips it
+#   BENCH_STATS   1 (default) makes one extra, untimed simg run with --stats and prints its JSON
+#   BENCH_TSV     if set, appends "workload tool median_s peak_rss_kib runs" rows to this file
+#
+# Workloads (the same cache flags for both tools):
+#   1   w1.qcow2 (4 GiB virtual: 1.5 GiB random, 0.5 GiB written zeros, holes) -> raw, -t none
+#   1T  the same with -t none -T none
+#   2   w1.raw (the raw version of w1.qcow2, written zeros allocated) -> qcow2, -t none
+#   3   text.raw (512 MiB of generated, compressible log text) -> qcow2, -c
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH_DIR=${BENCH_DIR:-/var/tmp/simg-bench}
+BENCH_RUNS=${BENCH_RUNS:-5}
+BENCH_ONLY=${BENCH_ONLY:-1,1T,2,3}
+BENCH_TOOLS=${BENCH_TOOLS:-simg,qemu-img}
+SIMG=${SIMG:-$repo/.build/release/simg}
+SIMG_ARGS=${SIMG_ARGS:-}
+BENCH_VERIFY=${BENCH_VERIFY:-1}
+BENCH_STATS=${BENCH_STATS:-1}
+BENCH_TSV=${BENCH_TSV:-}
+
+MiB=$((1024 * 1024))
+GiB=$((1024 * MiB))
+# Bump when the input layout changes: inputs with another stamp are made again.
+LAYOUT="simg-bench layout 1"
+
+say() { echo "bench: $*" >&2; }
+die() { echo "bench: error: $*" >&2; exit 1; }
+
+have_tool() { [[ ",$BENCH_TOOLS," == *",$1,"* ]]; }
+
+# ---------------------------------------------------------------------------------------------
+# Tools
+
+ensure_gnu_time() {
+    if [ -x /usr/bin/time ] && /usr/bin/time -f '%e %M' true >/dev/null 2>&1; then
+        return
+    fi
+    if [ "$(id -u)" -eq 0 ]; then
+        say "installing GNU time (package time)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends time >&2 \
+            || { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive \
+                 apt-get install -y --no-install-recommends time >&2; }
+    else
+        die "GNU time (/usr/bin/time) is missing: install the 'time' package"
+    fi
+}
+
+check_tools() {
+    command -v qemu-img >/dev/null || die "qemu-img is missing (make deps installs qemu-utils)"
+    command -v qemu-io >/dev/null || die "qemu-io is missing (make deps installs qemu-utils)"
+    ensure_gnu_time
+    if have_tool simg; then
+        [ -x "$SIMG" ] || die "$SIMG is not there: build it first (make release)"
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Work folder and inputs
+
+free_kib() { df -Pk "$BENCH_DIR" | awk 'NR == 2 { print $4 }'; }
+
+check_space() {
+    local need_gib=$1 free
+    free=$(free_kib)
+    if [ "$free" -lt $((need_gib * 1024 * 1024)) ]; then
+        die "$BENCH_DIR has $((free / 1024)) MiB free; the benchmark needs about ${need_gib} GiB"
+    fi
+}
+
+check_odirect() {
+    local probe=$BENCH_DIR/.odirect-probe
+    if ! dd if=/dev/zero of="$probe" bs=4096 count=1 oflag=direct status=none 2>/dev/null; then
+        rm -f "$probe"
+        die "$BENCH_DIR: the filesystem refuses O_DIRECT; set BENCH_DIR to a folder on one that allows it"
+    fi
+    rm -f "$probe"
+}
+
+# w1 layout, per 256 MiB group (16 groups = 4 GiB virtual), offsets in MiB within the group:
+#   [0,48) random  [48,64) hole  [64,96) written zeros  [96,144) random  [144,256) hole
+# 16 x 96 MiB = 1.5 GiB random data, 16 x 32 MiB = 0.5 GiB written zeros, 2 GiB holes.
+W1_GROUPS=16
+W1_GROUP_MIB=256
+
+make_w1() {
+    local raw=$BENCH_DIR/w1.raw qcow=$BENCH_DIR/w1.qcow2 g base zeros_cmds=()
+    say "making w1.raw (4 GiB: 1.5 GiB random, 0.5 GiB written zeros, holes)"
+    rm -f "$raw" "$qcow"
+    truncate -s $((W1_GROUPS * W1_GROUP_MIB))M "$raw"
+    for ((g = 0; g < W1_GROUPS; g++)); do
+        base=$((g * W1_GROUP_MIB))
+        dd if=/dev/urandom of="$raw" bs=1M seek=$((base + 0)) count=48 conv=notrunc status=none
+        dd if=/dev/zero of="$raw" bs=1M seek=$((base + 64)) count=32 conv=notrunc status=none
+        dd if=/dev/urandom of="$raw" bs=1M seek=$((base + 96)) count=48 conv=notrunc status=none
+        zeros_cmds+=(-c "write -q -P 0 $(((base + 64) * MiB)) 32M")
+    done
+    sync "$raw"
+
+    say "making w1.qcow2 from it"
+    # qemu-img convert detects the zeros and leaves those clusters unallocated, so they are
+    # written again with qemu-io: `write -P 0` is an ordinary data write whose bytes are zero
+    # (not `write -z`), so they become allocated data clusters that a converter has to read.
+    qemu-img convert -f raw -O qcow2 "$raw" "$qcow"
+    qemu-io -f qcow2 "${zeros_cmds[@]}" "$qcow" >/dev/null
+    qemu-img check -q "$qcow"
+}
+
+# 512 MiB of log lines: a few fixed words with varying numbers, as real logs compress.
+make_text() {
+    local text=$BENCH_DIR/text.raw
+    say "making text.raw (512 MiB of generated log text)"
+    rm -f "$text"
+    awk -v limit=$((512 * MiB)) 'BEGIN {
+        split("sshd cron kernel nginx postgres systemd dockerd kubelet", daemon, " ")
+        split("Accepted publickey for|session opened for user|connection reset by peer|GET /api/v1/items?page=|checkpoint complete: wrote|Started Daily apt upgrade and clean activities|pulling image layer|PLEG relist took", what, "|")
+        split("alice bob carol dave erin frank", user, " ")
+        srand(7); total = 0; t = 1700000000
+        while (total < limit) {
+            t += int(rand() * 3)
+            d = int(rand() * 8) + 1; w = int(rand() * 8) + 1; u = int(rand() * 6) + 1
+            line = sprintf("2026-11-%02d %02d:%02d:%02d host-%02d %s[%d]: %s %s %d from 10.%d.%d.%d port %d",
+                int(t / 86400) % 28 + 1, int(t / 3600) % 24, int(t / 60) % 60, t % 60,
+                int(rand() * 12), daemon[d], 1000 + int(rand() * 30000), what[w], user[u],
+                int(rand() * 100000), int(rand() * 4), int(rand() * 256), int(rand() * 256),
+                1024 + int(rand() * 60000))
+            if (total + length(line) + 1 > limit) {
+                printf "%s", substr(line "\n", 1, limit - total); total = limit
+            } else {
+                print line; total += length(line) + 1
+            }
+        }
+    }' > "$text"
+    [ "$(stat -c %s "$text")" -eq $((512 * MiB)) ] || die "text.raw has the wrong size"
+}
+
+inputs_valid() {
+    [ -f "$BENCH_DIR/inputs.ok" ] && [ "$(cat "$BENCH_DIR/inputs.ok")" = "$LAYOUT" ] || return 1
+    [ "$(stat -c %s "$BENCH_DIR/w1.raw" 2>/dev/null)" = $((4 * GiB)) ] || return 1
+    [ "$(stat -c %s "$BENCH_DIR/text.raw" 2>/dev/null)" = $((512 * MiB)) ] || return 1
+    qemu-img check -q "$BENCH_DIR/w1.qcow2" >/dev/null 2>&1 || return 1
+}
+
+prepare_inputs() {
+    mkdir -p "$BENCH_DIR"
+    check_odirect
+    if inputs_valid; then
+        say "reusing inputs in $BENCH_DIR"
+        check_space 3
+        return
+    fi
+    rm -f "$BENCH_DIR/inputs.ok"
+    check_space 9
+    make_w1
+    make_text
+    echo "$LAYOUT" > "$BENCH_DIR/inputs.ok"
+    say "inputs ready: $(du -sh --apparent-size "$BENCH_DIR" | cut -f1) apparent," \
+        "$(du -sh "$BENCH_DIR" | cut -f1) allocated"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Workloads: name -> source format, source, output format, cache/other flags, description
+
+workload() {
+    case $1 in
+        1)  echo "qcow2 $BENCH_DIR/w1.qcow2 raw -t none|w1.qcow2 -> raw, -t none" ;;
+        1T) echo "qcow2 $BENCH_DIR/w1.qcow2 raw -t none -T none|w1.qcow2 -> raw, -t none -T none" ;;
+        2)  echo "raw $BENCH_DIR/w1.raw qcow2 -t none|w1.raw -> qcow2, -t none" ;;
+        3)  echo "raw $BENCH_DIR/text.raw qcow2 -c|text 512 MiB -> qcow2, -c" ;;
+        *)  die "unknown workload '$1' (known: 1 1T 2 3)" ;;
+    esac
+}
+
+# Runs one conversion under GNU time; prints "seconds peak_kib". Output goes to $out.
+timed_convert() {
+    local tool=$1 fmt=$2 src=$3 ofmt=$4 flags=$5 out=$6 timefile errfile
+    timefile=$BENCH_DIR/.time errfile=$BENCH_DIR/.err
+    rm -f "$out"
+    sync
+    local cmd
+    if [ "$tool" = simg ]; then
+        # shellcheck disable=SC2206 # flags and SIMG_ARGS are word lists on purpose
+        cmd=("$SIMG" convert $SIMG_ARGS -f "$fmt" $flags -O "$ofmt" "$src" "$out")
+    else
+        # shellcheck disable=SC2206
+        cmd=(qemu-img convert -f "$fmt" $flags -O "$ofmt" "$src" "$out")
+    fi
+    if ! /usr/bin/time -f '%e %M' -o "$timefile" "${cmd[@]}" >/dev/null 2>"$errfile"; then
+        say "FAILED: ${cmd[*]}"
+        sed 's/^/bench:   /' "$errfile" >&2
+        return 1
+    fi
+    tail -n 1 "$timefile"
+}
+
+verify_output() {
+    local fmt=$1 src=$2 ofmt=$3 out=$4
+    if [ "$ofmt" = qcow2 ] && ! qemu-img check -q "$out" >&2; then
+        return 1
+    fi
+    qemu-img compare -q -f "$fmt" -F "$ofmt" "$src" "$out" >&2
+}
+
+median() { sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) printf "%.2f", v[(NR + 1) / 2]; else printf "%.2f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+max_of() { sort -n | tail -n 1; }
+
+rows=()
+stats_lines=()
+
+run_workload() {
+    local name=$1 spec fmt src ofmt flags desc out i tool result
+    spec=$(workload "$name")
+    desc=${spec#*|}; spec=${spec%%|*}
+    read -r fmt src ofmt flags <<< "$spec"
+    out=$BENCH_DIR/out.$ofmt
+    local -A secs=() rss=() failed=()
+    local verdict=""
+    say "workload $name: $desc"
+    for ((i = 1; i <= BENCH_RUNS; i++)); do
+        for tool in simg qemu-img; do
+            have_tool "$tool" || continue
+            [ -z "${failed[$tool]:-}" ] || continue
+            if result=$(timed_convert "$tool" "$fmt" "$src" "$ofmt" "$flags" "$out"); then
+                say "  run $i $tool: ${result% *} s, $((${result#* } / 1024)) MiB"
+                secs[$tool]+="${result% *}"$'\n'
+                rss[$tool]+="${result#* }"$'\n'
+                if [ "$tool" = simg ] && [ "$i" -eq 1 ] && [ "$BENCH_VERIFY" = 1 ]; then
+                    if verify_output "$fmt" "$src" "$ofmt" "$out"; then
+                        say "  simg output verified (qemu-img compare)"
+                    else
+                        say "  simg output DIFFERS from the source"
+                        verdict=" (WRONG OUTPUT)"
+                        failed[simg]=1
+                    fi
+                fi
+            else
+                failed[$tool]=1
+            fi
+            rm -f "$out"
+        done
+    done
+
+    local sm qm sr qr ratio
+    sm=$(printf '%s' "${secs[simg]:-}" | grep . | median || true)
+    qm=$(printf '%s' "${secs[qemu-img]:-}" | grep . | median || true)
+    sr=$(printf '%s' "${rss[simg]:-}" | grep . | max_of || true)
+    qr=$(printf '%s' "${rss[qemu-img]:-}" | grep . | max_of || true)
+    [ -n "${failed[simg]:-}" ] && sm="FAILED$verdict"
+    [ -n "${failed[qemu-img]:-}" ] && qm="FAILED"
+    ratio="-"
+    if [[ $sm =~ ^[0-9.]+$ && $qm =~ ^[0-9.]+$ ]]; then
+        ratio=$(awk -v a="$sm" -v b="$qm" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
+    fi
+    local srm="-" qrm="-"
+    [ -n "$sr" ] && srm=$(awk -v k="$sr" 'BEGIN { printf "%.1f", k / 1024 }')
+    [ -n "$qr" ] && qrm=$(awk -v k="$qr" 'BEGIN { printf "%.1f", k / 1024 }')
+    rows+=("| $name: $desc | ${sm:--} | ${qm:--} | $ratio | $srm | $qrm |")
+    if [ -n "$BENCH_TSV" ]; then
+        have_tool simg && printf '%s\tsimg\t%s\t%s\t%s\t%s\n' "$name" "${sm:--}" "${sr:--}" "$BENCH_RUNS" "$SIMG_ARGS" >> "$BENCH_TSV"
+        have_tool qemu-img && printf '%s\tqemu-img\t%s\t%s\t%s\t-\n' "$name" "${qm:--}" "${qr:--}" "$BENCH_RUNS" >> "$BENCH_TSV"
+    fi
+
+    if have_tool simg && [ "$BENCH_STATS" = 1 ] && [ -z "${failed[simg]:-}" ]; then
+        rm -f "$out"
+        # shellcheck disable=SC2086
+        if "$SIMG" convert $SIMG_ARGS --stats -f "$fmt" $flags -O "$ofmt" "$src" "$out" \
+                >/dev/null 2>"$BENCH_DIR/.stats"; then
+            stats_lines+=("$name: $(tr -d '\n' < "$BENCH_DIR/.stats")")
+        fi
+        rm -f "$out"
+    fi
+}
+
+cleanup() {
+    rm -f "$BENCH_DIR"/out.* "$BENCH_DIR"/.time "$BENCH_DIR"/.err "$BENCH_DIR"/.stats 2>/dev/null || true
+}
+
+main() {
+    check_tools
+    prepare_inputs
+    [ "${BENCH_INPUTS_ONLY:-0}" = 1 ] && return
+    trap cleanup EXIT
+    local name
+    IFS=',' read -r -a names <<< "$BENCH_ONLY"
+    for name in "${names[@]}"; do
+        workload "$name" >/dev/null
+    done
+    for name in "${names[@]}"; do
+        run_workload "$name"
+    done
+
+    echo
+    echo "simg convert vs qemu-img convert: median of $BENCH_RUNS runs, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    [ -n "$SIMG_ARGS" ] && echo "simg options: $SIMG_ARGS"
+    echo
+    echo "| workload | simg median s | qemu-img median s | ratio simg/qemu-img | simg peak RSS MiB | qemu-img peak RSS MiB |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    printf '%s\n' "${rows[@]}"
+    if [ ${#stats_lines[@]} -gt 0 ]; then
+        echo
+        echo "simg --stats (one extra untimed run per workload):"
+        echo
+        printf '    %s\n' "${stats_lines[@]}"
+    fi
+}
+
+main "$@"
