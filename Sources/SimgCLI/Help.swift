@@ -21,6 +21,21 @@ public enum Help {
             Command parameters:
               'filename' is a disk image filename
               'fmt' is the disk image format. It is guessed automatically in most cases
+              'cache' is the cache mode used to write the output disk image, the valid
+                options are: 'none', 'writeback' (default, except for convert), 'writethrough',
+                'directsync' and 'unsafe' (default for convert)
+              'src_cache' is the cache mode used to read input disk images, the valid
+                options are the same as for the 'cache' option
+              'output_filename' is the destination disk image filename
+              'output_fmt' is the destination format
+              '-c' indicates that target image must be compressed (qcow2 only)
+              '-p' show progress of command (only certain commands)
+              '-S' indicates the consecutive number of bytes (defaults to 4k) that must
+                   contain only zeros for simg to create a sparse image during
+                   conversion. If the number of bytes is 0, the destination image will
+                   always be fully allocated
+              '-n' skips the target volume creation (useful if the volume is created
+                   prior to running simg)
               'size' is the disk image size in bytes. Optional suffixes
                 'k' or 'K' (kilobyte, 1024), 'M' (megabyte, 1024k), 'G' (gigabyte, 1024M),
                 'T' (terabyte, 1024G), 'P' (petabyte, 1024T) and 'E' (exabyte, 1024P)  are
