@@ -1,0 +1,262 @@
+import Foundation
+import Testing
+
+/// `simg check` against `qemu-img check` on identical copies of clean and deliberately broken
+/// images: same exit status, same stdout (human and JSON), same stderr lines; after a repair
+/// the image checks the same in qemu-img and its content is unchanged.
+@Suite struct CheckInteropTests {
+    // MARK: - Editing images the way a bug or a crash would break them
+
+    /// Direct access to a qcow2 file's metadata (big-endian fields).
+    struct Editor {
+        let path: String
+
+        func u64(_ offset: UInt64) throws -> UInt64 {
+            let h = try #require(FileHandle(forReadingAtPath: path))
+            defer { try? h.close() }
+            try h.seek(toOffset: offset)
+            let d = try #require(try h.read(upToCount: 8))
+            return d.reduce(0) { $0 << 8 | UInt64($1) }
+        }
+
+        func u32(_ offset: UInt64) throws -> UInt32 { UInt32(try u64(offset) >> 32) }
+
+        func write(_ offset: UInt64, _ bytes: [UInt8]) throws {
+            let h = try #require(FileHandle(forUpdatingAtPath: path))
+            defer { try? h.close() }
+            try h.seek(toOffset: offset)
+            try h.write(contentsOf: Data(bytes))
+        }
+
+        func put64(_ offset: UInt64, _ v: UInt64) throws {
+            try write(offset, (0..<8).map { UInt8(truncatingIfNeeded: v >> UInt64(56 - 8 * $0)) })
+        }
+
+        var clusterBits: UInt64 { get throws { UInt64(try u32(20)) } }
+        var l1Offset: UInt64 { get throws { try u64(40) } }
+        var reftableOffset: UInt64 { get throws { try u64(48) } }
+        func l1Entry(_ i: UInt64) throws -> UInt64 { try u64(try l1Offset + 8 * i) }
+        func l2Offset() throws -> UInt64 { try l1Entry(0) & 0x00ff_ffff_ffff_fe00 }
+        func l2Entry(_ i: UInt64) throws -> UInt64 { try u64(try l2Offset() + 8 * i) }
+        func setL2Entry(_ i: UInt64, _ v: UInt64) throws { try put64(try l2Offset() + 8 * i, v) }
+        func dataCluster(_ i: UInt64) throws -> UInt64 { (try l2Entry(i) & 0x00ff_ffff_ffff_fe00) >> (try clusterBits) }
+
+        /// Sets a 16-bit refcount in the first refcount block.
+        func setRefcount(_ cluster: UInt64, _ value: UInt16) throws {
+            let block = try u64(try reftableOffset)
+            try write(block + 2 * cluster, [UInt8(value >> 8), UInt8(value & 0xff)])
+        }
+
+        func size() throws -> UInt64 {
+            (try FileManager.default.attributesOfItem(atPath: path)[.size] as? NSNumber)?.uint64Value ?? 0
+        }
+    }
+
+    /// A 4 MiB image with three data clusters at 0 and one at 1 MiB.
+    static func makeImage(_ path: String, options: String? = nil) throws {
+        var args = ["create", "-q", "-f", "qcow2"]
+        if let options { args += ["-o", options] }
+        _ = try runOK("qemu-img", args + [path, "4M"])
+        try qemuIO("-c", "write -P 1 0 192k", "-c", "write -P 2 1M 64k", path)
+    }
+
+    enum Damage: String, CaseIterable {
+        case raisedRefcount, zeroRefcountOfUsedCluster, leakedCluster, l2EntryBeyondEOF,
+             misalignedL2Entry, misalignedPreallocatedZero, clearedCopiedL2, clearedCopiedL1,
+             zeroRefcountOfL2Table, refcountBlockCountedTwice, severalLeaksAndRaised,
+             dirtyLazyRefcounts, refcountBlockOutsideImage
+    }
+
+    static func damage(_ d: Damage, _ path: String) throws {
+        let e = Editor(path: path)
+        if d == .dirtyLazyRefcounts {
+            try makeImage(path, options: "lazy_refcounts=on")
+            // qemu-io aborts on purpose: a crash after the write, before the refcounts.
+            _ = try run("qemu-io", ["-c", "write -P 3 2M 64k", "-c", "abort", path])
+            return
+        }
+        try makeImage(path)
+        switch d {
+        case .raisedRefcount: try e.setRefcount(try e.dataCluster(0), 2)
+        case .zeroRefcountOfUsedCluster: try e.setRefcount(try e.dataCluster(1), 0)
+        case .leakedCluster:
+            let end = try e.size()
+            _ = try runOK("truncate", ["-s", String(end + 65536), path])
+            try e.setRefcount(end >> 16, 1)
+        case .l2EntryBeyondEOF:
+            let entry = try e.l2Entry(2)
+            try e.setL2Entry(2, (entry & ~0x00ff_ffff_ffff_fe00) | (100 << 20))
+        case .misalignedL2Entry: try e.setL2Entry(1, try e.l2Entry(1) + 0x200)
+        case .misalignedPreallocatedZero:
+            try e.setL2Entry(5, ((try e.l2Entry(2) & 0x00ff_ffff_ffff_fe00) + 0x200) | 1 | (1 << 63))
+        case .clearedCopiedL2: try e.setL2Entry(0, try e.l2Entry(0) & ~(UInt64(1) << 63))
+        case .clearedCopiedL1: try e.put64(try e.l1Offset, try e.l1Entry(0) & ~(UInt64(1) << 63))
+        case .zeroRefcountOfL2Table: try e.setRefcount(try e.l2Offset() >> 16, 0)
+        case .refcountBlockCountedTwice: try e.setRefcount(try e.u64(try e.reftableOffset) >> 16, 2)
+        case .severalLeaksAndRaised:
+            let end = try e.size()
+            _ = try runOK("truncate", ["-s", String(end + 3 * 65536), path])
+            for k in 0..<UInt64(3) { try e.setRefcount((end >> 16) + k, 1) }
+            try e.setRefcount(1, 5)
+        case .refcountBlockOutsideImage: try e.put64(try e.reftableOffset + 8, 50 << 20)
+        case .dirtyLazyRefcounts: break
+        }
+    }
+
+    // MARK: - Comparing
+
+    struct Outcome {
+        var status: Int32
+        var stdout: String
+        var stderrLines: [String]
+    }
+
+    /// Runs `tool check ARGS img.qcow2` in `dir` (so the file name printed is the same).
+    static func check(_ tool: String, in dir: String, _ args: [String]) throws -> Outcome {
+        let r = tool == "simg" ? try run(simgBinary, ["check"] + args + ["img.qcow2"], in: dir)
+                               : try qemuImgResult(in: dir, ["check"] + args + ["img.qcow2"])
+        let lines = r.stderr.split(separator: "\n").map {
+            $0.hasPrefix("simg: ") ? "qemu-img: " + $0.dropFirst(6) : String($0)
+        }
+        return Outcome(status: r.status, stdout: r.stdout, stderrLines: lines.sorted())
+    }
+
+    /// Makes identical copies for qemu-img and simg, runs the same check on both and compares;
+    /// after a repair compares how qemu-img sees both results and the guest content.
+    static func compare(_ source: String, _ args: [String], original content: String?) throws {
+        let work = try TempDir()
+        let qDir = work.file("q"), sDir = work.file("s")
+        for d in [qDir, sDir] {
+            try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
+            _ = try runOK("cp", ["--sparse=always", source, d + "/img.qcow2"])
+        }
+        let q = try check("qemu-img", in: qDir, args)
+        let s = try check("simg", in: sDir, args)
+        #expect(s.status == q.status, "\(args) \(source): exit status")
+        #expect(s.stdout == q.stdout, "\(args) \(source): stdout")
+        // qemu-img cannot repair some images simg can; its own failure lines are not compared then.
+        if q.status != 1 || s.status == 1 {
+            #expect(s.stderrLines == q.stderrLines, "\(args) \(source): stderr")
+        }
+        guard args.contains("-r") else { return }
+        let qAfter = try check("qemu-img", in: qDir, [])
+        let sAfter = try check("qemu-img", in: sDir, [])
+        #expect(sAfter.status == qAfter.status || sAfter.status == 0, "\(args) \(source): qemu-img check after repair")
+        #expect(sAfter.stdout == qAfter.stdout || sAfter.status == 0)
+        if sAfter.status == 0 || qAfter.status == 0 {
+            _ = try qemuImg("convert", "-O", "raw", sDir + "/img.qcow2", work.file("s.raw"))
+            if let content {
+                #expect(try filesEqual(content, work.file("s.raw")), "\(args) \(source): guest content changed")
+            }
+        }
+    }
+
+    static let modes: [[String]] = [[], ["--output=json"], ["-r", "leaks"], ["-r", "leaks", "--output=json"],
+                                    ["-r", "all"], ["-r", "all", "--output=json"]]
+
+    @Test(arguments: Damage.allCases)
+    func brokenImagesMatchQemu(_ d: Damage) throws {
+        let dir = try TempDir()
+        let image = dir.file("broken.qcow2")
+        try Self.damage(d, image)
+        // The guest content before repair, where qemu-img can still read the image.
+        var content: String? = dir.file("before.raw")
+        if try qemuImgResult(["convert", "-O", "raw", image, dir.file("before.raw")]).status != 0 { content = nil }
+        if d == .misalignedL2Entry || d == .misalignedPreallocatedZero || d == .l2EntryBeyondEOF { content = nil }
+        for args in Self.modes { try Self.compare(image, args, original: content) }
+        // Each of these really is broken: qemu-img does not call it clean.
+        #expect(try qemuImgResult(["check", image]).status != 0)
+    }
+
+    @Test func repairedImagesAreCleanInQemu() throws {
+        for d in [Damage.raisedRefcount, .zeroRefcountOfUsedCluster, .leakedCluster, .clearedCopiedL1,
+                  .clearedCopiedL2, .zeroRefcountOfL2Table, .refcountBlockCountedTwice, .dirtyLazyRefcounts] {
+            let dir = try TempDir()
+            let image = dir.file("img.qcow2")
+            try Self.damage(d, image)
+            let before = try run(simgBinary, ["check", image])
+            #expect(before.status == 2 || before.status == 3, "\(d)")
+            let repair = try run(simgBinary, ["check", "-r", "all", image])
+            #expect(repair.status == 0, "\(d): \(repair.stderr)")
+            #expect(repair.stdout.contains("Double checking the fixed image now...\nNo errors were found on the image.\n"), "\(d)")
+            let q = try qemuImgResult(["check", image])
+            #expect(q.status == 0, "\(d): \(q.stderr)")
+            #expect(q.stdout.hasPrefix("No errors were found on the image.\n"))
+            if d == .dirtyLazyRefcounts {
+                // The dirty bit (incompatible feature bit 0) is cleared.
+                #expect(try Editor(path: image).u64(72) & 1 == 0)
+            }
+        }
+    }
+
+    @Test func cleanImagesMatchQemu() throws {
+        let dir = try TempDir()
+        var images: [String] = []
+        func make(_ name: String, _ options: String?) throws {
+            try Self.makeImage(dir.file(name), options: options)
+            _ = try qemuIO("-c", "write -z 2M 128k", dir.file(name))
+            images.append(dir.file(name))
+        }
+        try make("v2.qcow2", "compat=0.10")
+        try make("c512.qcow2", "cluster_size=512")
+        try make("c2m.qcow2", "cluster_size=2M")
+        for bits in [1, 2, 4, 8, 32, 64] { try make("rb\(bits).qcow2", "refcount_bits=\(bits)") }
+        try make("ext.qcow2", "extended_l2=on")
+        _ = try qemuIO("-c", "write -P 3 8k 4k", dir.file("ext.qcow2"))
+        try make("lazy.qcow2", "lazy_refcounts=on")
+        try make("snap.qcow2", nil)
+        _ = try qemuImg("snapshot", "-c", "s1", dir.file("snap.qcow2"))
+        _ = try qemuIO("-c", "write -P 9 0 64k", dir.file("snap.qcow2"))
+        _ = try qemuImg("snapshot", "-c", "s2", dir.file("snap.qcow2"))
+        try make("bitmaps.qcow2", nil)
+        _ = try qemuImg("bitmap", "--add", dir.file("bitmaps.qcow2"), "b0")
+        _ = try qemuImg("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", dir.file("pm.qcow2"), "64M")
+        images.append(dir.file("pm.qcow2"))
+        _ = try qemuImg("create", "-q", "-f", "raw", dir.file("src.raw"), "2M")
+        _ = try qemuIO("-f", "raw", "-c", "write -P 5 0 1M", dir.file("src.raw"))
+        _ = try qemuImg("convert", "-c", "-O", "qcow2", dir.file("src.raw"), dir.file("comp.qcow2"))
+        _ = try qemuImg("convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd,cluster_size=4k",
+                        dir.file("src.raw"), dir.file("compz.qcow2"))
+        images += [dir.file("comp.qcow2"), dir.file("compz.qcow2")]
+        _ = try qemuImg("create", "-q", "-f", "qcow2", "-o", "data_file=\(dir.file("data.raw"))",
+                        dir.file("df.qcow2"), "4M")
+        _ = try qemuIO("-c", "write -P 1 0 192k", "-c", "write -z 1M 64k", dir.file("df.qcow2"))
+        images.append(dir.file("df.qcow2"))
+        _ = try qemuImg("create", "-q", "-f", "qcow2", "-b", dir.file("v2.qcow2"), "-F", "qcow2", dir.file("top.qcow2"))
+        _ = try qemuIO("-c", "write -P 7 64k 64k", dir.file("top.qcow2"))
+        images.append(dir.file("top.qcow2"))
+        for image in images {
+            for args in [[], ["--output=json"]] {
+                let s = try run(simgBinary, ["check"] + args + [image])
+                let q = try qemuImgResult(["check"] + args + [image])
+                #expect(s.status == 0 && q.status == 0, "\(image)")
+                #expect(s.stdout == q.stdout, "\(image) \(args)")
+                #expect(s.stderr == q.stderr, "\(image) \(args)")
+            }
+        }
+    }
+
+    @Test func rawHasNoCheck() throws {
+        let dir = try TempDir()
+        _ = try qemuImg("create", "-q", "-f", "raw", dir.file("r.img"), "1M")
+        let s = try run(simgBinary, ["check", dir.file("r.img")])
+        let q = try qemuImgResult(["check", dir.file("r.img")])
+        #expect(q.status == 63)
+        #expect(s.status == 63)
+        #expect(s.stderr == "simg: This image format does not support checks\n")
+        #expect(s.stdout == q.stdout)
+    }
+
+    @Test func usageErrorsMatchQemu() throws {
+        let dir = try TempDir()
+        try Self.makeImage(dir.file("a.qcow2"))
+        for args in [["-r", "foo", "a.qcow2"], ["--output=x", "a.qcow2"], ["-T", "bogus", "a.qcow2"], [],
+                     ["-q", "a.qcow2"], ["-T", "none", "-U", "a.qcow2"], ["missing.qcow2"]] {
+            let s = try run(simgBinary, ["check"] + args, in: dir.path)
+            let q = try qemuImgResult(in: dir.path, ["check"] + args)
+            #expect(s.status == q.status, "\(args)")
+            #expect(s.stdout == q.stdout, "\(args)")
+            #expect(s.stderr.replacingOccurrences(of: "simg", with: "qemu-img") == q.stderr, "\(args)")
+        }
+    }
+}
