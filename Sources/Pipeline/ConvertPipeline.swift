@@ -143,6 +143,8 @@ public final class ConvertPipeline {
                 continue
             }
             if position >= total && pool.available == pool.capacity { break }
+            // Nothing in flight, nothing ready, yet not done: a bug; fail instead of spinning.
+            firstError = ImageError(path: target.path, message: "the convert pipeline stalled at byte \(position)")
         }
         if let firstError {
             try? engine.drain { _ in }
@@ -312,8 +314,15 @@ public final class ConvertPipeline {
     }
 
     private func submit(_ request: IORequest) throws {
-        while engine.freeSlots == 0 { try engine.reap(minimum: 1, handle) }
-        _ = try engine.submit(request)
+        while true {
+            while engine.freeSlots == 0 { try engine.reap(minimum: 1, handle) }
+            if try engine.submit(request) { return }
+            // Refused with nothing in flight: waiting would never free a slot.
+            guard engine.outstanding > 0 else {
+                throw ImageError(path: target.path, message: "the I/O engine refused a request with an empty queue")
+            }
+            try engine.reap(minimum: 1, handle)
+        }
     }
 
     // MARK: - Completions

@@ -64,6 +64,8 @@ public final class RawTarget: ConvertTarget {
     private let fileSize: UInt64
     /// A buffered descriptor for the unaligned tail of an O_DIRECT file (opened on first use).
     private var tailFile: DiskFile?
+    /// Whether `finish` syncs to stable storage (cache mode unsafe does not, as in QEMU).
+    public var syncOnFinish = true
 
     /// Opens `path` (an existing raw file) as the target. `direct` = cache mode none/directsync.
     public init(path: String, direct: Bool, startsZeroed: Bool) throws {
@@ -115,10 +117,17 @@ public final class RawTarget: ConvertTarget {
     }
 
     public func finish() throws {
-        try image.flush()
-        if let tailFile { try tailFile.sync() }
+        if syncOnFinish {
+            try image.flush()
+            if let tailFile { try tailFile.sync() }
+        }
         tailFile?.close()
-        try image.close()
+        if syncOnFinish {
+            try image.close()
+        } else {
+            // RawImage.close would sync; the descriptor alone is closed instead.
+            image.file.close()
+        }
     }
 
     public func abandon() {

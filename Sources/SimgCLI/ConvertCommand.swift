@@ -155,6 +155,8 @@ enum ConvertCommand {
         let target = try openTarget(output, format: outputFormat, direct: targetDirect,
                                     startsZeroed: !noCreate || targetIsZero, compress: compress,
                                     sparse: options.sparseSize)
+        // Cache mode unsafe ignores flushes (QEMU's meaning): no sync at the end.
+        (target as? RawTarget)?.syncOnFinish = targetCache != "unsafe"
         if noCreate && target.virtualSize < totalSize {
             target.abandon()
             throw CLIError("output file is smaller than input file")
