@@ -37,6 +37,8 @@ import Testing
         let cs = image.clusterSize
         let compressor = try QCOW2ClusterCompressor(codec: image.compressionCodec, clusterSize: cs)
         var expected = [UInt8](repeating: 0, count: Int(image.virtualSize))
+        // Streams point into the compressor's buffer: keep it alive until they are written.
+        defer { withExtendedLifetime(compressor) {} }
         for (k, cluster) in clusters.enumerated() {
             guard let cluster else { continue }
             let guest = UInt64(k * cs)
@@ -152,8 +154,10 @@ import Testing
         defer { try? image.close() }
         let data = Self.pattern(1, size: 65536, ratio: 0)
         try data.withUnsafeBytes { try image.write($0, at: 0) }
-        let stream: [UInt8] = try #require(try data.withUnsafeBytes { input in
-            try QCOW2ClusterCompressor(codec: .zlib, clusterSize: 65536).compress(input).map(Array.init)
+        let compressor = try QCOW2ClusterCompressor(codec: .zlib, clusterSize: 65536)
+        // The stream points into the compressor's buffer: copy it while the compressor lives.
+        let stream: [UInt8] = try #require(withExtendedLifetime(compressor) {
+            data.withUnsafeBytes { compressor.compress($0).map(Array.init) }
         })
         #expect(throws: ImageError.self) {
             try stream.withUnsafeBytes { try image.writeCompressedCluster(guestOffset: 0, compressed: $0) }

@@ -268,8 +268,10 @@ public final class QCOW2ClusterCompressor: @unchecked Sendable {
         output.deallocate()
     }
 
-    /// Compresses one whole cluster (`input.count == clusterSize`). Returns the stream (valid
-    /// until the next call), or nil when it would not be shorter than the cluster.
+    /// Compresses one whole cluster (`input.count == clusterSize`). Returns the stream, or nil
+    /// when it would not be shorter than the cluster. The stream lies in this compressor's
+    /// buffer: valid until the next call and only while the compressor is alive (keep it with
+    /// `withExtendedLifetime` if its last use comes before the stream's).
     public func compress(_ input: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer? {
         guard let n = compress(input, into: output) else { return nil }
         return UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(output)[0..<n])
