@@ -50,6 +50,10 @@ public enum Help {
               '-q' use Quiet mode - do not print any output (except errors)
               '--output' takes the format in which the output must be done (human or json)
               '-U' (force share) is accepted for compatibility with qemu-img
+              '-r' tries to repair any inconsistencies that are found during the check.
+                   '-r leaks' repairs only cluster leaks, whereas '-r all' fixes all
+                   kinds of errors, with a higher risk of choosing the wrong fix or
+                   hiding corruption that has already occurred.
 
             Supported formats: \(ImageFormatNames.all)
 
