@@ -184,7 +184,7 @@ extension QCOW2Image {
         return state
     }
 
-    private func checkRange(_ offset: UInt64, _ length: UInt64, _ what: String) throws {
+    func checkRange(_ offset: UInt64, _ length: UInt64, _ what: String) throws {
         let (end, overflow) = offset.addingReportingOverflow(length)
         guard !overflow, end <= virtualSize else {
             throw ImageError(path: path, message: "\(what) of \(length) bytes at offset \(offset) is past the end of the image (virtual size \(virtualSize))")
@@ -245,7 +245,7 @@ extension QCOW2Image {
     /// Sets an L2 entry. With extended L2 entries, `bitmap` is stored too; a zero flag in
     /// `entry` (which extended entries do not have) becomes "all subclusters read as zeros",
     /// and any other entry with a host offset becomes "all subclusters allocated".
-    private func setL2Entry(table: UInt64, guest: UInt64, _ entry: QCOW2L2Entry) throws {
+    func setL2Entry(table: UInt64, guest: UInt64, _ entry: QCOW2L2Entry) throws {
         let i = l2Index(guest)
         if !header.hasExtendedL2 {
             try tableCache.update(at: table) { $0[i] = entry.raw }

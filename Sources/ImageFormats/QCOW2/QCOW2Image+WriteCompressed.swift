@@ -315,3 +315,59 @@ public final class QCOW2ClusterCompressor: @unchecked Sendable {
         }
     }
 }
+
+// MARK: - Whole-range allocation for callers that write the data themselves
+
+extension QCOW2Image {
+    /// Maps guest clusters [offset, offset + length) to one contiguous run of new host clusters
+    /// and returns the run's host offset in `dataFile`, for a caller that then writes the
+    /// whole range there itself (the convert pipeline, asynchronously). The L2 tables the range
+    /// needs are allocated first, so they do not split the data run.
+    ///
+    /// Only for fresh ranges: every cluster must be unallocated in this layer (no host cluster,
+    /// not compressed); `offset` cluster-aligned; `length` a cluster multiple unless the range
+    /// ends at the virtual size. Returns nil otherwise, and for images with an external data
+    /// file (the caller then uses `write`, which handles every case).
+    ///
+    /// The caller must write the range before anything else reads it or flushes the image: the
+    /// mapping is live at once (the L2 cache may even write it back before the data lands, as
+    /// no copy-on-write is at stake: only the caller's bytes will ever be there).
+    public func allocateForDirectWrite(at offset: UInt64, length: UInt64) throws -> UInt64? {
+        guard length > 0 else { return nil }
+        let state = try writer()
+        try checkRange(offset, length, "write")
+        let cs = UInt64(clusterSize)
+        guard !externalData, offset % cs == 0, length % cs == 0 || offset + length == virtualSize else { return nil }
+        let end = (offset + length + cs - 1) / cs * cs
+        let span = header.bytesPerL2Table
+        var guest = offset
+        while guest < end {
+            if try l2TableOffset(forGuest: guest) == 0 {
+                guest = min(end, (guest / span + 1) * span)
+                continue
+            }
+            let entry = try l2Mapping(guest: guest).entry
+            if entry.isCompressed || entry.hostOffset != 0 { return nil }
+            guest += cs
+        }
+        let firstIndex = Int(offset / span)
+        var tables: [UInt64] = []
+        var index = firstIndex
+        while UInt64(index) * span < end {
+            tables.append(try writableL2(l1Index: index, state))
+            index += 1
+        }
+        let count = (end - offset) / cs
+        let host = try state.refcounts.allocate(count: count).offset
+        guest = offset
+        var target = host
+        while guest < end {
+            // The old entries hold no host cluster: nothing to release.
+            try setL2Entry(table: tables[Int(guest / span) - firstIndex], guest: guest,
+                           .standard(hostOffset: target, copied: true))
+            guest += cs
+            target += cs
+        }
+        return host
+    }
+}
