@@ -19,7 +19,6 @@ extension QCOW2Checker {
                 for i in blockStart..<blockEnd {
                     say("Can't get refcount for cluster \(i): \(String(cString: strerror(EIO)))")
                     result.checkErrors += 1
-                    if counts[i] > 0 { highestCluster = UInt64(i) }
                 }
                 blockStart = blockEnd
                 continue

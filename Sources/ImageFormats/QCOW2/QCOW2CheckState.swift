@@ -123,6 +123,8 @@ final class QCOW2StoredRefcounts {
     private var cachedOffset: UInt64 = 0
     private var cached: [UInt8] = []
     private var dirty = false
+    /// Called once, at the first unaligned block offset met (QEMU reports the corruption once).
+    var unalignedSignal: ((_ index: Int, _ offset: UInt64) throws -> Void)?
 
     init(file: DiskFile, clusterBits: UInt64, order: Int, table: [UInt64]) {
         self.file = file
@@ -138,7 +140,13 @@ final class QCOW2StoredRefcounts {
         guard index >= 0 && index < table.count else { return .none }
         let offset = table[index] & QCOW2CheckMask.reftableOffset
         if offset == 0 { return .none }
-        if offset & ((1 << clusterBits) - 1) != 0 { return .unaligned }
+        if offset & ((1 << clusterBits) - 1) != 0 {
+            if let signal = unalignedSignal {
+                unalignedSignal = nil
+                try signal(index, offset)
+            }
+            return .unaligned
+        }
         try flush()
         cached = try file.qcow2ReadBytes(count: 1 << Int(clusterBits), at: offset)
         cachedIndex = index
@@ -227,6 +235,25 @@ final class QCOW2Checker {
         let table = QCOW2BE.words(try file.qcow2ReadBytes(count: tableBytes, at: header.refcountTableOffset))
         stored = QCOW2StoredRefcounts(file: file, clusterBits: clusterBits, order: Int(header.refcountOrder), table: table)
         counts = QCOW2CheckCounts(clusters: Int((fileLength + clusterSize - 1) >> clusterBits), refcountOrder: Int(header.refcountOrder))
+        stored.unalignedSignal = { [unowned self] index, offset in try self.signalCorruption(
+            "Refblock offset 0x\(Self.hex(offset)) unaligned (reftable index: \(index == 0 ? "0" : "0x" + Self.hex(UInt64(index))))") }
+    }
+
+    /// QEMU's qcow2_signal_corruption: a read-only check only says so; a repairing one marks
+    /// the image corrupt (the repair clears the bit again once the image checks clean).
+    func signalCorruption(_ message: String) throws {
+        if repair == .none {
+            say("qcow2: Image is corrupt: \(message); further non-fatal corruption events will be suppressed")
+            return
+        }
+        say("qcow2: Marking image as corrupt: \(message); further corruption events will be suppressed")
+        header.incompatibleFeatures |= QCOW2Header.incompatibleCorrupt
+        if header.version >= 3 {
+            var field: [UInt8] = []
+            QCOW2BE.append64(&field, header.incompatibleFeatures)
+            try file.qcow2Write(field, at: 72)
+            try file.sync()
+        }
     }
 
     func clusters(_ bytes: UInt64) -> UInt64 { (bytes + clusterSize - 1) >> clusterBits }

@@ -1,4 +1,5 @@
 import DiskIO
+import Glibc
 
 /// The reference walk: every structure the header reaches counts its clusters (QEMU's
 /// calculate_refcounts, in the same order so messages come out in QEMU's order).
@@ -247,8 +248,16 @@ extension QCOW2Checker {
                 if fix.fixesErrors {
                     // Growing the file to hold the block makes it a (zeroed) block again.
                     let (end, overflow) = offset.addingReportingOverflow(clusterSize)
+                    var failure = "Invalid argument"
                     if !overflow, end <= UInt64(Int64.max) {
-                        try file.truncate(to: end)
+                        do {
+                            try file.truncate(to: end)
+                        } catch let error as IOError {
+                            failure = String(cString: strerror(error.code))
+                            rebuild = true
+                            say("ERROR could not resize image: \(failure)")
+                            continue
+                        }
                         fileLength = (try file.size() + 511) & ~511
                         counts.grow(to: Int(clusters(fileLength)))
                         result.corruptions -= 1
@@ -257,7 +266,7 @@ extension QCOW2Checker {
                         continue
                     }
                     rebuild = true
-                    say("ERROR could not resize image: Invalid argument")
+                    say("ERROR could not resize image: \(failure)")
                 }
                 continue
             }
