@@ -4,7 +4,12 @@ import ImageFormats
 
 /// The copy behind `simg convert`: plans from block status, reads large merged requests into
 /// pooled aligned buffers through an IOEngine (many in flight), detects zeros, and writes
-/// through a `ConvertTarget` (raw data asynchronously through the same engine).
+/// through a `ConvertTarget` (raw data asynchronously through an engine too).
+///
+/// Engines (LESSONS 5): Linux AIO for O_DIRECT files, a thread pool for buffered ones. Reads
+/// and asynchronous writes share one engine when the source and target files are alike;
+/// otherwise reads and writes get one each (e.g. `-t none` with buffered sources: thread-pool
+/// reads, AIO writes).
 ///
 /// The output is cut into chunks of `bufferSize` (aligned to the chunk grid). Ranges that read
 /// as zeros (or, with -B, belong to the target's backing file) over at least one granule are
@@ -21,7 +26,10 @@ public final class ConvertPipeline {
     /// Zero detection and write unit: -S rounded up to the target's granularity.
     let granule: UInt64
     let chunkSize: UInt64
+    /// Reads go here.
     let engine: any IOEngine
+    /// Asynchronous target writes go here (the same object as `engine` when they match).
+    let writeEngine: any IOEngine
     let pool: BufferPool
 
     private struct Slot {
@@ -77,7 +85,7 @@ public final class ConvertPipeline {
         pool = try BufferPool(count: depth, bufferSize: Int(chunkSize) + ConvertPipeline.slack)
 
         // Linux AIO only pays off when every file it touches is O_DIRECT.
-        var allDirect = target.isDirect
+        var allDirect = true
         for source in sources {
             var layer: (any DiskImage)? = source
             while let image = layer {
@@ -85,8 +93,18 @@ public final class ConvertPipeline {
                 layer = image.backing
             }
         }
-        engine = IOEngines.make(direct: allDirect, queueDepth: max(32, depth * 4), threads: max(1, options.ioThreads))
-        stats.engine = engine is AIOEngine ? "linux-aio" : "thread-pool"
+        let engineDepth = max(32, depth * 4)
+        engine = IOEngines.make(direct: allDirect, queueDepth: engineDepth, threads: max(1, options.ioThreads))
+        if !target.writesAsynchronously || target.isDirect == (engine is AIOEngine) {
+            writeEngine = engine
+        } else {
+            writeEngine = IOEngines.make(direct: target.isDirect, queueDepth: engineDepth, threads: max(1, options.ioThreads))
+        }
+        let readName = engine is AIOEngine ? "linux-aio" : "thread-pool"
+        let writeName = writeEngine is AIOEngine ? "linux-aio" : "thread-pool"
+        stats.readEngine = readName
+        stats.writeEngine = target.writesAsynchronously ? writeName : "synchronous"
+        stats.engine = writeEngine === engine || readName == writeName ? readName : "mixed"
         stats.bufferSize = Int(chunkSize)
         stats.queueDepth = depth
 
@@ -103,7 +121,10 @@ public final class ConvertPipeline {
         isReady = Array(repeating: false, count: depth)
     }
 
-    deinit { engine.shutdown() }
+    deinit {
+        engine.shutdown()
+        if writeEngine !== engine { writeEngine.shutdown() }
+    }
 
     /// Copies everything; on success the target is finished (flushed and closed). On failure
     /// the target is abandoned and the error (a `ConvertError` for I/O) thrown.
@@ -134,9 +155,9 @@ public final class ConvertPipeline {
                 writeChunk(slot)
                 continue
             }
-            if engine.outstanding > 0 {
+            if engine.outstanding > 0 || writeEngine.outstanding > 0 {
                 do {
-                    try engine.reap(minimum: 1, handle)
+                    try waitForCompletions()
                 } catch {
                     firstError = error
                 }
@@ -148,6 +169,7 @@ public final class ConvertPipeline {
         }
         if let firstError {
             try? engine.drain { _ in }
+            try? writeEngine.drain { _ in }
             target.abandon()
             throw firstError
         }
@@ -313,7 +335,26 @@ public final class ConvertPipeline {
         stats.bytesRead += UInt64(length)
     }
 
+    /// Handles at least one completion, from whichever engine can give one.
+    private func waitForCompletions() throws {
+        if writeEngine === engine {
+            try engine.reap(minimum: 1, handle)
+            return
+        }
+        // Take what is there without waiting; else wait where the next step depends on it:
+        // the oldest chunk's reads if it still waits for them, else the writes.
+        let handled = try engine.reap(minimum: 0, handle) + writeEngine.reap(minimum: 0, handle)
+        if handled > 0 { return }
+        let headReading = startedCount > 0 && slots[started[startedHead]].pendingReads > 0
+        if engine.outstanding > 0 && (headReading || writeEngine.outstanding == 0) {
+            try engine.reap(minimum: 1, handle)
+        } else {
+            try writeEngine.reap(minimum: 1, handle)
+        }
+    }
+
     private func submit(_ request: IORequest) throws {
+        let engine = request.kind == .write ? writeEngine : self.engine
         while true {
             while engine.freeSlots == 0 { try engine.reap(minimum: 1, handle) }
             if try engine.submit(request) { return }

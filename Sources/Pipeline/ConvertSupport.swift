@@ -28,6 +28,10 @@ public struct ConvertOptions: Sendable {
 /// What a run did, for `--stats`.
 public struct ConvertStats: Sendable, Equatable {
     public var engine = ""
+    /// The engine of reads, and of asynchronous target writes ("synchronous" when the target
+    /// writes itself); `engine` names both when they are the same, else "mixed".
+    public var readEngine = ""
+    public var writeEngine = ""
     public var readRequests = 0
     public var writeRequests = 0
     public var zeroRequests = 0
@@ -47,7 +51,8 @@ public struct ConvertStats: Sendable, Equatable {
         var secondsText = String(Int((seconds * 1_000_000).rounded()))
         while secondsText.count < 7 { secondsText = "0" + secondsText }
         secondsText.insert(".", at: secondsText.index(secondsText.endIndex, offsetBy: -6))
-        return "{\"engine\": \"\(engine)\", \"read-requests\": \(readRequests), "
+        return "{\"engine\": \"\(engine)\", \"read-engine\": \"\(readEngine)\", "
+            + "\"write-engine\": \"\(writeEngine)\", \"read-requests\": \(readRequests), "
             + "\"write-requests\": \(writeRequests), \"zero-requests\": \(zeroRequests), "
             + "\"extents-merged\": \(extentsMerged), \"bytes-read\": \(bytesRead), "
             + "\"bytes-written\": \(bytesWritten), \"bytes-zero-skipped\": \(bytesZeroSkipped), "

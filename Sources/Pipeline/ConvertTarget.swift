@@ -32,6 +32,9 @@ public protocol ConvertTarget: AnyObject {
     var writeGranularity: Int { get }
     /// Whether the target's file is opened with O_DIRECT (the pipeline then prefers Linux AIO).
     var isDirect: Bool { get }
+    /// Whether `asyncFile(forWriteAt:length:)` may return a file (the pipeline then sets up an
+    /// engine for the writes).
+    var writesAsynchronously: Bool { get }
     /// True when the range already reads as zeros in the target (a fresh image without a
     /// backing file, or `--target-is-zero`): zeros there need not be written.
     func readsAsZero(at offset: UInt64, length: UInt64) -> Bool
@@ -58,6 +61,7 @@ public final class RawTarget: ConvertTarget {
     public let virtualSize: UInt64
     public let writeGranularity: Int
     public var isDirect: Bool { image.file.isDirect }
+    public var writesAsynchronously: Bool { true }
     /// Whether unwritten ranges read as zeros (fresh file or --target-is-zero).
     public let startsZeroed: Bool
     /// The real end of the file: O_DIRECT writes may not be rounded past it.
@@ -147,6 +151,7 @@ open class QCOW2Target: ConvertTarget {
     public let virtualSize: UInt64
     public let writeGranularity: Int
     public var isDirect: Bool { image.file.isDirect }
+    open var writesAsynchronously: Bool { false }
     public let startsZeroed: Bool
 
     /// `image` opened writable, with its backing chain if it has one. `startsZeroed`: a fresh

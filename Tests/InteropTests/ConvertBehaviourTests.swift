@@ -27,6 +27,11 @@ import Testing
         }
         #expect(try run(simgBinary, ["convert", "--stats", "-O", "raw", source, dir.file("x.raw")]).stderr.contains("\"engine\": \"thread-pool\""))
         #expect(try run(simgBinary, ["convert", "--stats", "-t", "none", "-T", "none", "-O", "raw", source, dir.file("y.raw")]).stderr.contains("\"engine\": \"linux-aio\""))
+        // -t none alone: buffered reads through the thread pool, O_DIRECT writes through AIO.
+        let mixed = try convertStats(try simgConvertOK(["--stats", "-t", "none", "-O", "raw", source, dir.file("z.raw")]))
+        #expect(mixed["read-engine"] as? String == "thread-pool")
+        #expect(mixed["write-engine"] as? String == "linux-aio")
+        #expect(try filesEqual(dir.file("z.raw"), dir.file("x.raw")))
     }
 
     @Test("--stats: written zeros are detected and skipped; -S 0 writes everything")

@@ -82,6 +82,7 @@ final class MemoryTarget: ConvertTarget {
     let virtualSize: UInt64
     let writeGranularity: Int
     var isDirect: Bool { false }
+    var writesAsynchronously: Bool { false }
     let startsZeroed: Bool
     var bytes: [UInt8]
     var writes: [(offset: UInt64, length: Int)] = []
