@@ -1,3 +1,4 @@
+import DiskIO
 import Glibc
 import ImageFormats
 
@@ -108,8 +109,38 @@ enum CheckCommand {
             try image.close()
             return found
         } catch {
-            throw CLIError(Backend.openFailure(error, path: path))
+            throw CLIError(openFailure(error, path: path))
         }
+    }
+
+    /// qemu-img check opens the whole chain as one block graph, so a failure below the top
+    /// reads "Could not open 'TOP': Could not open backing file: ... REASON" (one "Could not
+    /// open backing file" per level), and a missing data file "Could not open 'TOP': Could not
+    /// open 'DATA': strerror".
+    static func openFailure(_ error: any Error, path: String) -> String {
+        var levels = 0
+        var current: any Error = error
+        var last: ImageError?
+        while let image = current as? ImageError, let cause = image.cause {
+            if image.message.hasPrefix("Could not open backing file") {
+                levels += 1
+            } else if !image.message.hasPrefix("Could not open data file") {
+                break
+            }
+            last = image
+            current = cause
+        }
+        guard last != nil else { return Backend.openFailure(error, path: path) }
+        var reason: String
+        if let io = current as? IOError, io.operation == "open" {
+            reason = "\(io)"
+        } else if let image = current as? ImageError {
+            reason = image.cause == nil ? image.message : "\(image.message): \(image.cause!)"
+        } else {
+            reason = "\(current)"
+        }
+        reason = String(repeating: "Could not open backing file: ", count: levels) + reason
+        return "Could not open '\(path)': \(reason)"
     }
 
     /// qemu-img's dump_human_image_check.
