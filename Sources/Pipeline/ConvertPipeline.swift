@@ -479,10 +479,10 @@ public final class ConvertPipeline {
             case .data:
                 stats.writeRequests += 1
                 stats.bytesWritten += UInt64(length)
-                if let file = target.asyncFile(forWriteAt: offset, length: length) {
+                if let destination = try target.asyncDestination(forWriteAt: offset, length: length) {
                     // Sound: start..<stop lies within the chunk, inside the buffer, which stays
                     // out of the pool until this write completes.
-                    let request = IORequest.write(file, at: offset,
+                    let request = IORequest.write(destination.file, at: destination.offset,
                                                   from: UnsafeRawBufferPointer(start: base + start, count: length),
                                                   tag: UInt64(slot) | UInt64(start) << 32 | ConvertPipeline.writeFlag)
                     slots[slot].pendingWrites += 1

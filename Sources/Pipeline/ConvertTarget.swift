@@ -15,9 +15,11 @@ import ImageFormats
 ///   are written; ranges never overlap.
 /// - With `-B` (target keeps a backing file) ranges the source does not allocate in its top
 ///   layer are neither written nor zeroed: they keep reading from the target's backing file.
-/// - `write` is synchronous unless `asyncFile(forWriteAt:length:)` returns a file: then the
-///   pipeline writes those bytes itself, asynchronously through its IOEngine, at the same
-///   offset in that file (the target maps guest offset N to byte N of that file: raw).
+/// - `write` is synchronous unless `asyncDestination(forWriteAt:length:)` returns a place: then
+///   the pipeline writes those bytes itself, straight from its buffer, asynchronously through
+///   its write engine, at that offset of that file (raw: the same offset; a qcow2 target could
+///   allocate fresh clusters and return their host offset). The target must have made the
+///   place ready (mapped) before returning it; it hears nothing more about the range.
 /// - `finish()` is called once at the end, after every write has completed (not after an error).
 ///
 /// A target is driven by one thread (the pipeline's) except for the async file writes, which
@@ -32,15 +34,17 @@ public protocol ConvertTarget: AnyObject {
     var writeGranularity: Int { get }
     /// Whether the target's file is opened with O_DIRECT (the pipeline then prefers Linux AIO).
     var isDirect: Bool { get }
-    /// Whether `asyncFile(forWriteAt:length:)` may return a file (the pipeline then sets up an
-    /// engine for the writes).
+    /// Whether `asyncDestination(forWriteAt:length:)` may return a place (the pipeline then
+    /// sets up an engine for the writes, Linux AIO when `isDirect`).
     var writesAsynchronously: Bool { get }
     /// True when the range already reads as zeros in the target (a fresh image without a
     /// backing file, or `--target-is-zero`): zeros there need not be written.
     func readsAsZero(at offset: UInt64, length: UInt64) -> Bool
-    /// The file to write `length` bytes at guest `offset` into directly (same offset, async
-    /// through the pipeline's engine), or nil when the pipeline must call `write`.
-    func asyncFile(forWriteAt offset: UInt64, length: Int) -> DiskFile?
+    /// Where the pipeline may write `length` bytes of guest `offset` itself (a file and the
+    /// offset in it; async through its write engine; the buffer is page-aligned, and so are
+    /// offset and length where `isDirect` unless nil is returned), or nil when the pipeline
+    /// must call `write`.
+    func asyncDestination(forWriteAt offset: UInt64, length: Int) throws -> (file: DiskFile, offset: UInt64)?
     /// Writes `data` at guest `offset`. Synchronous: `data` may be reused once this returns.
     func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws
     /// Makes the range read as zeros (also over a backing file), allocating as little as possible.
@@ -83,12 +87,12 @@ public final class RawTarget: ConvertTarget {
 
     public func readsAsZero(at offset: UInt64, length: UInt64) -> Bool { startsZeroed }
 
-    public func asyncFile(forWriteAt offset: UInt64, length: Int) -> DiskFile? {
-        guard image.file.isDirect else { return image.file }
+    public func asyncDestination(forWriteAt offset: UInt64, length: Int) -> (file: DiskFile, offset: UInt64)? {
+        guard image.file.isDirect else { return (image.file, offset) }
         let unit = UInt64(writeGranularity)
         // O_DIRECT needs aligned offset and length; the unaligned tail goes through `write`.
         guard offset % unit == 0, UInt64(length) % unit == 0, offset + UInt64(length) <= fileSize else { return nil }
-        return image.file
+        return (image.file, offset)
     }
 
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
@@ -172,7 +176,10 @@ open class QCOW2Target: ConvertTarget {
         return offset >= backing.virtualSize
     }
 
-    open func asyncFile(forWriteAt offset: UInt64, length: Int) -> DiskFile? { nil }
+    /// nil: writes go through `write`. A subclass may allocate fresh clusters here (see
+    /// `QCOW2Image.allocateForDirectWrite`), return their host place, and say
+    /// `writesAsynchronously`, so the pipeline writes the data without a copy.
+    open func asyncDestination(forWriteAt offset: UInt64, length: Int) throws -> (file: DiskFile, offset: UInt64)? { nil }
 
     open func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         try image.write(data, at: offset)

@@ -226,7 +226,7 @@ enum ConvertCommand {
                 if compress {
                     return try ConvertTargets.compressed(image: image, startsZeroed: startsZeroed, sparse: sparse)
                 }
-                return QCOW2Target(image: image, startsZeroed: startsZeroed)
+                return QCOW2AsyncTarget(image: image, startsZeroed: startsZeroed)
             }
         } catch let error as CLIError {
             throw error
