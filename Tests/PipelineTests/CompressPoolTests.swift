@@ -185,7 +185,8 @@ func cqQemuImg(_ arguments: [String]) throws -> String {
     return String(decoding: outData, as: UTF8.self)
 }
 
-/// The qcow2 target with asynchronous data writes, driven by the real pipeline.
+/// The qcow2 target whose data the pipeline writes itself (asynchronously), driven by the
+/// real pipeline.
 @Suite struct QCOW2AsyncTargetTests {
     /// Writes `count` pseudo-random bytes at `offset` of a raw file (growing it).
     static func pattern(_ path: String, offset: UInt64, count: Int, seed: UInt64) throws {
@@ -226,7 +227,8 @@ func cqQemuImg(_ arguments: [String]) throws -> String {
         try ImageCreator.create(CreateRequest(format: .qcow2, path: output, size: size), announce: { _ in })
         let target = try Self.convert(source, to: output, direct: direct)
         #expect(target.asyncWrites >= 48)
-        #expect(target.fallbackWrites == 0)
+        // Only the short last chunk may need `write` (O_DIRECT cannot write it as is).
+        #expect(target.fallbackWrites <= (direct ? 1 : 0))
         try cqQemuImg(["check", output])
         try cqQemuImg(["compare", "-f", "raw", "-F", "qcow2", source, output])
         let map = try cqQemuImg(["map", "--output=json", output])
