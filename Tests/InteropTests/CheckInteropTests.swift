@@ -64,7 +64,8 @@ import Testing
         case raisedRefcount, zeroRefcountOfUsedCluster, leakedCluster, l2EntryBeyondEOF,
              misalignedL2Entry, misalignedPreallocatedZero, clearedCopiedL2, clearedCopiedL1,
              zeroRefcountOfL2Table, refcountBlockCountedTwice, severalLeaksAndRaised,
-             dirtyLazyRefcounts, refcountBlockOutsideImage
+             dirtyLazyRefcounts, refcountBlockOutsideImage, contradictingSubclusterBitmaps,
+             raisedRefcountSharedWithSnapshot, corruptBitAndLeak, compressedWithCopiedFlag
     }
 
     static func damage(_ d: Damage, _ path: String) throws {
@@ -74,6 +75,23 @@ import Testing
             // qemu-io aborts on purpose: a crash after the write, before the refcounts.
             _ = try run("qemu-io", ["-c", "write -P 3 2M 64k", "-c", "abort", path])
             return
+        }
+        switch d {
+        case .contradictingSubclusterBitmaps:
+            try makeImage(path, options: "extended_l2=on")
+            // Entry 0: subclusters 0-1 both allocated and zero; entry 10: unallocated with a bit.
+            try e.put64(try e.l2Offset() + 8, 0x0000_0003_0000_0003)
+            try e.put64(try e.l2Offset() + 16 * 10 + 8, 1)
+            return
+        case .compressedWithCopiedFlag:
+            let raw = path + ".raw"
+            _ = try qemuImg("create", "-q", "-f", "raw", raw, "1M")
+            _ = try qemuIO("-f", "raw", "-c", "write -P 5 0 256k", raw)
+            _ = try qemuImg("convert", "-c", "-O", "qcow2", raw, path)
+            try FileManager.default.removeItem(atPath: raw)
+            try e.setL2Entry(1, try e.l2Entry(1) | (1 << 63))
+            return
+        default: break
         }
         try makeImage(path)
         switch d {
@@ -99,7 +117,13 @@ import Testing
             for k in 0..<UInt64(3) { try e.setRefcount((end >> 16) + k, 1) }
             try e.setRefcount(1, 5)
         case .refcountBlockOutsideImage: try e.put64(try e.reftableOffset + 8, 50 << 20)
-        case .dirtyLazyRefcounts: break
+        case .raisedRefcountSharedWithSnapshot:
+            _ = try qemuImg("snapshot", "-c", "s1", path)
+            try e.setRefcount(try e.dataCluster(0), 3)
+        case .corruptBitAndLeak:
+            try e.put64(72, try e.u64(72) | 2)
+            try e.setRefcount(1, 2)
+        case .dirtyLazyRefcounts, .contradictingSubclusterBitmaps, .compressedWithCopiedFlag: break
         }
     }
 
