@@ -1,4 +1,5 @@
 import DiskIO
+import Glibc
 import ImageFormats
 import Testing
 @testable import Pipeline
@@ -160,5 +161,62 @@ import Testing
                     "\"bytes-read\": 0", "\"bytes-written\": 0", "\"bytes-zero-skipped\": 0", "\"seconds\": 0.250000"] {
             #expect(json.contains(key), "\(key) in \(json)")
         }
+    }
+}
+
+@Suite("convert pipeline errors") struct ConvertPipelineErrorTests {
+    @Test("a write failing in flight (ENOSPC on /dev/full) names the target and the byte")
+    func asyncWriteFailure() throws {
+        let dir = try PipelineTempDir()
+        let path = dir.file("data.raw")
+        try pipelineFile(path, size: 1 << 20, pieces: [(0, pipelinePattern(1 << 20, seed: 3))])
+        let source = try RawImage.open(path: path, writable: false, direct: false)
+        defer { try? source.close() }
+        let target = try RawTarget(path: "/dev/full", direct: false, startsZeroed: true)
+        var options = ConvertOptions()
+        options.bufferSize = 256 << 10
+        do {
+            try ConvertPipeline(sources: [source], target: target, options: options).run()
+            Issue.record("writing to /dev/full succeeded")
+        } catch let error as ConvertError {
+            #expect(error.operation == .writing)
+            #expect(error.path == "/dev/full")
+            #expect(error.byte % (256 << 10) == 0)
+            #expect(error.description.hasPrefix("error while writing at byte \(error.byte): "))
+            #expect(error.description.contains("/dev/full") && error.description.contains("No space left on device"))
+        }
+    }
+
+    @Test("a synchronous target write failing stops the copy with the byte")
+    func syncWriteFailure() throws {
+        final class FailingTarget: ConvertTarget {
+            let path = "failing"
+            let virtualSize: UInt64 = 1 << 20
+            let writeGranularity = 1
+            var isDirect: Bool { false }
+            var writesAsynchronously: Bool { false }
+            var abandoned = false
+            var writes = 0
+            func readsAsZero(at offset: UInt64, length: UInt64) -> Bool { true }
+            func asyncDestination(forWriteAt offset: UInt64, length: Int) -> (file: DiskFile, offset: UInt64)? { nil }
+            func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+                writes += 1
+                if offset >= 512 << 10 { throw IOError(code: EIO, operation: "write", path: "failing", offset: offset) }
+            }
+            func writeZeroes(at offset: UInt64, length: UInt64) throws {}
+            func finish() throws { Issue.record("finished after an error") }
+            func abandon() { abandoned = true }
+        }
+        let dir = try PipelineTempDir()
+        let path = dir.file("data.raw")
+        try pipelineFile(path, size: 1 << 20, pieces: [(0, pipelinePattern(1 << 20, seed: 4))])
+        let source = try RawImage.open(path: path, writable: false, direct: false)
+        defer { try? source.close() }
+        let target = FailingTarget()
+        var options = ConvertOptions()
+        options.bufferSize = 128 << 10
+        #expect(throws: ConvertError.self) { try ConvertPipeline(sources: [source], target: target, options: options).run() }
+        #expect(target.abandoned)
+        #expect(target.writes == 5)
     }
 }
