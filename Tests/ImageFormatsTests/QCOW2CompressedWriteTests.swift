@@ -189,6 +189,56 @@ import Testing
         }
     }
 
+    /// allocateForDirectWrite: one contiguous host run across L2 tables (tables placed first),
+    /// data written there by the caller reads back and passes qemu-img check; anything but
+    /// fresh, aligned ranges is declined (nil).
+    @Test(arguments: [false, true])
+    func directWriteAllocation(_ extendedL2: Bool) throws {
+        let scratch = try RawScratch()
+        let path = scratch.file("w.qcow2")
+        let cs = extendedL2 ? 16384 : 4096
+        // 4K clusters: one L2 table maps 2 MiB (extended 16K: 16 MiB); the run crosses two tables.
+        let span = extendedL2 ? 16 << 20 : 2 << 20
+        let requested = UInt64(2 * span + 3 * cs + 100)
+        var options = [("cluster_size", String(cs))]
+        if extendedL2 { options.append(("extended_l2", "on")) }
+        try Self.create(path, size: requested, options: options)
+        let image = try QCOW2Image.open(path: path, writable: true)
+        let size = image.virtualSize  // rounded up to 512 bytes at creation
+        #expect(size % UInt64(cs) != 0)
+        var expected = [UInt8](repeating: 0, count: Int(size))
+        let start = span - 4 * cs, length = 12 * cs
+        let data = Self.pattern(3, size: length, ratio: 1)
+        expected.replaceSubrange(start..<(start + length), with: data)
+        let host = try #require(try image.allocateForDirectWrite(at: UInt64(start), length: UInt64(length)))
+        try data.withUnsafeBytes { try image.dataFile.write($0, at: host) }
+        // Allocated now: declined; so are unaligned ranges and a short range not at the end.
+        #expect(try image.allocateForDirectWrite(at: UInt64(start), length: UInt64(cs)) == nil)
+        #expect(try image.allocateForDirectWrite(at: UInt64(cs / 2), length: UInt64(cs)) == nil)
+        #expect(try image.allocateForDirectWrite(at: 0, length: UInt64(cs / 2)) == nil)
+        // The tail cluster at the end of the image may be short.
+        let tailStart = Int(size) / cs * cs
+        let tail = Self.pattern(4, size: Int(size) - tailStart, ratio: 1)
+        expected.replaceSubrange(tailStart..<Int(size), with: tail)
+        let tailHost = try #require(try image.allocateForDirectWrite(at: UInt64(tailStart), length: UInt64(tail.count)))
+        try tail.withUnsafeBytes { try image.dataFile.write($0, at: tailHost) }
+        // One host-contiguous extent for the whole run.
+        let extent = try image.blockStatus(at: UInt64(start), length: UInt64(length))
+        #expect(extent.length == UInt64(length))
+        #expect(extent.kind == .data(hostOffset: host))
+        try image.close()
+        try Self.check(path, expected: expected, scratch: scratch)
+    }
+
+    @Test func directWriteAllocationDeclinesExternalData() throws {
+        let scratch = try RawScratch()
+        let path = scratch.file("x.qcow2")
+        try Self.create(path, size: 1 << 20, options: [("data_file", scratch.file("x.raw"))])
+        let image = try QCOW2Image.open(path: path, writable: true)
+        defer { try? image.close() }
+        #expect(try image.allocateForDirectWrite(at: 0, length: 65536) == nil)
+    }
+
     /// The compressor's streams decode with the image codec's decompressor, and data that
     /// does not shrink below a cluster is reported as such.
     @Test(arguments: [QCOW2Compression.zlib, .zstd])
