@@ -107,6 +107,7 @@ public final class RawTarget: ConvertTarget {
             // Sound: alignedLength <= data.count.
             try image.file.write(UnsafeRawBufferPointer(start: pointer, count: Int(alignedLength)), at: offset)
             if alignedLength == UInt64(data.count) { return }
+            // Sound: alignedLength < data.count, so the rebased slice is inside `data`.
             try buffered().write(UnsafeRawBufferPointer(rebasing: data[Int(alignedLength)...]), at: offset + alignedLength)
             return
         }

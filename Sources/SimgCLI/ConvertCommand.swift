@@ -163,12 +163,10 @@ enum ConvertCommand {
         }
 
         let showProgress = scan.has("progress") && !quiet
-        var lastShown = -1
         if showProgress {
             let progress = ProgressPrinter(console: console)
             options.progress = { done, total in progress.update(done: done, total: total) }
             console.out(ProgressPrinter.line(0))
-            lastShown = 0
         }
         let pipeline: ConvertPipeline
         do {
@@ -178,7 +176,8 @@ enum ConvertCommand {
             throw error
         }
         let stats = try pipeline.run()
-        if showProgress && lastShown >= 0 { console.out(ProgressPrinter.line(10000) + "\n") }
+        // qemu-img ends with the full line once more and a newline.
+        if showProgress { console.out(ProgressPrinter.line(10000) + "\n") }
         if scan.has("stats") { console.err(stats.json + "\n") }
         return 0
     }
