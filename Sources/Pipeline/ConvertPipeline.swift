@@ -78,7 +78,10 @@ public final class ConvertPipeline {
         granule = unit
         let wanted = UInt64(max(options.bufferSize, 4096))
         chunkSize = max(granule, (wanted + granule - 1) / granule * granule)
-        let depth = max(1, options.queueDepth)
+        // A chunk larger than asked (a large -S or cluster size) means fewer of them, so the
+        // pool stays within the memory the options asked for (at least two chunks).
+        let asked = UInt64(max(1, options.queueDepth))
+        let depth = Int(max(min(asked, asked * wanted / chunkSize), min(asked, 2)))
         guard chunkSize <= 1 << 30 else {
             throw ImageError(path: target.path, message: "buffer size \(chunkSize) is too large")
         }
