@@ -65,7 +65,8 @@ import Testing
              misalignedL2Entry, misalignedPreallocatedZero, clearedCopiedL2, clearedCopiedL1,
              zeroRefcountOfL2Table, refcountBlockCountedTwice, severalLeaksAndRaised,
              dirtyLazyRefcounts, refcountBlockOutsideImage, contradictingSubclusterBitmaps,
-             raisedRefcountSharedWithSnapshot, corruptBitAndLeak, compressedWithCopiedFlag
+             raisedRefcountSharedWithSnapshot, corruptBitAndLeak, compressedWithCopiedFlag,
+             snapshotL1Unaligned, snapshotL1BeyondEOF
     }
 
     static func damage(_ d: Damage, _ path: String) throws {
@@ -120,6 +121,10 @@ import Testing
         case .raisedRefcountSharedWithSnapshot:
             _ = try qemuImg("snapshot", "-c", "s1", path)
             try e.setRefcount(try e.dataCluster(0), 3)
+        case .snapshotL1Unaligned, .snapshotL1BeyondEOF:
+            _ = try qemuImg("snapshot", "-c", "s1", path)
+            let table = try e.u64(64)
+            try e.put64(table, d == .snapshotL1Unaligned ? try e.u64(table) + 0x200 : 1 << 30)
         case .corruptBitAndLeak:
             try e.put64(72, try e.u64(72) | 2)
             try e.setRefcount(1, 2)

@@ -230,13 +230,46 @@ final class QCOW2Checker {
         clusterBits = UInt64(header.clusterBits)
         clusterSize = UInt64(1) << clusterBits
         l1 = QCOW2BE.words(try file.qcow2ReadBytes(count: Int(header.l1Size) * 8, at: header.l1TableOffset))
-        snapshots = try QCOW2Snapshot.readTable(file: file, header: header, fileSize: size, path: path)
+        snapshots = try QCOW2Checker.readSnapshots(file: file, header: header, fileSize: size, path: path)
         let tableBytes = Int(header.refcountTableClusters) << Int(clusterBits)
         let table = QCOW2BE.words(try file.qcow2ReadBytes(count: tableBytes, at: header.refcountTableOffset))
         stored = QCOW2StoredRefcounts(file: file, clusterBits: clusterBits, order: Int(header.refcountOrder), table: table)
         counts = QCOW2CheckCounts(clusters: Int((fileLength + clusterSize - 1) >> clusterBits), refcountOrder: Int(header.refcountOrder))
         stored.unalignedSignal = { [unowned self] index, offset in try self.signalCorruption(
             "Refblock offset 0x\(Self.hex(offset)) unaligned (reftable index: \(index == 0 ? "0" : "0x" + Self.hex(UInt64(index))))") }
+    }
+
+    /// The snapshot table as QEMU reads it in check mode: each entry's L1 table is not
+    /// validated here (the walk reports a bad one as a corruption, as QEMU does).
+    static func readSnapshots(file: DiskFile, header h: QCOW2Header, fileSize: UInt64, path: String) throws -> [QCOW2Snapshot] {
+        var result: [QCOW2Snapshot] = []
+        var offset = h.snapshotsOffset
+        for index in 0..<Int(h.nbSnapshots) {
+            guard offset + 40 <= fileSize else {
+                throw ImageError(path: path, message: "snapshot table entry \(index) at offset \(offset) is outside the file")
+            }
+            let fixed = try file.qcow2ReadBytes(count: 40, at: offset)
+            let idLength = Int(QCOW2BE.u16(fixed, 12))
+            let nameLength = Int(QCOW2BE.u16(fixed, 14))
+            let extraSize = Int(QCOW2BE.u32(fixed, 36))
+            guard extraSize <= QCOW2Snapshot.maxExtraData else {
+                throw ImageError(path: path, message: "snapshot \(index): extra data size \(extraSize) is too large (at most \(QCOW2Snapshot.maxExtraData))")
+            }
+            let variable = extraSize + idLength + nameLength
+            let entrySize = (40 + variable + 7) & ~7
+            let rest = try file.qcow2ReadBytes(count: variable, at: offset + 40)
+            result.append(QCOW2Snapshot(
+                l1TableOffset: QCOW2BE.u64(fixed, 0), l1Size: QCOW2BE.u32(fixed, 8),
+                id: QCOW2BE.string(rest[extraSize..<(extraSize + idLength)]),
+                name: QCOW2BE.string(rest[(extraSize + idLength)..<variable]),
+                dateSeconds: 0, dateNanoseconds: 0, vmClockNanoseconds: 0, vmStateSize: 0,
+                diskSize: nil, icount: nil, extraData: [], entrySize: entrySize))
+            offset += UInt64(entrySize)
+            guard offset - h.snapshotsOffset <= QCOW2Snapshot.maxTableBytes else {
+                throw ImageError(path: path, message: "Snapshot table too large")
+            }
+        }
+        return result
     }
 
     /// QEMU's qcow2_signal_corruption: a read-only check only says so; a repairing one marks
