@@ -132,6 +132,13 @@ enum ConvertCommand {
         }
         let totalSize = sources.reduce(UInt64(0)) { $0 + $1.virtualSize }
 
+        // Writing over a file being read would destroy it; QEMU's image locks refuse that.
+        if isInUse(output, by: sources) {
+            let lock = "Failed to get \"write\" lock\nIs another process using the image [\(output)]?"
+            throw CLIError(noCreate ? "Could not open '\(output)': \(lock)"
+                                    : "\(output): error while converting \(outputFormat.rawValue): \(lock)")
+        }
+
         if !noCreate {
             let request = CreateRequest(format: outputFormat, path: output, size: totalSize,
                                         options: createOptions.map { CreateOption(name: $0.name, value: $0.value) },
@@ -180,6 +187,28 @@ enum ConvertCommand {
         if showProgress { console.out(ProgressPrinter.line(10000) + "\n") }
         if scan.has("stats") { console.err(stats.json + "\n") }
         return 0
+    }
+
+    /// Whether `path` names a file some source image (or a layer below it) has open.
+    static func isInUse(_ path: String, by sources: [any DiskImage]) -> Bool {
+        var target = stat()
+        guard stat(path, &target) == 0 else { return false }
+        for source in sources {
+            var layer: (any DiskImage)? = source
+            while let image = layer {
+                var files = [image.dataFile]
+                if let qcow2 = image as? QCOW2Image { files.append(qcow2.file) }
+                for file in files {
+                    var st = stat()
+                    // fstat only fills `st`; the descriptor stays the image's.
+                    if fstat(file.fd, &st) == 0 && st.st_dev == target.st_dev && st.st_ino == target.st_ino {
+                        return true
+                    }
+                }
+                layer = image.backing
+            }
+        }
+        return false
     }
 
     /// `--buffer-size`, `--queue-depth`, `--io-threads`, or SIMG_BUFFER_SIZE, SIMG_QUEUE_DEPTH,

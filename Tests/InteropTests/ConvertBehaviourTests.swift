@@ -123,7 +123,7 @@ import Testing
         "-B b.qcow2 -O qcow2 SRC OUT", "-F qcow2 SRC OUT", "-n -o cluster_size=4k SRC OUT",
         "-O qcow2 -o foo=1 SRC OUT", "-O qcow2 -o cluster_size=3k SRC OUT",
         "-O qcow2 -o compat=0.10,refcount_bits=8 SRC OUT", "missing.raw OUT", "-n SRC missing-target",
-        "-f qcow2 SRC OUT", "SRC nodir/OUT",
+        "-f qcow2 SRC OUT", "SRC nodir/OUT", "SRC SRC", "-n SRC SRC", "-O qcow2 b.qcow2 b.qcow2",
     ])
     func errors(arguments: String) throws {
         let dir = try TempDir()
