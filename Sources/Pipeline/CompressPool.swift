@@ -55,8 +55,9 @@ public final class CompressPool: @unchecked Sendable {
     public init(codec: QCOW2Compression, clusterSize: Int, threads: Int = CompressPool.defaultThreads) throws {
         self.clusterSize = clusterSize
         self.threads = max(1, threads)
-        // Enough slots to keep every worker busy while the caller writes, bounded to ~16 MiB.
-        let byMemory = max(1, (16 << 20) / (2 * clusterSize))
+        // Enough slots to keep every worker busy while the caller writes; about 8 MiB (more
+        // only where one slot per worker plus one needs it: 2 MiB clusters).
+        let byMemory = max(1, (8 << 20) / (2 * clusterSize))
         depth = max(self.threads + 1, min(4 * self.threads, byMemory))
         memory = try AlignedBuffer(byteCount: 2 * clusterSize * depth)
         compressors = try (0..<self.threads).map { _ in try QCOW2ClusterCompressor(codec: codec, clusterSize: clusterSize) }

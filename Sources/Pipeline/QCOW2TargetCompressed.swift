@@ -14,6 +14,7 @@ public final class QCOW2CompressedTarget: QCOW2Target {
     private var batch: [QCOW2CompressedCluster] = []
     private var batchBytes: AlignedBuffer
     private var batchUsed = 0
+    /// Streams per batch at most (bounded by `batchBytes`, about 1 MiB, at least 2 clusters).
     private let batchLimit: Int
     /// -S 0: all-zero clusters are compressed too (qemu-img does so when sparse detection is off).
     private let compressZeroClusters: Bool
@@ -30,8 +31,8 @@ public final class QCOW2CompressedTarget: QCOW2Target {
             throw ImageError(path: image.path, message: "Compression is not supported for images with an external data file")
         }
         pool = try CompressPool(codec: image.compressionCodec, clusterSize: image.clusterSize, threads: threads)
-        batchLimit = max(pool.depth, 8)
-        batchBytes = try AlignedBuffer(byteCount: image.clusterSize * batchLimit)
+        batchBytes = try AlignedBuffer(byteCount: max(2 * image.clusterSize, 1 << 20))
+        batchLimit = max(64, batchBytes.count / 512)
         self.compressZeroClusters = compressZeroClusters
         batch.reserveCapacity(batchLimit)
         super.init(image: image, startsZeroed: startsZeroed)
@@ -91,9 +92,10 @@ public final class QCOW2CompressedTarget: QCOW2Target {
     private func take(_ guest: UInt64, _ result: CompressPool.Result) throws {
         switch result {
         case .compressed(let stream):
-            if batch.count == batchLimit { try flushBatch() }
+            if batch.count == batchLimit || batchUsed + stream.count > batchBytes.count { try flushBatch() }
             let at = batchUsed
-            // Sound: a stream is shorter than a cluster and the buffer holds batchLimit clusters.
+            // Sound: batchUsed + stream.count <= batchBytes.count (a stream is shorter than a
+            // cluster, and the buffer holds at least two).
             let room = UnsafeMutableRawBufferPointer(start: batchBytes.baseAddress + at, count: stream.count)
             room.copyMemory(from: stream)
             batch.append(QCOW2CompressedCluster(guestOffset: guest, data: UnsafeRawBufferPointer(room)))
