@@ -254,7 +254,8 @@ enum ConvertCommand {
                 if compress {
                     return try ConvertTargets.compressed(image: image, startsZeroed: startsZeroed, sparse: sparse)
                 }
-                return QCOW2AsyncTarget(image: image, startsZeroed: startsZeroed)
+                // Fresh chunks are written by the pipeline itself, straight from its buffers.
+                return QCOW2Target(image: image, startsZeroed: startsZeroed, directWrites: true)
             }
         } catch let error as CLIError {
             throw error
