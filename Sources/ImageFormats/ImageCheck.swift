@@ -37,10 +37,14 @@ public enum CheckRepair: String, Sendable {
 public struct ImageCheckFailure: Error {
     public var errno: Int32
     public var result: ImageCheckResult
+    /// What qemu-img reports as an error of its own before "Check failed" (e.g. "ERROR
+    /// writing refblock: Input/output error"), if anything.
+    public var message: String?
 
-    public init(errno: Int32, result: ImageCheckResult) {
+    public init(errno: Int32, result: ImageCheckResult, message: String? = nil) {
         self.errno = errno
         self.result = result
+        self.message = message
     }
 }
 

@@ -65,6 +65,7 @@ enum CheckCommand {
         } catch let f as ImageCheckFailure {
             result = f.result
             failure = f.errno
+            if let message = f.message { console.error(message) }
         }
         if failure == nil && (result.corruptionsFixed != 0 || result.leaksFixed != 0) {
             if output == "human" && !quiet {

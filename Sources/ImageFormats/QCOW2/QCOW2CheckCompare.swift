@@ -89,6 +89,12 @@ extension QCOW2Checker {
                 say("\(repair ? "Repairing" : "ERROR") OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(Self.hex(l1Entry)) refcount=\(refcount)")
                 if repair {
                     let fixed = refcount == 1 ? l1Entry | qcow2CopiedFlag : l1Entry & ~qcow2CopiedFlag
+                    do {
+                        try checkOverlap(ignoring: .activeL1, offset: header.l1TableOffset + UInt64(i) * 8, size: 8)
+                    } catch is OverlapRefused {
+                        result.checkErrors += 1
+                        throw ImageCheckFailure(errno: EIO, result: result)
+                    }
                     var patch: [UInt8] = []
                     QCOW2BE.append64(&patch, fixed)
                     try file.qcow2Write(patch, at: header.l1TableOffset + UInt64(i) * 8)
@@ -135,6 +141,13 @@ extension QCOW2Checker {
                 }
             }
             if changed > 0 {
+                do {
+                    try checkOverlap(ignoring: .activeL2, offset: l2Offset, size: clusterSize)
+                } catch is OverlapRefused {
+                    say("ERROR: Could not write L2 table; metadata overlap check failed: \(String(cString: strerror(EIO)))")
+                    result.checkErrors += 1
+                    throw ImageCheckFailure(errno: EIO, result: result)
+                }
                 try file.qcow2Write(table, at: l2Offset)
                 try file.sync()
                 result.corruptions -= Int64(changed)

@@ -33,10 +33,9 @@ extension QCOW2Checker {
             say("Rebuilding refcount structure")
             do {
                 try rebuildRefcountStructure()
-            } catch {
+            } catch let failure as RebuildFailure {
                 result.checkErrors += 1
-                say("ERROR writing refcount structure: \(error)")
-                throw ImageCheckFailure(errno: EIO, result: result)
+                throw ImageCheckFailure(errno: EIO, result: result, message: failure.message)
             }
             result.corruptions = 0
             result.leaks = 0
@@ -75,6 +74,22 @@ extension QCOW2Checker {
 
     private var blockBits: UInt64 { clusterBits + 3 - UInt64(header.refcountOrder) }
 
+    /// A rebuild stopped before the header switched to the new structure (the old one is
+    /// still in use, untouched where it was counted).
+    struct RebuildFailure: Error { var message: String }
+
+    /// Writes part of the new refcount structure after QEMU's overlap check.
+    private func writeNew(_ bytes: [UInt8], at offset: UInt64, what: String) throws {
+        do {
+            try checkOverlap(ignoring: nil, offset: offset, size: UInt64(bytes.count))
+            try file.qcow2Write(bytes, at: offset)
+        } catch is OverlapRefused {
+            throw RebuildFailure(message: "ERROR writing \(what): \(String(cString: strerror(EIO)))")
+        } catch let error as IOError {
+            throw RebuildFailure(message: "ERROR writing \(what): \(String(cString: strerror(error.code)))")
+        }
+    }
+
     /// Writes new refcount blocks and a new refcount table, describing `counts` (plus their
     /// own clusters), into clusters no structure uses, then points the header at them. The
     /// old blocks and table become leaks the caller frees.
@@ -82,7 +97,10 @@ extension QCOW2Checker {
         try stored.flush()
         var table: [UInt64] = []
         var grown = try writeRefcountBlocks(from: 0, to: UInt64(counts.count), table: &table)
-        precondition(grown, "a check always counts the header, so at least one block is written")
+        guard grown else {
+            // Only when nothing at all was counted (not even the header).
+            throw RebuildFailure(message: "ERROR allocating refblock: \(String(cString: strerror(EINVAL)))")
+        }
         var tableOffset: UInt64 = 0
         var tableClusters: UInt64 = 0
         repeat {
@@ -98,7 +116,7 @@ extension QCOW2Checker {
         }
         var bytes = QCOW2BE.bytes(table)
         bytes.append(contentsOf: [UInt8](repeating: 0, count: Int(tableClusters << clusterBits) - bytes.count))
-        try file.qcow2Write(bytes, at: tableOffset)
+        try writeNew(bytes, at: tableOffset, what: "reftable")
         // Blocks and table are on disk before the header points at them.
         try file.sync()
         var fields: [UInt8] = []
@@ -149,7 +167,7 @@ extension QCOW2Checker {
                 let value = counts[Int(blockStart + k)]
                 if value != 0 { QCOW2TableCache.setRefcount(in: &words, index: Int(k), order: order, value: value) }
             }
-            try file.qcow2Write(QCOW2BE.bytes(words), at: offset)
+            try writeNew(QCOW2BE.bytes(words), at: offset, what: "refblock")
             cluster = blockStart + perBlock
         }
         return grown

@@ -211,6 +211,8 @@ final class QCOW2Checker {
     /// The active L1 table as read when the pass started.
     var l1: [UInt64]
     var snapshots: [QCOW2Snapshot]
+    /// QEMU reports a corruption once per opened image; later ones are silent.
+    var signaledCorruption = false
 
     init(file: DiskFile, path: String, repair: CheckRepair, report: @escaping (String) -> Void) throws {
         self.file = file
@@ -275,6 +277,8 @@ final class QCOW2Checker {
     /// QEMU's qcow2_signal_corruption: a read-only check only says so; a repairing one marks
     /// the image corrupt (the repair clears the bit again once the image checks clean).
     func signalCorruption(_ message: String) throws {
+        if signaledCorruption { return }
+        signaledCorruption = true
         if repair == .none {
             say("qcow2: Image is corrupt: \(message); further non-fatal corruption events will be suppressed")
             return

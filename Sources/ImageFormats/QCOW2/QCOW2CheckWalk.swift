@@ -125,9 +125,17 @@ extension QCOW2Checker {
                         say("\(fix.fixesErrors ? "Repairing" : "ERROR") offset=\(Self.hex(offset)): Preallocated cluster is not properly aligned; L2 entry corrupted.")
                         if fix.fixesErrors {
                             // Made a plain zero cluster: it reads the same (zeros) and points nowhere.
+                            let at = l2Offset + UInt64(i * entrySize)
+                            do {
+                                try checkOverlap(ignoring: fragmentInfo ? .activeL2 : nil, offset: at, size: UInt64(entrySize))
+                            } catch is OverlapRefused {
+                                say("ERROR: Overlap check failed")
+                                result.checkErrors += 1
+                                throw ImageCheckFailure(errno: EIO, result: result)
+                            }
                             var patch: [UInt8] = []
                             QCOW2BE.append64(&patch, extended ? 0 : qcow2ZeroFlag)
-                            try file.qcow2Write(patch, at: l2Offset + UInt64(i * entrySize))
+                            try file.qcow2Write(patch, at: at)
                             try file.sync()
                             result.corruptions -= 1
                             result.corruptionsFixed += 1
