@@ -13,17 +13,13 @@ import ImageFormats
 /// which only matters if the conversion is interrupted (the output is incomplete then anyway,
 /// and fresh clusters never expose another file's data).
 public final class QCOW2AsyncTarget: QCOW2Target {
-    /// The O_DIRECT unit of the data file, 1 when buffered.
-    private let unit: Int
+    /// The O_DIRECT unit of the data file, 1 when buffered. (Lazy, and no initializer of its
+    /// own: the class inherits QCOW2Target's initializers whatever their parameters.)
+    private lazy var unit: Int = image.dataFile.isDirect ? image.dataFile.dioAlignment().offset : 1
 
     /// Chunks handed to the pipeline to write itself, and chunks written through `write`.
     public private(set) var asyncWrites = 0
     public private(set) var fallbackWrites = 0
-
-    public override init(image: QCOW2Image, startsZeroed: Bool) {
-        unit = image.dataFile.isDirect ? image.dataFile.dioAlignment().offset : 1
-        super.init(image: image, startsZeroed: startsZeroed)
-    }
 
     public override var writesAsynchronously: Bool { true }
 

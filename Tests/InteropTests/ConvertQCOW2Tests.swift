@@ -156,6 +156,22 @@ import Testing
         #expect(shape(try qemuMap(ours)) == shape(try qemuMap(theirs)))
     }
 
+    /// -n into a qcow2 that has a backing file, without -B: the output must read exactly as the
+    /// source, so zeros over backing data are recorded (zero clusters in v3, written zeros in v2).
+    @Test(arguments: ["1.1", "0.10"])
+    func existingTargetWithBacking(_ compat: String) throws {
+        let dir = try TempDir()
+        let base = dir.file("base.qcow2"), target = dir.file("target.qcow2"), source = dir.file("source.raw")
+        try qemuImg("create", "-q", "-f", "qcow2", base, "8M")
+        try qemuIO("-f", "qcow2", "-c", "write -P 0x61 0 8M", base)
+        try qemuImg("create", "-q", "-f", "qcow2", "-o", "compat=\(compat)", "-b", base, "-F", "qcow2", target)
+        try convertWritePattern(source, offset: 1 << 20, count: 1 << 20, seed: 4)
+        try convertTruncate(source, to: 8 << 20)
+        try simgConvertOK(["-n", "-f", "raw", "-O", "qcow2", source, target])
+        try qemuImg("check", target)
+        try qemuImg("compare", "-f", "raw", "-F", "qcow2", source, target)
+    }
+
     /// -n into an existing qcow2 (with old contents everywhere): the result equals the source.
     @Test(arguments: [[String](), ["-c"]])
     func existingTarget(_ options: [String]) throws {
