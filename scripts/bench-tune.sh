@@ -9,6 +9,7 @@
 #   TUNE_DEPTHS     queue depths (default "4 8 16 32 64")
 #   TUNE_WORKLOADS  bench.sh workloads (default "1,1T")
 #   TUNE_RUNS       runs per combination (default 3)
+#   TUNE_TSV        raw results file (default $BENCH_DIR/tune.tsv)
 #   TUNE_SIZE_OPT / TUNE_DEPTH_OPT  simg's hidden option names (default --buffer-size / --queue-depth)
 set -euo pipefail
 
@@ -20,8 +21,10 @@ TUNE_RUNS=${TUNE_RUNS:-3}
 TUNE_SIZE_OPT=${TUNE_SIZE_OPT:---buffer-size}
 TUNE_DEPTH_OPT=${TUNE_DEPTH_OPT:---queue-depth}
 
-tsv=$(mktemp)
-trap 'rm -f "$tsv"' EXIT
+# Raw results (workload, tool, median s, peak RSS KiB, runs, simg options) are kept here.
+tsv=${TUNE_TSV:-${BENCH_DIR:-/var/tmp/simg-bench}/tune.tsv}
+mkdir -p "$(dirname "$tsv")"
+: > "$tsv"
 
 # One verified run with the defaults first: the sweep itself does not verify every combination.
 BENCH_TOOLS=simg BENCH_ONLY=$TUNE_WORKLOADS BENCH_RUNS=1 BENCH_STATS=0 bash "$here/bench.sh" >/dev/null
@@ -46,7 +49,7 @@ for w in "${workloads[@]}"; do
         printf '| %s |' "$size"
         for depth in $TUNE_DEPTHS; do
             v=$(awk -F'\t' -v w="$w" -v a="$TUNE_SIZE_OPT $size $TUNE_DEPTH_OPT $depth" \
-                '$1 == w && $2 == "simg" && $5 == a { printf "%s s, %.0f MiB", $3, $4 / 1024 }' "$tsv" | tail -n 1)
+                '$1 == w && $2 == "simg" && $6 == a { printf "%s s, %.0f MiB", $3, $4 / 1024 }' "$tsv" | tail -n 1)
             printf ' %s |' "${v:--}"
         done
         echo
