@@ -151,29 +151,21 @@ public final class RawTarget: ConvertTarget {
 /// large write one contiguous run of new host clusters. Zeros on a fresh image without a
 /// backing file are skipped, so nothing is allocated for them.
 ///
-/// With `directWrites`, a chunk of fresh clusters is mapped to one new host run
-/// (`QCOW2Image.allocateForDirectWrite`) and the pipeline writes it there itself, from its
-/// own buffer, asynchronously (many writes in flight, no copy); anything else (allocated
-/// clusters with -n, partial clusters, an external data file) goes through `write`. The
-/// pipeline completes every such write before `finish` flushes the metadata.
+/// `QCOW2AsyncTarget` (QCOW2TargetAsync.swift) adds the fast path: fresh chunks mapped to new
+/// host runs that the pipeline writes itself (`asyncDestination`).
 open class QCOW2Target: ConvertTarget {
     public let image: QCOW2Image
     public let path: String
     public let virtualSize: UInt64
     public let writeGranularity: Int
     public var isDirect: Bool { image.file.isDirect }
-    open var writesAsynchronously: Bool { directWrites }
+    open var writesAsynchronously: Bool { false }
     public let startsZeroed: Bool
-    public let directWrites: Bool
-    /// O_DIRECT unit of the data file (1 when buffered).
-    private let dataUnit: UInt64
 
     /// `image` opened writable, with its backing chain if it has one. `startsZeroed`: a fresh
     /// image (or --target-is-zero); ignored where a backing file covers the range.
-    public init(image: QCOW2Image, startsZeroed: Bool, directWrites: Bool = false) {
+    public init(image: QCOW2Image, startsZeroed: Bool) {
         self.image = image
-        self.directWrites = directWrites
-        dataUnit = image.dataFile.isDirect ? UInt64(max(image.dataFile.dioAlignment().offset, 1)) : 1
         path = image.path
         virtualSize = image.virtualSize
         writeGranularity = image.clusterSize
@@ -191,11 +183,7 @@ open class QCOW2Target: ConvertTarget {
     /// nil: writes go through `write`. A subclass may allocate fresh clusters here (see
     /// `QCOW2Image.allocateForDirectWrite`), return their host place, and say
     /// `writesAsynchronously`, so the pipeline writes the data without a copy.
-    open func asyncDestination(forWriteAt offset: UInt64, length: Int) throws -> (file: DiskFile, offset: UInt64)? {
-        guard directWrites, UInt64(length) % dataUnit == 0,
-              let host = try image.allocateForDirectWrite(at: offset, length: UInt64(length)) else { return nil }
-        return (image.dataFile, host)
-    }
+    open func asyncDestination(forWriteAt offset: UInt64, length: Int) throws -> (file: DiskFile, offset: UInt64)? { nil }
 
     open func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         try image.write(data, at: offset)

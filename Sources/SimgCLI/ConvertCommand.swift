@@ -255,7 +255,7 @@ enum ConvertCommand {
                     return try ConvertTargets.compressed(image: image, startsZeroed: startsZeroed, sparse: sparse)
                 }
                 // Fresh chunks are written by the pipeline itself, straight from its buffers.
-                return QCOW2Target(image: image, startsZeroed: startsZeroed, directWrites: true)
+                return QCOW2AsyncTarget(image: image, startsZeroed: startsZeroed)
             }
         } catch let error as CLIError {
             throw error
