@@ -96,7 +96,10 @@ extension QCOW2Image {
         // a run is widened to whole I/O blocks: the head from what the previous run left in
         // its last block, the tail zero-padded (later streams rewrite it).
         let area = state.compressedArea
-        let unit = file.isDirect ? file.dioAlignment().offset : 1
+        // Widening is only safe when an I/O block never covers more than one cluster (else the
+        // padding or a stale head could overwrite a neighbouring cluster): unit <= cluster size.
+        let directUnit = file.isDirect ? file.dioAlignment().offset : 1
+        let unit = directUnit <= clusterSize ? directUnit : 1
         var total = 0
         for c in clusters { total += c.data.count }
         let staging = try area.stagingBuffer(total + 2 * unit)
@@ -110,9 +113,11 @@ extension QCOW2Image {
             var start = runStart
             var count = runLength
             var at = head
+            var widened = false
             if unit > 1 {
                 let blockStart = runStart / UInt64(unit) * UInt64(unit)
                 if head == 0 || (area.lastBlockStart == blockStart && area.lastBlock.count == head) {
+                    widened = true
                     // Sound: head <= unit and the staging buffer has unit bytes before the run.
                     area.lastBlock.withUnsafeBytes { staging.baseAddress.copyMemory(from: $0.baseAddress ?? UnsafeRawPointer(staging.baseAddress), byteCount: head) }
                     let padded = (head + runLength + unit - 1) / unit * unit
@@ -127,9 +132,16 @@ extension QCOW2Image {
                 // Remember the bytes of the block the run ended in.
                 let lastStart = end / UInt64(unit) * UInt64(unit)
                 let keep = Int(end - lastStart)
-                let from = head + runLength - keep
                 area.lastBlockStart = lastStart
-                area.lastBlock = Array(UnsafeRawBufferPointer(start: staging.baseAddress + from, count: keep))
+                if keep <= runLength || widened {
+                    // Sound: widened, the staging buffer holds the block's head before the run.
+                    let from = head + runLength - keep
+                    area.lastBlock = Array(UnsafeRawBufferPointer(start: staging.baseAddress + from, count: keep))
+                } else {
+                    // The block's head is not in memory: the next run there is not widened.
+                    area.lastBlock.removeAll(keepingCapacity: true)
+                    area.lastBlockStart = UInt64.max
+                }
             }
             runLength = 0
         }
