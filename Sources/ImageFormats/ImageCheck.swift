@@ -55,16 +55,20 @@ public enum ImageChecker {
 
     /// Checks (and with `repair`, repairs) the image file `path`, which must be of a format
     /// that `supportsCheck`. `report` gets each line QEMU writes to stderr while checking
-    /// ("Leaked cluster ...", "ERROR ...", "Repairing ..."), with its newline.
+    /// ("Leaked cluster ...", "ERROR ...", "Repairing ..."), with its newline; `reportError`
+    /// gets the few messages qemu-img prints as its own errors ("qemu-img: MESSAGE"), without
+    /// prefix or newline.
     /// Opening errors are thrown as ImageError/IOError; a check that could not complete
     /// throws ImageCheckFailure.
     public static func check(path: String, format: ImageFormat, repair: CheckRepair,
-                             report: @escaping (String) -> Void) throws -> ImageCheckResult {
+                             report: @escaping (String) -> Void,
+                             reportError: @escaping (String) -> Void = { _ in }) throws -> ImageCheckResult {
         switch format {
         case .qcow2:
             let file = try DiskFile.open(path, access: repair == .none ? .readOnly : .readWrite)
             defer { file.close() }
-            return try QCOW2Checker.check(file: file, path: path, repair: repair, report: report)
+            return try QCOW2Checker.check(file: file, path: path, repair: repair, report: report,
+                                          reportError: reportError)
         case .raw:
             throw ImageError(path: path, message: "This image format does not support checks")
         }

@@ -57,11 +57,13 @@ enum CheckCommand {
             return 63
         }
         let report: (String) -> Void = { console.err($0) }
+        let reportError: (String) -> Void = { console.error($0) }
 
         var result: ImageCheckResult
         var failure: Int32?
         do {
-            result = try ImageChecker.check(path: filename, format: opened, repair: repair, report: report)
+            result = try ImageChecker.check(path: filename, format: opened, repair: repair, report: report,
+                                                 reportError: reportError)
         } catch let f as ImageCheckFailure {
             result = f.result
             failure = f.errno
@@ -76,7 +78,8 @@ enum CheckCommand {
             }
             let fixed = result
             do {
-                result = try ImageChecker.check(path: filename, format: opened, repair: .none, report: report)
+                result = try ImageChecker.check(path: filename, format: opened, repair: .none, report: report,
+                                                 reportError: reportError)
             } catch let f as ImageCheckFailure {
                 result = f.result
                 failure = f.errno

@@ -10,8 +10,10 @@ import Glibc
 extension QCOW2Checker {
     /// Runs one pass on `file` (opened read-write when `repair` is not `.none`).
     static func check(file: DiskFile, path: String, repair: CheckRepair,
-                      report: @escaping (String) -> Void) throws -> ImageCheckResult {
+                      report: @escaping (String) -> Void,
+                      reportError: @escaping (String) -> Void = { _ in }) throws -> ImageCheckResult {
         let checker = try QCOW2Checker(file: file, path: path, repair: repair, report: report)
+        checker.reportError = reportError
         try checker.checkRefcounts()
         if repair != .none && checker.result.checkErrors == 0 && checker.result.corruptions == 0 {
             try checker.markClean()

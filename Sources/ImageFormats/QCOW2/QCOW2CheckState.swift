@@ -198,6 +198,8 @@ final class QCOW2Checker {
     var header: QCOW2Header
     let repair: CheckRepair
     let report: (String) -> Void
+    /// qemu-img's own error lines (printed "PROGRAM: MESSAGE").
+    var reportError: (String) -> Void = { _ in }
     let clusterBits: UInt64
     let clusterSize: UInt64
     /// File length as QEMU sees it (whole 512-byte sectors).

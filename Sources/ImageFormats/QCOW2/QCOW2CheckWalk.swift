@@ -262,6 +262,7 @@ extension QCOW2Checker {
                             try file.truncate(to: end)
                         } catch let error as IOError {
                             failure = String(cString: strerror(error.code))
+                            reportError("Could not resize file: \(failure)")
                             rebuild = true
                             say("ERROR could not resize image: \(failure)")
                             continue
