@@ -108,6 +108,11 @@ enum ConvertCommand {
         let backingFile = scan.last("backing") ?? createOptions.last(where: { $0.name == "backing_file" })?.value
         let backingFormat = scan.last("backing-format") ?? createOptions.last(where: { $0.name == "backing_fmt" })?.value
         if compress && outputFormat != .qcow2 { throw CLIError("Compression not supported for this file format") }
+        // Compressed clusters must be written into unallocated clusters, so a preallocated
+        // target could never take them; qemu-img refuses this before creating anything.
+        if compress, let prealloc = createOptions.last(where: { $0.name == "preallocation" })?.value, prealloc != "off" {
+            throw CLIError("Compression and preallocation not supported at the same time")
+        }
         if backingFile != nil {
             if outputFormat != .qcow2 { throw CLIError("Backing file not supported for file format '\(outputFormat.rawValue)'") }
             if backingFormat == nil { throw CLIError("Use of backing file requires explicit backing format") }

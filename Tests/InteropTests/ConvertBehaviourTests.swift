@@ -124,6 +124,7 @@ import Testing
         "-O qcow2 -o foo=1 SRC OUT", "-O qcow2 -o cluster_size=3k SRC OUT",
         "-O qcow2 -o compat=0.10,refcount_bits=8 SRC OUT", "missing.raw OUT", "-n SRC missing-target",
         "-f qcow2 SRC OUT", "SRC nodir/OUT", "SRC SRC", "-n SRC SRC", "-O qcow2 b.qcow2 b.qcow2",
+        "-c -O qcow2 -o preallocation=metadata SRC OUT", "-c -O qcow2 -o preallocation=falloc SRC OUT",
     ])
     func errors(arguments: String) throws {
         let dir = try TempDir()
