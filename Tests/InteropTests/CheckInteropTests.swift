@@ -197,6 +197,42 @@ import Testing
         #expect(try qemuImgResult(["check", image]).status != 0)
     }
 
+    /// Random damage to metadata words (refcount table and blocks, L1, L2) of several kinds
+    /// of image; whatever qemu-img makes of it, simg must make the same.
+    @Test(arguments: 1...16)
+    func randomDamageMatchesQemu(seed: UInt64) throws {
+        var state = seed &* 0x9E37_79B9_7F4A_7C15
+        func next() -> UInt64 {
+            state ^= state >> 12; state ^= state << 25; state ^= state >> 27
+            return state &* 2_685_821_657_736_338_717
+        }
+        let dir = try TempDir()
+        let image = dir.file("img.qcow2")
+        switch seed % 4 {
+        case 0: try Self.makeImage(image)
+        case 1: try Self.makeImage(image, options: "extended_l2=on")
+        case 2:
+            try Self.makeImage(image)
+            _ = try qemuImg("snapshot", "-c", "s1", image)
+            _ = try qemuIO("-c", "write -P 7 0 64k", image)
+        default: try Self.makeImage(image, options: "refcount_bits=8")
+        }
+        let e = Editor(path: image)
+        let size = try e.size()
+        for _ in 0..<(1 + next() % 2) {
+            let offset = (1 + next() % min(size / 65536 - 1, 5)) * 65536 + 8 * (next() % 64)
+            var v = try e.u64(offset)
+            switch next() % 4 {
+            case 0: v ^= 1 << (next() % 64)
+            case 1: v = next()
+            case 2: v = (next() % (size / 512 + 4)) * 512 | (v & (3 << 62))
+            default: v = 0
+            }
+            try e.put64(offset, v)
+        }
+        for args in Self.modes { try Self.compare(image, args, original: nil) }
+    }
+
     @Test func repairedImagesAreCleanInQemu() throws {
         for d in [Damage.raisedRefcount, .zeroRefcountOfUsedCluster, .leakedCluster, .clearedCopiedL1,
                   .clearedCopiedL2, .zeroRefcountOfL2Table, .refcountBlockCountedTwice, .dirtyLazyRefcounts] {
