@@ -38,6 +38,8 @@ public struct ConvertStats: Sendable, Equatable {
     public var zeroRequests = 0
     public var extentsMerged = 0
     public var bytesRead: UInt64 = 0
+    /// Guest data bytes handed to the target: with -c, before compression (the file's growth
+    /// is smaller).
     public var bytesWritten: UInt64 = 0
     public var bytesZeroSkipped: UInt64 = 0
     public var bytesZeroWritten: UInt64 = 0
