@@ -31,7 +31,7 @@ public final class CompressPool: @unchecked Sendable {
     public let depth: Int
 
     private let memory: AlignedBuffer
-    private let lock = CompressLock()
+    private let lock = ConditionLock()
     private var compressors: [QCOW2ClusterCompressor]
     // Per slot, under `lock`: guest offset, bytes submitted, stream length (-1: does not fit),
     // and whether compression finished.
@@ -201,35 +201,5 @@ public final class CompressPool: @unchecked Sendable {
                 lock.broadcast()
             }
         }
-    }
-}
-
-/// A pthread mutex and condition variable at fixed addresses.
-final class CompressLock: @unchecked Sendable {
-    // @unchecked Sendable: the pthread objects are only used through pthread calls.
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-    private let condition: UnsafeMutablePointer<pthread_cond_t>
-
-    init() {
-        mutex = .allocate(capacity: 1)
-        condition = .allocate(capacity: 1)
-        precondition(pthread_mutex_init(mutex, nil) == 0, "pthread_mutex_init failed")
-        precondition(pthread_cond_init(condition, nil) == 0, "pthread_cond_init failed")
-    }
-
-    deinit {
-        pthread_cond_destroy(condition)
-        pthread_mutex_destroy(mutex)
-        condition.deallocate()
-        mutex.deallocate()
-    }
-
-    func wait() { pthread_cond_wait(condition, mutex) }
-    func broadcast() { pthread_cond_broadcast(condition) }
-
-    func withLock<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return try body()
     }
 }
