@@ -1,0 +1,49 @@
+import DiskIO
+import Glibc
+
+extension QCOW2Image {
+    /// Why a backing file change was refused: the errno QEMU's qcow2 driver returns for the same
+    /// case (ENOSPC: the header no longer fits its cluster; EINVAL: name longer than 1023 bytes).
+    public struct BackingChangeError: Error, CustomStringConvertible {
+        public var code: Int32
+        public var description: String { String(cString: strerror(code)) }
+    }
+
+    /// Replaces the backing file name and backing format stored in the header (nil or "" name:
+    /// no backing file, and no format). Everything written so far is flushed and synced first,
+    /// so a crash leaves either the old header over complete data or the new one.
+    ///
+    /// The header (with its extensions and the name) must fit the first cluster: everything
+    /// after it is other metadata, never overwritten. The whole first cluster is written in one
+    /// write (zero-padded, so no stale name bytes remain) and synced.
+    /// The opened `backing` image is not changed; the caller reopens the chain if it needs it.
+    public func changeBackingFile(name: String?, format: String?) throws {
+        guard isWritable else { throw ImageError(path: path, message: "the image is opened read-only") }
+        let newName = (name?.isEmpty ?? true) ? nil : name
+        if let newName, newName.utf8.count > Int(QCOW2Header.maxBackingNameLength) {
+            throw BackingChangeError(code: EINVAL)
+        }
+        try flush()
+        var updated = header
+        updated.backingFileName = newName
+        updated.backingFormat = newName == nil ? nil : format
+        var bytes = updated.serialized()
+        guard bytes.count <= clusterSize else { throw BackingChangeError(code: ENOSPC) }
+        if let newName {
+            let length = newName.utf8.count
+            updated.backingFileOffset = UInt64(bytes.count - length)
+            updated.backingFileSize = UInt32(length)
+        } else {
+            updated.backingFileOffset = 0
+            updated.backingFileSize = 0
+        }
+        bytes.append(contentsOf: [UInt8](repeating: 0, count: clusterSize - bytes.count))
+        do {
+            try file.qcow2Write(bytes, at: 0)
+            try file.sync()
+        } catch let error as IOError {
+            throw ImageError(path: path, message: "Could not write the header", cause: error)
+        }
+        header = updated
+    }
+}
