@@ -1,0 +1,170 @@
+import DiskIO
+import Glibc
+import ImageFormats
+
+/// What a safe rebase copied.
+public struct RebaseStats: Sendable, Equatable {
+    /// Bytes of the old chain and the new backing file that were read to be compared.
+    public var bytesCompared: UInt64 = 0
+    /// Guest bytes written into the overlay (data, or zeros through writeZeroes).
+    public var bytesWritten: UInt64 = 0
+    public var bytesZeroed: UInt64 = 0
+    public init() {}
+}
+
+/// The data half of a safe rebase: makes the overlay read the same through a new backing file
+/// as it reads now through its old chain, by copying into it every cluster (of the ranges it
+/// does not allocate itself) where the two differ. The header is not touched here.
+///
+/// Work is done a chunk (`bufferSize`, 2 MiB by default) at a time with two buffers allocated
+/// once; ranges both sides report as zero (block status) are skipped without reading.
+public enum RebaseCopier {
+    /// `overlay` is opened writable with its old chain as `overlay.backing` (nil: it has none,
+    /// so unallocated ranges read as zeros). `newBacking` is the new backing image (nil: the
+    /// overlay becomes standalone, so everything it reads through its chain is copied in).
+    public static func copyDifferences(overlay: any DiskImage, newBacking: (any DiskImage)?,
+                                       bufferSize: Int = 2 << 20,
+                                       progress: ((UInt64, UInt64) -> Void)? = nil) throws -> RebaseStats {
+        let cluster = UInt64((overlay as? QCOW2Image)?.clusterSize ?? 65536)
+        // Whole clusters per chunk, at least one.
+        let chunk = max(cluster, UInt64(bufferSize) / cluster * cluster)
+        let size = overlay.virtualSize
+        // Both buffers hold one chunk; allocated once and reused for every chunk.
+        let oldBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(chunk), alignment: 4096)
+        let newBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(chunk), alignment: 4096)
+        defer {
+            oldBuffer.deallocate()
+            newBuffer.deallocate()
+        }
+        var copier = Copier(overlay: overlay, old: overlay.backing, new: newBacking, cluster: cluster,
+                            oldBuffer: oldBuffer, newBuffer: newBuffer)
+        var position: UInt64 = 0
+        progress?(0, size)
+        while position < size {
+            let end = min(size, position + chunk)
+            var at = position
+            while at < end {
+                let extent = try overlay.blockStatus(at: at, length: end - at)
+                switch extent.kind {
+                case .backing:
+                    try copier.reconcile(extent.offset, extent.end, oldIsZero: false)
+                case .hole:
+                    try copier.reconcile(extent.offset, extent.end, oldIsZero: true)
+                case .data, .compressed, .zero:
+                    break  // the overlay's own data shadows both backing files
+                }
+                at = extent.end
+            }
+            position = end
+            // The caller prints the final 100% itself.
+            if position < size { progress?(position, size) }
+        }
+        return copier.stats
+    }
+
+    /// State for one run. Not Sendable: used by the calling thread only.
+    private struct Copier {
+        let overlay: any DiskImage
+        let old: (any DiskImage)?
+        let new: (any DiskImage)?
+        let cluster: UInt64
+        let oldBuffer: UnsafeMutableRawBufferPointer
+        let newBuffer: UnsafeMutableRawBufferPointer
+        var stats = RebaseStats()
+
+        /// Makes [start, stop) (unallocated in the overlay, inside one chunk) read the same
+        /// through the new backing file. `oldIsZero`: the old chain is known to read zeros.
+        mutating func reconcile(_ start: UInt64, _ stop: UInt64, oldIsZero: Bool) throws {
+            var at = start
+            while at < stop {
+                let oldPart = oldIsZero ? (length: stop - at, zero: true) : (try knownZero(old, at, stop))
+                let newPart = try knownZero(new, at, stop)
+                let end = at + min(oldPart.length, newPart.length)
+                if !(oldPart.zero && newPart.zero) {
+                    try compare(at, end, oldZero: oldPart.zero, newZero: newPart.zero, base: start)
+                }
+                at = end
+            }
+        }
+
+        /// How far from `at` (up to `stop`) `image` is known to read zeros, or not known to.
+        /// No image, or past its end, reads as zeros.
+        func knownZero(_ image: (any DiskImage)?, _ at: UInt64, _ stop: UInt64) throws -> (length: UInt64, zero: Bool) {
+            guard let image, at < image.virtualSize else { return (stop - at, true) }
+            let extent = try image.blockStatus(at: at, length: min(stop, image.virtualSize) - at)
+            return (extent.length, extent.readsAsZero)
+        }
+
+        /// Reads what is not known to be zero on either side, compares cluster by cluster
+        /// (clipped to [start, stop)), and writes the old content where they differ.
+        /// `base` is where the buffers' first byte is in the guest (the chunk's range start).
+        mutating func compare(_ start: UInt64, _ stop: UInt64, oldZero: Bool, newZero: Bool, base: UInt64) throws {
+            let offsetInBuffer = Int(start - base)
+            let count = Int(stop - start)
+            // Sound: start..stop lies inside the range reconcile was given, which is inside one
+            // chunk, and base is that range's start, so offsetInBuffer + count <= chunk size.
+            let oldPart = UnsafeMutableRawBufferPointer(start: oldBuffer.baseAddress! + offsetInBuffer, count: count)
+            let newPart = UnsafeMutableRawBufferPointer(start: newBuffer.baseAddress! + offsetInBuffer, count: count)
+            if oldZero {
+                oldPart.initializeMemory(as: UInt8.self, repeating: 0)
+            } else if let old {
+                try old.read(into: oldPart, at: start)
+                stats.bytesCompared += UInt64(count)
+            }
+            if newZero {
+                newPart.initializeMemory(as: UInt8.self, repeating: 0)
+            } else if let new {
+                try new.read(into: newPart, at: start)
+                stats.bytesCompared += UInt64(count)
+            }
+            // Cluster-aligned pieces, clipped to the range (an extended-L2 image may allocate
+            // subclusters next to it: those must not be overwritten).
+            var at = start
+            var runStart: UInt64?
+            while at < stop {
+                let next = min(stop, (at / cluster + 1) * cluster)
+                let from = Int(at - start), n = Int(next - at)
+                // Sound: from + n <= count, both parts are count bytes long.
+                let differs = memcmp(oldPart.baseAddress! + from, newPart.baseAddress! + from, n) != 0
+                if differs {
+                    if runStart == nil { runStart = at }
+                } else if let s = runStart {
+                    try writeOld(s, at, oldPart: oldPart, start: start)
+                    runStart = nil
+                }
+                at = next
+            }
+            if let s = runStart { try writeOld(s, stop, oldPart: oldPart, start: start) }
+        }
+
+        /// Writes the old content of [from, to) into the overlay: as zeros when it is all zero
+        /// (a zero cluster in qcow2 v3, no data allocated), else as data.
+        mutating func writeOld(_ from: UInt64, _ to: UInt64, oldPart: UnsafeMutableRawBufferPointer, start: UInt64) throws {
+            // Sound: [from, to) is inside [start, start + oldPart.count).
+            let data = UnsafeRawBufferPointer(start: oldPart.baseAddress! + Int(from - start), count: Int(to - from))
+            if isZero(data) {
+                try overlay.writeZeroes(at: from, length: to - from)
+                stats.bytesZeroed += to - from
+            } else {
+                try overlay.write(data, at: from)
+                stats.bytesWritten += to - from
+            }
+        }
+    }
+
+    /// True when every byte is zero.
+    static func isZero(_ data: UnsafeRawBufferPointer) -> Bool {
+        var index = 0
+        let count = data.count
+        // Eight bytes at a time where possible; loadUnaligned makes any alignment sound.
+        while index + 8 <= count {
+            if data.loadUnaligned(fromByteOffset: index, as: UInt64.self) != 0 { return false }
+            index += 8
+        }
+        while index < count {
+            if data[index] != 0 { return false }
+            index += 1
+        }
+        return true
+    }
+}

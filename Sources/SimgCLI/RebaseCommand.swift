@@ -1,0 +1,117 @@
+import DiskIO
+import Glibc
+import ImageFormats
+import Pipeline
+
+/// `simg rebase [-q] [-p] [-U] [-f fmt] [-t cache] [-T src_cache] [-u] -b backing_file
+/// [-F backing_fmt] filename` with qemu-img 7.2's contract: in safe mode the overlay first gets
+/// every cluster where its old chain and the new backing file differ, then (after a sync) the
+/// header names the new backing file; `-u` changes the header only; `-b ""` makes the image
+/// standalone.
+enum RebaseCommand {
+    static let command = Command(
+        name: "rebase",
+        synopsis: "rebase [-q] [-p] [-U] [-f fmt] [-t cache] [-T src_cache] [-u] -b backing_file [-F backing_fmt] filename",
+        details: [
+            "Changes the backing file of an image.",
+            "  '-b' names the new backing file (relative names are relative to the image's folder);",
+            "       an empty name makes the image standalone",
+            "  '-F' is the new backing file's format (stored in the image; required unless -b is empty)",
+            "  '-u' (unsafe) only rewrites the header: the new backing file need not exist",
+            "  '-f' names the image's format instead of probing it",
+            "  '-t' and '-T' are the cache modes (accepted as qemu-img does)",
+            "  '-p' shows progress; '-q' prints nothing but errors; '-U' is accepted for compatibility",
+        ],
+        options: [.value("f", "format"), .value("F", "backing-format"), .value("b", "backing"),
+                  .value("t", "cache"), .value("T", "source-cache"), .flag("u", "unsafe"),
+                  .flag("p", "progress"), .flag("U", "force-share")],
+        run: run)
+
+    static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        let unsafe = scan.has("unsafe")
+        let quiet = scan.has("quiet")
+        guard scan.operands.count == 1, let filename = scan.operands.first else {
+            throw CLIError.usage("Expecting one image file name")
+        }
+        guard let newName = scan.last("backing") ?? (unsafe ? "" : nil) else {
+            throw CLIError.usage("Must specify backing file (-b) or use unsafe mode (-u)")
+        }
+        if let cache = scan.last("cache"), !CheckCommand.cacheModes.contains(cache) {
+            throw CLIError("Invalid cache option: \(cache)")
+        }
+        if let cache = scan.last("source-cache"), !CheckCommand.cacheModes.contains(cache) {
+            throw CLIError("Invalid source cache option: \(cache)")
+        }
+        var backingFormat: ImageFormat?
+        if let name = scan.last("backing-format") {
+            guard let known = ImageFormat(rawValue: name) else { throw CLIError("Invalid format name: '\(name)'") }
+            backingFormat = known
+        }
+        var format: ImageFormat?
+        if let name = scan.last("format") {
+            guard let known = ImageFormat(rawValue: name) else {
+                throw CLIError("Could not open '\(filename)': Unknown driver '\(name)'")
+            }
+            format = known
+        }
+        if Backend.isDirectory(filename) {
+            throw CLIError("Could not open '\(filename)': 'file' driver requires '\(filename)' to be a regular file")
+        }
+
+        // The overlay, writable; in safe mode with its old chain (read-only) to compare against.
+        let overlay: any DiskImage
+        do {
+            overlay = try ImageOpener.open(filename, options: OpenOptions(format: format, writable: true,
+                                                                          direct: false, openBacking: !unsafe))
+        } catch {
+            throw CLIError(CheckCommand.openFailure(error, path: filename))
+        }
+        var newBacking: (any DiskImage)?
+        defer {
+            try? newBacking?.close()
+            try? overlay.close()
+        }
+        if !unsafe && !newName.isEmpty {
+            // qemu opens the new name relative to the overlay's folder, as a backing file.
+            let resolved = QCOW2Image.resolveBackingName(newName, relativeTo: filename)
+            do {
+                newBacking = try ImageOpener.open(resolved, options: OpenOptions(format: backingFormat, writable: false,
+                                                                                 direct: false, openBacking: true))
+            } catch {
+                // qemu names the file as given, then the open(2) failure once, with the resolved name.
+                var reason = CheckCommand.openFailure(error, path: resolved)
+                if let io = error as? IOError, io.operation == "open" { reason = "\(io)" }
+                throw CLIError("Could not open new backing file '\(newName)': \(reason)")
+            }
+        }
+        let change = "Could not change the backing file to '\(newName)'"
+        if !newName.isEmpty && backingFormat == nil {
+            // qemu-img 7.2 refuses to store a backing file without its format.
+            throw CLIError("\(change): backing format must be specified")
+        }
+        guard let qcow2 = overlay as? QCOW2Image else {
+            throw CLIError("\(change): Operation not supported")
+        }
+
+        let showProgress = scan.has("progress") && !quiet
+        do {
+            var printer: ProgressPrinter?
+            if showProgress {
+                printer = ProgressPrinter(console: console)
+                console.out(ProgressPrinter.line(0))
+            }
+            if !unsafe {
+                _ = try RebaseCopier.copyDifferences(overlay: qcow2, newBacking: newBacking,
+                                                     progress: { done, total in printer?.update(done: done, total: total) })
+                try qcow2.flush()
+            }
+            try qcow2.changeBackingFile(name: newName, format: newName.isEmpty ? nil : backingFormat?.rawValue)
+        } catch let error as QCOW2Image.BackingChangeError {
+            throw CLIError("\(change): \(error)")
+        } catch let error as ImageError {
+            throw CLIError("Error while rebasing '\(filename)': \(error)")
+        }
+        if showProgress { console.out(ProgressPrinter.line(10000) + "\n") }
+        return 0
+    }
+}
