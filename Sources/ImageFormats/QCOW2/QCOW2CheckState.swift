@@ -243,6 +243,12 @@ final class QCOW2Checker {
             "Refblock offset 0x\(Self.hex(offset)) unaligned (reftable index: \(index == 0 ? "0" : "0x" + Self.hex(UInt64(index))))") }
     }
 
+    private static var oneCheckError: ImageCheckResult {
+        var result = ImageCheckResult()
+        result.checkErrors = 1
+        return result
+    }
+
     /// The snapshot table as QEMU reads it in check mode: each entry's L1 table is not
     /// validated here (the walk reports a bad one as a corruption, as QEMU does).
     static func readSnapshots(file: DiskFile, header h: QCOW2Header, fileSize: UInt64, path: String) throws -> [QCOW2Snapshot] {
@@ -257,20 +263,23 @@ final class QCOW2Checker {
             let nameLength = Int(QCOW2BE.u16(fixed, 14))
             let extraSize = Int(QCOW2BE.u32(fixed, 36))
             guard extraSize <= QCOW2Snapshot.maxExtraData else {
-                throw ImageError(path: path, message: "snapshot \(index): extra data size \(extraSize) is too large (at most \(QCOW2Snapshot.maxExtraData))")
+                // QEMU (without repairing the table) cannot read it: a check error, EFBIG.
+                throw ImageCheckFailure(errno: EFBIG, result: Self.oneCheckError,
+                                        message: "ERROR failed to read the snapshot table: " + QCOW2Snapshot.extraDataMessage(index: index))
             }
             let variable = extraSize + idLength + nameLength
             let entrySize = (40 + variable + 7) & ~7
             let rest = try file.qcow2ReadBytes(count: variable, at: offset + 40)
             result.append(QCOW2Snapshot(
                 l1TableOffset: QCOW2BE.u64(fixed, 0), l1Size: QCOW2BE.u32(fixed, 8),
-                id: QCOW2BE.string(rest[extraSize..<(extraSize + idLength)]),
-                name: QCOW2BE.string(rest[(extraSize + idLength)..<variable]),
+                id: QCOW2Snapshot.cString(rest[extraSize..<(extraSize + idLength)]),
+                name: QCOW2Snapshot.cString(rest[(extraSize + idLength)..<variable]),
                 dateSeconds: 0, dateNanoseconds: 0, vmClockNanoseconds: 0, vmStateSize: 0,
                 diskSize: nil, icount: nil, extraData: [], entrySize: entrySize))
             offset += UInt64(entrySize)
-            guard offset - h.snapshotsOffset <= QCOW2Snapshot.maxTableBytes else {
-                throw ImageError(path: path, message: "Snapshot table too large")
+            guard offset - h.snapshotsOffset - UInt64(entrySize - 40 - variable) <= QCOW2Snapshot.maxTableBytes else {
+                throw ImageCheckFailure(errno: EFBIG, result: Self.oneCheckError,
+                                        message: "ERROR failed to read the snapshot table: " + QCOW2Snapshot.tooBigMessage(overhanging: Int(h.nbSnapshots) - index))
             }
         }
         return result
