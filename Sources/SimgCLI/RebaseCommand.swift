@@ -27,6 +27,8 @@ enum RebaseCommand {
                   .flag("p", "progress"), .flag("U", "force-share")],
         run: run)
 
+    static let cacheModes: Set<String> = ["none", "off", "directsync", "writeback", "unsafe", "writethrough"]
+
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
         let unsafe = scan.has("unsafe")
         let quiet = scan.has("quiet")
@@ -36,10 +38,10 @@ enum RebaseCommand {
         guard let newName = scan.last("backing") ?? (unsafe ? "" : nil) else {
             throw CLIError.usage("Must specify backing file (-b) or use unsafe mode (-u)")
         }
-        if let cache = scan.last("cache"), !CheckCommand.cacheModes.contains(cache) {
+        if let cache = scan.last("cache"), !cacheModes.contains(cache) {
             throw CLIError("Invalid cache option: \(cache)")
         }
-        if let cache = scan.last("source-cache"), !CheckCommand.cacheModes.contains(cache) {
+        if let cache = scan.last("source-cache"), !cacheModes.contains(cache) {
             throw CLIError("Invalid source cache option: \(cache)")
         }
         var backingFormat: ImageFormat?

@@ -1,0 +1,174 @@
+import Foundation
+import Testing
+
+/// `simg rebase` against qemu-img: the overlay reads the same before and after, passes
+/// `qemu-img check`, names the new backing file, and gains only the clusters that differ.
+@Suite("Rebase interop")
+struct RebaseInteropTests {
+    static let cluster = 65536
+    static let size = 4 << 20
+
+    /// base.qcow2 (4 MiB): 1s at 0..1M, 2s at 2M..3M, 3s at 3.5M..4M.
+    /// ov.qcow2 over it: 5s at 256K..320K and at 2M..2M+64K (its own clusters).
+    func makeChain(_ dir: TempDir) throws {
+        _ = try qemuImg("create", "-q", "-f", "qcow2", dir.file("base.qcow2"), "4M")
+        _ = try qemuIO("-c", "write -P 1 0 1M", "-c", "write -P 2 2M 1M", "-c", "write -P 3 3584k 512k", dir.file("base.qcow2"))
+        _ = try qemuImg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", dir.file("ov.qcow2"))
+        _ = try qemuIO("-c", "write -P 5 256k 64k", "-c", "write -P 5 2M 64k", dir.file("ov.qcow2"))
+    }
+
+    func raw(_ image: String, _ dir: TempDir, format: String? = nil) throws -> [UInt8] {
+        let out = dir.file("dump-\(UUID().uuidString).raw")
+        var args = ["convert"]
+        if let format { args += ["-f", format] }
+        args += ["-O", "raw", image, out]
+        _ = try qemuImgResult(args)
+        let data = try #require(FileManager.default.contents(atPath: out))
+        try FileManager.default.removeItem(atPath: out)
+        return [UInt8](data)
+    }
+
+    /// Clusters the image allocates itself (depth 0, data or zero), per `qemu-img map`.
+    func ownClusters(_ image: String) throws -> Set<Int> {
+        let r = try qemuImg("map", "--output=json", image)
+        let entries = try #require(try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [[String: Any]])
+        var clusters = Set<Int>()
+        for e in entries {
+            guard (e["depth"] as? Int) == 0, (e["present"] as? Bool) == true,
+                  let start = e["start"] as? Int, let length = e["length"] as? Int else { continue }
+            for c in (start / Self.cluster)..<((start + length + Self.cluster - 1) / Self.cluster) { clusters.insert(c) }
+        }
+        return clusters
+    }
+
+    func backingInfo(_ image: String) throws -> (name: String?, format: String?) {
+        let r = try qemuImg("info", "-U", "--output=json", image)
+        let info = try jsonObject(r.stdout)
+        return (info["backing-filename"] as? String, info["backing-filename-format"] as? String)
+    }
+
+    /// Rebases dir/ov.qcow2 with `arguments` and checks content, check, info and allocation:
+    /// the clusters it gains are exactly those where the old chain and `newContent` differ.
+    func expectSafeRebase(_ dir: TempDir, _ arguments: [String], newContent: [UInt8]?,
+                          expectName: String?, expectFormat: String?,
+                          sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let ov = dir.file("ov.qcow2")
+        let before = try raw(ov, dir)
+        let oldChain = try raw(dir.file("base.qcow2"), dir)
+        let ownBefore = try ownClusters(ov)
+        let r = try simg(["rebase"] + arguments + [ov])
+        #expect(r.status == 0, "\(r)", sourceLocation: sourceLocation)
+        #expect(try raw(ov, dir) == before, "overlay content changed", sourceLocation: sourceLocation)
+        let check = try qemuImgResult(["check", ov])
+        #expect(check.status == 0, "\(check)", sourceLocation: sourceLocation)
+        let info = try backingInfo(ov)
+        #expect(info.name == expectName, sourceLocation: sourceLocation)
+        #expect(info.format == expectFormat, sourceLocation: sourceLocation)
+
+        var expected = ownBefore
+        for c in 0..<(Self.size / Self.cluster) where !ownBefore.contains(c) {
+            let range = (c * Self.cluster)..<((c + 1) * Self.cluster)
+            let new: ArraySlice<UInt8>
+            if let newContent {
+                let end = min(range.upperBound, newContent.count)
+                let inside = range.lowerBound < end ? newContent[range.lowerBound..<end] : []
+                new = inside + [UInt8](repeating: 0, count: Self.cluster - inside.count)
+            } else {
+                new = ArraySlice(repeating: 0, count: Self.cluster)
+            }
+            if oldChain[range] != new { expected.insert(c) }
+        }
+        #expect(try ownClusters(ov) == expected, "allocated clusters", sourceLocation: sourceLocation)
+    }
+
+    @Test func safeRebaseOntoDifferentQCOW2Base() throws {
+        let dir = try TempDir()
+        try makeChain(dir)
+        // Same as base at 0..512K and 2M..3M; 7s at 512K..640K (base has 1s); 9s at 1.5M (base: zeros);
+        // zeros at 3.5M..4M (base has 3s).
+        _ = try qemuImg("create", "-q", "-f", "qcow2", dir.file("new.qcow2"), "4M")
+        _ = try qemuIO("-c", "write -P 1 0 1M", "-c", "write -P 7 512k 128k", "-c", "write -P 9 1536k 64k",
+                       "-c", "write -P 2 2M 1M", dir.file("new.qcow2"))
+        let newContent = try raw(dir.file("new.qcow2"), dir)
+        try expectSafeRebase(dir, ["-b", "new.qcow2", "-F", "qcow2"], newContent: newContent,
+                             expectName: "new.qcow2", expectFormat: "qcow2")
+    }
+
+    @Test func safeRebaseOntoRawBase() throws {
+        let dir = try TempDir()
+        try makeChain(dir)
+        // A raw copy of the base with one cluster changed.
+        _ = try qemuImg("convert", "-O", "raw", dir.file("base.qcow2"), dir.file("new.raw"))
+        _ = try qemuIO("-f", "raw", "-c", "write -P 8 1M 64k", dir.file("new.raw"))
+        let newContent = try raw(dir.file("new.raw"), dir, format: "raw")
+        try expectSafeRebase(dir, ["-b", "new.raw", "-F", "raw"], newContent: newContent,
+                             expectName: "new.raw", expectFormat: "raw")
+    }
+
+    @Test func safeRebaseOntoShorterBase() throws {
+        let dir = try TempDir()
+        try makeChain(dir)
+        // 2 MiB: the old chain's data past 2M must be copied in (the 3s), its zeros need nothing.
+        _ = try qemuImg("create", "-q", "-f", "qcow2", dir.file("short.qcow2"), "2M")
+        _ = try qemuIO("-c", "write -P 1 0 1M", dir.file("short.qcow2"))
+        let newContent = try raw(dir.file("short.qcow2"), dir)
+        #expect(newContent.count == 2 << 20)
+        try expectSafeRebase(dir, ["-p", "-b", "short.qcow2", "-F", "qcow2"], newContent: newContent,
+                             expectName: "short.qcow2", expectFormat: "qcow2")
+    }
+
+    @Test func standaloneWithEmptyName() throws {
+        let dir = try TempDir()
+        try makeChain(dir)
+        try expectSafeRebase(dir, ["-b", ""], newContent: nil, expectName: nil, expectFormat: nil)
+        // Really standalone: qemu reads it with the old base gone.
+        try FileManager.default.removeItem(atPath: dir.file("base.qcow2"))
+        #expect(try qemuImgResult(["check", dir.file("ov.qcow2")]).status == 0)
+    }
+
+    @Test func unsafeRebaseAfterRenamingBase() throws {
+        let dir = try TempDir()
+        try makeChain(dir)
+        let ov = dir.file("ov.qcow2")
+        let before = try raw(ov, dir)
+        let ownBefore = try ownClusters(ov)
+        try FileManager.default.moveItem(atPath: dir.file("base.qcow2"), toPath: dir.file("renamed.qcow2"))
+        let r = try simg("rebase", "-u", "-b", "renamed.qcow2", "-F", "qcow2", ov)
+        #expect(r.status == 0, "\(r)")
+        #expect(try raw(ov, dir) == before)
+        #expect(try qemuImgResult(["check", ov]).status == 0)
+        let info = try backingInfo(ov)
+        #expect(info.name == "renamed.qcow2")
+        #expect(info.format == "qcow2")
+        #expect(try ownClusters(ov) == ownBefore)
+    }
+
+    @Test func missingNewBaseLeavesOverlayUntouched() throws {
+        let dir = try TempDir()
+        try makeChain(dir)
+        let ov = dir.file("ov.qcow2")
+        _ = try runOK("/bin/cp", [ov, dir.file("copy.qcow2")])
+        _ = try runOK("/bin/cp", [ov, dir.file("orig.qcow2")])
+        let r = try simg("rebase", "-b", "nope.qcow2", "-F", "qcow2", ov)
+        let q = try qemuImgResult(["rebase", "-b", "nope.qcow2", "-F", "qcow2", dir.file("copy.qcow2")])
+        #expect(r.status == 1)
+        #expect(q.status == 1)
+        #expect(r.stderr == "simg: Could not open new backing file 'nope.qcow2': Could not open '\(dir.file("nope.qcow2"))': No such file or directory\n")
+        #expect(r.stderr.dropFirst("simg".count) == q.stderr.dropFirst("qemu-img".count))
+        #expect(try filesEqual(ov, dir.file("orig.qcow2")))
+        #expect(try backingInfo(ov).name == "base.qcow2")
+    }
+
+    @Test func errorsMatchQemu() throws {
+        let dir = try TempDir()
+        try makeChain(dir)
+        let ov = dir.file("ov.qcow2")
+        for args in [["-b", "base.qcow2", ov], ["-F", "foo", "-b", "base.qcow2", ov], [ov]] {
+            let r = try simg(["rebase"] + args)
+            let q = try qemuImgResult(["rebase"] + args)
+            #expect(r.status == q.status, "\(args)")
+            #expect(r.stderr.split(separator: "\n").first?.dropFirst("simg".count)
+                    == q.stderr.split(separator: "\n").first?.dropFirst("qemu-img".count), "\(args)")
+        }
+    }
+}
