@@ -171,4 +171,23 @@ struct RebaseInteropTests {
                     == q.stderr.split(separator: "\n").first?.dropFirst("qemu-img".count), "\(args)")
         }
     }
+
+    @Test func nameThatDoesNotFitTheHeaderIsRefused() throws {
+        let dir = try TempDir()
+        try makeChain(dir)
+        // 512-byte clusters: the header cluster holds 112 + 24 bytes of extensions and the name.
+        for (length, reason) in [(400, "No space left in the file header"), (1100, "Invalid argument")] {
+            let ov = dir.file("small.qcow2"), copy = dir.file("small-copy.qcow2")
+            _ = try qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-b", "base.qcow2", "-F", "qcow2", ov)
+            _ = try runOK("/bin/cp", [ov, copy])
+            let name = String(repeating: "n", count: length)
+            let r = try simg("rebase", "-u", "-b", name, "-F", "qcow2", ov)
+            let q = try qemuImgResult(["rebase", "-u", "-b", name, "-F", "qcow2", copy])
+            #expect(r.status == 1)
+            #expect(q.status == 1)
+            #expect(r.stderr == "simg: Could not change the backing file to '\(name)': \(reason)\n")
+            #expect(r.stderr.dropFirst("simg".count) == q.stderr.dropFirst("qemu-img".count))
+            #expect(try filesEqual(ov, copy), "the image must be untouched")
+        }
+    }
 }

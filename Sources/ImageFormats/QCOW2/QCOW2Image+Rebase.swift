@@ -6,7 +6,10 @@ extension QCOW2Image {
     /// case (ENOSPC: the header no longer fits its cluster; EINVAL: name longer than 1023 bytes).
     public struct BackingChangeError: Error, CustomStringConvertible {
         public var code: Int32
-        public var description: String { String(cString: strerror(code)) }
+        /// qemu-img's wording (it says "in the file header" for ENOSPC here).
+        public var description: String {
+            code == ENOSPC ? "No space left in the file header" : String(cString: strerror(code))
+        }
     }
 
     /// Replaces the backing file name and backing format stored in the header (nil or "" name:
