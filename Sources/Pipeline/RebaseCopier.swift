@@ -22,7 +22,12 @@ public enum RebaseCopier {
     /// `overlay` is opened writable with its old chain as `overlay.backing` (nil: it has none,
     /// so unallocated ranges read as zeros). `newBacking` is the new backing image (nil: the
     /// overlay becomes standalone, so everything it reads through its chain is copied in).
+    ///
+    /// `sharedLayer`: the image of the old chain that is the same file as the new backing file,
+    /// if it is in the chain. Ranges no layer above it allocates read the same through both and
+    /// are skipped without reading (only the layers above it are compared).
     public static func copyDifferences(overlay: any DiskImage, newBacking: (any DiskImage)?,
+                                       sharedLayer: (any DiskImage)? = nil,
                                        bufferSize: Int = 2 << 20,
                                        progress: ((UInt64, UInt64) -> Void)? = nil) throws -> RebaseStats {
         let cluster = UInt64((overlay as? QCOW2Image)?.clusterSize ?? 65536)
@@ -36,7 +41,7 @@ public enum RebaseCopier {
             oldBuffer.deallocate()
             newBuffer.deallocate()
         }
-        var copier = Copier(overlay: overlay, old: overlay.backing, new: newBacking, cluster: cluster,
+        var copier = Copier(overlay: overlay, old: overlay.backing, new: newBacking, shared: sharedLayer, cluster: cluster,
                             oldBuffer: oldBuffer, newBuffer: newBuffer)
         var position: UInt64 = 0
         progress?(0, size)
@@ -67,6 +72,7 @@ public enum RebaseCopier {
         let overlay: any DiskImage
         let old: (any DiskImage)?
         let new: (any DiskImage)?
+        let shared: (any DiskImage)?
         let cluster: UInt64
         let oldBuffer: UnsafeMutableRawBufferPointer
         let newBuffer: UnsafeMutableRawBufferPointer
@@ -77,14 +83,40 @@ public enum RebaseCopier {
         mutating func reconcile(_ start: UInt64, _ stop: UInt64, oldIsZero: Bool) throws {
             var at = start
             while at < stop {
-                let oldPart = oldIsZero ? (length: stop - at, zero: true) : (try knownZero(old, at, stop))
-                let newPart = try knownZero(new, at, stop)
+                var limit = stop
+                if !oldIsZero {
+                    let through = try passesThrough(at, stop)
+                    if through.passes {
+                        at += through.length
+                        continue
+                    }
+                    limit = at + through.length
+                }
+                let oldPart = oldIsZero ? (length: limit - at, zero: true) : (try knownZero(old, at, limit))
+                let newPart = try knownZero(new, at, limit)
                 let end = at + min(oldPart.length, newPart.length)
                 if !(oldPart.zero && newPart.zero) {
                     try compare(at, end, oldZero: oldPart.zero, newZero: newPart.zero, base: start)
                 }
                 at = end
             }
+        }
+
+        /// How far from `at` (up to `stop`) the old chain reads straight through to `shared`
+        /// (no layer above it allocates anything), or does not. Without a shared layer: nowhere.
+        func passesThrough(_ at: UInt64, _ stop: UInt64) throws -> (length: UInt64, passes: Bool) {
+            guard let shared else { return (stop - at, false) }
+            var length = stop - at
+            var layer = old
+            while let current = layer, current !== shared {
+                // A shorter layer reads zeros past its end: that is not the shared layer's data.
+                guard at < current.virtualSize else { return (length, false) }
+                let extent = try current.blockStatus(at: at, length: min(at + length, current.virtualSize) - at)
+                guard extent.kind == .backing else { return (extent.length, false) }
+                length = min(length, extent.length)
+                layer = current.backing
+            }
+            return (length, layer != nil)
         }
 
         /// How far from `at` (up to `stop`) `image` is known to read zeros, or not known to.

@@ -104,6 +104,7 @@ enum RebaseCommand {
             }
             if !unsafe {
                 _ = try RebaseCopier.copyDifferences(overlay: qcow2, newBacking: newBacking,
+                                                     sharedLayer: layer(of: qcow2, sameFileAs: newBacking),
                                                      progress: { done, total in printer?.update(done: done, total: total) })
                 try qcow2.flush()
             }
@@ -115,5 +116,22 @@ enum RebaseCommand {
         }
         if showProgress { console.out(ProgressPrinter.line(10000) + "\n") }
         return 0
+    }
+
+    /// The image in `overlay`'s old chain that is the same file (device and inode) as `image`.
+    static func layer(of overlay: any DiskImage, sameFileAs image: (any DiskImage)?) -> (any DiskImage)? {
+        guard let image, let target = identity(image.path) else { return nil }
+        var layer = overlay.backing
+        while let current = layer {
+            if current.format == image.format, identity(current.path) == target { return current }
+            layer = current.backing
+        }
+        return nil
+    }
+
+    private static func identity(_ path: String) -> [UInt64]? {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return nil }
+        return [UInt64(st.st_dev), UInt64(st.st_ino)]
     }
 }

@@ -190,4 +190,25 @@ struct RebaseInteropTests {
             #expect(try filesEqual(ov, copy), "the image must be untouched")
         }
     }
+
+    /// base <- mid <- ov, rebased onto base (in the old chain): what mid gave that base does
+    /// not have is copied in, nothing else.
+    @Test func rebaseOntoBaseFurtherDownTheChain() throws {
+        let dir = try TempDir()
+        try makeChain(dir)
+        let ov = dir.file("ov.qcow2"), mid = dir.file("mid.qcow2")
+        _ = try qemuImg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", mid)
+        // Differs from base at 64K..192K and 1M..1M+64K; the same bytes as base at 2.5M..2.5M+64K.
+        _ = try qemuIO("-c", "write -P 6 64k 128k", "-c", "write -P 6 1M 64k", "-c", "write -P 2 2560k 64k", mid)
+        _ = try qemuImg("rebase", "-u", "-b", "mid.qcow2", "-F", "qcow2", ov)
+        let before = try raw(ov, dir)
+        let ownBefore = try ownClusters(ov)
+        let r = try simg("rebase", "-b", "base.qcow2", "-F", "qcow2", ov)
+        #expect(r.status == 0, "\(r)")
+        #expect(try raw(ov, dir) == before)
+        #expect(try qemuImgResult(["check", ov]).status == 0)
+        #expect(try backingInfo(ov).name == "base.qcow2")
+        let k = 1024 / 64
+        #expect(try ownClusters(ov) == ownBefore.union([1, 2, k]))
+    }
 }
