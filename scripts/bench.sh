@@ -10,7 +10,8 @@
 # Environment:
 #   BENCH_DIR     work folder (default /var/tmp/simg-bench); must support O_DIRECT
 #   BENCH_RUNS    timed runs per tool and workload (default 5)
-#   BENCH_ONLY    workloads to run, comma separated, from: 1,1T,2,3,C (default all; C is check)
+#   BENCH_ONLY    workloads to run, comma separated, from: 1,1T,2,3,C,R (default all; C is check,
+#                 R is rebase)
 #   BENCH_TOOLS   simg,qemu-img (default both); the tuning script runs simg alone
 #   SIMG          simg binary (default <repo>/.build/release/simg, what `make release` builds)
 #   SIMG_ARGS     extra options given to `simg convert` (e.g. "--buffer-size 2M --queue-depth 16")
@@ -23,12 +24,14 @@
 #   1T  the same with -t none -T none
 #   2   w1.raw (the raw version of w1.qcow2, written zeros allocated) -> qcow2, -t none
 #   3   text.raw (512 MiB of generated, compressible log text) -> qcow2, -c
+#   R   rebase: a fresh copy of rov.qcow2 (empty overlay over w1.qcow2) onto rbase2.qcow2 (w1 with
+#       1 MiB of every 4 MiB rewritten); the copy is made before the timer starts
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH_DIR=${BENCH_DIR:-/var/tmp/simg-bench}
 BENCH_RUNS=${BENCH_RUNS:-5}
-BENCH_ONLY=${BENCH_ONLY:-1,1T,2,3,C}
+BENCH_ONLY=${BENCH_ONLY:-1,1T,2,3,C,R}
 BENCH_TOOLS=${BENCH_TOOLS:-simg,qemu-img}
 SIMG=${SIMG:-$repo/.build/release/simg}
 SIMG_ARGS=${SIMG_ARGS:-}
@@ -182,6 +185,26 @@ prepare_inputs() {
         "$(du -sh "$BENCH_DIR" | cut -f1) allocated"
 }
 
+# Rebase inputs, made only when workload R runs: rbase2.qcow2 is w1.qcow2 with 1 MiB of every
+# 4 MiB rewritten (pattern 0x5a); rov.qcow2 is an empty overlay naming w1.qcow2 by absolute path.
+make_rebase_inputs() {
+    local r2=$BENCH_DIR/rbase2.qcow2 ov=$BENCH_DIR/rov.qcow2 cmds=() m
+    if [ -f "$BENCH_DIR/rebase.ok" ] && [ "$(cat "$BENCH_DIR/rebase.ok")" = "$LAYOUT" ] && [ -f "$ov" ] \
+            && qemu-img check -q "$r2" >/dev/null 2>&1; then
+        return
+    fi
+    check_space 5
+    say "making rbase2.qcow2 (w1.qcow2 with 1 MiB of every 4 MiB rewritten) and rov.qcow2"
+    rm -f "$r2" "$ov" "$BENCH_DIR/rebase.ok"
+    qemu-img convert -f qcow2 -O qcow2 "$BENCH_DIR/w1.qcow2" "$r2"
+    for ((m = 0; m < W1_GROUPS * W1_GROUP_MIB; m += 4)); do
+        cmds+=(-c "write -q -P 90 $((m * MiB)) 1M")
+    done
+    qemu-io -f qcow2 "${cmds[@]}" "$r2" >/dev/null
+    qemu-img create -q -f qcow2 -b "$BENCH_DIR/w1.qcow2" -F qcow2 "$ov"
+    echo "$LAYOUT" > "$BENCH_DIR/rebase.ok"
+}
+
 # ---------------------------------------------------------------------------------------------
 # Workloads: name -> source format, source, output format, cache/other flags, description
 
@@ -193,7 +216,9 @@ workload() {
         3)  echo "raw $BENCH_DIR/text.raw qcow2 -c|text 512 MiB -> qcow2, -c" ;;
         # Not a conversion: `check` of a 256G image with every L2 table preallocated.
         C)  echo "check $BENCH_DIR/check256.qcow2 - -|check of 256G qcow2, preallocation=metadata" ;;
-        *)  die "unknown workload '$1' (known: 1 1T 2 3 C)" ;;
+        # Not a conversion: `rebase FLAGS` of a fresh copy (out.qcow2) of the source overlay.
+        R)  echo "rebase $BENCH_DIR/rov.qcow2 qcow2 -b $BENCH_DIR/rbase2.qcow2 -F qcow2|rebase of an overlay over w1.qcow2 onto a base differing in 1 MiB of 4" ;;
+        *)  die "unknown workload '$1' (known: 1 1T 2 3 C R)" ;;
     esac
 }
 
@@ -202,9 +227,15 @@ timed_convert() {
     local tool=$1 fmt=$2 src=$3 ofmt=$4 flags=$5 out=$6 timefile errfile
     timefile=$BENCH_DIR/.time errfile=$BENCH_DIR/.err
     rm -f "$out"
+    [ "$fmt" = rebase ] && cp "$src" "$out"
     sync
     local cmd
-    if [ "$fmt" = check ]; then
+    if [ "$fmt" = rebase ]; then
+        # shellcheck disable=SC2206
+        cmd=("$SIMG" rebase $flags "$out")
+        # shellcheck disable=SC2206
+        [ "$tool" = simg ] || cmd=(qemu-img rebase $flags "$out")
+    elif [ "$fmt" = check ]; then
         cmd=("$SIMG" check "$src")
         [ "$tool" = simg ] || cmd=(qemu-img check "$src")
     elif [ "$tool" = simg ]; then
@@ -227,6 +258,13 @@ verify_output() {
     if [ "$fmt" = check ]; then
         # The same verdict and counts as qemu-img's, field for field.
         [ "$("$SIMG" check --output=json "$src")" = "$(qemu-img check --output=json "$src")" ]
+        return
+    fi
+    if [ "$fmt" = rebase ]; then
+        # The rebased copy reads what the overlay read through its old base, is clean, and
+        # names the new base.
+        qemu-img check -q "$out" >&2 && qemu-img compare -q "$src" "$out" >&2 \
+            && qemu-img info "$out" | grep -qx "backing file: $BENCH_DIR/rbase2.qcow2"
         return
     fi
     if [ "$ofmt" = qcow2 ] && ! qemu-img check -q "$out" >&2; then
@@ -294,7 +332,7 @@ run_workload() {
         have_tool qemu-img && printf '%s\tqemu-img\t%s\t%s\t%s\t-\n' "$name" "${qm:--}" "${qr:--}" "$BENCH_RUNS" >> "$BENCH_TSV"
     fi
 
-    if have_tool simg && [ "$BENCH_STATS" = 1 ] && [ "$fmt" != check ] && [ -z "${failed[simg]:-}" ]; then
+    if have_tool simg && [ "$BENCH_STATS" = 1 ] && [ "$fmt" != check ] && [ "$fmt" != rebase ] && [ -z "${failed[simg]:-}" ]; then
         rm -f "$out"
         # shellcheck disable=SC2086
         if "$SIMG" convert $SIMG_ARGS --stats -f "$fmt" $flags -O "$ofmt" "$src" "$out" \
@@ -318,6 +356,7 @@ main() {
     IFS=',' read -r -a names <<< "$BENCH_ONLY"
     for name in "${names[@]}"; do
         workload "$name" >/dev/null
+        [ "$name" != R ] || make_rebase_inputs
     done
     for name in "${names[@]}"; do
         run_workload "$name"
