@@ -114,7 +114,9 @@ enum CheckCommand {
             return found
         } catch let error as ImageError where error.path == path && error.cause == nil
                     && (error.message.hasPrefix("Too much extra metadata in snapshot table entry ")
-                        || error.message.hasPrefix("Snapshot table is too big")) {
+                        || error.message.hasPrefix("Snapshot table is too big")
+                        || error.message.hasPrefix("Snapshot table too large")
+                        || error.message.hasPrefix("Invalid snapshot table offset")) {
             // qemu-img check opens the image without reading its snapshot table; the check
             // then reads it and reports what it cannot read. (The backing chain is not
             // opened in this case.)

@@ -14,7 +14,18 @@ extension QCOW2Checker {
                       reportError: @escaping (String) -> Void = { _ in }) throws -> ImageCheckResult {
         let checker = try QCOW2Checker(file: file, path: path, repair: repair, report: report)
         checker.reportError = reportError
-        try checker.checkRefcounts()
+        try checker.readSnapshotTable()
+        do {
+            try checker.checkRefcounts()
+        } catch var failure as ImageCheckFailure {
+            // QEMU adds what the snapshot table read found to a failed refcount pass too.
+            let table = checker.snapshotResult
+            failure.result.checkErrors += table.checkErrors
+            failure.result.corruptions += table.corruptions
+            failure.result.corruptionsFixed += table.corruptionsFixed
+            throw failure
+        }
+        try checker.fixSnapshotTable()
         if repair != .none && checker.result.checkErrors == 0 && checker.result.corruptions == 0 {
             try checker.markClean()
         }

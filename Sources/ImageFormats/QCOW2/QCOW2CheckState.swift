@@ -213,6 +213,8 @@ final class QCOW2Checker {
     /// The active L1 table as read when the pass started.
     var l1: [UInt64]
     var snapshots: [QCOW2Snapshot]
+    /// What reading the snapshot table found (QEMU keeps it apart from the refcount result).
+    var snapshotResult = ImageCheckResult()
     /// QEMU reports a corruption once per opened image; later ones are silent.
     var signaledCorruption = false
 
@@ -230,59 +232,23 @@ final class QCOW2Checker {
            (QCOW2Header.minClusterBits...QCOW2Header.maxClusterBits).contains(bits) {
             bytes = try file.qcow2ReadBytes(count: 1 << Int(bits), at: 0)
         }
+        // Like QEMU in check mode, open without the snapshot table (its header fields are
+        // checked, and the table read, by readSnapshotTable).
+        let snapshotFields = Array(bytes[60..<72])
+        bytes.replaceSubrange(60..<72, with: [UInt8](repeating: 0, count: 12))
         header = try QCOW2Header.parse(bytes, fileSize: size, path: path)
+        header.nbSnapshots = QCOW2BE.u32(snapshotFields, 0)
+        header.snapshotsOffset = QCOW2BE.u64(snapshotFields, 4)
         clusterBits = UInt64(header.clusterBits)
         clusterSize = UInt64(1) << clusterBits
         l1 = QCOW2BE.words(try file.qcow2ReadBytes(count: Int(header.l1Size) * 8, at: header.l1TableOffset))
-        snapshots = try QCOW2Checker.readSnapshots(file: file, header: header, fileSize: size, path: path)
+        snapshots = []
         let tableBytes = Int(header.refcountTableClusters) << Int(clusterBits)
         let table = QCOW2BE.words(try file.qcow2ReadBytes(count: tableBytes, at: header.refcountTableOffset))
         stored = QCOW2StoredRefcounts(file: file, clusterBits: clusterBits, order: Int(header.refcountOrder), table: table)
         counts = QCOW2CheckCounts(clusters: Int((fileLength + clusterSize - 1) >> clusterBits), refcountOrder: Int(header.refcountOrder))
         stored.unalignedSignal = { [unowned self] index, offset in try self.signalCorruption(
             "Refblock offset 0x\(Self.hex(offset)) unaligned (reftable index: \(index == 0 ? "0" : "0x" + Self.hex(UInt64(index))))") }
-    }
-
-    private static var oneCheckError: ImageCheckResult {
-        var result = ImageCheckResult()
-        result.checkErrors = 1
-        return result
-    }
-
-    /// The snapshot table as QEMU reads it in check mode: each entry's L1 table is not
-    /// validated here (the walk reports a bad one as a corruption, as QEMU does).
-    static func readSnapshots(file: DiskFile, header h: QCOW2Header, fileSize: UInt64, path: String) throws -> [QCOW2Snapshot] {
-        var result: [QCOW2Snapshot] = []
-        var offset = h.snapshotsOffset
-        for index in 0..<Int(h.nbSnapshots) {
-            guard offset + 40 <= fileSize else {
-                throw ImageError(path: path, message: "snapshot table entry \(index) at offset \(offset) is outside the file")
-            }
-            let fixed = try file.qcow2ReadBytes(count: 40, at: offset)
-            let idLength = Int(QCOW2BE.u16(fixed, 12))
-            let nameLength = Int(QCOW2BE.u16(fixed, 14))
-            let extraSize = Int(QCOW2BE.u32(fixed, 36))
-            guard extraSize <= QCOW2Snapshot.maxExtraData else {
-                // QEMU (without repairing the table) cannot read it: a check error, EFBIG.
-                throw ImageCheckFailure(errno: EFBIG, result: Self.oneCheckError,
-                                        message: "ERROR failed to read the snapshot table: " + QCOW2Snapshot.extraDataMessage(index: index))
-            }
-            let variable = extraSize + idLength + nameLength
-            let entrySize = (40 + variable + 7) & ~7
-            let rest = try file.qcow2ReadBytes(count: variable, at: offset + 40)
-            result.append(QCOW2Snapshot(
-                l1TableOffset: QCOW2BE.u64(fixed, 0), l1Size: QCOW2BE.u32(fixed, 8),
-                id: QCOW2Snapshot.cString(rest[extraSize..<(extraSize + idLength)]),
-                name: QCOW2Snapshot.cString(rest[(extraSize + idLength)..<variable]),
-                dateSeconds: 0, dateNanoseconds: 0, vmClockNanoseconds: 0, vmStateSize: 0,
-                diskSize: nil, icount: nil, extraData: [], entrySize: entrySize))
-            offset += UInt64(entrySize)
-            guard offset - h.snapshotsOffset - UInt64(entrySize - 40 - variable) <= QCOW2Snapshot.maxTableBytes else {
-                throw ImageCheckFailure(errno: EFBIG, result: Self.oneCheckError,
-                                        message: "ERROR failed to read the snapshot table: " + QCOW2Snapshot.tooBigMessage(overhanging: Int(h.nbSnapshots) - index))
-            }
-        }
-        return result
     }
 
     /// QEMU's qcow2_signal_corruption: a read-only check only says so; a repairing one marks
