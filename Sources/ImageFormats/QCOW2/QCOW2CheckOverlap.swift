@@ -6,7 +6,7 @@ import Glibc
 /// the check fails, exactly where QEMU refuses, so a repair never overwrites live metadata.
 extension QCOW2Checker {
     enum MetadataKind: Int, CaseIterable {
-        case header, activeL1, activeL2, refcountTable, refcountBlock, snapshotTable, bitmapDirectory
+        case header, activeL1, activeL2, refcountTable, refcountBlock, snapshotTable, inactiveL1, bitmapDirectory
 
         var name: String {
             switch self {
@@ -16,6 +16,7 @@ extension QCOW2Checker {
             case .refcountTable: return "refcount table"
             case .refcountBlock: return "refcount block"
             case .snapshotTable: return "snapshot table"
+            case .inactiveL1: return "inactive L1 table"
             case .bitmapDirectory: return "bitmap directory"
             }
         }
@@ -44,6 +45,9 @@ extension QCOW2Checker {
                 }
             case .snapshotTable:
                 overlaps = hits(header.snapshotsOffset, UInt64(snapshots.reduce(0) { $0 + $1.entrySize }))
+            case .inactiveL1:
+                // Snapshot L1 tables as the entries give them, however bogus (QEMU's cached mode).
+                overlaps = snapshots.contains { hits($0.l1TableOffset, UInt64($0.l1Size) * 8) }
             case .bitmapDirectory:
                 if header.autoclearFeatures & QCOW2Header.autoclearBitmaps != 0,
                    let ext = header.bitmapsExtension, ext.count >= 24, QCOW2BE.u32(ext, 0) > 0 {
