@@ -45,6 +45,7 @@ public enum Help {
                 the used format
               '-u' allows unsafe backing chains: for image creation, create without
                    attempting to open the backing file.
+                   For rebase: old and new backing file are assumed to match, only the header changes.
               '-h' with or without a command shows this help ('simg COMMAND --help' shows
                    that command's usage)
               '-q' use Quiet mode - do not print any output (except errors)
