@@ -211,4 +211,33 @@ struct RebaseInteropTests {
         let k = 1024 / 64
         #expect(try ownClusters(ov) == ownBefore.union([1, 2, k]))
     }
+
+    @Test func progressAndQuiet() throws {
+        let dir = try TempDir()
+        try makeChain(dir)
+        _ = try qemuImg("create", "-q", "-f", "qcow2", dir.file("new.qcow2"), "4M")
+        let r = try simg("rebase", "-p", "-b", "new.qcow2", "-F", "qcow2", dir.file("ov.qcow2"))
+        #expect(r.status == 0, "\(r)")
+        #expect(r.stdout.hasPrefix("    (0.00/100%)\r"))
+        #expect(r.stdout.hasSuffix("    (100.00/100%)\r\n"))
+        let q = try simg("rebase", "-q", "-p", "-b", "base.qcow2", "-F", "qcow2", dir.file("ov.qcow2"))
+        #expect(q.status == 0, "\(q)")
+        #expect(q.stdout.isEmpty && q.stderr.isEmpty)
+        #expect(try backingInfo(dir.file("ov.qcow2")).name == "base.qcow2")
+    }
+
+    /// A version 2 overlay has no zero clusters: zeros the old chain reads are written as data.
+    @Test func version2Overlay() throws {
+        let dir = try TempDir()
+        try makeChain(dir)
+        let ov = dir.file("ov.qcow2")
+        try FileManager.default.removeItem(atPath: ov)
+        _ = try qemuImg("create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "base.qcow2", "-F", "qcow2", ov)
+        _ = try qemuIO("-c", "write -P 5 256k 64k", ov)
+        _ = try qemuImg("create", "-q", "-f", "qcow2", dir.file("new.qcow2"), "4M")
+        _ = try qemuIO("-c", "write -P 9 1536k 64k", "-c", "write -P 2 2M 1M", dir.file("new.qcow2"))
+        let newContent = try raw(dir.file("new.qcow2"), dir)
+        try expectSafeRebase(dir, ["-b", "new.qcow2", "-F", "qcow2"], newContent: newContent,
+                             expectName: "new.qcow2", expectFormat: "qcow2")
+    }
 }
