@@ -69,6 +69,40 @@ import Testing
         }
     }
 
+    /// A table of more than 64 MiB (520 entries with 64 KiB IDs and names): open refuses it,
+    /// check fails without -r all and drops the overhanging entries with it.
+    @Test func tableOverSixtyFourMiB() throws {
+        let dir = try TempDir()
+        let image = dir.file("big.qcow2")
+        _ = try qemuImg("create", "-q", "-f", "qcow2", image, "1M")
+        _ = try qemuIO("-c", "write -P 5 0 64k", image)
+        _ = try qemuImg("convert", "-O", "raw", image, dir.file("before.raw"))
+        var entry: [UInt8] = [UInt8](repeating: 0, count: 12) + [0xff, 0xff, 0xff, 0xff]
+        entry += [UInt8](repeating: 0, count: 20) + [0, 0, 0, 24]
+        entry += [UInt8](repeating: 0, count: 8) + [0, 0, 0, 0, 0, 0x10, 0, 0] + [UInt8](repeating: 0xff, count: 8)
+        entry += [UInt8](repeating: 0x69, count: 65535) + [UInt8](repeating: 0x6e, count: 65535)
+        entry += [UInt8](repeating: 0, count: (8 - entry.count % 8) % 8)
+        let e = Editor(path: image)
+        let table = (try e.size() + 65535) & ~65535
+        var all = Data(capacity: entry.count * 520)
+        for _ in 0..<520 { all.append(contentsOf: entry) }
+        let h = try #require(FileHandle(forUpdatingAtPath: image))
+        try h.seek(toOffset: table)
+        try h.write(contentsOf: all)
+        try h.close()
+        try e.write(60, [0, 0, 0x02, 0x08])  // 520 entries
+        try e.put64(64, table)
+        let s = try run(simgBinary, ["info", image])
+        let q = try qemuImgResult(["info", image])
+        #expect(s.status == 1 && q.status == 1)
+        #expect("qemu-img" + s.stderr.dropFirst(4) == q.stderr)
+        #expect(q.stderr.contains("Snapshot table is too big\nYou can force-remove all 9 overhanging snapshots"))
+        // Three modes only: every copy is 68 MB.
+        for args in [[], ["-r", "leaks", "--output=json"], ["-r", "all"]] {
+            try CheckInteropTests.compare(image, args, original: dir.file("before.raw"))
+        }
+    }
+
     /// QEMU opens images whose snapshot L1 table is misaligned, too large or past the end of
     /// the file (only using the snapshot would need it): info lists the snapshot.
     @Test(arguments: ["misaligned", "tooLarge", "beyondEOF"])
