@@ -94,6 +94,14 @@ enum RebaseCommand {
         guard let qcow2 = overlay as? QCOW2Image else {
             throw CLIError("\(change): Operation not supported")
         }
+        // A new backing file that is the overlay, or whose chain leads back to it, would leave
+        // an image nothing can open (qemu-img only escapes this through its image locks).
+        if !newName.isEmpty {
+            let resolved = QCOW2Image.resolveBackingName(newName, relativeTo: filename)
+            if chain(from: resolved, opened: newBacking, format: backingFormat, contains: filename) {
+                throw CLIError("\(change): Backing file '\(newName)' creates an infinite loop")
+            }
+        }
 
         let showProgress = scan.has("progress") && !quiet
         do {
@@ -116,6 +124,27 @@ enum RebaseCommand {
         }
         if showProgress { console.out(ProgressPrinter.line(10000) + "\n") }
         return 0
+    }
+
+    /// Whether the image at `path` (already open as `opened` in safe mode) or any image of its
+    /// backing chain is the same file as `target`. In unsafe mode the chain is opened only to
+    /// look; if it cannot be opened (the point of -u), there is nothing to compare.
+    static func chain(from path: String, opened: (any DiskImage)?, format: ImageFormat?,
+                      contains target: String) -> Bool {
+        guard let wanted = identity(target) else { return false }
+        if identity(path) == wanted { return true }
+        var probe: (any DiskImage)?
+        if opened == nil {
+            probe = try? ImageOpener.open(path, options: OpenOptions(format: format, writable: false,
+                                                                     direct: false, openBacking: true))
+        }
+        defer { try? probe?.close() }
+        var layer = opened ?? probe
+        while let current = layer {
+            if identity(current.path) == wanted { return true }
+            layer = current.backing
+        }
+        return false
     }
 
     /// The image in `overlay`'s old chain that is the same file (device and inode) as `image`.
