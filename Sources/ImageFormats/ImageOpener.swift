@@ -124,19 +124,3 @@ public enum ImageOpener {
         (image as? QCOW2Image)?.file ?? image.dataFile
     }
 }
-
-/// Device and inode of an open file: two names for the same file compare equal.
-struct FileIdentity: Hashable {
-    var device: UInt64
-    var inode: UInt64
-
-    init(of file: DiskFile) throws {
-        var st = stat()
-        // fstat only fills `st`; the fd stays owned by `file`.
-        if fstat(file.fd, &st) != 0 {
-            throw IOError(code: errno, operation: "stat", path: file.path)
-        }
-        device = UInt64(st.st_dev)
-        inode = UInt64(st.st_ino)
-    }
-}

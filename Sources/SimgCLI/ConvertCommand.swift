@@ -196,20 +196,13 @@ enum ConvertCommand {
 
     /// Whether `path` names a file some source image (or a layer below it) has open.
     static func isInUse(_ path: String, by sources: [any DiskImage]) -> Bool {
-        var target = stat()
-        guard stat(path, &target) == 0 else { return false }
+        guard let target = FileIdentity(path: path) else { return false }
         for source in sources {
             var layer: (any DiskImage)? = source
             while let image = layer {
                 var files = [image.dataFile]
                 if let qcow2 = image as? QCOW2Image { files.append(qcow2.file) }
-                for file in files {
-                    var st = stat()
-                    // fstat only fills `st`; the descriptor stays the image's.
-                    if fstat(file.fd, &st) == 0 && st.st_dev == target.st_dev && st.st_ino == target.st_ino {
-                        return true
-                    }
-                }
+                if files.contains(where: { (try? FileIdentity(of: $0)) == target }) { return true }
                 layer = image.backing
             }
         }

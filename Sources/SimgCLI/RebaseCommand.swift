@@ -131,8 +131,8 @@ enum RebaseCommand {
     /// look; if it cannot be opened (the point of -u), there is nothing to compare.
     static func chain(from path: String, opened: (any DiskImage)?, format: ImageFormat?,
                       contains target: String) -> Bool {
-        guard let wanted = identity(target) else { return false }
-        if identity(path) == wanted { return true }
+        guard let wanted = FileIdentity(path: target) else { return false }
+        if FileIdentity(path: path) == wanted { return true }
         var probe: (any DiskImage)?
         if opened == nil {
             probe = try? ImageOpener.open(path, options: OpenOptions(format: format, writable: false,
@@ -141,7 +141,7 @@ enum RebaseCommand {
         defer { try? probe?.close() }
         var layer = opened ?? probe
         while let current = layer {
-            if identity(current.path) == wanted { return true }
+            if FileIdentity(path: current.path) == wanted { return true }
             layer = current.backing
         }
         return false
@@ -149,18 +149,13 @@ enum RebaseCommand {
 
     /// The image in `overlay`'s old chain that is the same file (device and inode) as `image`.
     static func layer(of overlay: any DiskImage, sameFileAs image: (any DiskImage)?) -> (any DiskImage)? {
-        guard let image, let target = identity(image.path) else { return nil }
+        guard let image, let target = FileIdentity(path: image.path) else { return nil }
         var layer = overlay.backing
         while let current = layer {
-            if current.format == image.format, identity(current.path) == target { return current }
+            if current.format == image.format, FileIdentity(path: current.path) == target { return current }
             layer = current.backing
         }
         return nil
     }
 
-    private static func identity(_ path: String) -> [UInt64]? {
-        var st = stat()
-        guard stat(path, &st) == 0 else { return nil }
-        return [UInt64(st.st_dev), UInt64(st.st_ino)]
-    }
 }
