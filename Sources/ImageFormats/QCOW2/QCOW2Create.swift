@@ -90,7 +90,7 @@ enum QCOW2Create {
                     let bytes = layout.dataClusters(inTable: t) * cs
                     switch p.preallocation {
                     case .falloc: try file.allocate(at: start, length: bytes)
-                    case .full: try writeZeros(file, at: start, length: bytes)
+                    case .full: try ZeroBuffer.write(to: file, at: start, length: bytes)
                     default: break
                     }
                 }
@@ -109,7 +109,7 @@ enum QCOW2Create {
             try io(dataName) {
                 switch p.preallocation {
                 case .falloc: try data.allocate(at: 0, length: p.size)
-                case .full: try writeZeros(data, at: 0, length: p.size)
+                case .full: try ZeroBuffer.write(to: data, at: 0, length: p.size)
                 default: break
                 }
                 if try data.size() < p.size { try data.truncate(to: p.size) }
@@ -138,19 +138,6 @@ enum QCOW2Create {
             }
             try file.write(bytes, at: layout.refcountBlocksOffset + block * cs)
             block += count
-        }
-    }
-
-    private static func writeZeros(_ file: DiskFile, at offset: UInt64, length: UInt64) throws {
-        let chunk = [UInt8](repeating: 0, count: 1 << 22)
-        var done: UInt64 = 0
-        try chunk.withUnsafeBytes { zeros in
-            while done < length {
-                let n = Int(min(UInt64(zeros.count), length - done))
-                // Sound: n <= zeros.count.
-                try file.write(UnsafeRawBufferPointer(rebasing: zeros[0..<n]), at: offset + done)
-                done += UInt64(n)
-            }
         }
     }
 

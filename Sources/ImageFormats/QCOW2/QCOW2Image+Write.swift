@@ -494,10 +494,21 @@ extension QCOW2Image {
             }
             let entry = try l2Entry(guest: position / cs * cs)
             if try !readsAsZero(entry, guest: position / cs * cs) {
-                let zeros = [UInt8](repeating: 0, count: Int(clusterEnd - position))
-                try zeros.withUnsafeBytes { try write($0, at: position) }
+                try writeZeroData(at: position, length: clusterEnd - position)
             }
             position = clusterEnd
+        }
+    }
+
+    /// Writes real zeros (as data) over the guest range, from the shared zero buffer: one
+    /// write per cluster, never an allocation per call.
+    func writeZeroData(at start: UInt64, length: UInt64) throws {
+        let zeros = try ZeroBuffer.get()
+        var done: UInt64 = 0
+        while done < length {
+            let n = Int(min(UInt64(ZeroBuffer.size), length - done))
+            try write(UnsafeRawBufferPointer(zeros.prefix(n)), at: start + done)
+            done += UInt64(n)
         }
     }
 
@@ -509,8 +520,7 @@ extension QCOW2Image {
         let length = min(cs, virtualSize - guest)
         if header.isDataFileRaw {
             // The raw data file must read as the image does: write the zeros there.
-            let zeros = [UInt8](repeating: 0, count: Int(length))
-            try zeros.withUnsafeBytes { try write($0, at: guest) }
+            try writeZeroData(at: guest, length: length)
             return
         }
         if header.version >= 3 {
@@ -527,8 +537,7 @@ extension QCOW2Image {
         }
         // Version 2 has no zero flag.
         if backingCovers(guest) {
-            let zeros = [UInt8](repeating: 0, count: Int(length))
-            try zeros.withUnsafeBytes { try write($0, at: guest) }
+            try writeZeroData(at: guest, length: length)
             return
         }
         let table = try writableL2(l1Index: l1Index, state)

@@ -106,8 +106,7 @@ extension QCOW2Image {
     }
 
     private func writeZeroBytes(_ start: UInt64, _ end: UInt64) throws {
-        let zeros = [UInt8](repeating: 0, count: Int(end - start))
-        try zeros.withUnsafeBytes { try write($0, at: start) }
+        try writeZeroData(at: start, length: end - start)
     }
 
     /// Bits first...last set.

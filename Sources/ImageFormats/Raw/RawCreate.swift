@@ -29,7 +29,7 @@ public enum RawCreate {
             case "falloc":
                 try file.allocate(at: 0, length: length)
             case "full":
-                try writeZeros(file, length: length)
+                try ZeroBuffer.write(to: file, at: 0, length: length)
             default:
                 try file.truncate(to: length)
                 if length > 0 { try writeFirstBlock(file, length: length) }
@@ -44,17 +44,8 @@ public enum RawCreate {
     /// if the image is smaller), so the file has an allocated block to probe alignment on.
     private static func writeFirstBlock(_ file: DiskFile, length: UInt64) throws {
         let count = length < 4096 ? 512 : 4096
-        let zeros = try RawZeros.buffer()
+        let zeros = try ZeroBuffer.get()
         try file.write(UnsafeRawBufferPointer(zeros.prefix(count)), at: 0)
     }
 
-    private static func writeZeros(_ file: DiskFile, length: UInt64) throws {
-        let zeros = try RawZeros.buffer()
-        var done: UInt64 = 0
-        while done < length {
-            let n = Int(min(UInt64(zeros.count), length - done))
-            try file.write(UnsafeRawBufferPointer(zeros.prefix(n)), at: done)
-            done += UInt64(n)
-        }
-    }
 }

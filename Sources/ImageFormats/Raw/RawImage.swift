@@ -235,7 +235,7 @@ public final class RawImage: DiskImage {
     }
 
     private func writeZeroBuffers(at offset: UInt64, length: UInt64) throws {
-        let zeros = try RawZeros.buffer()
+        let zeros = try ZeroBuffer.get()
         var done: UInt64 = 0
         while done < length {
             let n = Int(min(UInt64(zeros.count), length - done))
@@ -243,15 +243,5 @@ public final class RawImage: DiskImage {
             try write(UnsafeRawBufferPointer(zeros.prefix(n)), at: offset + done)
             done += UInt64(n)
         }
-    }
-}
-
-/// One shared, never-written buffer of zeros for zero-filling writes.
-enum RawZeros {
-    private static let shared: AlignedBuffer? = try? AlignedBuffer(byteCount: 1 << 20, alignment: 65536)
-
-    static func buffer() throws -> AlignedBuffer {
-        if let shared { return shared }
-        throw AllocationError(byteCount: 1 << 20, alignment: 65536, code: ENOMEM)
     }
 }
