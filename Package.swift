@@ -5,6 +5,8 @@ let package = Package(
     name: "simg",
     products: [
         .executable(name: "simg", targets: ["simg"]),
+        // For the fuzzer package in Fuzz/, which builds the same harness with -sanitize=fuzzer.
+        .library(name: "FuzzHarness", targets: ["FuzzHarness"]),
     ],
     targets: [
         // C shims for what Swift cannot see directly: O_DIRECT and friends need _GNU_SOURCE.
@@ -19,11 +21,15 @@ let package = Package(
         .target(name: "Pipeline", dependencies: ["ImageFormats", "DiskIO"]),
         .target(name: "SimgCLI", dependencies: ["Pipeline", "ImageFormats", "DiskIO"]),
         .executableTarget(name: "simg", dependencies: ["SimgCLI"]),
+        // What one fuzz input goes through (probe, open, info, block status, reads, check); shared by
+        // the libFuzzer target in Fuzz/ (`make fuzz`) and the regression replay in `make test`.
+        .target(name: "FuzzHarness", dependencies: ["ImageFormats", "DiskIO"]),
 
         .testTarget(name: "DiskIOTests", dependencies: ["DiskIO"]),
         .testTarget(name: "ImageFormatsTests", dependencies: ["ImageFormats", "DiskIO"]),
         .testTarget(name: "PipelineTests", dependencies: ["Pipeline", "ImageFormats", "DiskIO"]),
         .testTarget(name: "SimgCLITests", dependencies: ["SimgCLI", "ImageFormats"]),
         .testTarget(name: "InteropTests", dependencies: ["ImageFormats", "DiskIO"]),
+        .testTarget(name: "FuzzHarnessTests", dependencies: ["FuzzHarness", "ImageFormats", "DiskIO"]),
     ]
 )
