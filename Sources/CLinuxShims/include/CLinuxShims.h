@@ -49,4 +49,7 @@ int simg_ofd_testlk(int fd, int64_t start, int64_t length, int type);
 /// strerror_r into a caller buffer (GNU variant hidden behind this shim).
 const char *simg_strerror(int err, char *buf, size_t len);
 
+/// SIGINT/SIGTERM polling and SIGPIPE/SIGXFSZ ignoring (signals.c).
+#include "simg_signals.h"
+
 #endif

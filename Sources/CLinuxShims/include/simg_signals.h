@@ -1,0 +1,23 @@
+// Interruption by SIGINT/SIGTERM, for DiskIO's Interruption. The handler only stores the
+// signal number (async-signal-safe); long loops poll it and stop cleanly.
+#ifndef SIMG_SIGNALS_H
+#define SIMG_SIGNALS_H
+
+/// Installs the SIGINT and SIGTERM handler (without SA_RESTART: blocking calls see EINTR and
+/// the callers retry them, then poll) and ignores SIGPIPE and SIGXFSZ, so that a closed pipe or
+/// a file size limit makes write() fail with EPIPE/EFBIG instead of killing the process.
+/// The handler resets its signal to the default disposition, so a second Ctrl-C kills at once.
+/// Returns 0 or -errno.
+int simg_signals_install(void);
+
+/// The first interrupting signal received since install (or the last clear), or 0.
+int simg_signals_pending(void);
+
+/// Forgets a pending signal (tests only).
+void simg_signals_clear(void);
+
+/// Restores the default disposition of `sig`, unblocks it and raises it: the process dies of
+/// it as if no handler had been installed. Returns only if the signal does not kill.
+void simg_signals_reraise(int sig);
+
+#endif

@@ -1,0 +1,66 @@
+import CLinuxShims
+import Glibc
+
+/// The process was asked to stop by SIGINT or SIGTERM while a long operation ran.
+public struct InterruptedError: Error, CustomStringConvertible, Equatable, Sendable {
+    /// The signal number (SIGINT or SIGTERM).
+    public var signal: Int32
+
+    public init(signal: Int32) { self.signal = signal }
+
+    /// "SIGINT", "SIGTERM", or "signal N" for anything else.
+    public var signalName: String {
+        switch signal {
+        case SIGINT: return "SIGINT"
+        case SIGTERM: return "SIGTERM"
+        case SIGHUP: return "SIGHUP"
+        default: return "signal \(signal)"
+        }
+    }
+
+    public var description: String { "interrupted by \(signalName)" }
+}
+
+/// Cooperative interruption. `install()` sets a SIGINT/SIGTERM handler that only records the
+/// signal (the C handler is async-signal-safe); long loops call `check()` between requests and
+/// unwind with `InterruptedError`, so files are closed with their on-disk state consistent.
+/// The handler resets itself to the default disposition: a second Ctrl-C kills at once.
+///
+/// The handler is installed without SA_RESTART, so a blocking system call returns EINTR;
+/// DiskFile and the I/O engines retry those, and the next `check()` sees the signal.
+public enum Interruption {
+    /// Installs the handler and ignores SIGPIPE and SIGXFSZ (a file size limit then fails the
+    /// write with EFBIG, which is reported like any other write error, instead of killing simg).
+    /// Calling it again is harmless; it also re-arms the handler after a signal.
+    public static func install() {
+        // sigaction only fails for invalid arguments; there is nothing useful to do about it.
+        _ = simg_signals_install()
+    }
+
+    /// The first SIGINT/SIGTERM received since `install()`, if any.
+    public static var pendingSignal: Int32? {
+        let sig = simg_signals_pending()
+        return sig == 0 ? nil : sig
+    }
+
+    public static var isPending: Bool { simg_signals_pending() != 0 }
+
+    /// Throws `InterruptedError` when a signal is pending. Cheap (one load): call it per request.
+    public static func check() throws {
+        let sig = simg_signals_pending()
+        if sig != 0 { throw InterruptedError(signal: sig) }
+    }
+
+    /// Forgets a pending signal. For tests that raise a signal in their own process.
+    public static func clearPending() {
+        simg_signals_clear()
+    }
+
+    /// Dies of `signal` the Unix way (default disposition, re-raised), so that a parent shell
+    /// sees death by SIGINT/SIGTERM and stops its own script too. Falls back to exit(128 + signal)
+    /// should the signal not kill (e.g. it is ignored by a test harness's mask).
+    public static func terminate(by signal: Int32) -> Never {
+        simg_signals_reraise(signal)
+        exit(128 + signal)
+    }
+}
