@@ -15,7 +15,15 @@ static void on_signal(int sig) {
     // SA_RESETHAND already restored SIG_DFL: a second Ctrl-C kills at once.
 }
 
-int simg_signals_install(void) {
+int simg_signals_install(int interrupts) {
+    struct sigaction ignore;
+    memset(&ignore, 0, sizeof ignore);
+    ignore.sa_handler = SIG_IGN;
+    sigemptyset(&ignore.sa_mask);
+    if (sigaction(SIGPIPE, &ignore, NULL) != 0) return -errno;
+    if (sigaction(SIGXFSZ, &ignore, NULL) != 0) return -errno;
+    if (!interrupts) return 0;
+
     struct sigaction action;
     memset(&action, 0, sizeof action);
     action.sa_handler = on_signal;
@@ -23,13 +31,6 @@ int simg_signals_install(void) {
     action.sa_flags = SA_RESETHAND;  // deliberately no SA_RESTART
     if (sigaction(SIGINT, &action, NULL) != 0) return -errno;
     if (sigaction(SIGTERM, &action, NULL) != 0) return -errno;
-
-    struct sigaction ignore;
-    memset(&ignore, 0, sizeof ignore);
-    ignore.sa_handler = SIG_IGN;
-    sigemptyset(&ignore.sa_mask);
-    if (sigaction(SIGPIPE, &ignore, NULL) != 0) return -errno;
-    if (sigaction(SIGXFSZ, &ignore, NULL) != 0) return -errno;
     return 0;
 }
 

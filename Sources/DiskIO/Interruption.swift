@@ -5,8 +5,22 @@ import Glibc
 public struct InterruptedError: Error, CustomStringConvertible, Equatable, Sendable {
     /// The signal number (SIGINT or SIGTERM).
     public var signal: Int32
+    /// The image left unfinished, when the code that stopped knows it.
+    public var image: String?
+    /// What state the image is in, after its name ("is incomplete").
+    public var outcome: String
 
-    public init(signal: Int32) { self.signal = signal }
+    public init(signal: Int32, image: String? = nil, outcome: String = "is incomplete") {
+        self.signal = signal
+        self.image = image
+        self.outcome = outcome
+    }
+
+    /// The same interruption, naming `image` (unless an inner layer already named one).
+    public func naming(_ image: String, outcome: String = "is incomplete") -> InterruptedError {
+        if self.image != nil { return self }
+        return InterruptedError(signal: signal, image: image, outcome: outcome)
+    }
 
     /// "SIGINT", "SIGTERM", or "signal N" for anything else.
     public var signalName: String {
@@ -18,7 +32,11 @@ public struct InterruptedError: Error, CustomStringConvertible, Equatable, Senda
         }
     }
 
-    public var description: String { "interrupted by \(signalName)" }
+    /// "interrupted by SIGINT; 'out.qcow2' is incomplete".
+    public var description: String {
+        guard let image else { return "interrupted by \(signalName)" }
+        return "interrupted by \(signalName); '\(image)' \(outcome)"
+    }
 }
 
 /// Cooperative interruption. `install()` sets a SIGINT/SIGTERM handler that only records the
@@ -34,7 +52,19 @@ public enum Interruption {
     /// Calling it again is harmless; it also re-arms the handler after a signal.
     public static func install() {
         // sigaction only fails for invalid arguments; there is nothing useful to do about it.
-        _ = simg_signals_install()
+        _ = simg_signals_install(1)
+    }
+
+    /// Only ignores SIGPIPE and SIGXFSZ; SIGINT/SIGTERM keep killing at once. For commands
+    /// that write nothing, where dying at any point is harmless.
+    public static func ignoreWriteSignals() {
+        _ = simg_signals_install(0)
+    }
+
+    /// Throws `InterruptedError` naming `image` when a signal is pending.
+    public static func check(image: String, outcome: String = "is incomplete") throws {
+        let sig = simg_signals_pending()
+        if sig != 0 { throw InterruptedError(signal: sig, image: image, outcome: outcome) }
     }
 
     /// The first SIGINT/SIGTERM received since `install()`, if any.

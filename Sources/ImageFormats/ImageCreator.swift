@@ -77,7 +77,15 @@ public enum ImageCreator {
 
         switch request.format {
         case .raw:
-            try createRaw(path: path, size: size, options: options)
+            do {
+                try createRaw(path: path, size: size, options: options)
+            } catch let error as InterruptedError {
+                // A half-preallocated raw file is shorter than asked: not the image requested.
+                // Only a regular file is removed (never a device node given as the target).
+                var st = stat()
+                if lstat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG { _ = unlink(path) }
+                throw error
+            }
         case .qcow2:
             do {
                 let parameters = try qcow2Parameters(path: path, size: size, options: options)

@@ -14,14 +14,34 @@ enum ZeroBuffer {
         throw AllocationError(byteCount: size, alignment: 65536, code: ENOMEM)
     }
 
-    /// Writes `length` zero bytes into `file` at `offset` (full preallocation).
-    static func write(to file: DiskFile, at offset: UInt64, length: UInt64) throws {
+    /// Writes `length` zero bytes into `file` at `offset` (full preallocation of the new image
+    /// `image`). Stops with InterruptedError between writes once SIGINT/SIGTERM is pending.
+    static func write(to file: DiskFile, at offset: UInt64, length: UInt64, image: String) throws {
         let zeros = try get()
         var done: UInt64 = 0
         while done < length {
+            try Interruption.check(image: image, outcome: newImageOutcome)
             let n = Int(min(UInt64(size), length - done))
             try file.write(UnsafeRawBufferPointer(zeros.prefix(n)), at: offset + done)
             done += UInt64(n)
         }
     }
+
+    /// fallocate in pieces of `allocateStep` (falloc preallocation of the new image `image`), so
+    /// that SIGINT/SIGTERM is noticed between them: on tmpfs a gigabyte takes a fraction of a
+    /// second, one call for a terabyte would not return for minutes.
+    static func allocate(in file: DiskFile, at offset: UInt64, length: UInt64, image: String) throws {
+        var done: UInt64 = 0
+        while done < length {
+            try Interruption.check(image: image, outcome: newImageOutcome)
+            let n = min(allocateStep, length - done)
+            try file.allocate(at: offset + done, length: n)
+            done += n
+        }
+    }
+
+    static let allocateStep: UInt64 = 1 << 30
+
+    /// What an interrupted create leaves: ImageCreator deletes the partial file.
+    static let newImageOutcome = "was not created"
 }

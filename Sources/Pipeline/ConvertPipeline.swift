@@ -137,8 +137,15 @@ public final class ConvertPipeline {
         let total = planner.totalSize
         var position: UInt64 = 0
         while firstError == nil {
+            // Polled once per step (a chunk started, written or completed): a few microseconds
+            // apart at most, so SIGINT stops the copy well within a second.
+            if let signal = Interruption.pendingSignal {
+                firstError = InterruptedError(signal: signal, image: target.path)
+                break
+            }
             // Plan and start chunks while buffers are free.
             while firstError == nil && position < total {
+                if Interruption.isPending { break }
                 let length: UInt64
                 do {
                     guard let action = try nextAction(at: position) else { break }
@@ -171,9 +178,12 @@ public final class ConvertPipeline {
             firstError = ImageError(path: target.path, message: "the convert pipeline stalled at byte \(position)")
         }
         if let firstError {
+            // Requests in flight still point into our buffers: let them finish (bounded by
+            // the queue depth), then give the target up without finishing it.
             try? engine.drain { _ in }
             try? writeEngine.drain { _ in }
             target.abandon()
+            if let interrupted = firstError as? InterruptedError { throw interrupted.naming(target.path) }
             throw firstError
         }
         try target.finish()
@@ -378,6 +388,14 @@ public final class ConvertPipeline {
             slots[slot].pendingWrites -= 1
             if case .failure(let error) = completion.result, firstError == nil {
                 firstError = ConvertError(.writing, byte: slots[slot].offset + UInt64(index), path: target.path, cause: error)
+            }
+            if case .success = completion.result, firstError == nil {
+                // The data is in place: only now may the target map it (crash ordering).
+                do {
+                    try target.asyncWriteCompleted(at: slots[slot].offset + UInt64(index))
+                } catch {
+                    firstError = ConvertError(.writing, byte: slots[slot].offset + UInt64(index), path: target.path, cause: error)
+                }
             }
             if slots[slot].pendingWrites == 0 { releaseSlot(slot) }
             return

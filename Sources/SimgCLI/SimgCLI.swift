@@ -1,10 +1,18 @@
+import DiskIO
 import Glibc
 import ImageFormats
 
 /// The simg command line: `simg [-h|--help] [-V|--version] COMMAND [command options]`.
 public enum SimgCLI {
     public static func main() {
-        exit(run(Array(CommandLine.arguments.dropFirst()), console: .standard()))
+        // A file size limit (SIGXFSZ) or a closed pipe (SIGPIPE) must fail the write with an
+        // error simg reports, not kill it half-way.
+        Interruption.ignoreWriteSignals()
+        let status = run(Array(CommandLine.arguments.dropFirst()), console: .standard())
+        // Stopped by SIGINT/SIGTERM at a clean point: die of the signal, as the Unix convention
+        // wants, so that a calling shell script stops too.
+        if let signal = Interruption.pendingSignal { Interruption.terminate(by: signal) }
+        exit(status)
     }
 
     /// Runs one command line (without the program name) and returns the exit status:
@@ -20,10 +28,21 @@ public enum SimgCLI {
             console.err(tryHelp)
         } catch let error as ImageError {
             console.error(error.description)
+        } catch let error as InterruptedError {
+            console.error(error.description)
         } catch {
             console.error("\(error)")
         }
         return 1
+    }
+
+    /// Whether the command writes to an image (and so must not die half-way through a write).
+    static func modifiesImages(_ name: String, _ scan: ScanResult) -> Bool {
+        switch name {
+        case "info", "map", "measure", "compare": return false
+        case "check": return scan.has("repair")
+        default: return true
+        }
     }
 
     static let tryHelp = "Try 'simg --help' for more information\n"
@@ -50,6 +69,11 @@ public enum SimgCLI {
         if scan.has("help") {
             console.out(command.usage)
             return 0
+        }
+        if modifiesImages(name, scan) {
+            // Long loops poll for SIGINT/SIGTERM and stop at a point where the image is
+            // consistent; read-only commands keep the default (die at once, nothing to spoil).
+            Interruption.install()
         }
         return try command.run(scan, console)
     }

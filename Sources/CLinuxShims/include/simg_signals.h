@@ -3,12 +3,12 @@
 #ifndef SIMG_SIGNALS_H
 #define SIMG_SIGNALS_H
 
-/// Installs the SIGINT and SIGTERM handler (without SA_RESTART: blocking calls see EINTR and
-/// the callers retry them, then poll) and ignores SIGPIPE and SIGXFSZ, so that a closed pipe or
-/// a file size limit makes write() fail with EPIPE/EFBIG instead of killing the process.
-/// The handler resets its signal to the default disposition, so a second Ctrl-C kills at once.
-/// Returns 0 or -errno.
-int simg_signals_install(void);
+/// Ignores SIGPIPE and SIGXFSZ, so that a closed pipe or a file size limit makes write() fail
+/// with EPIPE/EFBIG instead of killing the process. With `interrupts` nonzero, also installs the
+/// SIGINT and SIGTERM handler (without SA_RESTART: blocking calls see EINTR and the callers
+/// retry them, then poll). The handler resets its signal to the default disposition, so a
+/// second Ctrl-C kills at once. Returns 0 or -errno.
+int simg_signals_install(int interrupts);
 
 /// The first interrupting signal received since install (or the last clear), or 0.
 int simg_signals_pending(void);

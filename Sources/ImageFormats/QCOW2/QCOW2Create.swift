@@ -74,10 +74,12 @@ enum QCOW2Create {
         try io(p.path) {
             try file.write(headerBytes, at: 0)
             try file.write(layout.refcountTableBytes(), at: layout.refcountTableOffset)
-            try writeRefcountBlocks(file, layout: layout)
+            try writeRefcountBlocks(file, layout: layout, path: p.path)
             if layout.l1Entries > 0 { try file.write(layout.l1Bytes(), at: layout.l1Offset) }
             if layout.preallocate {
                 for t in 0..<layout.l2Count {
+                    // A petabyte has two million tables: minutes of writing, so poll per table.
+                    try Interruption.check(image: p.path, outcome: ZeroBuffer.newImageOutcome)
                     try file.write(layout.l2Bytes(t), at: layout.l2Offset(t))
                 }
             }
@@ -89,8 +91,8 @@ enum QCOW2Create {
                     let start = layout.l2Offset(t) + cs
                     let bytes = layout.dataClusters(inTable: t) * cs
                     switch p.preallocation {
-                    case .falloc: try file.allocate(at: start, length: bytes)
-                    case .full: try ZeroBuffer.write(to: file, at: start, length: bytes)
+                    case .falloc: try ZeroBuffer.allocate(in: file, at: start, length: bytes, image: p.path)
+                    case .full: try ZeroBuffer.write(to: file, at: start, length: bytes, image: p.path)
                     default: break
                     }
                 }
@@ -108,8 +110,8 @@ enum QCOW2Create {
             defer { data.close() }
             try io(dataName) {
                 switch p.preallocation {
-                case .falloc: try data.allocate(at: 0, length: p.size)
-                case .full: try ZeroBuffer.write(to: data, at: 0, length: p.size)
+                case .falloc: try ZeroBuffer.allocate(in: data, at: 0, length: p.size, image: p.path)
+                case .full: try ZeroBuffer.write(to: data, at: 0, length: p.size, image: p.path)
                 default: break
                 }
                 if try data.size() < p.size { try data.truncate(to: p.size) }
@@ -120,12 +122,13 @@ enum QCOW2Create {
 
     /// Writes the refcount blocks in chunks of at most 8 MiB. Every chunk entirely below
     /// totalClusters has the same contents, so that one is built once and written again.
-    private static func writeRefcountBlocks(_ file: DiskFile, layout: QCOW2Layout) throws {
+    private static func writeRefcountBlocks(_ file: DiskFile, layout: QCOW2Layout, path: String) throws {
         let cs = UInt64(layout.clusterSize)
         let chunkBlocks = max(1, (8 << 20) / cs)
         var fullChunk: [UInt8]?
         var block: UInt64 = 0
         while block < layout.refcountBlockCount {
+            try Interruption.check(image: path, outcome: ZeroBuffer.newImageOutcome)
             let count = min(chunkBlocks, layout.refcountBlockCount - block)
             let isFull = count == chunkBlocks
                 && (block + count) * layout.refcountsPerBlock <= layout.totalClusters

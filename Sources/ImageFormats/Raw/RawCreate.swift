@@ -27,9 +27,9 @@ public enum RawCreate {
         do {
             switch mode {
             case "falloc":
-                try file.allocate(at: 0, length: length)
+                try ZeroBuffer.allocate(in: file, at: 0, length: length, image: path)
             case "full":
-                try ZeroBuffer.write(to: file, at: 0, length: length)
+                try ZeroBuffer.write(to: file, at: 0, length: length, image: path)
             default:
                 try file.truncate(to: length)
                 if length > 0 { try writeFirstBlock(file, length: length) }
