@@ -19,7 +19,10 @@ import ImageFormats
 ///   the pipeline writes those bytes itself, straight from its buffer, asynchronously through
 ///   its write engine, at that offset of that file (raw: the same offset; a qcow2 target could
 ///   allocate fresh clusters and return their host offset). The target must have made the
-///   place ready (mapped) before returning it; it hears nothing more about the range.
+///   place ready (host clusters reserved) before returning it. Once that write has completed
+///   successfully the pipeline calls `asyncWriteCompleted(at:)` with the same guest offset
+///   (on its own thread, between other calls): a qcow2 target maps the range only then, so
+///   its metadata never points at data still in flight (crash consistency).
 /// - `finish()` is called once at the end, after every write has completed (not after an error).
 ///
 /// A target is driven by one thread (the pipeline's) except for the async file writes, which
@@ -45,6 +48,9 @@ public protocol ConvertTarget: AnyObject {
     /// offset and length where `isDirect` unless nil is returned), or nil when the pipeline
     /// must call `write`.
     func asyncDestination(forWriteAt offset: UInt64, length: Int) throws -> (file: DiskFile, offset: UInt64)?
+    /// The asynchronous write of the range `asyncDestination(forWriteAt: offset, ...)` placed
+    /// has completed successfully. Not called for failed writes.
+    func asyncWriteCompleted(at offset: UInt64) throws
     /// Writes `data` at guest `offset`. Synchronous: `data` may be reused once this returns.
     func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws
     /// Makes the range read as zeros (also over a backing file), allocating as little as possible.
@@ -53,6 +59,11 @@ public protocol ConvertTarget: AnyObject {
     func finish() throws
     /// Closes without flushing metadata obligations beyond what is safe (after an error).
     func abandon()
+}
+
+extension ConvertTarget {
+    /// Targets whose async places need no follow-up (raw: the same offset, nothing to map).
+    public func asyncWriteCompleted(at offset: UInt64) throws {}
 }
 
 // MARK: - raw
@@ -184,6 +195,8 @@ open class QCOW2Target: ConvertTarget {
     /// `QCOW2Image.allocateForDirectWrite`), return their host place, and say
     /// `writesAsynchronously`, so the pipeline writes the data without a copy.
     open func asyncDestination(forWriteAt offset: UInt64, length: Int) throws -> (file: DiskFile, offset: UInt64)? { nil }
+
+    open func asyncWriteCompleted(at offset: UInt64) throws {}
 
     open func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         try image.write(data, at: offset)

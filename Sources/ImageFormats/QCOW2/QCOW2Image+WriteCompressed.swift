@@ -330,21 +330,41 @@ public final class QCOW2ClusterCompressor: @unchecked Sendable {
 
 // MARK: - Whole-range allocation for callers that write the data themselves
 
+/// A guest range given host clusters by `QCOW2Image.reserveForDirectWrite` but not yet mapped:
+/// the caller writes the data at `hostOffset`, waits for the write to complete, then calls
+/// `QCOW2Image.mapDirectWrite` so the L2 entries point at it.
+public struct QCOW2DirectWrite: Sendable, Equatable {
+    public var guestOffset: UInt64
+    public var length: UInt64
+    public var hostOffset: UInt64
+}
+
 extension QCOW2Image {
     /// Maps guest clusters [offset, offset + length) to one contiguous run of new host clusters
-    /// and returns the run's host offset in `dataFile`, for a caller that then writes the
-    /// whole range there itself (the convert pipeline, asynchronously). The L2 tables the range
-    /// needs are allocated first, so they do not split the data run.
+    /// and returns the run's host offset in `dataFile`, for a caller that writes the whole range
+    /// there itself before anything else reads it or flushes the image. The mapping is live at
+    /// once, so an L2 table written back early could point at clusters whose data is not there
+    /// yet: callers writing asynchronously use `reserveForDirectWrite` / `mapDirectWrite`.
+    public func allocateForDirectWrite(at offset: UInt64, length: UInt64) throws -> UInt64? {
+        guard let reservation = try reserveForDirectWrite(at: offset, length: length) else { return nil }
+        try mapDirectWrite(reservation)
+        return reservation.hostOffset
+    }
+
+    /// Gives guest clusters [offset, offset + length) one contiguous run of new host clusters
+    /// (refcount 1 each) and makes sure the L2 tables that will map them exist (allocated
+    /// before the run, so they do not split it), but leaves the L2 entries as they are: the
+    /// caller writes the data, and only once that write has completed calls `mapDirectWrite`.
+    /// So no L2 entry, in memory or on disk, ever points at a cluster whose data is still in
+    /// flight: a crash before the mapping leaks the clusters (refcount 1, no reference), which
+    /// `check -r leaks` reclaims, and never exposes stale bytes.
     ///
     /// Only for fresh ranges: every cluster must be unallocated in this layer (no host cluster,
     /// not compressed); `offset` cluster-aligned; `length` a cluster multiple unless the range
     /// ends at the virtual size. Returns nil otherwise, and for images with an external data
-    /// file (the caller then uses `write`, which handles every case).
-    ///
-    /// The caller must write the range before anything else reads it or flushes the image: the
-    /// mapping is live at once (the L2 cache may even write it back before the data lands, as
-    /// no copy-on-write is at stake: only the caller's bytes will ever be there).
-    public func allocateForDirectWrite(at offset: UInt64, length: UInt64) throws -> UInt64? {
+    /// file (the caller then uses `write`, which handles every case). The caller must not
+    /// reserve a range again (or write it another way) before mapping it.
+    public func reserveForDirectWrite(at offset: UInt64, length: UInt64) throws -> QCOW2DirectWrite? {
         guard length > 0 else { return nil }
         let state = try writer()
         try checkRange(offset, length, "write")
@@ -362,24 +382,37 @@ extension QCOW2Image {
             if entry.isCompressed || entry.hostOffset != 0 { return nil }
             guest += cs
         }
-        let firstIndex = Int(offset / span)
-        var tables: [UInt64] = []
-        var index = firstIndex
+        var index = Int(offset / span)
         while UInt64(index) * span < end {
-            tables.append(try writableL2(l1Index: index, state))
+            _ = try writableL2(l1Index: index, state)
             index += 1
         }
-        let count = (end - offset) / cs
-        let host = try state.refcounts.allocate(count: count).offset
-        guest = offset
-        var target = host
+        let host = try state.refcounts.allocate(count: (end - offset) / cs).offset
+        return QCOW2DirectWrite(guestOffset: offset, length: length, hostOffset: host)
+    }
+
+    /// Points the L2 entries of a reserved range at its host clusters (COPIED: refcount 1).
+    /// Call only after the data write to `reservation.hostOffset` has completed.
+    public func mapDirectWrite(_ reservation: QCOW2DirectWrite) throws {
+        let state = try writer()
+        let cs = UInt64(clusterSize)
+        let span = header.bytesPerL2Table
+        let end = (reservation.guestOffset + reservation.length + cs - 1) / cs * cs
+        var guest = reservation.guestOffset
+        var target = reservation.hostOffset
+        var table: UInt64 = 0
+        var tableIndex = -1
         while guest < end {
-            // The old entries hold no host cluster: nothing to release.
-            try setL2Entry(table: tables[Int(guest / span) - firstIndex], guest: guest,
-                           .standard(hostOffset: target, copied: true))
+            let index = Int(guest / span)
+            if index != tableIndex {
+                // Already ours (COPIED) since the reservation: no allocation happens here.
+                table = try writableL2(l1Index: index, state)
+                tableIndex = index
+            }
+            // The old entries hold no host cluster (checked when reserving): nothing to release.
+            try setL2Entry(table: table, guest: guest, .standard(hostOffset: target, copied: true))
             guest += cs
             target += cs
         }
-        return host
     }
 }
