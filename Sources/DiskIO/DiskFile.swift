@@ -66,6 +66,7 @@ public final class DiskFile: @unchecked Sendable {
     /// The corresponding C function is pread.
     @discardableResult
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
+        try checkRange(offset, buffer.count, "read")
         var done = 0
         while done < buffer.count {
             // Sound: done < buffer.count, so the slice start is inside the buffer.
@@ -98,6 +99,7 @@ public final class DiskFile: @unchecked Sendable {
     /// Writes the whole buffer, retrying short writes and EINTR.
     /// The corresponding C function is pwrite.
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        try checkRange(offset, buffer.count, "write")
         var done = 0
         while done < buffer.count {
             // Sound: done < buffer.count, so the slice start is inside the buffer.
@@ -109,6 +111,15 @@ public final class DiskFile: @unchecked Sendable {
                               detail: "write made no progress")
             }
             done += Int(n)
+        }
+    }
+
+    /// Offsets come from image metadata: one past the largest file offset (2^63 - 1) must be an
+    /// error naming the file, not a trap converting it to off_t.
+    private func checkRange(_ offset: UInt64, _ count: Int, _ operation: String) throws {
+        guard offset <= UInt64(Int64.max) - UInt64(count) else {
+            throw IOError(code: EINVAL, operation: operation, path: path, offset: offset,
+                          detail: "offset is past the largest file offset")
         }
     }
 
