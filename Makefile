@@ -2,7 +2,7 @@
 PREFIX ?= /usr/local
 SWIFT ?= swift
 
-.PHONY: all build release deps demo test install clean bench
+.PHONY: all build release deps demo test install clean bench fuzz
 
 all: build
 
@@ -36,3 +36,8 @@ clean:
 bench: release
 	@if [ -f scripts/bench.sh ]; then bash scripts/bench.sh; \
 	else echo "No benchmarks yet: they arrive with the convert command (scripts/bench.sh)."; fi
+
+# Fuzzes the read path with libFuzzer for FUZZ_SECONDS (default 300): builds Fuzz/ with
+# -sanitize=fuzzer, makes a seed corpus with qemu-img, reports executions, corpus and crashes.
+fuzz: deps
+	@bash scripts/fuzz.sh
