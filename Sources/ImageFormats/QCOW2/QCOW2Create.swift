@@ -56,11 +56,10 @@ enum QCOW2Create {
     /// Metadata is written in large writes: the refcount blocks in one, each L2 table in one.
     static func write(_ p: QCOW2CreateParameters, layout: QCOW2Layout) throws {
         let header = header(for: p, layout: layout)
-        var headerBytes = header.serialized()
+        let headerBytes = header.serialized()
         guard headerBytes.count <= layout.clusterSize else {
             throw ImageError(path: p.path, message: "Could not write qcow2 header: the header, its extensions and the backing file name need \(headerBytes.count) bytes, more than one \(layout.clusterSize)-byte cluster")
         }
-        headerBytes.append(contentsOf: [UInt8](repeating: 0, count: layout.clusterSize - headerBytes.count))
 
         let file: DiskFile
         do {
@@ -72,7 +71,9 @@ enum QCOW2Create {
         let cs = UInt64(layout.clusterSize)
 
         try io(p.path) {
-            try file.write(headerBytes, at: 0)
+            // The header goes last (below): until then the file does not start with the qcow2
+            // magic, so a process killed while creating leaves a file nothing takes for a
+            // broken qcow2 image (its first cluster reads as zeros).
             try file.write(layout.refcountTableBytes(), at: layout.refcountTableOffset)
             try writeRefcountBlocks(file, layout: layout, path: p.path)
             if layout.l1Entries > 0 { try file.write(layout.l1Bytes(), at: layout.l1Offset) }
@@ -98,6 +99,8 @@ enum QCOW2Create {
                 }
             }
             try file.sync()
+            try writeHeader(headerBytes, to: file)
+            try file.sync()
         }
 
         if let dataName = p.dataFile {
@@ -118,6 +121,16 @@ enum QCOW2Create {
                 try data.sync()
             }
         }
+    }
+
+    /// Writes the header (the rest of the first cluster already reads as zeros) so that the
+    /// file turns into a qcow2 image in one step: a write within one page is never torn by a
+    /// kill (the kernel only stops a write between pages), so the page holding the magic is
+    /// written last, after any bytes of a header longer than a page.
+    private static func writeHeader(_ bytes: [UInt8], to file: DiskFile) throws {
+        let page = DiskFile.pageSize
+        if bytes.count > page { try file.write(Array(bytes[page...]), at: UInt64(page)) }
+        try file.write(Array(bytes.prefix(page)), at: 0)
     }
 
     /// Writes the refcount blocks in chunks of at most 8 MiB. Every chunk entirely below
