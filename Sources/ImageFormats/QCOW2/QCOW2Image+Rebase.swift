@@ -17,8 +17,8 @@ extension QCOW2Image {
     /// so a crash leaves either the old header over complete data or the new one.
     ///
     /// The header (with its extensions and the name) must fit the first cluster: everything
-    /// after it is other metadata, never overwritten. The whole first cluster is written in one
-    /// write (zero-padded, so no stale name bytes remain) and synced.
+    /// after it is other metadata, never overwritten. The whole first cluster is rewritten
+    /// (zero-padded, so no stale name bytes remain), its first page in one write, and synced.
     /// The opened `backing` image is not changed; the caller reopens the chain if it needs it.
     public func changeBackingFile(name: String?, format: String?) throws {
         guard isWritable else { throw ImageError(path: path, message: "the image is opened read-only") }
@@ -40,9 +40,20 @@ extension QCOW2Image {
             updated.backingFileOffset = 0
             updated.backingFileSize = 0
         }
+        let newLength = bytes.count
         bytes.append(contentsOf: [UInt8](repeating: 0, count: clusterSize - bytes.count))
+        // A kill stops a write only between pages (never inside one), so the switch is the
+        // write of the first page (magic, offsets, and for headers up to a page everything).
+        // The rest of the cluster goes before it when the new header needs it and the old one
+        // does not, else after it (then it is only zero padding). Only when both headers are
+        // longer than a page could a kill mix them; QEMU writes the cluster in one go too.
+        let page = min(DiskFile.pageSize, clusterSize)
+        let oldLength = header.serialized().count
+        let tailFirst = newLength > page && oldLength <= page
         do {
-            try file.qcow2Write(bytes, at: 0)
+            if tailFirst { try file.qcow2Write(Array(bytes[page...]), at: UInt64(page)) }
+            try file.qcow2Write(Array(bytes[..<page]), at: 0)
+            if !tailFirst && page < clusterSize { try file.qcow2Write(Array(bytes[page...]), at: UInt64(page)) }
             try file.sync()
         } catch let error as IOError {
             throw ImageError(path: path, message: "Could not write the header", cause: error)
