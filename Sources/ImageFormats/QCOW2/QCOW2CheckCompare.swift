@@ -13,6 +13,7 @@ extension QCOW2Checker {
         let total = counts.count
         var blockStart = 0
         while blockStart < total {
+            try stopIfInterrupted()
             let blockEnd = min(blockStart + perBlock, total)
             let block = try stored.block(blockStart / perBlock)
             if case .unaligned = block {
@@ -83,6 +84,7 @@ extension QCOW2Checker {
             let l1Entry = l1[i]
             let l2Offset = l1Entry & qcow2OffsetMask
             if l2Offset == 0 { continue }
+            try stopIfInterrupted()
             guard let refcount = try stored.refcount(of: l2Offset >> clusterBits) else { continue }
             if (refcount == 1) != (l1Entry & qcow2CopiedFlag != 0) {
                 result.corruptions += 1

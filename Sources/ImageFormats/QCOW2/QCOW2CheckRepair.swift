@@ -175,6 +175,8 @@ extension QCOW2Checker {
                 }
                 table[Int(index)] = offset
             }
+            // Nothing points at the new blocks yet: stopping here only leaves them unused.
+            try stopIfInterrupted()
             var words = [UInt64](repeating: 0, count: Int(clusterSize / 8))
             for k in 0..<perBlock {
                 let value = counts[Int(blockStart + k)]

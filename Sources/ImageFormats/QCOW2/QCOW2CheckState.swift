@@ -270,6 +270,18 @@ final class QCOW2Checker {
         }
     }
 
+    /// Stops a repairing check at a clean point after SIGINT/SIGTERM (polled once per L2
+    /// table or refcount block: well within a second). Every repair write leaves a valid
+    /// image on its own, so stopping between them is safe; the refcount block whose fixes
+    /// are still cached is written first, so what was repaired stays repaired.
+    func stopIfInterrupted() throws {
+        guard Interruption.isPending else { return }
+        if repair != .none { try stored.flush() }
+        try Interruption.check(image: path, outcome: repair == .none
+            ? "was not checked completely"
+            : "may be only partly repaired; run the check with -r again")
+    }
+
     func clusters(_ bytes: UInt64) -> UInt64 { (bytes + clusterSize - 1) >> clusterBits }
     func intoCluster(_ offset: UInt64) -> UInt64 { offset & (clusterSize - 1) }
 

@@ -39,6 +39,7 @@ extension QCOW2Checker {
         let tableBytes = Int(clusterSize)
         var reader = QCOW2TableReader(file: file, tableBytes: tableBytes, offsets: entries.map { $0 & qcow2OffsetMask })
         for (i, entry) in entries.enumerated() where entry != 0 {
+            try stopIfInterrupted()
             if entry & QCOW2CheckMask.l1Reserved != 0 {
                 say("ERROR found L1 entry with reserved bits set: \(Self.hex(entry))")
                 result.corruptions += 1
