@@ -24,10 +24,13 @@ rm -rf "$seeds"
 sanitizers=(--sanitize=fuzzer)
 if [ "${FUZZ_ASAN:-0}" = 1 ]; then sanitizers+=(--sanitize=address); fi
 echo "fuzz.sh: building the fuzzer (${sanitizers[*]})"
-swift build --package-path "$root/Fuzz" --scratch-path "$root/Fuzz/.build" -c release "${sanitizers[@]}" 2>&1 \
-    | grep -vE '^\[[0-9]+/[0-9]+\] (Compiling|Write|Emitting)' || true
-bin=$(swift build --package-path "$root/Fuzz" --scratch-path "$root/Fuzz/.build" -c release "${sanitizers[@]}" --show-bin-path)/simg-fuzz
-[ -x "$bin" ] || { echo "fuzz.sh: the fuzzer did not build" >&2; exit 2; }
+build=(swift build --package-path "$root/Fuzz" --scratch-path "$root/Fuzz/.build" -c release "${sanitizers[@]}")
+if ! "${build[@]}" >"$work/build.log" 2>&1; then
+    cat "$work/build.log" >&2
+    echo "fuzz.sh: the fuzzer did not build" >&2
+    exit 2
+fi
+bin=$("${build[@]}" --show-bin-path)/simg-fuzz
 
 bash "$root/scripts/fuzz-seeds.sh" "$seeds"
 before=$(ls "$work/artifacts" | wc -l)
@@ -35,25 +38,37 @@ log="$work/last-run.log"
 echo "fuzz.sh: fuzzing for $seconds s (log: $log)"
 # SWIFT_BACKTRACE=enable=no: otherwise Swift's crash handler takes the trap's signal and
 # libFuzzer never writes the crashing input. SIMG_FUZZ_IN_FOLDER=1: the harness works in its
-# private folder (all paths given here are absolute).
+# private folder (all paths given here are absolute). -fork=1 with -ignore_*: one worker
+# process at a time that is restarted after a crash, so one run can find several bugs.
 set +e
 SWIFT_BACKTRACE=enable=no SIMG_FUZZ_IN_FOLDER=1 "$bin" \
-    -max_total_time="$seconds" -timeout=2 -rss_limit_mb=2048 -max_len=262144 \
-    -dict="$root/Fuzz/qcow2.dict" -artifact_prefix="$work/artifacts/" -print_final_stats=1 \
+    -fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1 \
+    -max_total_time="$seconds" -timeout="${FUZZ_TIMEOUT:-2}" -rss_limit_mb=2048 -max_len=262144 \
+    -dict="$root/Fuzz/qcow2.dict" -artifact_prefix="$work/artifacts/" \
     ${FUZZ_ARGS:-} "$work/corpus" "$seeds" >"$log" 2>&1
 status=$?
 set -e
 
-execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
-cov=$(grep -oE 'cov: [0-9]+ ft: [0-9]+' "$log" | tail -1)
+# The last status line: "#EXECS: cov: C ft: F corp: N exec/s: E oom/timeout/crash: O/T/C time: ..."
+last=$(grep -E '^#[0-9]+: cov:' "$log" | tail -1)
+execs=$(sed -nE 's/^#([0-9]+):.*/\1/p' <<<"$last")
+cov=$(grep -oE 'cov: [0-9]+ ft: [0-9]+' <<<"$last" || true)
+found=$(grep -oE 'oom/timeout/crash: [0-9/]+' <<<"$last" || true)
 corpus=$(ls "$work/corpus" | wc -l)
 after=$(ls "$work/artifacts" | wc -l)
-echo "fuzz.sh: libFuzzer exit status $status; executions ${execs:-?}; $cov; corpus $corpus inputs; new crashes $((after - before))"
-printf '%s seconds=%s status=%s execs=%s %s corpus=%s new_artifacts=%s\n' "$(date -u +%FT%TZ)" \
-    "$seconds" "$status" "${execs:-?}" "$cov" "$corpus" "$((after - before))" >> "$work/history.txt"
+echo "fuzz.sh: libFuzzer exit status $status; executions ${execs:-?}; ${cov:-cov: ?}; corpus $corpus inputs; ${found:-}; new artifacts $((after - before))"
+printf '%s seconds=%s status=%s execs=%s %s corpus=%s %s new_artifacts=%s\n' "$(date -u +%FT%TZ)" \
+    "$seconds" "$status" "${execs:-?}" "${cov:-}" "$corpus" "${found:-}" "$((after - before))" >> "$work/history.txt"
 if [ "$after" -gt "$before" ]; then
-    echo "fuzz.sh: new crash inputs in $work/artifacts (replay: $bin FILE); see the end of $log" >&2
-    ls -t "$work/artifacts" | head -n $((after - before)) >&2
+    echo "fuzz.sh: new inputs in $work/artifacts; each replayed alone (a timeout under load may be fast alone):" >&2
+    for f in $(ls -t "$work/artifacts" | head -n $((after - before))); do
+        start=$(date +%s.%N)
+        rc=0
+        SWIFT_BACKTRACE=enable=no timeout 60 "$bin" "$work/artifacts/$f" >/dev/null 2>&1 || rc=$?
+        awk -v f="$f" -v rc="$rc" -v a="$start" -v b="$(date +%s.%N)" \
+            'BEGIN { printf "  %s: exit %s in %.2f s\n", f, rc, b - a }' >&2
+    done
+    echo "fuzz.sh: fix each, then add it to Fuzz/regressions/ (replay with a backtrace: $bin FILE)" >&2
     exit 1
 fi
 [ "$status" -eq 0 ] || { echo "fuzz.sh: libFuzzer failed; see $log" >&2; exit 1; }

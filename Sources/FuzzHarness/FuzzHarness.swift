@@ -37,8 +37,9 @@ public enum FuzzHarness {
         /// Extents walked and guest bytes read, over all opens.
         public var extents = 0
         public var bytesRead = 0
-        /// Extent kinds seen ("data", "compressed", "zero", "backing", "hole").
-        public var kinds: Set<String> = []
+        /// Extent kinds seen ("data", "compressed", "zero", "backing", "hole"), by the format
+        /// the input was opened as.
+        public var kinds: [ImageFormat: Set<String>] = [:]
         /// The read-only qcow2 check ran to a result (it may have found corruption).
         public var checkCompleted = false
         /// The qcow2 open was skipped because the input names a data file outside the folder.
@@ -301,7 +302,7 @@ final class Workspace: @unchecked Sendable {
             }
             count += 1
             outcome.extents += 1
-            outcome.kinds.insert(Self.kindName(extent.kind))
+            outcome.kinds[image.format, default: []].insert(Self.kindName(extent.kind))
             do {
                 try read(at: offset, extent.length)
                 if extent.length > UInt64(FuzzHarness.readChunk) {

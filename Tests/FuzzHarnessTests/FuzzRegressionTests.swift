@@ -1,10 +1,216 @@
+import Foundation
 import Testing
-@testable import FuzzHarness
+import FuzzHarness
 
-// Placeholder until the fuzz helper adds the regression replay: replace this file.
+/// Every input the fuzzer found that crashed, hung or ran out of memory is a file in
+/// Fuzz/regressions/ (committed with its fix). Each is replayed through the fuzz harness (in this
+/// process: a trap would kill the test run) and through the built simg binary (info, check,
+/// convert), which must exit normally with an expected status and name the file in its errors.
 @Suite struct FuzzRegressionTests {
-    @Test func emptyInputIsHarmless() {
-        FuzzHarness.run(UnsafeRawBufferPointer(start: nil, count: 0))
-        #expect(Bool(true))
+    @Test func regressionFolderHasInputs() throws {
+        let files = fuzzRegressionFiles()
+        #expect(!files.isEmpty, "no files in \(fuzzRegressionsFolder.path)")
+        for file in files {
+            let size = try FileManager.default.attributesOfItem(atPath: file.path)[.size] as? Int ?? 0
+            #expect(size <= 256 << 10, "\(file.lastPathComponent) is larger than the fuzzer's max_len")
+        }
     }
+
+    @Test(arguments: fuzzRegressionFiles().map(\.lastPathComponent))
+    func harnessReplay(name: String) throws {
+        let outcome = try FuzzHarness.run(path: fuzzRegressionsFolder.appendingPathComponent(name).path)
+        for error in outcome.errors {
+            #expect(error.contains(outcome.inputPath), "error does not name the input: \(error)")
+        }
+    }
+
+    @Test(arguments: fuzzRegressionFiles().map(\.lastPathComponent))
+    func simgReplay(name: String) throws {
+        let dir = try FuzzTempDir()
+        defer { dir.remove() }
+        // A copy in a folder of its own: relative backing and data file names resolve there
+        // (to nothing), not to files beside the regressions or in the current directory.
+        let image = dir.path + "/" + name
+        try FileManager.default.copyItem(atPath: fuzzRegressionsFolder.appendingPathComponent(name).path, toPath: image)
+
+        let info = try fuzzRunSimg(["info", image], in: dir.path)
+        #expect([0, 1].contains(info.status), "info exited \(info.status): \(info.stderr)")
+        if info.status != 0 { #expect(info.stderr.contains(image), "info error does not name the file: \(info.stderr)") }
+
+        // check: 0 clean, 1 check failed or could not open, 2 corruptions, 3 leaks, 63 no check.
+        let check = try fuzzRunSimg(["check", image], in: dir.path)
+        #expect([0, 1, 2, 3, 63].contains(check.status), "check exited \(check.status): \(check.stderr)")
+        for line in check.stderr.split(separator: "\n") where line.hasPrefix("simg: ") && !line.hasPrefix("simg: Check failed") {
+            #expect(line.contains(image), "check error does not name the file: \(line)")
+        }
+
+        let convert = try fuzzRunSimg(["convert", "-O", "raw", image, dir.path + "/out.raw"], in: dir.path)
+        #expect([0, 1].contains(convert.status), "convert exited \(convert.status): \(convert.stderr)")
+        if convert.status != 0 { #expect(convert.stderr.contains(image), "convert error does not name the file: \(convert.stderr)") }
+    }
+
+    /// The harness really drives the read path: a qcow2 image with data, zero and compressed
+    /// clusters is opened as qcow2 and raw, walked, read and checked.
+    @Test func harnessDrivesTheReadPath() throws {
+        let dir = try FuzzTempDir()
+        defer { dir.remove() }
+        let raw = dir.path + "/src.raw", image = dir.path + "/c.qcow2"
+        try fuzzTool("qemu-img", ["create", "-q", "-f", "raw", raw, "64k"])
+        try fuzzTool("qemu-io", ["-f", "raw", "-c", "write -P 0x61 0 8k", raw])
+        try fuzzTool("qemu-img", ["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096", raw, image])
+        try fuzzTool("qemu-io", ["-c", "write -z 16k 4k", "-c", "write -P 0x62 32k 4k", image])
+
+        let outcome = try FuzzHarness.run(path: image)
+        #expect(outcome.probed == .qcow2)
+        #expect(outcome.opened == [.qcow2, .raw])
+        #expect(outcome.kinds[.qcow2] == ["compressed", "zero", "data", "hole"], "\(outcome.kinds)")
+        #expect(outcome.kinds[.raw] == ["data"], "\(outcome.kinds)")
+        #expect(outcome.checkCompleted)
+        #expect(outcome.bytesRead >= 64 << 10)
+        #expect(outcome.errors.isEmpty, "\(outcome.errors)")
+    }
+
+    /// Names in an input never reach host files outside the harness's folder: an external data
+    /// file named by an absolute path that exists is not opened (the qcow2 open is skipped).
+    @Test func harnessDoesNotOpenHostDataFiles() throws {
+        let dir = try FuzzTempDir()
+        defer { dir.remove() }
+        let image = dir.path + "/d.qcow2"
+        try fuzzTool("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "data_file=\(dir.path)/data.raw,cluster_size=4096", image, "64k"])
+        let outcome = try FuzzHarness.run(path: image)
+        #expect(outcome.skippedDataFile)
+        #expect(outcome.probed == .qcow2)
+        #expect(!outcome.opened.contains(.qcow2))
+    }
+
+    /// A backing file is followed only by a plain name (it resolves inside the harness's
+    /// folder, to its 256 KiB backing.raw); an absolute name is left unopened.
+    @Test func harnessFollowsOnlyPlainBackingNames() throws {
+        let dir = try FuzzTempDir()
+        defer { dir.remove() }
+        let base = dir.path + "/backing.raw"
+        try fuzzTool("qemu-img", ["create", "-q", "-f", "raw", base, "64k"])
+        let plain = dir.path + "/plain.qcow2", absolute = dir.path + "/absolute.qcow2"
+        try fuzzTool("qemu-img", ["create", "-q", "-f", "qcow2", "-b", "backing.raw", "-F", "raw", plain, "1M"])
+        try fuzzTool("qemu-img", ["create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", absolute, "1M"])
+
+        // Followed: unallocated ranges read from backing.raw up to its end, then as holes.
+        let followed = try FuzzHarness.run(path: plain)
+        #expect(followed.opened.contains(.qcow2))
+        #expect(followed.kinds[.qcow2] == ["backing", "hole"], "\(followed.kinds)")
+        // Not followed: the whole image stays "from the backing file" (never opened, no end seen).
+        let refused = try FuzzHarness.run(path: absolute)
+        #expect(refused.opened.contains(.qcow2))
+        #expect(refused.kinds[.qcow2] == ["backing"], "\(refused.kinds)")
+    }
+
+    @Test func emptyAndTinyInputsAreHarmless() {
+        let empty = FuzzHarness.run([])
+        #expect(empty.probed == .raw)
+        #expect(empty.opened == [.raw])
+        let magicOnly = FuzzHarness.run(Array("QFI\u{FB}".utf8.prefix(3)) + [0xFB, 0, 0, 0, 3])
+        #expect(magicOnly.probed == .qcow2)
+        #expect(!magicOnly.opened.contains(.qcow2))
+        #expect(!magicOnly.errors.isEmpty)
+    }
+}
+
+// MARK: - Helpers (this module's own; prefixed to stay clear of other test modules' names)
+
+let fuzzRegressionsFolder: URL = URL(fileURLWithPath: #filePath)
+    .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    .appendingPathComponent("Fuzz/regressions")
+
+func fuzzRegressionFiles() -> [URL] {
+    let names = (try? FileManager.default.contentsOfDirectory(atPath: fuzzRegressionsFolder.path)) ?? []
+    return names.filter { !$0.hasPrefix(".") && !$0.hasSuffix(".md") }.sorted()
+        .map { fuzzRegressionsFolder.appendingPathComponent($0) }
+}
+
+/// The simg binary under test: $SIMG if set, else the one built beside the tests.
+let fuzzSimgBinary: String = {
+    if let path = ProcessInfo.processInfo.environment["SIMG"], !path.isEmpty { return path }
+    let root = fuzzRegressionsFolder.deletingLastPathComponent().deletingLastPathComponent()
+    let bundleDir = Bundle.main.bundleURL
+    for candidate in [bundleDir.appendingPathComponent("simg"),
+                      bundleDir.deletingLastPathComponent().appendingPathComponent("simg"),
+                      root.appendingPathComponent(".build/debug/simg")] {
+        if FileManager.default.isExecutableFile(atPath: candidate.path) { return candidate.path }
+    }
+    return root.appendingPathComponent(".build/debug/simg").path
+}()
+
+struct FuzzTempDir {
+    let path: String
+    init() throws {
+        path = FileManager.default.temporaryDirectory.appendingPathComponent("simg-fuzz-test-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    }
+    func remove() { try? FileManager.default.removeItem(atPath: path) }
+}
+
+struct FuzzProcessResult {
+    var status: Int32
+    var stderr: String
+}
+
+enum FuzzToolError: Error, CustomStringConvertible {
+    case missing(String)
+    case failed(String, String)
+    case timedOut(String)
+    case signalled(String, Int32)
+    var description: String {
+        switch self {
+        case .missing(let tool): return "\(tool) is not installed (make test installs qemu-utils)"
+        case .failed(let command, let stderr): return "\(command) failed: \(stderr)"
+        case .timedOut(let command): return "\(command) did not finish in time"
+        case .signalled(let command, let signal): return "\(command) was killed by signal \(signal)"
+        }
+    }
+}
+
+/// Runs simg with output to files (no pipe to drain), killing it after a generous limit:
+/// a hang is a failure, a signal is a failure.
+func fuzzRunSimg(_ arguments: [String], in directory: String) throws -> FuzzProcessResult {
+    try fuzzRun(fuzzSimgBinary, arguments, in: directory)
+}
+
+func fuzzRun(_ program: String, _ arguments: [String], in directory: String? = nil) throws -> FuzzProcessResult {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: program)
+    process.arguments = arguments
+    if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
+    let errPath = FileManager.default.temporaryDirectory.appendingPathComponent("simg-fuzz-err-\(UUID().uuidString)").path
+    FileManager.default.createFile(atPath: errPath, contents: nil)
+    defer { try? FileManager.default.removeItem(atPath: errPath) }
+    let errHandle = try FileHandle(forWritingTo: URL(fileURLWithPath: errPath))
+    process.standardInput = FileHandle.nullDevice
+    process.standardOutput = FileHandle.nullDevice
+    process.standardError = errHandle
+    try process.run()
+    try errHandle.close()
+    let command = ([URL(fileURLWithPath: program).lastPathComponent] + arguments).joined(separator: " ")
+    // Generous: the machine is shared and tests run in parallel; an input that hangs never ends.
+    let deadline = Date().addingTimeInterval(60)
+    while process.isRunning && Date() < deadline { usleep(10_000) }
+    if process.isRunning {
+        process.terminate()
+        process.waitUntilExit()
+        throw FuzzToolError.timedOut(command)
+    }
+    process.waitUntilExit()
+    if process.terminationReason == .uncaughtSignal {
+        throw FuzzToolError.signalled(command, process.terminationStatus)
+    }
+    let stderr = (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? ""
+    return FuzzProcessResult(status: process.terminationStatus, stderr: stderr)
+}
+
+/// Runs qemu-img or qemu-io, which must succeed (and must be installed: the test fails otherwise).
+func fuzzTool(_ tool: String, _ arguments: [String]) throws {
+    let found = (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin").split(separator: ":")
+        .map { "\($0)/\(tool)" }.first { FileManager.default.isExecutableFile(atPath: $0) }
+    guard let path = found else { throw FuzzToolError.missing(tool) }
+    let result = try fuzzRun(path, arguments)
+    guard result.status == 0 else { throw FuzzToolError.failed("\(tool) \(arguments.joined(separator: " "))", result.stderr) }
 }
