@@ -47,13 +47,41 @@ public final class DiskFile: @unchecked Sendable {
 
     /// Creates a file for writing (mode 0644). With `exclusive`, fails if it already exists;
     /// otherwise an existing file is truncated to zero length.
-    public static func create(_ path: String, exclusive: Bool = false, direct: Bool = false) throws -> DiskFile {
+    ///
+    /// The file is locked with `lock` (QEMU's lock bytes, see ImageLock; by default those
+    /// qemu-img create takes) BEFORE it is truncated: it is opened without O_TRUNC, locked,
+    /// and only then cut to zero. So creating over an image another process (QEMU, qemu-nbd,
+    /// or simg) has open fails with an `ImageLockError` and leaves the file as it was.
+    /// The lock lasts as long as the returned file stays open.
+    public static func create(_ path: String, exclusive: Bool = false, direct: Bool = false,
+                              lock: ImageLock? = .creator) throws -> DiskFile {
         var flags = O_RDWR | O_CREAT
-        flags |= exclusive ? O_EXCL : O_TRUNC
+        if exclusive { flags |= O_EXCL }
         if direct { flags |= simg_o_direct() }
         let fd = simg_open(path, flags, 0o644)
         if fd < 0 { throw IOError(code: -fd, operation: "create", path: path) }
-        return DiskFile(fd: fd, path: path, access: .readWrite, isDirect: direct)
+        let file = DiskFile(fd: fd, path: path, access: .readWrite, isDirect: direct)
+        do {
+            if let lock { try file.lock(lock) }
+            if !exclusive { try file.truncate(to: 0) }
+        } catch {
+            file.close()
+            throw error
+        }
+        return file
+    }
+
+    /// Opens an existing file and takes `lock` on it (see ImageLock); a conflict throws
+    /// `ImageLockError` and leaves nothing open.
+    public static func open(_ path: String, access: Access, direct: Bool = false, lock: ImageLock) throws -> DiskFile {
+        let file = try open(path, access: access, direct: direct)
+        do {
+            try file.lock(lock)
+        } catch {
+            file.close()
+            throw error
+        }
+        return file
     }
 
     public func close() {
