@@ -10,12 +10,62 @@ public struct OpenOptions: Sendable {
     public var direct: Bool
     /// Open the backing chain (read-only) too.
     public var openBacking: Bool
+    /// Which of QEMU's image locks to take (see `ImageLocking`).
+    public var locking: ImageLocking
 
-    public init(format: ImageFormat? = nil, writable: Bool = false, direct: Bool = false, openBacking: Bool = true) {
+    public init(format: ImageFormat? = nil, writable: Bool = false, direct: Bool = false, openBacking: Bool = true,
+                locking: ImageLocking = .standard) {
         self.format = format
         self.writable = writable
         self.direct = direct
         self.openBacking = openBacking
+        self.locking = locking
+    }
+}
+
+/// Which of QEMU's advisory image locks (DiskIO's ImageLock) an open takes, so that simg and
+/// QEMU, qemu-nbd, qemu-io or qemu-img refuse each other's writes as qemu-img does.
+public enum ImageLocking: Sendable {
+    /// What qemu-img takes: a writable image the writer's lock, a read-only one the reader's;
+    /// backing files always the reader's; an external data file the data file's.
+    case standard
+    /// qemu-img -U (force share): every file only holds "consistent read" and shares all, so
+    /// a running VM's image can still be inspected. Refused for a writable open, as in QEMU.
+    case forceShare
+    /// The writer's locks on an image opened read-only: for `check -r`, which repairs the
+    /// file through a descriptor of its own while this open image keeps the locks.
+    case writer
+    /// No locks at all: for looking at a file this process already has open (a second
+    /// description of it would otherwise conflict with our own locks).
+    case none
+
+    /// The lock of the top image's file.
+    func top(writable: Bool) -> ImageLock? {
+        switch self {
+        case .standard: return writable ? .writer : .reader
+        case .forceShare: return .forceShare
+        case .writer: return .writer
+        case .none: return nil
+        }
+    }
+
+    /// The lock of the top image's external data file.
+    func dataFile(writable: Bool) -> ImageLock? {
+        switch self {
+        case .standard: return writable ? .dataFileWriter : .reader
+        case .forceShare: return .forceShare
+        case .writer: return .dataFileWriter
+        case .none: return nil
+        }
+    }
+
+    /// The lock of each backing file (always read-only). qemu-img -U shares them too.
+    var backing: ImageLocking {
+        switch self {
+        case .standard, .writer: return .standard
+        case .forceShare: return .forceShare
+        case .none: return .none
+        }
     }
 }
 
@@ -28,11 +78,24 @@ public enum ImageOpener {
     /// image's backing file is opened read-only: the format from the backing format extension,
     /// else probed; relative names against the folder of the image that names them. A chain
     /// that reaches the same file twice (same device and inode) is refused.
+    ///
+    /// Every file is locked as `options.locking` says (QEMU's lock bytes: see ImageLocking);
+    /// a conflict is an ImageError whose message is qemu's ("Failed to get \"write\" lock"
+    /// and the "Is another process using the image [x]?" hint), naming the file that is in use.
     public static func open(_ path: String, options: OpenOptions = OpenOptions()) throws -> any DiskImage {
+        if options.writable && options.locking == .forceShare {
+            throw ImageError(path: path, message: "force-share=on can only be used with read-only images")
+        }
         let top = try openOne(path, format: options.format, writable: options.writable, direct: options.direct)
+        do {
+            try lock(top, options.locking, writable: options.writable)
+        } catch {
+            try? top.close()
+            throw error
+        }
         guard options.openBacking else { return top }
         do {
-            try openChain(of: top, direct: options.direct)
+            try openChain(of: top, direct: options.direct, locking: options.locking.backing)
         } catch {
             try? top.close()
             throw error
@@ -54,7 +117,25 @@ public enum ImageOpener {
         }
     }
 
-    private static func openChain(of top: any DiskImage, direct: Bool) throws {
+    /// Takes the locks of one opened image: its file, and a qcow2 image's external data file.
+    ///
+    /// The locks are taken once the image is open (its header read) rather than before: the
+    /// open itself only reads, exactly as QEMU's probe reads the header before it locks, and
+    /// nothing is ever written before the lock is held. A conflict is an ImageError about
+    /// `image.path` whose message is qemu's lock error text (the hint names the file in use).
+    static func lock(_ image: any DiskImage, _ locking: ImageLocking, writable: Bool) throws {
+        let main = mainFile(of: image)
+        do {
+            if let lock = locking.top(writable: writable) { try main.lock(lock) }
+            if image.dataFile !== main, let lock = locking.dataFile(writable: writable) {
+                try image.dataFile.lock(lock)
+            }
+        } catch let error as ImageLockError {
+            throw ImageError(path: image.path, message: error.description)
+        }
+    }
+
+    private static func openChain(of top: any DiskImage, direct: Bool, locking: ImageLocking) throws {
         var seen: [FileIdentity: String] = [:]
         seen[try FileIdentity(of: mainFile(of: top))] = top.path
         var current: QCOW2Image? = top as? QCOW2Image
@@ -90,6 +171,15 @@ public enum ImageOpener {
             if seen[identity] != nil {
                 try? backing.close()
                 throw ImageError(path: top.path, message: "Backing file chain of '\(top.path)' loops back to '\(full)'")
+            }
+            // Locked after the loop check: a loop back to a writable top would otherwise be
+            // reported as a lock conflict with ourselves instead of as the loop it is.
+            do {
+                try lock(backing, locking, writable: false)
+            } catch {
+                try? backing.close()
+                throw nested(ImageError(path: image.path, message: "Could not open backing file '\(full)' of '\(image.path)'", cause: error),
+                             from: top, to: image)
             }
             seen[identity] = full
             image.backing = backing
