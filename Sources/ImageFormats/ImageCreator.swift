@@ -99,8 +99,11 @@ public enum ImageCreator {
             } catch {
                 // QEMU creates the files before its qcow2 checks and deletes them when creation
                 // fails; the net effect (no image, and no data file) is reproduced here.
-                _ = unlink(path)
-                if let data = options.string("data_file") { _ = unlink(data) }
+                // Except a file another process has open (its lock refused us): we did not
+                // touch it, and it is not ours to delete.
+                let inUse = ((error as? ImageError)?.cause as? ImageLockError)?.path
+                if inUse != path { _ = unlink(path) }
+                if let data = options.string("data_file"), inUse != data { _ = unlink(data) }
                 throw error
             }
         }
@@ -124,7 +127,9 @@ public enum ImageCreator {
         }
         let image: any DiskImage
         do {
-            image = try ImageOpener.open(full, options: OpenOptions(format: chosen, writable: false, openBacking: false))
+            // qemu-img create reads the backing file's size without taking any lock on it.
+            image = try ImageOpener.open(full, options: OpenOptions(format: chosen, writable: false, openBacking: false,
+                                                                    locking: .none))
         } catch let error as IOError {
             throw fail("\(error)\nCould not open backing image.")
         } catch let error as ImageError {

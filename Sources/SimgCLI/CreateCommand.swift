@@ -61,6 +61,11 @@ enum CreateCommand {
             if let io = error.cause as? IOError, io.operation == "create" {
                 throw CLIError("\(filename): \(io)")
             }
+            // Another process has the file open: qemu-img says only its lock error (which
+            // names the file in use in its hint), and the file is left untouched.
+            if let lock = error.cause as? ImageLockError {
+                throw CLIError("\(filename): \(lock)")
+            }
             var message = "\(filename): \(error.message)"
             if let cause = error.cause { message += ": \(cause)" }
             throw CLIError(message)
