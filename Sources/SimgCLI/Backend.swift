@@ -7,7 +7,8 @@ import ImageFormats
 enum Backend {
     /// The info of `path` and, for `chain`, of every image below it. Only with `chain` are
     /// backing files opened (qemu-img info reads the backing name from the header alone).
-    static func infos(path: String, format: ImageFormat?, chain: Bool) throws -> [ImageInfo] {
+    /// Each image is locked as a reader, or with `forceShare` (-U) only as qemu-img -U does.
+    static func infos(path: String, format: ImageFormat?, chain: Bool, forceShare: Bool = false) throws -> [ImageInfo] {
         // WORKAROUND until the library refuses directories itself: qemu-img's file driver only
         // opens regular files and devices, with this message.
         if isDirectory(path) {
@@ -16,7 +17,8 @@ enum Backend {
         let top: any DiskImage
         do {
             top = try ImageOpener.open(path, options: OpenOptions(format: format, writable: false,
-                                                                  direct: false, openBacking: chain))
+                                                                  direct: false, openBacking: chain,
+                                                                  locking: forceShare ? .forceShare : .standard))
         } catch {
             throw CLIError(openFailure(error, path: path))
         }

@@ -15,11 +15,11 @@ enum CheckCommand {
             "  '--output' is 'human' (default) or 'json', the same fields as qemu-img's",
             "  '-r leaks' frees leaked clusters; '-r all' also repairs corruptions",
             "  '-T' is the cache mode used to read the image (accepted as qemu-img does)",
-            "  '-U' (force share) is accepted for compatibility with qemu-img",
+            "  '-U' (force share) checks an image another process has open for writing (no -r)",
             "  '-q' prints no summary: only the exit status tells the result",
         ],
         options: [.value("f", "format"), .value("r", "repair"), .value("T", "cache"),
-                  .flag("U", "force-share"), .long("output", takesValue: true)],
+                  OptionSpec(short: "U", long: "force-share", key: "force-share"), .long("output", takesValue: true)],
         run: run)
 
     static let cacheModes: Set<String> = ["none", "off", "directsync", "writeback", "unsafe", "writethrough"]
@@ -51,7 +51,17 @@ enum CheckCommand {
             format = known
         }
         let quiet = scan.has("quiet")
-        let opened = try openFormat(path: filename, format: format)
+        let forceShare = scan.has("force-share")
+        if forceShare && repair != .none {
+            // qemu-img opens for repair read-write, which force share cannot be.
+            throw CLIError("Could not open '\(filename)': force-share=on can only be used with read-only images")
+        }
+        // The image stays open (holding QEMU's locks: a writer's for -r, as qemu-img check -r
+        // takes) until the check and any repair are done; the checker reads and repairs
+        // through a descriptor of its own, which takes no locks and so cannot conflict.
+        let (opened, holder) = try openFormat(path: filename, format: format,
+                                              locking: repair != .none ? .writer : forceShare ? .forceShare : .standard)
+        defer { holder.close() }
         guard ImageChecker.supportsCheck(opened) else {
             console.error("This image format does not support checks")
             return 63
@@ -101,17 +111,17 @@ enum CheckCommand {
 
     /// Opens the image with its backing chain as qemu-img check does (so the same images fail
     /// to open, with the same sentences) and returns its format; the check itself then works
-    /// on the file.
-    static func openFormat(path: String, format: ImageFormat?) throws -> ImageFormat {
+    /// on the file. The returned holder keeps the image's locks until closed.
+    static func openFormat(path: String, format: ImageFormat?,
+                           locking: ImageLocking) throws -> (ImageFormat, LockHolder) {
         if Backend.isDirectory(path) {
             throw CLIError("Could not open '\(path)': 'file' driver requires '\(path)' to be a regular file")
         }
         do {
             let image = try ImageOpener.open(path, options: OpenOptions(format: format, writable: false,
-                                                                        direct: false, openBacking: true))
-            let found = image.format
-            try image.close()
-            return found
+                                                                        direct: false, openBacking: true,
+                                                                        locking: locking))
+            return (image.format, LockHolder(image: image))
         } catch let error as ImageError where error.path == path && error.cause == nil
                     && (error.message.hasPrefix("Too much extra metadata in snapshot table entry ")
                         || error.message.hasPrefix("Snapshot table is too big")
@@ -119,8 +129,45 @@ enum CheckCommand {
                         || error.message.hasPrefix("Invalid snapshot table offset")) {
             // qemu-img check opens the image without reading its snapshot table; the check
             // then reads it and reports what it cannot read. (The backing chain is not
-            // opened in this case.)
-            return .qcow2
+            // opened in this case.) The file alone then holds the locks.
+            return (.qcow2, try lockFile(path, locking))
+        } catch {
+            throw CLIError(openFailure(error, path: path))
+        }
+    }
+
+    /// What keeps an image's locks for the length of the check: the open image, or just its
+    /// file when the image cannot be opened but can be checked.
+    struct LockHolder {
+        var image: (any DiskImage)?
+        var file: DiskFile?
+
+        func close() {
+            try? image?.close()
+            file?.close()
+        }
+    }
+
+    static func lockFile(_ path: String, _ locking: ImageLocking) throws -> LockHolder {
+        let lock: ImageLock? = switch locking {
+        case .standard: .reader
+        case .writer: .writer
+        case .forceShare: .forceShare
+        case .none: nil
+        }
+        do {
+            let file = try DiskFile.open(path, access: .readOnly)
+            if let lock {
+                do {
+                    try file.lock(lock)
+                } catch {
+                    file.close()
+                    throw error
+                }
+            }
+            return LockHolder(file: file)
+        } catch let error as ImageLockError {
+            throw CLIError("Could not open '\(path)': \(error)")
         } catch {
             throw CLIError(openFailure(error, path: path))
         }

@@ -10,7 +10,8 @@ enum InfoCommand {
             "  '-f' names the format instead of probing it",
             "  '--output' is 'human' (default) or 'json', the same fields as qemu-img's",
             "  '--backing-chain' also shows every image of the backing chain",
-            "  '-U' (force share) is accepted for compatibility with qemu-img",
+            "  '-U' (force share) reads an image another process (e.g. a running VM) has open for",
+            "       writing, which is otherwise refused; what it shows may be inconsistent",
             "  '-q' prints nothing: only the exit status tells whether the image could be read",
         ],
         options: [.value("f", "format"), .flag("U", "force-share"),
@@ -33,7 +34,8 @@ enum InfoCommand {
             format = known
         }
         let chain = scan.has("backing-chain")
-        let infos = try Backend.infos(path: filename, format: format, chain: chain)
+        let infos = try Backend.infos(path: filename, format: format, chain: chain,
+                                      forceShare: scan.has("force-share"))
         if scan.has("quiet") { return 0 }
         console.out(output == "json" ? InfoReport.jsonText(infos, chain: chain) : InfoReport.humanText(infos))
         return 0
