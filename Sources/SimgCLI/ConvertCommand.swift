@@ -20,6 +20,7 @@ enum ConvertCommand {
             "  '-n' writes into an existing target; '--target-is-zero' says it reads as zeros",
             "  '-p' shows progress; '-m' and '-W' are accepted as in qemu-img",
             "  '--stats' prints what the copy did as JSON on stderr",
+            "  '-U' (force share) reads sources another process has open for writing",
         ],
         options: [
             .flag("U", "force-share"), .flag("c", "compress"), .flag("p", "progress"),
@@ -129,8 +130,10 @@ enum ConvertCommand {
                 throw CLIError("Could not open '\(path)': 'file' driver requires '\(path)' to be a regular file")
             }
             do {
+                // -U: the sources share everything, as with qemu-img (the target never does).
                 sources.append(try ImageOpener.open(path, options: OpenOptions(format: sourceFormat, writable: false,
-                                                                               direct: sourceDirect)))
+                                                                               direct: sourceDirect,
+                                                                               locking: scan.has("force-share") ? .forceShare : .standard)))
             } catch {
                 throw CLIError(Backend.openFailure(error, path: path))
             }
@@ -153,6 +156,10 @@ enum ConvertCommand {
                 try Backend.create(request, announce: { _ in }, warn: { console.error("warning: " + $0) })
             } catch let error as ImageError where error.path == output {
                 if error.message.hasPrefix("Invalid parameter") { throw CLIError(error.message) }
+                // Another process has the target open: refused before it was touched.
+                if let lock = error.cause as? ImageLockError {
+                    throw CLIError("\(output): error while converting \(outputFormat.rawValue): \(lock)")
+                }
                 if let io = error.cause as? IOError, io.operation == "create" {
                     throw CLIError("\(output): error while converting \(outputFormat.rawValue): \(io)")
                 }
@@ -242,7 +249,17 @@ enum ConvertCommand {
         do {
             switch format {
             case .raw:
-                return try RawTarget(path: path, direct: direct, startsZeroed: startsZeroed)
+                let target = try RawTarget(path: path, direct: direct, startsZeroed: startsZeroed)
+                // RawTarget opens the file itself (only reading its size so far): the writer's
+                // lock is taken before anything is written, as for a qcow2 target.
+                do {
+                    try target.image.file.lock(.writer)
+                } catch {
+                    target.abandon()
+                    if let lock = error as? ImageLockError { throw CLIError("Could not open '\(path)': \(lock)") }
+                    throw error
+                }
+                return target
             case .qcow2:
                 let opened = try ImageOpener.open(path, options: OpenOptions(format: .qcow2, writable: true, direct: direct))
                 guard let image = opened as? QCOW2Image else {
