@@ -135,6 +135,20 @@ public enum ImageOpener {
         }
     }
 
+    /// Whether an error `open` threw is a lock conflict (at any level of the backing chain),
+    /// as opposed to a file that is missing or broken.
+    public static func failedOnLock(_ error: any Error) -> Bool {
+        var current: (any Error)? = error
+        while let image = current as? ImageError {
+            if image.message.hasPrefix(lockMessagePrefix) { return true }
+            current = image.cause
+        }
+        return false
+    }
+
+    /// How every ImageLockError's text starts ("Failed to get [shared ]\"perm\" lock").
+    private static let lockMessagePrefix = "Failed to get "
+
     private static func openChain(of top: any DiskImage, direct: Bool, locking: ImageLocking) throws {
         var seen: [FileIdentity: String] = [:]
         seen[try FileIdentity(of: mainFile(of: top))] = top.path

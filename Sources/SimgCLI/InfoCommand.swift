@@ -14,7 +14,7 @@ enum InfoCommand {
             "       writing, which is otherwise refused; what it shows may be inconsistent",
             "  '-q' prints nothing: only the exit status tells whether the image could be read",
         ],
-        options: [.value("f", "format"), .flag("U", "force-share"),
+        options: [.value("f", "format"), OptionSpec(short: "U", long: "force-share", key: "force-share"),
                   .long("output", takesValue: true), .long("backing-chain")],
         run: run)
 

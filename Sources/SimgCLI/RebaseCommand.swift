@@ -20,11 +20,12 @@ enum RebaseCommand {
             "  '-u' (unsafe) only rewrites the header: the new backing file need not exist",
             "  '-f' names the image's format instead of probing it",
             "  '-t' and '-T' are the cache modes (accepted as qemu-img does)",
-            "  '-p' shows progress; '-q' prints nothing but errors; '-U' is accepted for compatibility",
+            "  '-p' shows progress; '-q' prints nothing but errors",
+            "  '-U' (force share) reads the new backing file even if another process writes it",
         ],
         options: [.value("f", "format"), .value("F", "backing-format"), .value("b", "backing"),
                   .value("t", "cache"), .value("T", "source-cache"), .flag("u", "unsafe"),
-                  .flag("p", "progress"), .flag("U", "force-share")],
+                  .flag("p", "progress"), OptionSpec(short: "U", long: "force-share", key: "force-share")],
         run: run)
 
     static let cacheModes: Set<String> = ["none", "off", "directsync", "writeback", "unsafe", "writethrough"]
@@ -69,6 +70,9 @@ enum RebaseCommand {
             throw CLIError(CheckCommand.openFailure(error, path: filename))
         }
         var newBacking: (any DiskImage)?
+        // Set when the new backing file could not be locked because its chain reaches the
+        // overlay, which this process holds for writing: a loop, refused as such below.
+        var newChainHasOverlay = false
         defer {
             try? newBacking?.close()
             try? overlay.close()
@@ -77,8 +81,14 @@ enum RebaseCommand {
             // qemu opens the new name relative to the overlay's folder, as a backing file.
             let resolved = QCOW2Image.resolveBackingName(newName, relativeTo: filename)
             do {
+                // As qemu-img rebase: -U shares the new backing file (the overlay and its old
+                // chain keep their locks).
                 newBacking = try ImageOpener.open(resolved, options: OpenOptions(format: backingFormat, writable: false,
-                                                                                 direct: false, openBacking: true))
+                                                                                 direct: false, openBacking: true,
+                                                                                 locking: scan.has("force-share") ? .forceShare : .standard))
+            } catch where ImageOpener.failedOnLock(error)
+                        && chain(from: resolved, opened: nil, format: backingFormat, contains: filename) {
+                newChainHasOverlay = true
             } catch {
                 // qemu names the file as given, then the open(2) failure once, with the resolved name.
                 var reason = CheckCommand.openFailure(error, path: resolved)
@@ -98,7 +108,7 @@ enum RebaseCommand {
         // an image nothing can open (qemu-img only escapes this through its image locks).
         if !newName.isEmpty {
             let resolved = QCOW2Image.resolveBackingName(newName, relativeTo: filename)
-            if chain(from: resolved, opened: newBacking, format: backingFormat, contains: filename) {
+            if newChainHasOverlay || chain(from: resolved, opened: newBacking, format: backingFormat, contains: filename) {
                 throw CLIError("\(change): Backing file '\(newName)' creates an infinite loop")
             }
         }
@@ -135,8 +145,9 @@ enum RebaseCommand {
         if FileIdentity(path: path) == wanted { return true }
         var probe: (any DiskImage)?
         if opened == nil {
+            // Only looking, at files this process may hold for writing (the overlay): no locks.
             probe = try? ImageOpener.open(path, options: OpenOptions(format: format, writable: false,
-                                                                     direct: false, openBacking: true))
+                                                                     direct: false, openBacking: true, locking: .none))
         }
         defer { try? probe?.close() }
         var layer = opened ?? probe
