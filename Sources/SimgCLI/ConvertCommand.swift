@@ -135,7 +135,10 @@ enum ConvertCommand {
                                                                                direct: sourceDirect,
                                                                                locking: scan.has("force-share") ? .forceShare : .standard)))
             } catch {
-                throw CLIError(Backend.openFailure(error, path: path))
+                // qemu-img convert opens each source with its chain as one block graph: a
+                // failure below the top (a backing file in use or missing, a data file) reads
+                // "Could not open 'TOP': Could not open backing file: ...", as in check.
+                throw CLIError(CheckCommand.openFailure(error, path: path))
             }
         }
         let totalSize = sources.reduce(UInt64(0)) { $0 + $1.virtualSize }
