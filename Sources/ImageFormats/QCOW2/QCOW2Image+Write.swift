@@ -110,7 +110,11 @@ extension QCOW2Image {
     public func flush() throws {
         guard let state = writeState as? QCOW2WriteState else { return }
         do {
+            // Refcount blocks, then (after a sync, for power loss; a killed process keeps the
+            // order of completed writes anyway) the L2 tables that use their clusters.
+            let refcountsDirty = state.refcounts.blocks.dirtyCount > 0
             try state.refcounts.flush()
+            if refcountsDirty && tableCache.dirtyCount > 0 { try file.sync() }
             try tableCache.flush()
             if let range = state.l1Dirty {
                 // The L2 tables the new L1 entries point at must be on disk first.

@@ -1,0 +1,535 @@
+import Foundation
+import Testing
+
+/// Crash consistency: simg killed with SIGKILL at seeded random moments of `convert -O qcow2`
+/// (default path, `-t none` async path, `-c`), a safe `rebase` and `check -r all`, then the image
+/// is judged by QEMU's own tools.
+///
+/// What counts (docs/ARCHITECTURE.md, "Write ordering and crash consistency"):
+/// - convert: the output is absent, or does not start with the qcow2 magic (killed before its
+///   header: create writes the header last), or it is a qcow2 image that `qemu-img check`
+///   passes (exit 0, or 3 for leaked clusters; no corruption, no check error) and every guest
+///   cluster it maps holds exactly the source's bytes (no cluster mapped before its data).
+/// - rebase: the overlay passes `qemu-img check` the same way, names the old or the new backing
+///   file, and reads byte for byte as before the rebase.
+/// - check -r all on an image with only leaks: passes `qemu-img check` the same way and reads
+///   the same. On an image that starts corrupt: never worse than before (no cluster gets a
+///   refcount below its references that did not have one, no other kind of error appears except
+///   OFLAG_COPIED mismatches, which cannot change atomically with a refcount), and a second,
+///   uninterrupted `simg check -r all` finishes the repair: clean, guest content unchanged.
+///
+/// Kill moments are spread over the duration of one uninterrupted run measured first, so the
+/// figures hold under any load; nothing waits on a fixed sleep for synchronisation.
+@Suite struct CrashConsistencyTests {
+    // MARK: - convert
+
+    /// Default path (synchronous writes through the image's write path), 4 KiB clusters.
+    @Test func convertDefaultPath() throws {
+        let dir = try TempDir()
+        let source = dir.file("src.raw")
+        try crashSource(source, megabytes: 16, compressible: false, seed: 11)
+        try crashConvert(dir, source: source, options: ["-o", "cluster_size=4096"], name: "convert", kills: 20, seed: 1)
+    }
+
+    /// `-t none`: data written by the pipeline with Linux AIO, L2 entries set on completion.
+    @Test func convertAsyncPath() throws {
+        let dir = try TempDir()
+        let source = dir.file("src.raw")
+        try crashSource(source, megabytes: 16, compressible: false, seed: 12)
+        try crashConvert(dir, source: source, options: ["-t", "none", "-o", "cluster_size=4096"],
+                         name: "convert -t none", kills: 20, seed: 2)
+    }
+
+    /// `-c`: compressed streams packed into shared host clusters.
+    @Test func convertCompressed() throws {
+        let dir = try TempDir()
+        let source = dir.file("src.raw")
+        try crashSource(source, megabytes: 8, compressible: true, seed: 13)
+        try crashConvert(dir, source: source, options: ["-c", "-o", "cluster_size=4096"],
+                         name: "convert -c", kills: 20, seed: 3)
+    }
+
+    func crashConvert(_ dir: TempDir, source: String, options: [String], name: String,
+                      kills: Int, seed: UInt64) throws {
+        let output = dir.file("out.qcow2")
+        let sourceBytes = try crashReadAll(source)
+        var notYet = 0
+        let figures = try crashDrive(name: name, kills: kills, seed: seed,
+                                     arguments: ["convert", "-O", "qcow2"] + options + [source, output],
+                                     prepare: { try? FileManager.default.removeItem(atPath: output) },
+                                     verify: { landed in
+            guard FileManager.default.fileExists(atPath: output) else { notYet += 1; return true }
+            let head = try crashRead(output, at: 0, count: 4)
+            if head != [0x51, 0x46, 0x49, 0xfb] {
+                // Not a qcow2 yet: the first bytes must be zeros (or the file empty).
+                #expect(head.allSatisfy { $0 == 0 }, "\(name): output starts with \(head)")
+                notYet += 1
+                return head.allSatisfy { $0 == 0 }
+            }
+            guard try crashQemuCheckClean(output, context: name) else { return false }
+            return try crashMappedDataMatches(output, source: sourceBytes, context: name)
+        })
+        print("crash figures: \(figures.summary); \(notYet) outputs not yet a qcow2 image")
+    }
+
+    // MARK: - rebase
+
+    /// Safe rebase onto a base that differs in half of the clusters: the overlay's content
+    /// must never change, whatever the moment of the kill.
+    @Test func rebaseSafeMode() throws {
+        let dir = try TempDir()
+        let old = dir.file("old.qcow2"), new = dir.file("new.qcow2"), pristine = dir.file("pristine.qcow2")
+        let overlay = dir.file("ov.qcow2")
+        try qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", old, "24M")
+        try qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", new, "24M")
+        var oldWrites: [String] = [], newWrites: [String] = []
+        for k in 0..<96 {
+            // 256 KiB pieces: the old base everywhere, the new one equal on every other piece.
+            oldWrites += ["-c", "write -P \(k % 250 + 1) \(k * 256)k 256k"]
+            newWrites += ["-c", "write -P \(k % 2 == 0 ? k % 250 + 1 : 251) \(k * 256)k 256k"]
+        }
+        try runOK("qemu-io", oldWrites + [old])
+        try runOK("qemu-io", newWrites + [new])
+        try qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", old, "-F", "qcow2", pristine)
+        try qemuIO("-c", "write -P 252 1M 3M", "-c", "write -z 9M 1M", pristine)
+        let before = try crashGuestBytes(pristine, dir)
+        var onNew = 0
+        let figures = try crashDrive(name: "rebase", kills: 20, seed: 4,
+                                     arguments: ["rebase", "-b", new, "-F", "qcow2", overlay],
+                                     prepare: {
+            try? FileManager.default.removeItem(atPath: overlay)
+            try FileManager.default.copyItem(atPath: pristine, toPath: overlay)
+        }, verify: { _ in
+            guard try crashQemuCheckClean(overlay, context: "rebase") else { return false }
+            let backing = try jsonObject(try qemuImg("info", "--output=json", overlay).stdout)["backing-filename"] as? String
+            #expect(backing == old || backing == new, "rebase: backing file \(backing ?? "none")")
+            if backing == new { onNew += 1 }
+            let same = crashSame(try crashGuestBytes(overlay, dir), before)
+            #expect(same, "rebase: the overlay's content changed")
+            return same && (backing == old || backing == new)
+        })
+        print("crash figures: \(figures.summary); \(onNew) overlays already on the new base")
+    }
+
+    // MARK: - check -r all
+
+    /// An image with thousands of leaked clusters (what killed writers leave): every repair
+    /// moment leaves an image without corruption that reads the same.
+    @Test func checkRepairLeaks() throws {
+        let dir = try TempDir()
+        let pristine = dir.file("pristine.qcow2"), image = dir.file("img.qcow2")
+        try qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", pristine, "16M")
+        try qemuIO("-c", "write -P 7 0 16M", pristine)
+        // Every other L2 table emptied: its data clusters keep refcount 1 with no reference.
+        let l1 = try CrashQCOW2(pristine).activeL2Tables()
+        for (k, table) in l1.enumerated() where k % 2 == 1 {
+            try crashWrite(pristine, at: table, bytes: [UInt8](repeating: 0, count: 512))
+        }
+        let report = try qemuImgResult(["check", pristine])
+        #expect(report.status == 3 && report.stdout.contains("leaked clusters"), "\(report.stdout)")
+        let before = try crashGuestBytes(pristine, dir)
+        let figures = try crashDrive(name: "check -r all (leaks)", kills: 20, seed: 5,
+                                     arguments: ["check", "-r", "all", image],
+                                     expectStatus: [0],
+                                     prepare: {
+            try? FileManager.default.removeItem(atPath: image)
+            try FileManager.default.copyItem(atPath: pristine, toPath: image)
+        }, verify: { _ in
+            guard try crashQemuCheckClean(image, context: "check -r all (leaks)") else { return false }
+            let same = crashSame(try crashGuestBytes(image, dir), before)
+            #expect(same, "check -r all (leaks): content changed")
+            return same
+        })
+        print("crash figures: \(figures.summary)")
+    }
+
+    enum Damage: String, CaseIterable, Sendable {
+        /// Refcount 1 for clusters a snapshot and the active layer share (reference count 2),
+        /// and COPIED flags cleared on clusters with refcount 1: raised in place, flags fixed.
+        case refcountsAndCopied
+        /// Refcount 0 for used clusters: the refcount structure is rebuilt.
+        case rebuild
+    }
+
+    /// An image that starts corrupt: a kill never makes it worse, and a second `simg check -r
+    /// all` completes the repair with the guest content unchanged.
+    @Test(arguments: Damage.allCases)
+    func checkRepairCorrupt(_ damage: Damage) throws {
+        let dir = try TempDir()
+        let pristine = dir.file("pristine.qcow2"), image = dir.file("img.qcow2")
+        try qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", pristine, "8M")
+        try qemuIO("-c", "write -P 3 0 8M", pristine)
+        try qemuImg("snapshot", "-c", "s1", pristine)
+        // The second half rewritten: its clusters are copied (refcount 1, COPIED).
+        try qemuIO("-c", "write -P 4 4M 4M", pristine)
+        let q = try CrashQCOW2(pristine)
+        let entries = try q.activeDataEntries()
+        var damaged = 0
+        for (index, entry) in entries.enumerated() where index % 5 == 0 {
+            let host = entry.raw & 0x00ff_ffff_ffff_fe00
+            let shared = entry.raw & (1 << 63) == 0
+            switch damage {
+            case .refcountsAndCopied:
+                if shared {
+                    try q.setRefcount(host: host, to: 1)
+                } else {
+                    try crashWriteBE64(pristine, at: entry.at, entry.raw & ~(UInt64(1) << 63))
+                }
+            case .rebuild:
+                if index % 10 == 0 { try q.setRefcount(host: host, to: 0) } else { continue }
+            }
+            damaged += 1
+        }
+        #expect(damaged > 100)
+        let original = try qemuImgResult(["check", pristine])
+        #expect(original.status == 2, "the damaged image: \(original.stdout)")
+        let originalLow = crashRefcountErrorClusters(original.stdout + original.stderr)
+        #expect(!originalLow.isEmpty)
+        let before = try crashGuestBytes(pristine, dir)
+        let name = "check -r all (\(damage.rawValue))"
+        let figures = try crashDrive(name: name, kills: 12, seed: damage == .rebuild ? 7 : 6,
+                                     arguments: ["check", "-r", "all", image],
+                                     expectStatus: [0],
+                                     prepare: {
+            try? FileManager.default.removeItem(atPath: image)
+            try FileManager.default.copyItem(atPath: pristine, toPath: image)
+        }, verify: { _ in
+            let check = try qemuImgResult(["check", image])
+            let text = check.stdout + check.stderr
+            var ok = [0, 2, 3].contains(check.status)
+            #expect(ok, "\(name): qemu-img check exited \(check.status): \(text)")
+            // Never worse: refcounts below the references only where they were already.
+            let low = crashRefcountErrorClusters(text)
+            if !low.isSubset(of: originalLow) {
+                ok = false
+                Issue.record("\(name): new refcount errors for clusters \(low.subtracting(originalLow).sorted().prefix(10))")
+            }
+            for line in text.split(separator: "\n") where line.contains("ERROR") {
+                if line.hasPrefix("ERROR cluster ") || line.hasPrefix("ERROR OFLAG_COPIED") { continue }
+                ok = false
+                Issue.record("\(name): new kind of error: \(line)")
+            }
+            // A second repair finishes the job.
+            let again = try simg("check", "-r", "all", image)
+            #expect(again.status == 0, "\(name): second repair: \(again.stdout) \(again.stderr)")
+            let after = try qemuImgResult(["check", image])
+            #expect(after.status == 0, "\(name): after the second repair: \(after.stdout)")
+            let same = crashSame(try crashGuestBytes(image, dir), before)
+            #expect(same, "\(name): content changed")
+            return ok && again.status == 0 && after.status == 0 && same
+        })
+        print("crash figures: \(figures.summary)")
+    }
+}
+
+// MARK: - Driving kills
+
+struct CrashFigures {
+    var name: String
+    var kills = 0
+    /// Kills that hit a running process (the others came after it had finished).
+    var landed = 0
+    var checked = 0
+    var bad = 0
+    var runSeconds = 0.0
+    var summary: String {
+        "\(name): \(kills) kills (\(landed) while running, one run \(String(format: "%.2f", runSeconds)) s), \(checked) images checked, \(bad) corrupt"
+    }
+}
+
+/// A seeded generator (SplitMix64) so a failure can be replayed.
+struct CrashRandom {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state &+= 0x9e37_79b9_7f4a_7c15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
+        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
+        return z ^ (z >> 31)
+    }
+}
+
+func crashNow() -> Double {
+    var t = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return Double(t.tv_sec) + Double(t.tv_nsec) / 1e9
+}
+
+func crashSpawn(_ arguments: [String]) throws -> Process {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: simgBinary)
+    process.arguments = arguments
+    process.standardInput = FileHandle.nullDevice
+    process.standardOutput = FileHandle.nullDevice
+    process.standardError = FileHandle.nullDevice
+    try process.run()
+    return process
+}
+
+/// Measures two uninterrupted runs (which must succeed and verify), then `kills` times:
+/// prepare, start, SIGKILL after a seeded random delay within that run's duration, verify.
+func crashDrive(name: String, kills: Int, seed: UInt64, arguments: [String],
+                expectStatus: Set<Int32> = [0],
+                prepare: () throws -> Void, verify: (_ landed: Bool) throws -> Bool) throws -> CrashFigures {
+    var figures = CrashFigures(name: name)
+    // Two uninterrupted runs (which must succeed and verify); the shorter one sets the span
+    // (the first may be slowed by cold caches).
+    figures.runSeconds = .infinity
+    for _ in 0..<2 {
+        try prepare()
+        let start = crashNow()
+        let full = try crashSpawn(arguments)
+        full.waitUntilExit()
+        figures.runSeconds = min(figures.runSeconds, crashNow() - start)
+        #expect(full.terminationReason == .exit && expectStatus.contains(full.terminationStatus),
+                "\(name): the uninterrupted run exited \(full.terminationStatus)")
+        #expect(try verify(false), "\(name): the uninterrupted run")
+    }
+    var random = CrashRandom(state: seed)
+    // SIMG_CRASH_KILLS scales the number of kills for a longer soak run by hand.
+    let scale = Int(ProcessInfo.processInfo.environment["SIMG_CRASH_KILLS"] ?? "") ?? 1
+    let kills = kills * max(1, scale)
+    let span = max(UInt64(figures.runSeconds * 1e6), 2_000)
+    for k in 0..<kills {
+        try prepare()
+        // Every other kill in the last 40% of the run, where metadata is written back.
+        let delay = k % 2 == 0 ? random.next() % span : span * 6 / 10 + random.next() % (span * 4 / 10 + 1)
+        let process = try crashSpawn(arguments)
+        usleep(useconds_t(delay))
+        kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+        figures.kills += 1
+        let landed = process.terminationReason == .uncaughtSignal && process.terminationStatus == SIGKILL
+        if landed { figures.landed += 1 }
+        figures.checked += 1
+        if try !verify(landed) {
+            figures.bad += 1
+            Issue.record("\(name): kill \(k) after \(delay) us (seed \(seed)) left a bad image")
+        }
+    }
+    // Most kills must hit the running command, or the test proves little.
+    #expect(figures.landed * 3 >= figures.kills, "\(name): only \(figures.landed) of \(figures.kills) kills landed")
+    return figures
+}
+
+// MARK: - Judging images
+
+/// qemu-img check passes: exit 0 or 3 (leaks), no corruption, no check error.
+func crashQemuCheckClean(_ path: String, context: String) throws -> Bool {
+    let r = try qemuImgResult(["check", "--output=json", path])
+    guard r.status == 0 || r.status == 3, let json = try? jsonObject(r.stdout) else {
+        Issue.record("\(context): qemu-img check exited \(r.status): \(r.stdout) \(r.stderr)")
+        return false
+    }
+    let corruptions = json["corruptions"] as? Int ?? 0
+    let errors = json["check-errors"] as? Int ?? 0
+    if corruptions != 0 || errors != 0 || r.stderr.contains("ERROR") {
+        Issue.record("\(context): qemu-img check: \(r.stdout) \(r.stderr)")
+        return false
+    }
+    return true
+}
+
+/// Every data range `qemu-img map` reports holds the source's bytes at its host offset, and
+/// every zero range reads zeros in the source... or was not written yet (then the source may
+/// hold anything there: only mapped data is judged).
+func crashMappedDataMatches(_ path: String, source: [UInt8], context: String) throws -> Bool {
+    let map = try qemuImgResult(["map", "--output=json", path])
+    guard map.status == 0,
+          let ranges = try JSONSerialization.jsonObject(with: Data(map.stdout.utf8)) as? [[String: Any]] else {
+        Issue.record("\(context): qemu-img map failed: \(map.stderr)")
+        return false
+    }
+    let handle = try #require(FileHandle(forReadingAtPath: path))
+    defer { try? handle.close() }
+    var compressed = false
+    for range in ranges where range["data"] as? Bool == true {
+        let start = range["start"] as? Int ?? 0, length = range["length"] as? Int ?? 0
+        guard let host = range["offset"] as? Int else {
+            compressed = true
+            continue
+        }
+        try handle.seek(toOffset: UInt64(host))
+        let bytes = [UInt8](try handle.read(upToCount: length) ?? Data())
+        if bytes.count != length || start + length > source.count
+            || !crashEqual(bytes, 0, source, start, length) {
+            Issue.record("\(context): guest [\(start), +\(length)) mapped at host \(host) does not hold the source's data")
+            return false
+        }
+    }
+    if compressed {
+        // Compressed clusters have no host offset in the map: read the guest view instead;
+        // each 4 KiB cluster is either the source's or zeros (not converted yet).
+        let rawPath = path + ".raw"
+        try qemuImg("convert", "-O", "raw", path, rawPath)
+        defer { try? FileManager.default.removeItem(atPath: rawPath) }
+        let guest = try crashReadAll(rawPath)
+        let cs = 4096
+        var c = 0
+        while c < guest.count {
+            let end = min(c + cs, guest.count)
+            if !crashEqual(guest, c, source, c, end - c) && !crashEqual(guest, c, crashZeros, 0, end - c) {
+                Issue.record("\(context): guest cluster at \(c) is neither the source's data nor zeros")
+                return false
+            }
+            c = end
+        }
+    }
+    return true
+}
+
+/// Clusters `qemu-img check` reports with a refcount below their references.
+func crashRefcountErrorClusters(_ text: String) -> Set<Int> {
+    var clusters = Set<Int>()
+    for line in text.split(separator: "\n") where line.hasPrefix("ERROR cluster ") {
+        // "ERROR cluster 123 refcount=1 reference=2"
+        let words = line.split(separator: " ")
+        if words.count >= 3, let n = Int(words[2]) { clusters.insert(n) }
+    }
+    return clusters
+}
+
+/// The guest content of an image as qemu-img reads it.
+func crashGuestBytes(_ path: String, _ dir: TempDir) throws -> [UInt8] {
+    let out = dir.file("guest-\(UUID().uuidString).raw")
+    defer { try? FileManager.default.removeItem(atPath: out) }
+    try qemuImg("convert", "-O", "raw", path, out)
+    return try crashReadAll(out)
+}
+
+// MARK: - Files
+
+func crashReadAll(_ path: String) throws -> [UInt8] {
+    [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+}
+
+func crashRead(_ path: String, at offset: UInt64, count: Int) throws -> [UInt8] {
+    let handle = try #require(FileHandle(forReadingAtPath: path))
+    defer { try? handle.close() }
+    try handle.seek(toOffset: offset)
+    return [UInt8](try handle.read(upToCount: count) ?? Data())
+}
+
+func crashWrite(_ path: String, at offset: UInt64, bytes: [UInt8]) throws {
+    let handle = try #require(FileHandle(forUpdatingAtPath: path))
+    defer { try? handle.close() }
+    try handle.seek(toOffset: offset)
+    try handle.write(contentsOf: Data(bytes))
+}
+
+func crashWriteBE64(_ path: String, at offset: UInt64, _ value: UInt64) throws {
+    try crashWrite(path, at: offset, bytes: (0..<8).map { UInt8(truncatingIfNeeded: value >> UInt64(56 - 8 * $0)) })
+}
+
+func crashBE(_ bytes: [UInt8], _ at: Int, _ width: Int) -> UInt64 {
+    var v: UInt64 = 0
+    for k in 0..<width { v = v << 8 | UInt64(bytes[at + k]) }
+    return v
+}
+
+/// Seeded random bytes; `compressible` draws from 16 letters (about 2:1 with zlib).
+func crashBytes(_ count: Int, compressible: Bool, random: inout CrashRandom) -> [UInt8] {
+    var bytes = [UInt8](repeating: 0, count: count)
+    var k = 0
+    while k < count {
+        let word = random.next()
+        for b in 0..<8 where k + b < count {
+            let byte = UInt8(truncatingIfNeeded: word >> UInt64(8 * b))
+            bytes[k + b] = compressible ? 0x61 + byte % 16 : byte
+        }
+        k += 8
+    }
+    return bytes
+}
+
+/// A raw file of `megabytes` MiB with a 1 MiB hole every 4 MiB; every 4 KiB block is unique
+/// (a seeded 64 KiB pattern at a block-dependent shift, stamped with the block's index), so a
+/// block found at the wrong place is noticed. Built with memcpy: fast even in debug builds.
+func crashSource(_ path: String, megabytes: Int, compressible: Bool, seed: UInt64) throws {
+    var random = CrashRandom(state: seed)
+    let pattern = crashBytes(128 << 10, compressible: compressible, random: &random)
+    var bytes = [UInt8](repeating: 0, count: megabytes << 20)
+    bytes.withUnsafeMutableBytes { out in
+        pattern.withUnsafeBytes { p in
+            for block in 0..<(out.count / 4096) {
+                guard (block / 256) % 4 != 3 else { continue }
+                // Sound: shift + 4096 <= 64K + 4096 < pattern.count; block * 4096 + 4096 <= out.count.
+                let shift = (block &* 2654435761) % (64 << 10)
+                (out.baseAddress! + block * 4096).copyMemory(from: p.baseAddress! + shift, byteCount: 4096)
+                let stamp = compressible ? Array(String(format: "%08d", block).utf8) : (0..<8).map { UInt8(truncatingIfNeeded: block >> (8 * $0)) | 1 }
+                for k in 0..<8 { out[block * 4096 + k] = stamp[k] }
+            }
+        }
+    }
+    try Data(bytes).write(to: URL(fileURLWithPath: path))
+}
+
+let crashZeros = [UInt8](repeating: 0, count: 1 << 16)
+
+/// memcmp of `count` bytes of `a` from `i` and `b` from `j` (both ranges checked in bounds).
+func crashEqual(_ a: [UInt8], _ i: Int, _ b: [UInt8], _ j: Int, _ count: Int) -> Bool {
+    guard i + count <= a.count, j + count <= b.count else { return false }
+    return a.withUnsafeBytes { pa in
+        b.withUnsafeBytes { pb in
+            // Sound: both ranges were checked to lie inside their arrays.
+            memcmp(pa.baseAddress! + i, pb.baseAddress! + j, count) == 0
+        }
+    }
+}
+
+func crashSame(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+    a.count == b.count && crashEqual(a, 0, b, 0, a.count)
+}
+
+/// Just enough qcow2 reading to damage test images on purpose.
+struct CrashQCOW2 {
+    let path: String
+    let clusterBits: Int
+    let l1: [UInt64]
+    let refcountTable: [UInt64]
+    let refcountBits: Int
+
+    init(_ path: String) throws {
+        self.path = path
+        let header = try crashRead(path, at: 0, count: 104)
+        clusterBits = Int(crashBE(header, 20, 4))
+        let l1Size = Int(crashBE(header, 36, 4)), l1Offset = crashBE(header, 40, 8)
+        let l1Bytes = try crashRead(path, at: l1Offset, count: l1Size * 8)
+        l1 = (0..<l1Size).map { crashBE(l1Bytes, $0 * 8, 8) }
+        let tableOffset = crashBE(header, 48, 8), tableClusters = Int(crashBE(header, 56, 4))
+        let tableBytes = try crashRead(path, at: tableOffset, count: tableClusters << clusterBits)
+        refcountTable = (0..<(tableBytes.count / 8)).map { crashBE(tableBytes, $0 * 8, 8) }
+        refcountBits = 1 << Int(crashBE(header, 96, 4))
+    }
+
+    static let offsetMask: UInt64 = 0x00ff_ffff_ffff_fe00
+
+    func activeL2Tables() throws -> [UInt64] {
+        l1.map { $0 & CrashQCOW2.offsetMask }.filter { $0 != 0 }
+    }
+
+    /// Every allocated data entry of the active L2 tables: (entry's file offset, entry).
+    func activeDataEntries() throws -> [(at: UInt64, raw: UInt64)] {
+        var result: [(UInt64, UInt64)] = []
+        let size = 1 << clusterBits
+        for table in try activeL2Tables() {
+            let bytes = try crashRead(path, at: table, count: size)
+            for i in 0..<(size / 8) {
+                let raw = crashBE(bytes, i * 8, 8)
+                if raw & CrashQCOW2.offsetMask != 0 && raw & (1 << 62) == 0 {
+                    result.append((table + UInt64(i * 8), raw))
+                }
+            }
+        }
+        return result
+    }
+
+    func setRefcount(host: UInt64, to value: UInt64) throws {
+        precondition(refcountBits == 16, "test images use 16-bit refcounts")
+        let cluster = host >> UInt64(clusterBits)
+        let perBlock = UInt64((1 << clusterBits) * 8 / refcountBits)
+        let block = refcountTable[Int(cluster / perBlock)] & ~UInt64((1 << clusterBits) - 1)
+        let at = block + (cluster % perBlock) * 2
+        try crashWrite(path, at: at, bytes: [UInt8(value >> 8), UInt8(value & 0xff)])
+    }
+}
