@@ -24,6 +24,14 @@ extension QCOW2Image {
         if offset % UInt64(clusterSize) != 0 {
             throw corruption("L2 table offset \(QCOW2BE.hex(offset)) unaligned (L1 index \(index))")
         }
+        // QEMU reads a table past the end of the file as zeros (all unallocated); a table the
+        // file does not contain is corruption, so simg refuses to read through it.
+        if offset != 0, !tableCache.contains(offset) {
+            let (end, overflow) = offset.addingReportingOverflow(UInt64(clusterSize))
+            if overflow || end > readOnlyFileSize {
+                throw corruption("L2 table offset \(QCOW2BE.hex(offset)) is past the end of the file (L1 index \(index))")
+            }
+        }
         return offset
     }
 

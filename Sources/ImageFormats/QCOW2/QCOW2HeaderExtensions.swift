@@ -81,6 +81,11 @@ extension QCOW2Header {
                 guard length == 24 else {
                     throw ImageError(path: path, message: "bitmaps_ext: Invalid extension length (\(length), expected 24)")
                 }
+                // QEMU refuses to open an image whose consistent bitmaps extension is out of
+                // range (with the bit clear the bitmaps are stale and the fields ignored).
+                if h.autoclearFeatures & autoclearBitmaps != 0 {
+                    try checkBitmapsExtension(data, clusterSize: UInt64(1) << UInt64(h.clusterBits), path: path)
+                }
                 h.bitmapsExtension = data
             case extensionCrypto:
                 // Only present with LUKS encryption, which parse refuses anyway.
@@ -93,6 +98,30 @@ extension QCOW2Header {
             offset += min(padded, end - offset)
         }
         // Running out of room without an end marker: QEMU treats this as the end too.
+    }
+
+    /// QEMU's limits on the bitmaps extension: 65535 bitmaps, a directory of at most 1 KiB
+    /// per bitmap, cluster-aligned; its words, then the field and value.
+    static func checkBitmapsExtension(_ data: [UInt8], clusterSize: UInt64, path: String) throws {
+        func fail(_ message: String) -> ImageError { ImageError(path: path, message: message) }
+        let count = QCOW2BE.u32(data, 0)
+        let reserved = QCOW2BE.u32(data, 4)
+        let size = QCOW2BE.u64(data, 8)
+        let offset = QCOW2BE.u64(data, 16)
+        guard reserved == 0 else {
+            throw fail("bitmaps_ext: Reserved field is not zero (\(reserved))")
+        }
+        guard count <= 65535 else {
+            throw fail("bitmaps_ext: Image has \(count) bitmaps, exceeding the QEMU supported maximum of 65535")
+        }
+        guard count > 0 else { throw fail("found bitmaps extension with zero bitmaps") }
+        guard offset % clusterSize == 0 else {
+            throw fail("bitmaps_ext: invalid bitmap directory offset (\(QCOW2BE.hex(offset)) is not cluster-aligned)")
+        }
+        let maxDirectory: UInt64 = 1024 * 65535
+        guard size <= maxDirectory else {
+            throw fail("bitmaps_ext: bitmap directory size (\(size)) exceeds the maximum supported size (\(maxDirectory))")
+        }
     }
 
     /// The header cluster's bytes as QEMU 7.2's qcow2_update_header lays them out: fixed fields

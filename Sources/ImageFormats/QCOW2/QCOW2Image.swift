@@ -45,6 +45,10 @@ public final class QCOW2Image: DiskImage {
     private var clusterBuffer: [UInt8] = []
     private var compressedInput: [UInt8] = []
     private var closed = false
+    /// The qcow2 file's size when opened read-only (nothing can grow it through us), so
+    /// metadata tables past its end are refused; `.max` for writable images, whose tables may
+    /// be newly allocated past the end and still only in the cache.
+    var readOnlyFileSize: UInt64 = .max
 
     public var clusterSize: Int { header.clusterSize }
     /// The header as parsed (read-only view for the CLI and tests).
@@ -105,8 +109,17 @@ public final class QCOW2Image: DiskImage {
                 throw ImageError(path: path, message: "Could not open data file '\(name)'", cause: error)
             }
         }
-        return QCOW2Image(path: path, file: file, dataFile: dataFile, header: header, l1: l1,
-                          snapshots: snapshots, writable: writable)
+        let image = QCOW2Image(path: path, file: file, dataFile: dataFile, header: header, l1: l1,
+                               snapshots: snapshots, writable: writable)
+        if !writable { image.readOnlyFileSize = fileSize }
+        // QEMU reads the bitmap directory when it opens the image and refuses a broken one.
+        do {
+            _ = try image.readBitmapDirectory()
+        } catch {
+            if dataFile !== file { dataFile.close() }
+            throw error
+        }
+        return image
     }
 
     // MARK: - Reading
