@@ -52,6 +52,10 @@ enum Backend {
             current = cause
         }
         if let io = current as? IOError, io.operation == "open" {
+            // A missing external data file: qemu-img names the image, then the data file.
+            if let innermost, innermost.message.hasPrefix("Could not open data file") {
+                return "Could not open '\(innermost.path)': \(io)"
+            }
             return "Could not open '\(io.path)': \(io)"
         }
         guard let innermost else { return "Could not open '\(path)': \(current)" }
