@@ -272,11 +272,11 @@ func signalNow() -> Double {
 
 /// The issue's promise: stopped within a second, dead of the signal (the Unix convention:
 /// the shell sees it and stops a script too).
-func signalExpectDeath(_ seconds: Double, by sig: Int32, _ child: SignalChild) throws {
+func signalExpectDeath(_ seconds: Double, by sig: Int32, _ child: SignalChild, test: String = #function) throws {
     #expect(seconds < SignalTests.stopLimit, "stopped \(String(format: "%.3f", seconds)) s after the signal")
     #expect(child.terminatingSignal == sig,
             "status \(child.status ?? -1) (exit \(child.exitCode.map(String.init) ?? "-")), stderr: \(child.stderr.suffix(400))")
-    signalRecord("stop after signal \(sig): \(String(format: "%.3f", seconds)) s")
+    signalRecord("\(test) signal \(sig): stopped \(String(format: "%.3f", seconds)) s after kill")
 }
 
 /// `qemu-img check` finds no corruption: clean (0) or only leaked clusters (3).
