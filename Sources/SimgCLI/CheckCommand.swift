@@ -126,7 +126,8 @@ enum CheckCommand {
                     && (error.message.hasPrefix("Too much extra metadata in snapshot table entry ")
                         || error.message.hasPrefix("Snapshot table is too big")
                         || error.message.hasPrefix("Snapshot table too large")
-                        || error.message.hasPrefix("Invalid snapshot table offset")) {
+                        || error.message.hasPrefix("Invalid snapshot table offset")
+                        || error.message.hasPrefix("snapshot table entry ")) {
             // qemu-img check opens the image without reading its snapshot table; the check
             // then reads it and reports what it cannot read. (The backing chain is not
             // opened in this case.) The file alone then holds the locks.
