@@ -324,6 +324,9 @@ extension QCOW2Image {
         let cs = UInt64(clusterSize)
         var guest = start
         while guest < stop {
+            // Zeroing or discarding terabytes takes a while: SIGINT/SIGTERM stop it between L2
+            // tables, where memory and disk agree (what was done is flushed on close).
+            try Interruption.check(image: path)
             let index = Int(guest / header.bytesPerL2Table)
             let tableEnd = min(stop, UInt64(index + 1) * header.bytesPerL2Table)
             if QCOW2L1Entry(raw: l1[index]).l2Offset == 0 && !backingCovers(guest) {
