@@ -215,6 +215,9 @@ public final class ConvertPipeline {
                     } else {
                         do {
                             try target.writeZeroes(at: position, length: length)
+                        } catch let interrupted as InterruptedError {
+                            // Zeroing a long range polls for SIGINT/SIGTERM itself.
+                            throw interrupted
                         } catch {
                             throw ConvertError(.writing, byte: position, path: target.path, cause: error)
                         }
@@ -514,7 +517,8 @@ public final class ConvertPipeline {
             }
         } catch {
             if firstError == nil {
-                firstError = error is ConvertError ? error : ConvertError(.writing, byte: offset, path: target.path, cause: error)
+                firstError = error is ConvertError || error is InterruptedError
+                    ? error : ConvertError(.writing, byte: offset, path: target.path, cause: error)
             }
             return false
         }
