@@ -42,8 +42,11 @@ final class QCOW2WriteState {
 ///   that ends mid-cluster and continues in the next request writes each byte once, because
 ///   its next request finds the cluster allocated with COPIED and writes in place.
 /// - Refcounts are exact at all times; the lazy-refcounts dirty bit is never set.
-/// - Write-back order: refcount blocks, sync, L2 tables (the L2 cache's `beforeWriteback`
-///   flushes and syncs refcount blocks first, also on eviction), sync, the L1 table, sync.
+/// - Write-back order (crash consistency, docs/ARCHITECTURE.md): data before the L2 entry that
+///   maps it (the data write completes before the entry changes in memory); refcount blocks,
+///   sync, L2 tables (the L2 cache's `beforeWriteback` flushes and syncs refcount blocks first,
+///   also on eviction), sync, the L1 table, sync; only then are the refcounts of replaced
+///   clusters lowered (`pendingFrees`). A kill at any point leaks clusters at worst.
 ///   The header only changes when the refcount table moves, and before the first write when
 ///   autoclear bits simg does not maintain are cleared (each written and synced at once).
 /// - Extended L2 entries: writes allocate subclusters (copy-on-write only for partly written
