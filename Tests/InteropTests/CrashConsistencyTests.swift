@@ -1,4 +1,6 @@
+import DiskIO
 import Foundation
+import ImageFormats
 import Testing
 
 /// Crash consistency: simg killed with SIGKILL at seeded random moments of `convert -O qcow2`
@@ -31,6 +33,17 @@ import Testing
         try crashConvert(dir, source: source, options: ["-o", "cluster_size=4096"], name: "convert", kills: 20, seed: 1)
     }
 
+    /// 512-byte clusters with 64-bit refcounts: a refcount block covers 32 KiB, so the copy
+    /// creates hundreds of refcount blocks and moves the refcount table several times while
+    /// it runs (new blocks before table entries, new table before the header pointer).
+    @Test func convertRefcountTableGrowth() throws {
+        let dir = try TempDir()
+        let source = dir.file("src.raw")
+        try crashSource(source, megabytes: 8, compressible: false, seed: 14)
+        try crashConvert(dir, source: source, options: ["-o", "cluster_size=512,refcount_bits=64"],
+                         name: "convert (refcount table growth)", kills: 20, seed: 8)
+    }
+
     /// `-t none`: data written by the pipeline with Linux AIO, L2 entries set on completion.
     @Test func convertAsyncPath() throws {
         let dir = try TempDir()
@@ -47,6 +60,30 @@ import Testing
         try crashSource(source, megabytes: 8, compressible: true, seed: 13)
         try crashConvert(dir, source: source, options: ["-c", "-o", "cluster_size=4096"],
                          name: "convert -c", kills: 20, seed: 3)
+    }
+
+    /// The two steps behind `-t none`: a reserved run is not mapped, even when the image is
+    /// flushed while its data is "in flight" (qemu-img sees leaked clusters and zeros there);
+    /// once mapped after the data write, it reads back and checks clean.
+    @Test func reservedRunIsMappedOnlyAfterItsWrite() throws {
+        let dir = try TempDir()
+        let path = dir.file("r.qcow2")
+        try qemuImg("create", "-q", "-f", "qcow2", path, "8M")
+        let image = try QCOW2Image.open(path: path, writable: true)
+        let reservation = try #require(try image.reserveForDirectWrite(at: 1 << 20, length: 2 << 20))
+        // Metadata written back while the data write has not happened yet.
+        try image.flush()
+        let map = try qemuImg("map", "--output=json", path).stdout
+        #expect(!map.contains("\"data\": true"), "reserved but unwritten run is mapped: \(map)")
+        #expect(try crashQemuCheckClean(path, context: "reserved run"))
+        let data = [UInt8](repeating: 0x5a, count: 2 << 20)
+        try data.withUnsafeBytes { try image.dataFile.write($0, at: reservation.hostOffset) }
+        try image.mapDirectWrite(reservation)
+        try image.close()
+        #expect(try crashQemuCheckClean(path, context: "mapped run"))
+        let guest = try crashGuestBytes(path, dir)
+        #expect(crashEqual(guest, 1 << 20, data, 0, data.count))
+        #expect(crashEqual(guest, 0, crashZeros, 0, 1 << 16) && crashEqual(guest, 3 << 20, crashZeros, 0, 1 << 16))
     }
 
     func crashConvert(_ dir: TempDir, source: String, options: [String], name: String,
@@ -289,13 +326,20 @@ func crashDrive(name: String, kills: Int, seed: UInt64, arguments: [String],
     // SIMG_CRASH_KILLS scales the number of kills for a longer soak run by hand.
     let scale = Int(ProcessInfo.processInfo.environment["SIMG_CRASH_KILLS"] ?? "") ?? 1
     let kills = kills * max(1, scale)
-    let span = max(UInt64(figures.runSeconds * 1e6), 2_000)
+    var span = max(UInt64(figures.runSeconds * 1e6), 2_000)
     for k in 0..<kills {
         try prepare()
         // Every other kill in the last 40% of the run, where metadata is written back.
         let delay = k % 2 == 0 ? random.next() % span : span * 6 / 10 + random.next() % (span * 4 / 10 + 1)
+        let started = crashNow()
         let process = try crashSpawn(arguments)
-        usleep(useconds_t(delay))
+        // The kill timer; it also notices a run that ends before it (then later kill moments
+        // are drawn over that shorter duration, so most kills land whatever the load).
+        let deadline = started + Double(delay) / 1e6
+        while process.isRunning, crashNow() < deadline {
+            usleep(useconds_t(max(50, min(1_000, (deadline - crashNow()) * 1e6))))
+        }
+        if !process.isRunning { span = max(min(span, UInt64((crashNow() - started) * 1e6)), 2_000) }
         kill(process.processIdentifier, SIGKILL)
         process.waitUntilExit()
         figures.kills += 1
