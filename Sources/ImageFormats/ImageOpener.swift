@@ -105,6 +105,12 @@ public enum ImageOpener {
 
     /// Opens one image without its backing file.
     public static func openOne(_ path: String, format: ImageFormat?, writable: Bool, direct: Bool) throws -> any DiskImage {
+        // open(2) of a FIFO blocks until a writer comes (qemu-img hangs on an image or backing
+        // file that is one): refuse it before opening.
+        var status = stat()
+        if stat(path, &status) == 0 && (status.st_mode & S_IFMT) == S_IFIFO {
+            throw ImageError(path: path, message: "'file' driver requires '\(path)' to be a regular file")
+        }
         var chosen = format
         if chosen == nil {
             let probeFile = try DiskFile.open(path, access: .readOnly)
