@@ -47,6 +47,7 @@ struct FaultTests {
         let image = dir.file("new.\(format)")
         let r = try faultLimited(["create", "-q", "-f", format, "-o", "preallocation=\(mode)", image, "20M"])
         faultExpectWriteError(r, file: image, reason: "File too large")
+        faultExpectNoSpaceKept(image)
     }
 
     @Test func rebaseCopyPastTheFileSizeLimit() throws {
@@ -87,6 +88,7 @@ struct FaultTests {
         let image = "\(mount.path)/new.\(format)"
         let r = try simg(["create", "-q", "-f", format, "-o", "preallocation=\(mode)", image, "20M"])
         faultExpectWriteError(r, file: image, reason: "No space left on device")
+        faultExpectNoSpaceKept(image)
     }
 
     @Test(.enabled(if: faultTmpfsPermitted, "mount -t tmpfs is not permitted here (needs root or CAP_SYS_ADMIN)"))
@@ -122,6 +124,16 @@ func faultExpectWriteError(_ r: ProcessResult, file: String, reason: String) {
     #expect(r.stderr.hasPrefix("simg: "), "\(r.stderr)")
     #expect(r.stderr.contains("'\(file)' at offset "), "\(r.stderr)")
     #expect(r.stderr.contains(reason), "\(r.stderr)")
+}
+
+/// A failed create keeps no space: the qcow2 file is removed, the raw file left empty (both
+/// as qemu-img does).
+func faultExpectNoSpaceKept(_ image: String) {
+    if image.hasSuffix(".qcow2") {
+        #expect(!FileManager.default.fileExists(atPath: image))
+    } else {
+        #expect(signalAllocatedBytes(image) == 0 && signalFileSize(image) == 0)
+    }
 }
 
 struct FaultRebaseChain {

@@ -36,6 +36,8 @@ public enum RawCreate {
             }
             try file.sync()
         } catch let error as IOError {
+            // Give the space back (the disk may be full), as qemu-img does: an empty file remains.
+            try? file.truncate(to: 0)
             throw ImageError(path: path, message: "could not preallocate the image file", cause: error)
         }
     }
