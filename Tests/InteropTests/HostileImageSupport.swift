@@ -301,7 +301,8 @@ struct HostileTemplates: Sendable {
         func load(_ name: String) throws -> [UInt8] { Array(try Data(contentsOf: URL(fileURLWithPath: dir.file(name)))) }
         // 1 MiB with data in the first 128 KiB (so an L1 entry, an L2 table and data exist).
         for (name, options) in [("64k", "cluster_size=64k"), ("512", "cluster_size=512"),
-                                ("4k-v2", "compat=0.10,cluster_size=4k")] {
+                                ("4k-v2", "compat=0.10,cluster_size=4k"),
+                                ("ext-l2", "extended_l2=on,cluster_size=64k")] {
             try Self.tool("qemu-img", "create", "-q", "-f", "qcow2", "-o", options, dir.file(name), "1M")
             try Self.tool("qemu-io", "-c", "write -P 0x11 0 128k", dir.file(name))
             images[name] = try load(name)
@@ -312,7 +313,8 @@ struct HostileTemplates: Sendable {
         try Self.tool("qemu-img", "create", "-q", "-f", "raw", raw, "1M")
         try Self.tool("qemu-io", "-f", "raw", "-c", "write -P 0x21 0 1M", raw)
         for (name, options) in [("zlib", "compression_type=zlib"), ("zstd", "compression_type=zstd"),
-                                ("zlib-512", "compression_type=zlib,cluster_size=512")] {
+                                ("zlib-512", "compression_type=zlib,cluster_size=512"),
+                                ("zstd-2m", "compression_type=zstd,cluster_size=2M")] {
             try Self.tool("qemu-img", "convert", "-c", "-O", "qcow2", "-o", options, raw, dir.file(name))
             images[name] = try load(name)
         }

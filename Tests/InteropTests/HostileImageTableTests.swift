@@ -49,6 +49,18 @@ import Testing
         C("data-cluster-misaligned-v2", "4k-v2", .readFails(check: 2)) {
             hostilePut64(&$0, layout($0).l2, copied | 0x50200)
         },
+        // Extended L2 entries (16 bytes: entry, subcluster bitmap) that contradict themselves.
+        C("extended-l2-allocated-without-offset", "ext-l2", .readFails(check: 2)) {
+            let l2 = layout($0).l2
+            hostilePut64(&$0, l2, 0); hostilePut64(&$0, l2 + 8, 1)
+        },
+        C("extended-l2-allocated-and-zero", "ext-l2", .readFails(check: 2)) {
+            hostilePut64(&$0, layout($0).l2 + 8, 1 << 32 | 1)
+        },
+        C("extended-l2-compressed-with-bitmap", "ext-l2", .readFails(check: 2)) {
+            let l2 = layout($0).l2
+            hostilePut64(&$0, l2, 1 << 62 | 0x50000); hostilePut64(&$0, l2 + 8, 0xffff_ffff)
+        },
         // Refcount table entries: read path ignores them; check reports them as qemu-img does.
         C("refcount-block-past-eof", "64k", .accepted(check: 2)) {
             hostilePut64(&$0, layout($0).refcountTable, 0x100_0000)
@@ -89,7 +101,7 @@ import Testing
 
     static let compressedCases: [HostileCase] = {
         var cases: [HostileCase] = []
-        for t in ["zlib", "zstd", "zlib-512"] {
+        for t in ["zlib", "zstd", "zlib-512", "zstd-2m"] {
             cases += [
                 C("compressed-past-eof-\(t)", t, .readFails(check: 2)) {
                     let c = HostileCompressed($0)
