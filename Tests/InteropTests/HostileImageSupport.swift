@@ -113,10 +113,14 @@ enum HostileLimits {
     static let killAboveKiB = 1 << 20
 }
 
+/// Where the helper is built (one folder per test process, removed when the process exits).
+let hostileHelperFolder = FileManager.default.temporaryDirectory.appendingPathComponent("simg-hostile-\(getpid())")
+
 /// The compiled helper, built once per test process.
 let hostileHelper: Result<String, HostileSetupError> = hostileCatching {
-    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("simg-hostile-\(getpid())")
+    let dir = hostileHelperFolder
     try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    atexit { try? FileManager.default.removeItem(at: hostileHelperFolder) }
     let source = dir.appendingPathComponent("hostile-run.c").path
     let binary = dir.appendingPathComponent("hostile-run").path
     try hostileHelperSource.write(toFile: source, atomically: true, encoding: .utf8)
@@ -217,34 +221,9 @@ func hostileExpectBounded(_ r: HostileRun, _ what: String, seconds: Double = Hos
     #expect(r.signal == 0 && !r.killed, "\(what): \(r)", sourceLocation: sourceLocation)
     #expect(r.elapsed < seconds, "\(what): too slow: \(r)", sourceLocation: sourceLocation)
     #expect(r.maxRSS < HostileLimits.rssBytes, "\(what): too much memory: \(r)", sourceLocation: sourceLocation)
-    HostileFigures.shared.record(r)
     // For the figures in the safety notes: HOSTILE_FIGURES=1 swift test --filter HostileImage
     if ProcessInfo.processInfo.environment["HOSTILE_FIGURES"] != nil {
         print("hostile-figure \(String(format: "%.3f", r.elapsed)) s \(r.maxRSS >> 10) KiB status \(r.status) \(what)")
-    }
-}
-
-/// The worst figures seen (printed at the end of the suites for the safety notes).
-final class HostileFigures: @unchecked Sendable {
-    // Sound: every access holds `lock`.
-    static let shared = HostileFigures()
-    private let lock = NSLock()
-    private(set) var runs = 0
-    private(set) var maxElapsed = 0.0
-    private(set) var maxRSS = 0
-
-    func record(_ r: HostileRun) {
-        lock.lock()
-        defer { lock.unlock() }
-        runs += 1
-        maxElapsed = max(maxElapsed, r.elapsed)
-        maxRSS = max(maxRSS, r.maxRSS)
-    }
-
-    var summary: String {
-        lock.lock()
-        defer { lock.unlock() }
-        return "\(runs) simg runs, slowest \(String(format: "%.3f", maxElapsed)) s, peak RSS \(maxRSS >> 20) MiB"
     }
 }
 
