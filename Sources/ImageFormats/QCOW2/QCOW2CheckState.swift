@@ -28,39 +28,57 @@ final class QCOW2CheckCounts {
     /// The largest count one entry may hold: the image's refcount width, capped by the array's.
     let limit: UInt64
 
-    init(clusters: Int, refcountOrder: Int) {
+    /// Most clusters counted (16 GiB of counts). The count follows the file's length, which a
+    /// hostile image or a repair of one can make huge: past this, or when memory runs out,
+    /// the check fails with ENOMEM as QEMU's g_try_realloc does, instead of trapping.
+    static let maxClusters = 1 << 32
+
+    /// For counts known to be small (unit tests): traps if the memory cannot be had.
+    convenience init(clusters: Int, refcountOrder: Int) {
+        self.init(trying: clusters, refcountOrder: refcountOrder)!
+    }
+
+    /// Nil when the memory cannot be had (the size follows the file: the check uses this one).
+    init?(trying clusters: Int, refcountOrder: Int) {
         capacity = Swift.max(clusters, 1)
-        base = .allocate(capacity: capacity)
-        base.initialize(repeating: 0, count: capacity)
+        guard capacity <= Self.maxClusters, let memory = calloc(capacity, MemoryLayout<UInt32>.stride) else {
+            return nil
+        }
+        // Sound: calloc returned zeroed memory for `capacity` UInt32s (trivial type: zero bytes
+        // are initialized values); freed in deinit.
+        base = memory.bindMemory(to: UInt32.self, capacity: capacity)
         count = clusters
         let max: UInt64 = refcountOrder == 6 ? .max : (UInt64(1) << UInt64(1 << refcountOrder)) - 1
         limit = Swift.min(max, UInt64(UInt32.max))
     }
 
-    deinit { base.deallocate() }
+    deinit { free(base) }
 
     subscript(cluster: Int) -> UInt64 {
         // Sound: only indices below `count` (all initialized) are read.
         cluster >= 0 && cluster < count ? UInt64(base[cluster]) : 0
     }
 
-    func grow(to clusters: Int) {
-        guard clusters > count else { return }
+    /// Makes `clusters` entries valid; false (nothing changed) when the memory cannot be had.
+    @discardableResult
+    func grow(to clusters: Int) -> Bool {
+        guard clusters > count else { return true }
         if clusters > capacity {
-            let newCapacity = Swift.max(clusters, capacity * 2)
-            let bigger = UnsafeMutablePointer<UInt32>.allocate(capacity: newCapacity)
-            // Sound: both blocks hold at least `capacity` elements; the rest is zeroed.
-            bigger.initialize(from: base, count: capacity)
-            (bigger + capacity).initialize(repeating: 0, count: newCapacity - capacity)
-            base.deallocate()
-            base = bigger
+            let newCapacity = Swift.max(clusters, Swift.min(capacity * 2, Self.maxClusters))
+            guard newCapacity <= Self.maxClusters,
+                  let memory = realloc(base, newCapacity * MemoryLayout<UInt32>.stride) else { return false }
+            // Sound: realloc kept the first `capacity` entries; the rest is zeroed here.
+            base = memory.bindMemory(to: UInt32.self, capacity: newCapacity)
+            (base + capacity).initialize(repeating: 0, count: newCapacity - capacity)
             capacity = newCapacity
         }
         count = clusters
+        return true
     }
 
+    /// Sets a count; nothing happens if the array cannot grow to hold it.
     func set(_ cluster: Int, _ value: UInt64) {
-        grow(to: cluster + 1)
+        guard grow(to: cluster + 1) else { return }
         base[cluster] = UInt32(truncatingIfNeeded: value)
     }
 
@@ -246,7 +264,11 @@ final class QCOW2Checker {
         let tableBytes = Int(header.refcountTableClusters) << Int(clusterBits)
         let table = QCOW2BE.words(try file.qcow2ReadBytes(count: tableBytes, at: header.refcountTableOffset))
         stored = QCOW2StoredRefcounts(file: file, clusterBits: clusterBits, order: Int(header.refcountOrder), table: table)
-        counts = QCOW2CheckCounts(clusters: Int((fileLength + clusterSize - 1) >> clusterBits), refcountOrder: Int(header.refcountOrder))
+        guard let counts = QCOW2CheckCounts(trying: Int((fileLength + clusterSize - 1) >> clusterBits),
+                                            refcountOrder: Int(header.refcountOrder)) else {
+            throw ImageCheckFailure(errno: ENOMEM, result: ImageCheckResult())
+        }
+        self.counts = counts
         stored.unalignedSignal = { [unowned self] index, offset in try self.signalCorruption(
             "Refblock offset 0x\(Self.hex(offset)) unaligned (reftable index: \(index == 0 ? "0" : "0x" + Self.hex(UInt64(index))))") }
     }
@@ -301,7 +323,10 @@ final class QCOW2Checker {
             return
         }
         let first = offset >> clusterBits, last = (end - 1) >> clusterBits
-        counts.grow(to: Int(last) + 1)
+        guard counts.grow(to: Int(last) + 1) else {
+            result.checkErrors += 1
+            return
+        }
         let base = counts.base
         for k in Int(first)...Int(last) {
             // Sound: grow made every index up to `last` valid.

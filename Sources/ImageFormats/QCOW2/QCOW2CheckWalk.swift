@@ -269,7 +269,11 @@ extension QCOW2Checker {
                             continue
                         }
                         fileLength = (try file.size() + 511) & ~511
-                        counts.grow(to: Int(clusters(fileLength)))
+                        guard counts.grow(to: Int(clusters(fileLength))) else {
+                            // As QEMU when its refcount array cannot follow the file: the check fails.
+                            result.checkErrors += 1
+                            throw ImageCheckFailure(errno: ENOMEM, result: result)
+                        }
                         result.corruptions -= 1
                         result.corruptionsFixed += 1
                         reference(offset, clusterSize)
