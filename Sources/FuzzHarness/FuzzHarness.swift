@@ -42,6 +42,8 @@ public enum FuzzHarness {
         public var kinds: [ImageFormat: Set<String>] = [:]
         /// The read-only qcow2 check ran to a result (it may have found corruption).
         public var checkCompleted = false
+        /// The repairing check (-r all, on the harness's own copy) ran to a result.
+        public var repairCompleted = false
         /// The qcow2 open was skipped because the input names a data file outside the folder.
         public var skippedDataFile = false
         /// Every error thrown, as simg would print it.
@@ -195,12 +197,50 @@ final class Workspace: @unchecked Sendable {
         do {
             _ = try ImageChecker.check(path: inputPath, format: .qcow2, repair: .none, report: { _ in })
             outcome.checkCompleted = true
-        } catch let failure as ImageCheckFailure {
-            outcome.errors.append("'\(inputPath)': check failed: errno \(failure.errno)")
         } catch {
-            outcome.errors.append("\(error)")
+            outcome.errors.append(Self.describe(error, inputPath))
+        }
+
+        // What `simg check -r all` does to a hostile image, on the harness's own copy (the
+        // input file is rewritten for every run); then the repaired image is read again.
+        if outcome.probed == .qcow2 {
+            do {
+                _ = try ImageChecker.check(path: inputPath, format: .qcow2, repair: .all, report: { _ in })
+                outcome.repairCompleted = true
+            } catch {
+                outcome.errors.append(Self.describe(error, inputPath))
+            }
+            // A header that no longer parses makes the open fail before any name is used.
+            let repaired = storedHeader()
+            if repaired.map(dataFileIsSafe) ?? true {
+                let follow = repaired.flatMap { $0.backingFileName }.map(isPlainName) ?? false
+                exercise(format: .qcow2, followBacking: follow, &outcome)
+            }
         }
         return outcome
+    }
+
+    /// ImageCheckFailure carries no file name (simg prints "Check failed: reason"): name it here.
+    private static func describe(_ error: any Error, _ path: String) -> String {
+        if let failure = error as? ImageCheckFailure {
+            return "'\(path)': check failed: errno \(failure.errno)\(failure.message.map { ": " + $0 } ?? "")"
+        }
+        return "\(error)"
+    }
+
+    /// The header of the input file as it is now (after a repair), or nil if it does not parse.
+    private func storedHeader() -> QCOW2Header? {
+        let count = 1 << Int(QCOW2Header.maxClusterBits)
+        var bytes = [UInt8](repeating: 0, count: count)
+        let got = bytes.withUnsafeMutableBytes { buffer -> Int in
+            // Sound: pread writes at most buffer.count bytes into the buffer.
+            pread(inputFD, buffer.baseAddress!, buffer.count, 0)
+        }
+        var info = stat()
+        guard got > 0, fstat(inputFD, &info) == 0 else { return nil }
+        return bytes.withUnsafeBytes {
+            qcow2Header(UnsafeRawBufferPointer(rebasing: $0[0..<got]), fileSize: UInt64(info.st_size))
+        }
     }
 
     /// Replaces the input file's contents (same inode, so no file is left behind per run).
@@ -220,7 +260,7 @@ final class Workspace: @unchecked Sendable {
     /// The qcow2 header as the qcow2 opener parses it (same bytes: the first cluster, zero
     /// padded), or nil when it is not a valid qcow2 header (the opener then fails before
     /// looking at any name).
-    private func qcow2Header(_ bytes: UnsafeRawBufferPointer) -> QCOW2Header? {
+    private func qcow2Header(_ bytes: UnsafeRawBufferPointer, fileSize: UInt64? = nil) -> QCOW2Header? {
         func prefix(_ count: Int) -> [UInt8] {
             var out = [UInt8](repeating: 0, count: count)
             for i in 0..<min(count, bytes.count) { out[i] = bytes[i] }
@@ -233,7 +273,7 @@ final class Workspace: @unchecked Sendable {
         if magic == QCOW2Header.magic, (QCOW2Header.minClusterBits...QCOW2Header.maxClusterBits).contains(bits) {
             header = prefix(1 << Int(bits))
         }
-        return try? QCOW2Header.parse(header, fileSize: UInt64(bytes.count), path: inputPath)
+        return try? QCOW2Header.parse(header, fileSize: fileSize ?? UInt64(bytes.count), path: inputPath)
     }
 
     /// A backing name that resolves inside the folder (relative names are taken against the

@@ -11,6 +11,11 @@ public func fuzzInitialize(_ argc: UnsafeMutablePointer<Int32>,
     if let flag = getenv("SIMG_FUZZ_IN_FOLDER"), String(cString: flag) == "1" {
         FuzzHarness.enterPrivateFolder()
     }
+    // The repairing check writes to the harness's copy of the input, in /dev/shm (memory):
+    // a repair that would grow a file past 64 MiB fails with EFBIG instead of filling it.
+    signal(SIGXFSZ, SIG_IGN)
+    var limit = rlimit(rlim_cur: 64 << 20, rlim_max: 64 << 20)
+    _ = setrlimit(__rlimit_resource_t(RLIMIT_FSIZE.rawValue), &limit)
     return 0
 }
 
