@@ -129,7 +129,10 @@ final class Workspace: @unchecked Sendable {
         if access(base, W_OK) != 0 {
             base = getenv("TMPDIR").map { String(cString: $0) } ?? "/tmp"
         }
-        var template = Array("\(base)/simg-fuzz-XXXXXX".utf8CString)
+        removeAbandonedFolders(in: base)
+        // The process id in the name lets a later run remove the folder if this process dies
+        // without running its atexit handler (libFuzzer ends workers with _Exit, crashes do).
+        var template = Array("\(base)/\(folderPrefix)\(getpid())-XXXXXX".utf8CString)
         let made = template.withUnsafeMutableBufferPointer { buffer -> Bool in
             // Sound: the buffer is NUL-terminated and mkdtemp writes only the X's in place.
             mkdtemp(buffer.baseAddress!) != nil
@@ -145,10 +148,33 @@ final class Workspace: @unchecked Sendable {
         madeFolder = folder
         atexit {
             guard let folder = Workspace.madeFolder else { return }
-            for name in ["input", "backing.raw", "data.raw"] { unlink("\(folder)/\(name)") }
+            for name in Workspace.fileNames { unlink("\(folder)/\(name)") }
             rmdir(folder)
         }
         return Workspace(folder: folder, inputPath: inputPath, inputFD: fd)
+    }
+
+    private static let folderPrefix = "simg-fuzz-"
+    private static let fileNames = ["input", "backing.raw", "data.raw"]
+
+    /// Removes the folders of harness processes that no longer run (only the files the harness
+    /// makes; a folder with anything else in it stays).
+    private static func removeAbandonedFolders(in base: String) {
+        guard let dir = opendir(base) else { return }
+        defer { closedir(dir) }
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                // Sound: d_name is a NUL-terminated array inside the dirent.
+                String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
+            }
+            guard name.hasPrefix(folderPrefix) else { continue }
+            let rest = name.dropFirst(folderPrefix.count)
+            guard let dash = rest.firstIndex(of: "-"), let pid = Int32(rest[rest.startIndex..<dash]), pid > 0 else { continue }
+            guard kill(pid, 0) != 0 && errno == ESRCH else { continue }
+            let folder = "\(base)/\(name)"
+            for file in fileNames { unlink("\(folder)/\(file)") }
+            rmdir(folder)
+        }
     }
 
     /// A small raw file with a recognisable pattern (each 512-byte sector starts with its number).

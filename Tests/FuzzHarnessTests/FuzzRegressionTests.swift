@@ -160,10 +160,14 @@ let fuzzSimgBinary: String = {
     return root.appendingPathComponent(".build/debug/simg").path
 }()
 
+/// A folder of its own, in /dev/shm when there is one: where the fuzzer ran (tmpfs takes
+/// files up to 2^63 bytes, so a repair that grows the file reaches the paths it reached there).
 struct FuzzTempDir {
     let path: String
     init() throws {
-        path = FileManager.default.temporaryDirectory.appendingPathComponent("simg-fuzz-test-\(UUID().uuidString)").path
+        let shm = "/dev/shm"
+        let base = access(shm, W_OK) == 0 ? URL(fileURLWithPath: shm) : FileManager.default.temporaryDirectory
+        path = base.appendingPathComponent("simg-fuzz-test-\(UUID().uuidString)").path
         try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
     }
     func remove() { try? FileManager.default.removeItem(atPath: path) }
