@@ -40,9 +40,11 @@ echo "fuzz.sh: fuzzing for $seconds s (log: $log)"
 # libFuzzer never writes the crashing input. SIMG_FUZZ_IN_FOLDER=1: the harness works in its
 # private folder (all paths given here are absolute). -fork=1 with -ignore_*: one worker
 # process at a time that is restarted after a crash, so one run can find several bugs.
+# -handle_xfsz=0: the harness caps file growth (RLIMIT_FSIZE) and ignores SIGXFSZ, so a repair
+# growing its copy past the cap gets EFBIG; libFuzzer would count the signal as a crash.
 set +e
 SWIFT_BACKTRACE=enable=no SIMG_FUZZ_IN_FOLDER=1 "$bin" \
-    -fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1 \
+    -fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1 -handle_xfsz=0 \
     -max_total_time="$seconds" -timeout="${FUZZ_TIMEOUT:-2}" -rss_limit_mb=2048 -max_len=262144 \
     -dict="$root/Fuzz/qcow2.dict" -artifact_prefix="$work/artifacts/" \
     ${FUZZ_ARGS:-} "$work/corpus" "$seeds" >"$log" 2>&1
@@ -64,11 +66,11 @@ if [ "$after" -gt "$before" ]; then
     for f in $(ls -t "$work/artifacts" | head -n $((after - before))); do
         start=$(date +%s.%N)
         rc=0
-        SWIFT_BACKTRACE=enable=no timeout 60 "$bin" "$work/artifacts/$f" >/dev/null 2>&1 || rc=$?
+        SWIFT_BACKTRACE=enable=no timeout 60 "$bin" -handle_xfsz=0 "$work/artifacts/$f" >/dev/null 2>&1 || rc=$?
         awk -v f="$f" -v rc="$rc" -v a="$start" -v b="$(date +%s.%N)" \
             'BEGIN { printf "  %s: exit %s in %.2f s\n", f, rc, b - a }' >&2
     done
-    echo "fuzz.sh: fix each, then add it to Fuzz/regressions/ (replay with a backtrace: $bin FILE)" >&2
+    echo "fuzz.sh: fix each, then add it to Fuzz/regressions/ (replay with a backtrace: $bin -handle_xfsz=0 FILE)" >&2
     exit 1
 fi
 [ "$status" -eq 0 ] || { echo "fuzz.sh: libFuzzer failed; see $log" >&2; exit 1; }
