@@ -110,6 +110,12 @@ func hostileVerify(_ c: HostileCase, sourceLocation: SourceLocation = #_sourceLo
         checkStatus = status
         #expect(check.status == status && !check.stderr.isEmpty, "\(c.name): check should exit \(status): \(check)",
                 sourceLocation: sourceLocation)
+        // A check that cannot open the image names it; one that opened it and gave up says
+        // qemu-img's "Check failed: <reason>", which names no file (qemu-img's neither).
+        if check.status == 1 {
+            #expect(check.stderr.contains(image) || check.stderr.contains("Check failed"),
+                    "\(c.name): check should name \(image): \(check)", sourceLocation: sourceLocation)
+        }
     case .readFails(let status):
         expectSucceeds("info", info)
         expectSucceeds("info --output=json", json)
