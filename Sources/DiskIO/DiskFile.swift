@@ -32,7 +32,9 @@ public final class DiskFile: @unchecked Sendable {
     /// Opens an existing file.
     /// The corresponding C function is open.
     public static func open(_ path: String, access: Access, direct: Bool = false) throws -> DiskFile {
-        var flags = access == .readOnly ? O_RDONLY : O_RDWR
+        // O_CLOEXEC: a child process (a test runner's qemu-img, anything spawned) must not
+        // inherit the descriptor, or it would keep the file's image locks alive after we close it.
+        var flags = (access == .readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC
         if direct { flags |= simg_o_direct() }
         let fd = simg_open(path, flags, 0)
         if fd < 0 {
@@ -55,7 +57,7 @@ public final class DiskFile: @unchecked Sendable {
     /// The lock lasts as long as the returned file stays open.
     public static func create(_ path: String, exclusive: Bool = false, direct: Bool = false,
                               lock: ImageLock? = .creator) throws -> DiskFile {
-        var flags = O_RDWR | O_CREAT
+        var flags = O_RDWR | O_CREAT | O_CLOEXEC  // O_CLOEXEC: see open
         if exclusive { flags |= O_EXCL }
         if direct { flags |= simg_o_direct() }
         let fd = simg_open(path, flags, 0o644)
