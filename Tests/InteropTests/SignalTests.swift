@@ -19,7 +19,7 @@ struct SignalTests {
     func convertStopsOnSIGINT(_ format: String) throws {
         let dir = try TempDir()
         let source = dir.file("src.raw")
-        try signalWritePattern(source, mebibytes: 192)
+        try signalWritePattern(source, mebibytes: 128)
         let before = try signalHash(source)
         let out = dir.file("out.\(format)")
         // 4 KiB requests one at a time, O_DIRECT both sides: several seconds of steady work
@@ -63,8 +63,8 @@ struct SignalTests {
         // The overlay (empty) over a raw base full of data; the new base is empty, so safe
         // mode copies every cluster into the overlay.
         let oldBase = dir.file("old.raw")
-        try signalWritePattern(oldBase, mebibytes: 320)
-        _ = try qemuImg("create", "-q", "-f", "qcow2", dir.file("new.qcow2"), "320M")
+        try signalWritePattern(oldBase, mebibytes: 256)
+        _ = try qemuImg("create", "-q", "-f", "qcow2", dir.file("new.qcow2"), "256M")
         let overlay = dir.file("ov.qcow2")
         _ = try qemuImg("create", "-q", "-f", "qcow2", "-b", oldBase, "-F", "raw", overlay)
         let initialSize = signalFileSize(overlay)
@@ -93,7 +93,7 @@ struct SignalTests {
     @Test func checkRepairStopsOnSIGINT() throws {
         let dir = try TempDir()
         let image = dir.file("leaky.qcow2")
-        try signalMakeLeakyImage(image, size: "32G")
+        try signalMakeLeakyImage(image, size: "16G")
         let child = try SignalChild(simgBinary, ["check", "-r", "leaks", image], in: dir)
         defer { child.reap() }
         // simg reports each leak it repairs on stderr ("Repairing cluster ..."), as qemu-img does.
@@ -121,8 +121,9 @@ struct SignalTests {
     @Test func createQCOW2MetadataStopsOnSIGTERMAndRemovesTheFile() throws {
         let dir = try TempDir()
         let image = dir.file("huge.qcow2")
-        // 256T with preallocation=metadata writes 16 GiB of L2 tables: far longer than the test.
-        let child = try SignalChild(simgBinary, ["create", "-f", "qcow2", "-o", "preallocation=metadata", image, "256T"],
+        // 4T with preallocation=metadata writes 128 MiB of refcount blocks and 512 MiB of L2
+        // tables: many seconds of work in a debug build, yet bounded should the signal be missed.
+        let child = try SignalChild(simgBinary, ["create", "-f", "qcow2", "-o", "preallocation=metadata", image, "4T"],
                                     in: dir)
         defer { child.reap() }
         try child.waitUntil("the image has 16 MiB allocated") { signalAllocatedBytes(image) > 16 << 20 }
@@ -226,7 +227,7 @@ final class SignalChild {
 
     /// Sends `sig` and waits for the exit, polling waitpid every millisecond. Returns the
     /// seconds from kill(2) to the exit being seen.
-    func interrupt(_ sig: Int32, timeout: Double = 60) throws -> Double {
+    func interrupt(_ sig: Int32, timeout: Double = 20) throws -> Double {
         if poll() { throw SignalTestError("simg had already exited (status \(status ?? -1)) before the signal") }
         let start = signalNow()
         guard kill(pid, sig) == 0 else { throw SignalTestError("kill failed: errno \(errno)") }
@@ -345,7 +346,7 @@ func signalWritePattern(_ path: String, mebibytes: Int) throws {
 }
 
 /// A qcow2 image of `size` made with preallocation=metadata whose L1 table is then cleared:
-/// every L2 table and every data cluster is leaked (32G: half a million leaked clusters).
+/// every L2 table and every data cluster is leaked (16G: a quarter of a million leaked clusters).
 func signalMakeLeakyImage(_ path: String, size: String) throws {
     _ = try qemuImg("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", path, size)
     let handle = try #require(FileHandle(forUpdatingAtPath: path))
