@@ -106,7 +106,7 @@ extension DiskFile {
             for entry in ImagePermissions.named where lock.unshared.contains(entry.permission) {
                 try setLockByte(ImageLock.unsharedBase + entry.bit, type: .shared)
             }
-            if let conflict = try lockConflict(lock) { throw conflict }
+            if let conflict = try settledConflict(lock) { throw conflict }
         } catch {
             // Leave no byte behind: a half-taken lock would block others for nothing.
             try? unlockImage()
@@ -130,6 +130,27 @@ extension DiskFile {
             }
         }
         return nil
+    }
+
+    /// The conflict `lock` meets, looking again a few times over about 0.2 s before
+    /// believing it.
+    ///
+    /// Why not at once as QEMU does: in a process with several threads, a child another
+    /// thread spawns gets a copy of every descriptor for the moment between fork and exec
+    /// (O_CLOEXEC closes them only at exec), so a file this process closed a moment ago can
+    /// still show its lock bytes. That ghost vanishes within milliseconds; a real user of the
+    /// image (QEMU, qemu-nbd, another simg) does not, and is refused a fraction of a second
+    /// later than it would be otherwise.
+    private func settledConflict(_ lock: ImageLock) throws -> ImageLockError? {
+        var delay: UInt32 = 1_000
+        var waited: UInt32 = 0
+        while true {
+            guard let conflict = try lockConflict(lock) else { return nil }
+            if waited >= 200_000 { return conflict }
+            usleep(delay)
+            waited += delay
+            delay = min(delay * 2, 50_000)
+        }
     }
 
     /// Releases every QEMU lock byte this description holds (closing the file does too).
