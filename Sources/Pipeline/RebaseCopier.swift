@@ -178,12 +178,21 @@ public enum RebaseCopier {
         mutating func writeOld(_ from: UInt64, _ to: UInt64, oldPart: UnsafeMutableRawBufferPointer, start: UInt64) throws {
             // Sound: [from, to) is inside [start, start + oldPart.count).
             let data = UnsafeRawBufferPointer(start: oldPart.baseAddress! + Int(from - start), count: Int(to - from))
-            if isZero(data) {
-                try overlay.writeZeroes(at: from, length: to - from)
-                stats.bytesZeroed += to - from
-            } else {
-                try overlay.write(data, at: from)
-                stats.bytesWritten += to - from
+            do {
+                if isZero(data) {
+                    try overlay.writeZeroes(at: from, length: to - from)
+                    stats.bytesZeroed += to - from
+                } else {
+                    try overlay.write(data, at: from)
+                    stats.bytesWritten += to - from
+                }
+            } catch let error as ImageError {
+                // qemu-img's words, plus the guest byte; the cause (the IOError) names the file
+                // and the host offset.
+                throw ImageError(path: overlay.path, message: "Error while writing to COW image at byte \(from)",
+                                 cause: error.cause is IOError ? error.cause : error)
+            } catch let error as IOError {
+                throw ImageError(path: overlay.path, message: "Error while writing to COW image at byte \(from)", cause: error)
             }
         }
     }
