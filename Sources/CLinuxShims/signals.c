@@ -29,8 +29,15 @@ int simg_signals_install(int interrupts) {
     action.sa_handler = on_signal;
     sigemptyset(&action.sa_mask);
     action.sa_flags = SA_RESETHAND;  // deliberately no SA_RESTART
-    if (sigaction(SIGINT, &action, NULL) != 0) return -errno;
-    if (sigaction(SIGTERM, &action, NULL) != 0) return -errno;
+    // A signal ignored on entry stays ignored (the Unix etiquette: a non-interactive shell
+    // starts background jobs with SIGINT ignored, nohup-like wrappers do the same).
+    const int signals[2] = {SIGINT, SIGTERM};
+    for (int i = 0; i < 2; i++) {
+        struct sigaction old;
+        if (sigaction(signals[i], NULL, &old) != 0) return -errno;
+        if (old.sa_handler == SIG_IGN) continue;
+        if (sigaction(signals[i], &action, NULL) != 0) return -errno;
+    }
     return 0;
 }
 

@@ -7,7 +7,8 @@
 /// with EPIPE/EFBIG instead of killing the process. With `interrupts` nonzero, also installs the
 /// SIGINT and SIGTERM handler (without SA_RESTART: blocking calls see EINTR and the callers
 /// retry them, then poll). The handler resets its signal to the default disposition, so a
-/// second Ctrl-C kills at once. Returns 0 or -errno.
+/// second Ctrl-C kills at once. A signal already ignored on entry (a background job of a
+/// non-interactive shell) is left ignored. Returns 0 or -errno.
 int simg_signals_install(int interrupts);
 
 /// The first interrupting signal received since install (or the last clear), or 0.
