@@ -49,6 +49,9 @@ public struct ImageLock: Sendable, Hashable {
     /// qemu-img -U (force share): only byte 100, so nothing is refused to others and only an
     /// opener that refuses to share "consistent read" (none of qemu-img's) blocks us.
     public static let forceShare = ImageLock(held: [.consistentRead], unshared: [])
+    /// qemu-img info on a qcow2 image: holds nothing, but no one may write or resize its
+    /// metadata meanwhile (201, 203).
+    public static let inspector = ImageLock(held: [], unshared: [.write, .resize])
     /// A qcow2 image's external data file opened for writing: QEMU shares "write" on it
     /// (the qcow2 file's own lock already guards the image): 100, 101, 103, 203.
     public static let dataFileWriter = ImageLock(held: [.consistentRead, .write, .resize], unshared: [.resize])

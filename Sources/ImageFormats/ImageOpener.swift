@@ -36,16 +36,21 @@ public enum ImageLocking: Sendable {
     /// file through a descriptor of its own while this open image keeps the locks.
     case writer
     /// No locks at all: for looking at a file this process already has open (a second
-    /// description of it would otherwise conflict with our own locks).
+    /// description of it would otherwise conflict with our own locks), and for info -U.
     case none
+    /// What qemu-img info takes: a qcow2 image (each one of the chain) refuses writers and
+    /// resizers but holds nothing (its metadata must not change under it); a raw image takes
+    /// no lock at all, so a running VM's raw disk can always be inspected.
+    case inspect
 
-    /// The lock of the top image's file.
-    func top(writable: Bool) -> ImageLock? {
+    /// The lock of the top image's file (`image` is already open, read-only unless `writable`).
+    func top(_ image: any DiskImage, writable: Bool) -> ImageLock? {
         switch self {
         case .standard: return writable ? .writer : .reader
         case .forceShare: return .forceShare
         case .writer: return .writer
         case .none: return nil
+        case .inspect: return image.format == .qcow2 ? .inspector : nil
         }
     }
 
@@ -55,7 +60,7 @@ public enum ImageLocking: Sendable {
         case .standard: return writable ? .dataFileWriter : .reader
         case .forceShare: return .forceShare
         case .writer: return .dataFileWriter
-        case .none: return nil
+        case .none, .inspect: return nil
         }
     }
 
@@ -65,6 +70,7 @@ public enum ImageLocking: Sendable {
         case .standard, .writer: return .standard
         case .forceShare: return .forceShare
         case .none: return .none
+        case .inspect: return .inspect
         }
     }
 }
@@ -132,7 +138,7 @@ public enum ImageOpener {
     static func lock(_ image: any DiskImage, _ locking: ImageLocking, writable: Bool) throws {
         let main = mainFile(of: image)
         do {
-            if let lock = locking.top(writable: writable) { try main.lock(lock) }
+            if let lock = locking.top(image, writable: writable) { try main.lock(lock) }
             if image.dataFile !== main, let lock = locking.dataFile(writable: writable) {
                 try image.dataFile.lock(lock)
             }

@@ -7,7 +7,8 @@ import ImageFormats
 enum Backend {
     /// The info of `path` and, for `chain`, of every image below it. Only with `chain` are
     /// backing files opened (qemu-img info reads the backing name from the header alone).
-    /// Each image is locked as a reader, or with `forceShare` (-U) only as qemu-img -U does.
+    /// Each image is locked as qemu-img info locks it (a qcow2 image refuses writers, a raw
+    /// one takes nothing), or with `forceShare` (-U) not at all, as qemu-img info -U.
     static func infos(path: String, format: ImageFormat?, chain: Bool, forceShare: Bool = false) throws -> [ImageInfo] {
         // WORKAROUND until the library refuses directories itself: qemu-img's file driver only
         // opens regular files and devices, with this message.
@@ -18,7 +19,7 @@ enum Backend {
         do {
             top = try ImageOpener.open(path, options: OpenOptions(format: format, writable: false,
                                                                   direct: false, openBacking: chain,
-                                                                  locking: forceShare ? .forceShare : .standard))
+                                                                  locking: forceShare ? .none : .inspect))
         } catch {
             throw CLIError(openFailure(error, path: path))
         }

@@ -154,6 +154,7 @@ enum CheckCommand {
         case .standard: .reader
         case .writer: .writer
         case .forceShare: .forceShare
+        case .inspect: .inspector
         case .none: nil
         }
         do {

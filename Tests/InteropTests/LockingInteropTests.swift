@@ -92,6 +92,11 @@ struct LockingInteropTests {
         #expect(info.status == 0, "\(info.stderr)")
         let qemuInfo = try run("qemu-img", ["info", "-U", "--output=json", "held.qcow2"], in: dir.path)
         #expect(info.stdout == qemuInfo.stdout)
+        // qemu-img info takes no lock on a raw image (a running VM's raw disk can always be
+        // inspected): neither does simg's.
+        let raw = try run(simgBinary, ["info", "-f", "raw", "held.qcow2"], in: dir.path)
+        #expect(raw.status == 0, "\(raw.stderr)")
+        #expect(raw.stdout == (try run("qemu-img", ["info", "-f", "raw", "held.qcow2"], in: dir.path)).stdout)
         let long = try run(simgBinary, ["info", "--force-share", "held.qcow2"], in: dir.path)
         #expect(long.status == 0, "\(long.stderr)")
         let sharedCheck = try run(simgBinary, ["check", "-U", "held.qcow2"], in: dir.path)
