@@ -92,7 +92,8 @@ extension DiskFile {
     /// first sets every byte (all as shared read locks), then tests for conflicts.
     ///
     /// Setting before testing closes the race of two processes that each test, see nothing,
-    /// and then both lock: whichever tests second sees the other's bytes. The bytes are read
+    /// and then both lock: whichever tests second sees the other's bytes (if both test at
+    /// the same instant, both are refused, as two QEMUs would be: never both let in). The bytes are read
     /// locks, so setting never fails because of another reader; conflicts only show when we
     /// test with a write lock (F_OFD_GETLK with F_WRLCK reports any other description's
     /// lock on the byte, never our own).
@@ -100,7 +101,8 @@ extension DiskFile {
     /// On a conflict every lock byte of this description is released again and an
     /// `ImageLockError` is thrown (failures of fcntl itself are `IOError`s). The locks live as
     /// long as the open file description: closing the file drops them, so a crashed simg
-    /// never leaves an image locked.
+    /// never leaves an image locked. Meant to be called once, on a fresh description: a
+    /// second call adds bytes, and a failed one releases all of them.
     public func lock(_ lock: ImageLock) throws {
         do {
             for entry in ImagePermissions.named where lock.held.contains(entry.permission) {
