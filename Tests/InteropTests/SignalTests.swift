@@ -56,6 +56,27 @@ struct SignalTests {
         #expect(try signalHash(source) == before)
     }
 
+    /// A SIGINT ignored on entry (as a non-interactive shell starts background jobs) stays
+    /// ignored: the conversion runs to the end.
+    @Test func ignoredSIGINTStaysIgnored() throws {
+        let dir = try TempDir()
+        let source = dir.file("src.raw")
+        try signalWritePattern(source, mebibytes: 24)
+        let out = dir.file("out.qcow2")
+        // `trap "" INT` sets SIG_IGN, which exec keeps.
+        let command = ["convert", "-O", "qcow2", "-t", "none", "-T", "none", "--buffer-size", "4096",
+                       "--queue-depth", "1", source, out].map { "'\($0)'" }.joined(separator: " ")
+        let child = try SignalChild("/bin/sh", ["-c", "trap '' INT; exec '\(simgBinary)' \(command)"], in: dir,
+                                    defaultSignals: [SIGTERM])
+        defer { child.reap() }
+        try child.waitUntil("the output grows past 1 MiB") { signalFileSize(out) > 1 << 20 }
+        #expect(kill(child.pid, SIGINT) == 0)
+        try child.waitUntil("simg exits", timeout: 120, exitIsExpected: true) { false }
+        #expect(child.exitCode == 0, "status \(child.status ?? -1): \(child.stderr)")
+        let compare = try qemuImgResult(["compare", "-F", "raw", out, source])
+        #expect(compare.status == 0, "\(compare.stdout)\(compare.stderr)")
+    }
+
     // MARK: - rebase
 
     @Test func rebaseStopsOnSIGINTAndKeepsContent() throws {
@@ -150,7 +171,9 @@ final class SignalChild {
     private(set) var status: Int32?
     private var reaped = false
 
-    init(_ program: String, _ arguments: [String], in dir: TempDir) throws {
+    /// `defaultSignals` get the default disposition in the child (the test runner's may differ).
+    init(_ program: String, _ arguments: [String], in dir: TempDir,
+         defaultSignals: [Int32] = [SIGINT, SIGTERM, SIGPIPE, SIGXFSZ]) throws {
         let tag = UUID().uuidString.prefix(8)
         stdoutPath = dir.file("child-\(tag).out")
         stderrPath = dir.file("child-\(tag).err")
@@ -169,7 +192,7 @@ final class SignalChild {
         posix_spawnattr_setsigmask(&attributes, &empty)
         var defaults = sigset_t()
         sigemptyset(&defaults)
-        for sig in [SIGINT, SIGTERM, SIGPIPE, SIGXFSZ] { sigaddset(&defaults, sig) }
+        for sig in defaultSignals { sigaddset(&defaults, sig) }
         posix_spawnattr_setsigdefault(&attributes, &defaults)
         posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
 
@@ -217,11 +240,14 @@ final class SignalChild {
     }
 
     /// Polls `condition` every 5 ms until it holds. Fails if the child exits first (the work
-    /// finished or failed before it could be interrupted) or after `timeout` seconds.
-    func waitUntil(_ what: String, timeout: Double = 120, _ condition: () -> Bool) throws {
+    /// finished or failed before it could be interrupted; unless `exitIsExpected`) or after
+    /// `timeout` seconds.
+    func waitUntil(_ what: String, timeout: Double = 120, exitIsExpected: Bool = false,
+                   _ condition: () -> Bool) throws {
         let deadline = signalNow() + timeout
         while !condition() {
             if poll() {
+                if exitIsExpected { return }
                 throw SignalTestError("simg exited (status \(status ?? -1)) before \(what): \(stderr.suffix(600))")
             }
             if signalNow() > deadline { throw SignalTestError("timed out waiting until \(what)") }
