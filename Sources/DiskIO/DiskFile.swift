@@ -208,7 +208,13 @@ public final class DiskFile: @unchecked Sendable {
     }
 
     /// The corresponding C function is fdatasync.
+    ///
+    /// Once SIGINT/SIGTERM is pending this throws `InterruptedError` instead of syncing: a sync
+    /// of a large page cache can take seconds, and the process is about to stop. Nothing the
+    /// caller meant to write after the sync is written, so the write ordering still holds; only
+    /// durability against power loss of what is already written is not waited for.
     public func sync() throws {
+        try Interruption.check()
         let r = simg_fdatasync(fd)
         if r < 0 { throw IOError(code: -r, operation: "sync", path: path) }
     }
