@@ -84,7 +84,7 @@ public enum ImageCreator {
                 // Only a regular file is removed (never a device node given as the target).
                 var st = stat()
                 if lstat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG { _ = unlink(path) }
-                throw error
+                throw error.naming(path, outcome: ZeroBuffer.newImageOutcome)
             }
         case .qcow2:
             do {
@@ -104,6 +104,9 @@ public enum ImageCreator {
                 let inUse = ((error as? ImageError)?.cause as? ImageLockError)?.path
                 if inUse != path { _ = unlink(path) }
                 if let data = options.string("data_file"), inUse != data { _ = unlink(data) }
+                if let interrupted = error as? InterruptedError {
+                    throw interrupted.naming(path, outcome: ZeroBuffer.newImageOutcome)
+                }
                 throw error
             }
         }

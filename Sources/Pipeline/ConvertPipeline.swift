@@ -186,7 +186,12 @@ public final class ConvertPipeline {
             if let interrupted = firstError as? InterruptedError { throw interrupted.naming(target.path) }
             throw firstError
         }
-        try target.finish()
+        do {
+            try target.finish()
+        } catch let interrupted as InterruptedError {
+            // A signal during the final flush: its syncs stop short (DiskFile.sync).
+            throw interrupted.naming(target.path)
+        }
         stats.seconds = monotonicSeconds() - start
         return stats
     }
