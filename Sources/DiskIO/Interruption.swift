@@ -49,7 +49,8 @@ public struct InterruptedError: Error, CustomStringConvertible, Equatable, Senda
 public enum Interruption {
     /// Installs the handler and ignores SIGPIPE and SIGXFSZ (a file size limit then fails the
     /// write with EFBIG, which is reported like any other write error, instead of killing simg).
-    /// Calling it again is harmless; it also re-arms the handler after a signal.
+    /// A SIGINT/SIGTERM ignored on entry (a background job of a non-interactive shell) is left
+    /// ignored. Calling it again is harmless; a pending signal stays pending.
     public static func install() {
         // sigaction only fails for invalid arguments; there is nothing useful to do about it.
         _ = simg_signals_install(1)
