@@ -93,6 +93,12 @@ enum RebaseCommand {
                 // qemu names the file as given, then the open(2) failure once, with the resolved name.
                 var reason = CheckCommand.openFailure(error, path: resolved)
                 if let io = error as? IOError, io.operation == "open" { reason = "\(io)" }
+                // A lock conflict is QEMU's own error, without the "Could not open" qemu-img's
+                // image opener adds: "... new backing file 'x': Failed to get shared ...".
+                let opener = "Could not open '\(resolved)': "
+                if ImageOpener.failedOnLock(error) && reason.hasPrefix(opener) {
+                    reason.removeFirst(opener.count)
+                }
                 throw CLIError("Could not open new backing file '\(newName)': \(reason)")
             }
         }

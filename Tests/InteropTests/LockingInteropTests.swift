@@ -172,6 +172,36 @@ struct LockingInteropTests {
         #expect(repair.status == 0, "\(repair.stderr)")
     }
 
+    /// rebase onto a new backing file (or a chain reaching one) another process writes: refused
+    /// as qemu-img refuses it, overlay untouched; -U shares the new backing file.
+    @Test func rebaseOntoABackingFileInUse() throws {
+        let dir = try TempDir()
+        _ = try qemuImg("create", "-q", "-f", "qcow2", dir.file("base.qcow2"), "4M")
+        let (newBase, _) = try makeImage(dir, "new.qcow2")
+        _ = try qemuImg("create", "-q", "-f", "qcow2", "-b", "new.qcow2", "-F", "qcow2", dir.file("above.qcow2"))
+        let overlay = dir.file("ov.qcow2")
+        _ = try qemuImg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", overlay)
+        _ = try runOK("/bin/cp", [overlay, dir.file("ov.orig")])
+        let holder = try LockHelperProcess("qemu-io", ["new.qcow2"], in: dir.path,
+                                           holding: newBase, bytes: Self.qemuWriterBytes)
+        defer { holder.stop() }
+        for (name, reason) in [("new.qcow2", Self.sharedWriteLock("new.qcow2")),
+                               ("above.qcow2", "Could not open backing file: " + Self.sharedWriteLock("new.qcow2"))] {
+            let r = try run(simgBinary, ["rebase", "-b", name, "-F", "qcow2", "ov.qcow2"], in: dir.path)
+            _ = try runOK("/bin/cp", [dir.file("ov.orig"), dir.file("q.qcow2")])
+            let q = try run("qemu-img", ["rebase", "-b", name, "-F", "qcow2", "q.qcow2"], in: dir.path)
+            #expect(r.status == 1)
+            #expect(q.status == 1)
+            #expect(r.stderr == "simg: Could not open new backing file '\(name)': \(reason)\n")
+            #expect(r.stderr.dropFirst("simg".count) == q.stderr.dropFirst("qemu-img".count))
+            #expect(try filesEqual(overlay, dir.file("ov.orig")))
+        }
+        let shared = try run(simgBinary, ["rebase", "-U", "-b", "new.qcow2", "-F", "qcow2", "ov.qcow2"], in: dir.path)
+        #expect(shared.status == 0, "\(shared.stderr)")
+        let info = try jsonObject(try qemuImg("info", "-U", "--output=json", overlay).stdout)
+        #expect(info["backing-filename"] as? String == "new.qcow2")
+    }
+
     /// qemu-nbd serving an image holds it like a writer.
     @Test func qemuNbdServingTheImage() throws {
         let dir = try TempDir()
