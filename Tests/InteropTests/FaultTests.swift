@@ -30,6 +30,27 @@ struct FaultTests {
         #expect(try signalHash(source) == before)
     }
 
+    /// Limits that cut the output at different places: inside the metadata create writes (the
+    /// new image is removed), the first data cluster, an L2 table, later data runs.
+    @Test(arguments: [[], ["-t", "none"], ["-c"]])
+    func convertToQCOW2FailsCleanlyAtAnyLimit(_ extra: [String]) throws {
+        let dir = try TempDir()
+        let source = try faultSource(dir)
+        let before = try signalHash(source)
+        for limit in [131_072, 262_144, 393_216, 1 << 20, 2_162_688, 4_259_840, 8_454_144] {
+            let out = dir.file("out-\(limit).qcow2")
+            let r = try run("prlimit", ["--fsize=\(limit)", simgBinary, "convert", "-O", "qcow2"] + extra + [source, out])
+            faultExpectWriteError(r, file: out, reason: "File too large")
+            if FileManager.default.fileExists(atPath: out) {
+                try signalExpectNotCorrupt(out)
+            } else {
+                // Failed while being created: removed, as qemu-img does.
+                #expect(r.stderr.contains("Could not write the new image"), "\(limit): \(r.stderr)")
+            }
+        }
+        #expect(try signalHash(source) == before)
+    }
+
     @Test func convertToRawPastTheFileSizeLimit() throws {
         let dir = try TempDir()
         let source = try faultSource(dir)
