@@ -82,6 +82,25 @@ struct FaultTests {
         try faultExpectRebaseUndone(chain)
     }
 
+    /// Limits that stop the copy at its first data cluster, inside a run, at a new L2 table,
+    /// later: each time the overlay is left on its old base, reading as before.
+    @Test func rebaseFailsCleanlyAtAnyLimit() throws {
+        let dir = try TempDir()
+        let chain = try faultRebaseChain(dir, overlayDir: dir.path)
+        let pristine = dir.file("pristine.qcow2")
+        try FileManager.default.copyItem(atPath: chain.overlay, toPath: pristine)
+        let size = signalFileSize(pristine)
+        for extra: UInt64 in [0, 4096, 65536, 200_000, 1 << 20, 4 << 20] {
+            try? FileManager.default.removeItem(atPath: chain.overlay)
+            try FileManager.default.copyItem(atPath: pristine, toPath: chain.overlay)
+            let r = try run("prlimit", ["--fsize=\(size + extra)", simgBinary,
+                                        "rebase", "-b", chain.newBase, "-F", "qcow2", chain.overlay])
+            faultExpectWriteError(r, file: chain.overlay, reason: "File too large")
+            #expect(r.stderr.contains("Error while writing to COW image at byte "), "\(r.stderr)")
+            try faultExpectRebaseUndone(chain)
+        }
+    }
+
     // MARK: - Full file system (ENOSPC)
 
     @Test(.enabled(if: faultTmpfsPermitted, "mount -t tmpfs is not permitted here (needs root or CAP_SYS_ADMIN)"),
