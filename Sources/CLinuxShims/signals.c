@@ -15,15 +15,17 @@ static void on_signal(int sig) {
     // SA_RESETHAND already restored SIG_DFL: a second Ctrl-C kills at once.
 }
 
-int simg_signals_install(int interrupts) {
+int simg_signals_ignore_write_signals(void) {
     struct sigaction ignore;
     memset(&ignore, 0, sizeof ignore);
     ignore.sa_handler = SIG_IGN;
     sigemptyset(&ignore.sa_mask);
     if (sigaction(SIGPIPE, &ignore, NULL) != 0) return -errno;
     if (sigaction(SIGXFSZ, &ignore, NULL) != 0) return -errno;
-    if (!interrupts) return 0;
+    return 0;
+}
 
+int simg_signals_install(void) {
     struct sigaction action;
     memset(&action, 0, sizeof action);
     action.sa_handler = on_signal;

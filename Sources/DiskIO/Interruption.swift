@@ -47,19 +47,20 @@ public struct InterruptedError: Error, CustomStringConvertible, Equatable, Senda
 /// The handler is installed without SA_RESTART, so a blocking system call returns EINTR;
 /// DiskFile and the I/O engines retry those, and the next `check()` sees the signal.
 public enum Interruption {
-    /// Installs the handler and ignores SIGPIPE and SIGXFSZ (a file size limit then fails the
-    /// write with EFBIG, which is reported like any other write error, instead of killing simg).
-    /// A SIGINT/SIGTERM ignored on entry (a background job of a non-interactive shell) is left
-    /// ignored. Calling it again is harmless; a pending signal stays pending.
+    /// Installs the SIGINT/SIGTERM handler. A signal ignored on entry (a background job of a
+    /// non-interactive shell) is left ignored. Calling it again is harmless; a pending signal
+    /// stays pending.
     public static func install() {
         // sigaction only fails for invalid arguments; there is nothing useful to do about it.
-        _ = simg_signals_install(1)
+        _ = simg_signals_install()
     }
 
-    /// Only ignores SIGPIPE and SIGXFSZ; SIGINT/SIGTERM keep killing at once. For commands
-    /// that write nothing, where dying at any point is harmless.
+    /// Ignores SIGPIPE and SIGXFSZ: a file size limit then fails the write with EFBIG (and a
+    /// closed pipe with EPIPE), reported like any other write error, instead of killing simg
+    /// half-way. Called once at startup by the executable only (ignored dispositions are
+    /// inherited by child processes, so a library or test process should not set them).
     public static func ignoreWriteSignals() {
-        _ = simg_signals_install(0)
+        _ = simg_signals_ignore_write_signals()
     }
 
     /// Throws `InterruptedError` naming `image` when a signal is pending.

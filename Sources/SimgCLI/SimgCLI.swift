@@ -8,6 +8,7 @@ public enum SimgCLI {
         // A file size limit (SIGXFSZ) or a closed pipe (SIGPIPE) must fail the write with an
         // error simg reports, not kill it half-way.
         Interruption.ignoreWriteSignals()
+        handlesInterrupts = true
         let status = run(Array(CommandLine.arguments.dropFirst()), console: .standard())
         // Stopped by SIGINT/SIGTERM at a clean point: die of the signal, as the Unix convention
         // wants, so that a calling shell script stops too.
@@ -35,6 +36,10 @@ public enum SimgCLI {
         }
         return 1
     }
+
+    /// Set by `main()` only: a test calling `run` in its own process keeps its signal handling.
+    /// nonisolated(unsafe): written once in main() before any other thread exists, read after.
+    nonisolated(unsafe) static var handlesInterrupts = false
 
     /// Whether the command writes to an image (and so must not die half-way through a write).
     static func modifiesImages(_ name: String, _ scan: ScanResult) -> Bool {
@@ -70,7 +75,7 @@ public enum SimgCLI {
             console.out(command.usage)
             return 0
         }
-        if modifiesImages(name, scan) {
+        if handlesInterrupts && modifiesImages(name, scan) {
             // Long loops poll for SIGINT/SIGTERM and stop at a point where the image is
             // consistent; read-only commands keep the default (die at once, nothing to spoil).
             Interruption.install()

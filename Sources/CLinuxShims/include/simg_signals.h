@@ -4,12 +4,14 @@
 #define SIMG_SIGNALS_H
 
 /// Ignores SIGPIPE and SIGXFSZ, so that a closed pipe or a file size limit makes write() fail
-/// with EPIPE/EFBIG instead of killing the process. With `interrupts` nonzero, also installs the
-/// SIGINT and SIGTERM handler (without SA_RESTART: blocking calls see EINTR and the callers
-/// retry them, then poll). The handler resets its signal to the default disposition, so a
-/// second Ctrl-C kills at once. A signal already ignored on entry (a background job of a
-/// non-interactive shell) is left ignored. Returns 0 or -errno.
-int simg_signals_install(int interrupts);
+/// with EPIPE/EFBIG instead of killing the process. Returns 0 or -errno.
+int simg_signals_ignore_write_signals(void);
+
+/// Installs the SIGINT and SIGTERM handler (without SA_RESTART: blocking calls see EINTR and
+/// the callers retry them, then poll). The handler resets its signal to the default
+/// disposition, so a second Ctrl-C kills at once. A signal already ignored on entry (a
+/// background job of a non-interactive shell) is left ignored. Returns 0 or -errno.
+int simg_signals_install(void);
 
 /// The first interrupting signal received since install (or the last clear), or 0.
 int simg_signals_pending(void);
