@@ -145,7 +145,11 @@ public final class ConvertPipeline {
             }
             // Plan and start chunks while buffers are free.
             while firstError == nil && position < total {
-                if Interruption.isPending { break }
+                // Also here: a long run of skipped ranges never leaves this loop otherwise.
+                if let signal = Interruption.pendingSignal {
+                    firstError = InterruptedError(signal: signal, image: target.path)
+                    break
+                }
                 let length: UInt64
                 do {
                     guard let action = try nextAction(at: position) else { break }
