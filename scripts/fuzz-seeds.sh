@@ -90,9 +90,14 @@ fi
 qimg create -f qcow2 -o cluster_size=512 -b backing.raw -F raw over.qcow2 64k
 qio -c "write -P 0xa1 4k 1k" -c "write -z 8k 1k" over.qcow2
 keep qcow2-backing-raw.qcow2 over.qcow2
-# The backing file is itself qcow2 (the harness has no such file: opening it fails).
-qimg create -f qcow2 -o cluster_size=512 -b over.qcow2 -F qcow2 over2.qcow2 64k
+# The backing file is qcow2: the harness's backing.qcow2 (over backing.raw), a chain of three.
+qimg create -f qcow2 -o cluster_size=512 -b backing.raw -F raw backing.qcow2 512k
+qimg create -f qcow2 -o cluster_size=512 -b backing.qcow2 -F qcow2 over2.qcow2 1M
+qio -c "write -P 0xa2 0 1k" -c "write -z 600k 1k" over2.qcow2
 keep qcow2-backing-qcow2.qcow2 over2.qcow2
+# A chain that comes back to itself (the harness names its input "input").
+qimg create -f qcow2 -o cluster_size=512 -u -b input -F qcow2 loop.qcow2 64k
+keep qcow2-backing-loop.qcow2 loop.qcow2
 qimg create -f qcow2 -o data_file=data.raw,cluster_size=4096 ext.qcow2 64k
 qio -c "write -P 0xb1 0 8k" ext.qcow2
 keep qcow2-data-file.qcow2 ext.qcow2

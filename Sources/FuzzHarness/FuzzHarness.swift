@@ -142,6 +142,8 @@ final class Workspace: @unchecked Sendable {
         for (name, seed) in [("backing.raw", UInt8(0x5a)), ("data.raw", UInt8(0xd7))] {
             guard writeHelper("\(folder)/\(name)", seed: seed) else { return nil }
         }
+        // A qcow2 backing file over backing.raw, so an input naming it reads a two-level chain.
+        guard makeQcow2Helper(folder) else { return nil }
         let inputPath = "\(folder)/input"
         let fd = Glibc.open(inputPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard fd >= 0 else { return nil }
@@ -155,7 +157,7 @@ final class Workspace: @unchecked Sendable {
     }
 
     private static let folderPrefix = "simg-fuzz-"
-    private static let fileNames = ["input", "backing.raw", "data.raw"]
+    private static let fileNames = ["input", "backing.raw", "data.raw", "backing.qcow2"]
 
     /// Removes the folders of harness processes that no longer run (only the files the harness
     /// makes; a folder with anything else in it stays).
@@ -174,6 +176,28 @@ final class Workspace: @unchecked Sendable {
             let folder = "\(base)/\(name)"
             for file in fileNames { unlink("\(folder)/\(file)") }
             rmdir(folder)
+        }
+    }
+
+    /// backing.qcow2: 512 KiB, 512-byte clusters, backed by backing.raw (256 KiB), 4 KiB of
+    /// its own data at 64 KiB and zeros at 128 KiB.
+    private static func makeQcow2Helper(_ folder: String) -> Bool {
+        let path = "\(folder)/backing.qcow2"
+        let request = CreateRequest(format: .qcow2, path: path, size: 512 << 10,
+                                    options: [CreateOption(name: "cluster_size", value: "512")],
+                                    backingFile: "backing.raw", backingFormat: "raw")
+        do {
+            try ImageCreator.create(request, announce: { _ in })
+            // With its backing file open: copy-on-write of a partial cluster needs it.
+            let image = try ImageOpener.open(path, options: OpenOptions(writable: true))
+            defer { try? image.close() }
+            let data = [UInt8](repeating: 0xb7, count: 4096)
+            try data.withUnsafeBytes { try image.write($0, at: 64 << 10) }
+            try image.writeZeroes(at: 128 << 10, length: 4096)
+            try image.close()
+            return true
+        } catch {
+            return false
         }
     }
 

@@ -109,6 +109,19 @@ import FuzzHarness
         #expect(refused.kinds[.qcow2] == ["backing"], "\(refused.kinds)")
     }
 
+    /// The harness's backing.qcow2 (itself over backing.raw) gives inputs a two-level chain.
+    @Test func harnessOpensItsQcow2BackingChain() throws {
+        let dir = try FuzzTempDir()
+        defer { dir.remove() }
+        let image = dir.path + "/chain.qcow2"
+        try fuzzTool("qemu-img", ["create", "-q", "-f", "qcow2", "-u", "-b", "backing.qcow2", "-F", "qcow2", image, "1M"])
+        let outcome = try FuzzHarness.run(path: image)
+        #expect(outcome.errors.isEmpty, "\(outcome.errors)")
+        // backing.qcow2 is 512 KiB: backing up to there, holes after.
+        #expect(outcome.kinds[.qcow2] == ["backing", "hole"], "\(outcome.kinds)")
+        #expect(outcome.checkCompleted)
+    }
+
     @Test func emptyAndTinyInputsAreHarmless() {
         let empty = FuzzHarness.run([])
         #expect(empty.probed == .raw)
