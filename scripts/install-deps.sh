@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian packages simg needs to build and test, only if some are missing:
-# the C libraries it links (libaio, zlib, zstd) and qemu-utils (qemu-img and qemu-io, which
-# the interoperability tests and the demo drive).
+# the C libraries it links (libaio, zlib, zstd), qemu-utils (qemu-img, qemu-io and qemu-nbd, which
+# the interoperability tests and the demo drive) and strace (the crash-consistency tests kill simg
+# at exact write boundaries with its fault injection).
 set -euo pipefail
 
-packages=(libaio-dev zlib1g-dev libzstd-dev qemu-utils)
+packages=(libaio-dev zlib1g-dev libzstd-dev qemu-utils strace)
 
 missing=()
 for package in "${packages[@]}"; do
