@@ -264,7 +264,15 @@ final class QCOW2Checker {
         let tableBytes = Int(header.refcountTableClusters) << Int(clusterBits)
         let table = QCOW2BE.words(try file.qcow2ReadBytes(count: tableBytes, at: header.refcountTableOffset))
         stored = QCOW2StoredRefcounts(file: file, clusterBits: clusterBits, order: Int(header.refcountOrder), table: table)
-        guard let counts = QCOW2CheckCounts(trying: Int((fileLength + clusterSize - 1) >> clusterBits),
+        // QEMU refuses to count more than INT_MAX host clusters (a 1 TiB file of 512-byte
+        // clusters): "Check failed: File too large". Counting them would take many seconds.
+        let hostClusters = (fileLength + clusterSize - 1) >> clusterBits
+        guard hostClusters <= UInt64(Int32.max) else {
+            var result = ImageCheckResult()
+            result.checkErrors = 1
+            throw ImageCheckFailure(errno: EFBIG, result: result)
+        }
+        guard let counts = QCOW2CheckCounts(trying: Int(hostClusters),
                                             refcountOrder: Int(header.refcountOrder)) else {
             throw ImageCheckFailure(errno: ENOMEM, result: ImageCheckResult())
         }
