@@ -29,7 +29,9 @@ main() {
     scratch="$root/Fuzz/.build"
     extra=()
     if [ "${FUZZ_ASAN:-0}" = 1 ]; then
-        sanitizers+=(--sanitize=address)
+        # SwiftPM leaves the coverage instrumentation off the dependencies (ImageFormats,
+        # DiskIO) when two sanitizers are given: ask swiftc for both directly too.
+        sanitizers+=(--sanitize=address -Xswiftc -sanitize=fuzzer,address)
         scratch="$root/Fuzz/.build-asan"
         # A fallible allocation that fails (the check's capped count array) is handled, not a bug:
         # let it return NULL, and let libFuzzer's malloc limit sit above that cap (16 GiB).
