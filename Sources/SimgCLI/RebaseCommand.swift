@@ -133,6 +133,11 @@ enum RebaseCommand {
                 try qcow2.flush()
             }
             try qcow2.changeBackingFile(name: newName, format: newName.isEmpty ? nil : backingFormat?.rawValue)
+        } catch let error as InterruptedError {
+            // The copy, and the header change once its header is written, name the overlay
+            // themselves; a signal seen by a sync of the flush before (DiskFile.sync throws once
+            // one is pending) arrives without a name, and the header is still the old one.
+            throw error.naming(filename, outcome: "was not rebased (its content is unchanged)")
         } catch let error as QCOW2Image.BackingChangeError {
             throw CLIError("\(change): \(error)")
         } catch let error as ImageError {

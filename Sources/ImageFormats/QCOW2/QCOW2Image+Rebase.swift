@@ -54,7 +54,14 @@ extension QCOW2Image {
             if tailFirst { try file.qcow2Write(Array(bytes[page...]), at: UInt64(page)) }
             try file.qcow2Write(Array(bytes[..<page]), at: 0)
             if !tailFirst && page < clusterSize { try file.qcow2Write(Array(bytes[page...]), at: UInt64(page)) }
-            try file.sync()
+            do {
+                try file.sync()
+            } catch let interrupted as InterruptedError {
+                // SIGINT/SIGTERM skip the sync (DiskFile.sync): the new header is written, and
+                // a process kill from here on keeps it; only power loss could still lose it.
+                header = updated
+                throw interrupted.naming(path, outcome: "names its new backing file (the header is written but was not synced to disk)")
+            }
         } catch let error as IOError {
             throw ImageError(path: path, message: "Could not write the header", cause: error)
         }
