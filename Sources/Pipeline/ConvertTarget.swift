@@ -191,9 +191,10 @@ open class QCOW2Target: ConvertTarget {
         return offset >= backing.virtualSize
     }
 
-    /// nil: writes go through `write`. A subclass may allocate fresh clusters here (see
-    /// `QCOW2Image.allocateForDirectWrite`), return their host place, and say
-    /// `writesAsynchronously`, so the pipeline writes the data without a copy.
+    /// nil: writes go through `write`. A subclass may reserve fresh clusters here (see
+    /// `QCOW2Image.reserveForDirectWrite`), return their host place, and say
+    /// `writesAsynchronously`, so the pipeline writes the data without a copy; it maps them
+    /// in `asyncWriteCompleted`, once the data is there.
     open func asyncDestination(forWriteAt offset: UInt64, length: Int) throws -> (file: DiskFile, offset: UInt64)? { nil }
 
     open func asyncWriteCompleted(at offset: UInt64) throws {}

@@ -192,9 +192,9 @@ import Testing
         }
     }
 
-    /// allocateForDirectWrite: one contiguous host run across L2 tables (tables placed first),
-    /// data written there by the caller reads back and passes qemu-img check; anything but
-    /// fresh, aligned ranges is declined (nil).
+    /// reserveForDirectWrite + mapDirectWrite: one contiguous host run across L2 tables (tables
+    /// placed first), data written there by the caller and then mapped reads back and passes
+    /// qemu-img check; anything but fresh, aligned ranges is declined (nil).
     @Test(arguments: [false, true])
     func directWriteAllocation(_ extendedL2: Bool) throws {
         let scratch = try RawScratch()
@@ -213,18 +213,16 @@ import Testing
         let start = span - 4 * cs, length = 12 * cs
         let data = Self.pattern(3, size: length, ratio: 1)
         expected.replaceSubrange(start..<(start + length), with: data)
-        let host = try #require(try image.allocateForDirectWrite(at: UInt64(start), length: UInt64(length)))
-        try data.withUnsafeBytes { try image.dataFile.write($0, at: host) }
+        let host = try Self.writeDirectly(data, at: start, into: image)
         // Allocated now: declined; so are unaligned ranges and a short range not at the end.
-        #expect(try image.allocateForDirectWrite(at: UInt64(start), length: UInt64(cs)) == nil)
-        #expect(try image.allocateForDirectWrite(at: UInt64(cs / 2), length: UInt64(cs)) == nil)
-        #expect(try image.allocateForDirectWrite(at: 0, length: UInt64(cs / 2)) == nil)
+        #expect(try image.reserveForDirectWrite(at: UInt64(start), length: UInt64(cs)) == nil)
+        #expect(try image.reserveForDirectWrite(at: UInt64(cs / 2), length: UInt64(cs)) == nil)
+        #expect(try image.reserveForDirectWrite(at: 0, length: UInt64(cs / 2)) == nil)
         // The tail cluster at the end of the image may be short.
         let tailStart = Int(size) / cs * cs
         let tail = Self.pattern(4, size: Int(size) - tailStart, ratio: 1)
         expected.replaceSubrange(tailStart..<Int(size), with: tail)
-        let tailHost = try #require(try image.allocateForDirectWrite(at: UInt64(tailStart), length: UInt64(tail.count)))
-        try tail.withUnsafeBytes { try image.dataFile.write($0, at: tailHost) }
+        _ = try Self.writeDirectly(tail, at: tailStart, into: image)
         // One host-contiguous extent for the whole run.
         let extent = try image.blockStatus(at: UInt64(start), length: UInt64(length))
         #expect(extent.length == UInt64(length))
@@ -233,13 +231,22 @@ import Testing
         try Self.check(path, expected: expected, scratch: scratch)
     }
 
+    /// What convert's qcow2 target does with a fresh run: reserve it, write the data there
+    /// itself, map it once the write is done. Returns the run's host offset.
+    static func writeDirectly(_ data: [UInt8], at guest: Int, into image: QCOW2Image) throws -> UInt64 {
+        let run = try #require(try image.reserveForDirectWrite(at: UInt64(guest), length: UInt64(data.count)))
+        try data.withUnsafeBytes { try image.dataFile.write($0, at: run.hostOffset) }
+        try image.mapDirectWrite(run)
+        return run.hostOffset
+    }
+
     @Test func directWriteAllocationDeclinesExternalData() throws {
         let scratch = try RawScratch()
         let path = scratch.file("x.qcow2")
         try Self.create(path, size: 1 << 20, options: [("data_file", scratch.file("x.raw"))])
         let image = try QCOW2Image.open(path: path, writable: true)
         defer { try? image.close() }
-        #expect(try image.allocateForDirectWrite(at: 0, length: 65536) == nil)
+        #expect(try image.reserveForDirectWrite(at: 0, length: 65536) == nil)
     }
 
     /// The compressor's streams decode with the image codec's decompressor, and data that

@@ -340,17 +340,6 @@ public struct QCOW2DirectWrite: Sendable, Equatable {
 }
 
 extension QCOW2Image {
-    /// Maps guest clusters [offset, offset + length) to one contiguous run of new host clusters
-    /// and returns the run's host offset in `dataFile`, for a caller that writes the whole range
-    /// there itself before anything else reads it or flushes the image. The mapping is live at
-    /// once, so an L2 table written back early could point at clusters whose data is not there
-    /// yet: callers writing asynchronously use `reserveForDirectWrite` / `mapDirectWrite`.
-    public func allocateForDirectWrite(at offset: UInt64, length: UInt64) throws -> UInt64? {
-        guard let reservation = try reserveForDirectWrite(at: offset, length: length) else { return nil }
-        try mapDirectWrite(reservation)
-        return reservation.hostOffset
-    }
-
     /// Gives guest clusters [offset, offset + length) one contiguous run of new host clusters
     /// (refcount 1 each) and makes sure the L2 tables that will map them exist (allocated
     /// before the run, so they do not split it), but leaves the L2 entries as they are: the
