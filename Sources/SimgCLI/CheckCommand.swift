@@ -158,15 +158,8 @@ enum CheckCommand {
         case .none: nil
         }
         do {
-            let file = try DiskFile.open(path, access: .readOnly)
-            if let lock {
-                do {
-                    try file.lock(lock)
-                } catch {
-                    file.close()
-                    throw error
-                }
-            }
+            let file = try lock.map { try DiskFile.open(path, access: .readOnly, lock: $0) }
+                ?? DiskFile.open(path, access: .readOnly)
             return LockHolder(file: file)
         } catch let error as ImageLockError {
             throw CLIError("Could not open '\(path)': \(error)")
