@@ -36,7 +36,7 @@ public final class DiskFile: @unchecked Sendable {
         // inherit the descriptor, or it would keep the file's image locks alive after we close it.
         var flags = (access == .readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC
         if direct { flags |= simg_o_direct() }
-        let fd = simg_open(path, flags, 0)
+        let fd = FileName.withCString(path) { simg_open($0, flags, 0) }
         if fd < 0 {
             if -fd == EINVAL && direct {
                 throw IOError(code: -fd, operation: "open", path: path,
@@ -60,7 +60,7 @@ public final class DiskFile: @unchecked Sendable {
         var flags = O_RDWR | O_CREAT | O_CLOEXEC  // O_CLOEXEC: see open
         if exclusive { flags |= O_EXCL }
         if direct { flags |= simg_o_direct() }
-        let fd = simg_open(path, flags, 0o644)
+        let fd = FileName.withCString(path) { simg_open($0, flags, 0o644) }
         if fd < 0 { throw IOError(code: -fd, operation: "create", path: path) }
         let file = DiskFile(fd: fd, path: path, access: .readWrite, isDirect: direct)
         do {

@@ -18,12 +18,16 @@ public struct FileIdentity: Hashable, Sendable {
         inode = UInt64(st.st_ino)
     }
 
-    /// The identity of the file `path` names, or nil if it cannot be reached.
+    /// The identity of the file `path` names (its own bytes: see FileName), or nil if it
+    /// cannot be reached.
     /// The corresponding C function is stat.
     public init?(path: String) {
-        var st = stat()
-        guard stat(path, &st) == 0 else { return nil }
-        device = UInt64(st.st_dev)
-        inode = UInt64(st.st_ino)
+        guard let status = FileStatus(path) else { return nil }
+        self = status.identity
+    }
+
+    public init(device: UInt64, inode: UInt64) {
+        self.device = device
+        self.inode = inode
     }
 }

@@ -1,3 +1,4 @@
+import DiskIO
 import Glibc
 
 /// Where a command writes its output. The real one writes to file descriptors 1 and 2;
@@ -27,9 +28,10 @@ public final class Console {
 }
 
 /// Writes the whole string, retrying on short writes and EINTR. Output errors (a closed pipe)
-/// are ignored: there is nowhere left to report them.
+/// are ignored: there is nowhere left to report them. A file name that is not UTF-8 is
+/// printed as its own bytes (FileName), as qemu-img prints it.
 private func writeAll(_ fd: Int32, _ text: String) {
-    var bytes = Array(text.utf8)
+    var bytes = FileName.bytes(of: text)
     var done = 0
     let total = bytes.count
     bytes.withUnsafeMutableBytes { raw in

@@ -9,11 +9,22 @@ public enum SimgCLI {
         // error simg reports, not kill it half-way.
         Interruption.ignoreWriteSignals()
         handlesInterrupts = true
-        let status = run(Array(CommandLine.arguments.dropFirst()), console: .standard())
+        let status = run(arguments(), console: .standard())
         // Stopped by SIGINT/SIGTERM at a clean point: die of the signal, as the Unix convention
         // wants, so that a calling shell script stops too.
         if let signal = Interruption.pendingSignal { Interruption.terminate(by: signal) }
         exit(status)
+    }
+
+    /// The command line without the program name, each argument decoded losslessly from its
+    /// bytes (FileName): CommandLine.arguments replaces bytes that are not UTF-8 with U+FFFD,
+    /// which would make a file name such as `bad\xff.qcow2` unreachable.
+    static func arguments() -> [String] {
+        (1..<Int(CommandLine.argc)).map { i in
+            // Sound: argv holds argc valid NUL-terminated strings for the life of the process.
+            guard let raw = CommandLine.unsafeArgv[i] else { return "" }
+            return FileName.decode(UnsafeBufferPointer(start: raw, count: strlen(raw)).lazy.map { UInt8(bitPattern: $0) })
+        }
     }
 
     /// Runs one command line (without the program name) and returns the exit status:

@@ -1,3 +1,4 @@
+import DiskIO
 /// Big-endian field access on byte arrays: every qcow2 number is stored big-endian.
 ///
 /// Reads are bounds-checked by the caller (parsers validate lengths first); these helpers
@@ -73,9 +74,10 @@ enum QCOW2BE {
         }
     }
 
-    /// A string from bytes that are not NUL-terminated (qcow2 names); invalid UTF-8 is repaired.
+    /// A string from bytes that are not NUL-terminated (qcow2 names). Names are bytes: a name
+    /// that is not UTF-8 keeps its bytes (FileName), so it opens and prints as stored.
     static func string(_ b: ArraySlice<UInt8>) -> String {
-        String(decoding: b, as: UTF8.self)
+        FileName.decode(b)
     }
 
     static func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }

@@ -148,7 +148,7 @@ extension QCOW2Checker {
         for s in snapshots {
             table += [UInt8](repeating: 0, count: (8 - table.count % 8) % 8)
             let unknown = s.extraData.count > 24 ? Array(s.extraData[24...]) : []
-            let idBytes = Array(s.id.utf8.prefix(0xffff)), nameBytes = Array(s.name.utf8.prefix(0xffff))
+            let idBytes = Array(FileName.bytes(of: s.id).prefix(0xffff)), nameBytes = Array(FileName.bytes(of: s.name).prefix(0xffff))
             QCOW2BE.append64(&table, s.l1TableOffset)
             QCOW2BE.append32(&table, s.l1Size)
             QCOW2BE.append16(&table, UInt16(idBytes.count))

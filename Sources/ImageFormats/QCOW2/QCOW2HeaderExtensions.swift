@@ -1,3 +1,4 @@
+import DiskIO
 /// Header extensions and header serialization.
 
 /// One header extension simg does not interpret: written back as it was read.
@@ -170,8 +171,8 @@ extension QCOW2Header {
             let pad = (8 - data.count % 8) % 8
             b.append(contentsOf: [UInt8](repeating: 0, count: pad))
         }
-        if let backingFormat { add(QCOW2Header.extensionBackingFormat, Array(backingFormat.utf8)) }
-        if let dataFileName, hasDataFile { add(QCOW2Header.extensionDataFile, Array(dataFileName.utf8)) }
+        if let backingFormat { add(QCOW2Header.extensionBackingFormat, FileName.bytes(of: backingFormat)) }
+        if let dataFileName, hasDataFile { add(QCOW2Header.extensionDataFile, FileName.bytes(of: dataFileName)) }
         if version >= 3 && clusterSize > 4096 {
             var table: [UInt8] = []
             for feature in QCOW2Header.qemuFeatureTable {
@@ -188,7 +189,7 @@ extension QCOW2Header {
         add(QCOW2Header.extensionEnd, [])
 
         if let backingFileName {
-            let name = Array(backingFileName.utf8)
+            let name = FileName.bytes(of: backingFileName)
             QCOW2BE.put64(&b, 8, UInt64(b.count))
             QCOW2BE.put32(&b, 16, UInt32(name.count))
             b.append(contentsOf: name)

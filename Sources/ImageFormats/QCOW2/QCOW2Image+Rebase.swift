@@ -23,7 +23,7 @@ extension QCOW2Image {
     public func changeBackingFile(name: String?, format: String?) throws {
         guard isWritable else { throw ImageError(path: path, message: "the image is opened read-only") }
         let newName = (name?.isEmpty ?? true) ? nil : name
-        if let newName, newName.utf8.count > Int(QCOW2Header.maxBackingNameLength) {
+        if let newName, FileName.byteCount(newName) > Int(QCOW2Header.maxBackingNameLength) {
             throw BackingChangeError(code: EINVAL)
         }
         try flush()
@@ -33,7 +33,7 @@ extension QCOW2Image {
         var bytes = updated.serialized()
         guard bytes.count <= clusterSize else { throw BackingChangeError(code: ENOSPC) }
         if let newName {
-            let length = newName.utf8.count
+            let length = FileName.byteCount(newName)
             updated.backingFileOffset = UInt64(bytes.count - length)
             updated.backingFileSize = UInt32(length)
         } else {

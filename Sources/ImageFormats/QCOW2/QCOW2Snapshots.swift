@@ -106,7 +106,7 @@ extension QCOW2Snapshot {
         var b: [UInt8] = []
         QCOW2BE.append64(&b, l1TableOffset)
         QCOW2BE.append32(&b, l1Size)
-        let idBytes = Array(id.utf8), nameBytes = Array(name.utf8)
+        let idBytes = FileName.bytes(of: id), nameBytes = FileName.bytes(of: name)
         QCOW2BE.append16(&b, UInt16(clamping: idBytes.count))
         QCOW2BE.append16(&b, UInt16(clamping: nameBytes.count))
         QCOW2BE.append32(&b, dateSeconds)
