@@ -14,8 +14,30 @@ public enum ImageCreator {
     }
 
     /// `warn` receives qemu-img's warnings (e.g. a hex size with a suffix), without "qemu-img: ".
+    ///
+    /// `request.path` is a name in QEMU's syntax: `file:x` creates the file `x` (messages still
+    /// name `file:x`, as qemu-img's do); a protocol QEMU does not know is refused before
+    /// anything else, and so is `json:`, which qemu-img create does not take either.
     public static func create(_ request: CreateRequest, announce: (String) -> Void,
                               warn: (String) -> Void) throws {
+        let name = request.path
+        if ImageName.protocolName(of: name) == "json" {
+            throw ImageError(path: name, message: "Unknown protocol 'json'")
+        }
+        let location = try ImageName.parse(name)
+        var fileRequest = request
+        fileRequest.path = location.path
+        do {
+            try createFile(fileRequest, name: name, announce: announce, warn: warn)
+        } catch let error as ImageError where error.path == location.path {
+            // The file's own name, as the format creators use it, back to the name given.
+            throw ImageError(path: name, message: error.message, cause: error.cause)
+        }
+    }
+
+    /// Creates `request.path`, a plain file or device name; `name` is what the user gave.
+    private static func createFile(_ request: CreateRequest, name: String, announce: (String) -> Void,
+                                   warn: (String) -> Void) throws {
         let path = request.path
         func fail(_ message: String, _ cause: (any Error)? = nil) -> ImageError {
             ImageError(path: path, message: message, cause: cause)
@@ -54,7 +76,7 @@ public enum ImageCreator {
         let backingFile = options.string("backing_file")
         let backingFormat = options.string("backing_fmt")
         if let backingFile {
-            if backingFile == path {
+            if backingFile == path || backingFile == name {
                 throw fail("Error: Trying to create an image with the same filename as the backing file")
             }
             if backingFile.isEmpty { throw fail("Expected backing file name, got empty string") }
@@ -62,18 +84,22 @@ public enum ImageCreator {
 
         var size = options.unsigned("size").flatMap { $0 == UInt64.max ? nil : $0 }
         if let backingFile, !request.unsafeBacking {
-            let full = QCOW2Image.resolveBackingName(backingFile, relativeTo: path)
+            let full = ImageName.resolve(backing: backingFile, relativeTo: path)
             let backingSize = try openBacking(full, format: backingFormat, imagePath: path)
             if size == nil {
                 size = backingSize
                 options.values["size"] = .size(backingSize)
             }
-        } else if backingFile != nil && backingFormat == nil {
-            throw fail("Backing file specified without backing format")
+        } else if let backingFile {
+            if backingFormat == nil { throw fail("Backing file specified without backing format") }
+            // qemu-img create -u stores any name; simg never writes one QEMU cannot open.
+            if let problem = ImageName.backingNameProblem(backingFile) {
+                throw fail(unopenableBackingName(backingFile, problem))
+            }
         }
         guard let size else { throw fail("Image creation needs a size parameter") }
 
-        announce("Formatting '\(path)', fmt=\(request.format.rawValue) \(options.printed)")
+        announce("Formatting '\(name)', fmt=\(request.format.rawValue) \(options.printed)")
 
         switch request.format {
         case .raw:
@@ -114,6 +140,16 @@ public enum ImageCreator {
 
     // MARK: - Backing file
 
+    /// Why simg refuses to store `backingFile` (a name with a protocol QEMU does not know, or
+    /// a json: name it cannot read), with how to name a file that looks like that.
+    static func unopenableBackingName(_ backingFile: String, _ problem: String) -> String {
+        var text = "\(problem) in backing file name '\(backingFile)': QEMU could not open it"
+        if let proto = ImageName.protocolName(of: backingFile), proto != "json" {
+            text += " (a file of that name is './\(backingFile)' or 'file:\(backingFile)')"
+        }
+        return text
+    }
+
     /// Opens the backing file (without its own backing chain) to check it and get its size.
     private static func openBacking(_ full: String, format: String?, imagePath: String) throws -> UInt64 {
         func fail(_ message: String, _ cause: (any Error)? = nil) -> ImageError {
@@ -127,6 +163,12 @@ public enum ImageCreator {
                            : "Unknown driver '\(format)'\nCould not open backing image.")
             }
             chosen = known
+        }
+        do {
+            _ = try ImageName.parse(full)
+        } catch let error as ImageError {
+            // A name QEMU cannot even parse: qemu-img says only why ("Unknown protocol 'c'").
+            throw fail("\(error.message)\nCould not open backing image.")
         }
         let image: any DiskImage
         do {
@@ -249,7 +291,7 @@ public enum ImageCreator {
         if p.backingFormat != nil && p.backingFile == nil {
             throw fail("Backing format cannot be used without backing file")
         }
-        if let name = p.backingFile, name.utf8.count > Int(QCOW2Header.maxBackingNameLength) {
+        if let name = p.backingFile, FileName.byteCount(name) > Int(QCOW2Header.maxBackingNameLength) {
             throw fail("Could not assign backing file '\(name)': the name is longer than 1023 bytes")
         }
 

@@ -109,23 +109,54 @@ public enum ImageOpener {
         return top
     }
 
-    /// Opens one image without its backing file.
+    /// Opens one image without its backing file. `path` is a name in QEMU's syntax
+    /// (ImageName: `file:`, `json:{...}`, devices); `format` (-f) wins over a json: driver.
     public static func openOne(_ path: String, format: ImageFormat?, writable: Bool, direct: Bool) throws -> any DiskImage {
-        // open(2) of a FIFO blocks until a writer comes (qemu-img hangs on an image or backing
-        // file that is one): refuse it before opening.
-        var status = stat()
-        if stat(path, &status) == 0 && (status.st_mode & S_IFMT) == S_IFIFO {
-            throw ImageError(path: path, message: "'file' driver requires '\(path)' to be a regular file")
-        }
-        var chosen = format
+        let location = try ImageName.parse(path)
+        try checkProtocolDriver(location)
+        var chosen = format ?? location.format.flatMap(ImageFormat.init(rawValue:))
         if chosen == nil {
-            let probeFile = try DiskFile.open(path, access: .readOnly)
+            let probeFile: DiskFile
+            do {
+                probeFile = try DiskFile.open(location.path, access: .readOnly)
+            } catch {
+                throw ImageError(path: path, message: "could not open the image file", cause: error)
+            }
             defer { probeFile.close() }
-            chosen = try ImageProbe.probe(path: path, file: probeFile)
+            chosen = try ImageProbe.probe(path: location.path, file: probeFile)
         }
         switch chosen ?? .raw {
-        case .qcow2: return try QCOW2Image.open(path: path, writable: writable, direct: direct)
-        case .raw: return try RawImage.open(path: path, writable: writable, direct: direct)
+        case .qcow2:
+            if let option = location.rawOptions.first {
+                throw ImageError(path: path, message: "Block format 'qcow2' does not support the option '\(option)'")
+            }
+            return try QCOW2Image.open(location: location, writable: writable, direct: direct)
+        case .raw:
+            return try RawImage.open(location: location, writable: writable, direct: direct)
+        }
+    }
+
+    /// What QEMU's protocol drivers require of the file, checked before it is opened: the file
+    /// driver a regular file (QEMU's file-posix also opens devices under it, which
+    /// host_device does), host_device and host_cdrom a device. A name without a protocol
+    /// opens a device through host_device and anything else through file, so a directory is
+    /// refused by file; a FIFO too (open(2) of one blocks until a writer comes: qemu-img
+    /// hangs on an image or backing file that is one).
+    static func checkProtocolDriver(_ location: ImageLocation) throws {
+        guard let status = FileStatus(location.path) else { return }  // open(2) says why
+        let fileRefusal = "'file' driver requires '\(location.path)' to be a regular file"
+        switch location.driver {
+        case .hostDevice?, .hostCDROM?:
+            if !status.isDevice {
+                throw ImageError(path: location.name,
+                                 message: "'\(location.driver!.rawValue)' driver requires '\(location.path)' to be either a character or block device")
+            }
+        case .file?:
+            if status.kind != .regular { throw ImageError(path: location.name, message: fileRefusal) }
+        case nil:
+            if status.kind == .directory || status.kind == .fifo {
+                throw ImageError(path: location.name, message: fileRefusal)
+            }
         }
     }
 
@@ -175,7 +206,7 @@ public enum ImageOpener {
             guard depth <= maxChainDepth else {
                 throw ImageError(path: top.path, message: "Backing file chain of '\(top.path)' is deeper than \(maxChainDepth) images")
             }
-            let full = QCOW2Image.resolveBackingName(name, relativeTo: image.path)
+            let full = ImageName.resolve(backing: name, relativeTo: image.file.path)
             var format: ImageFormat?
             if let formatName = image.qcow2Header.backingFormat {
                 guard let known = ImageFormat(rawValue: formatName) else {

@@ -206,7 +206,7 @@ enum ConvertCommand {
 
     /// Whether `path` names a file some source image (or a layer below it) has open.
     static func isInUse(_ path: String, by sources: [any DiskImage]) -> Bool {
-        guard let target = FileIdentity(path: path) else { return false }
+        guard let target = ImageName.identity(of: path) else { return false }
         for source in sources {
             var layer: (any DiskImage)? = source
             while let image = layer {

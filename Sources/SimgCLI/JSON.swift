@@ -1,3 +1,5 @@
+import ImageFormats
+
 /// A small JSON model and writer that reproduces QEMU's pretty-printed JSON byte for byte.
 ///
 /// qemu-img builds its JSON from a QDict, a hash table, and prints the members in bucket
@@ -48,17 +50,7 @@ public struct JSONObject: Equatable, Sendable {
         }.map { $0.member }
     }
 
-    /// QEMU's QDict bucket for a key: the tdb hash of the key bytes, modulo 512.
-    static func bucket(of key: String) -> UInt32 {
-        let bytes = Array(key.utf8)
-        // All arithmetic wraps at 32 bits, as the C code's unsigned int does.
-        var value = UInt32(truncatingIfNeeded: bytes.count) &* 0x238F_13AF
-        for (i, byte) in bytes.enumerated() {
-            value = value &+ (UInt32(byte) << UInt32((i * 5) % 24))
-        }
-        let hash = 1_103_515_243 &* value &+ 12345
-        return hash % 512
-    }
+    static func bucket(of key: String) -> UInt32 { QEMUJSON.bucket(of: key) }
 }
 
 public enum JSONWriter {
@@ -99,33 +91,7 @@ public enum JSONWriter {
         String(repeating: " ", count: level * 4)
     }
 
-    /// QEMU escapes quote, backslash and \b \f \n \r \t by name, and every other code point
-    /// below 0x20 or from 0x7F up as \uXXXX in upper-case hex (UTF-16 surrogate pairs above
-    /// U+FFFF). Swift strings are valid Unicode, so QEMU's U+FFFD for bad UTF-8 happened earlier.
-    public static func quote(_ s: String) -> String {
-        var out = "\""
-        for scalar in s.unicodeScalars {
-            switch scalar {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\u{08}": out += "\\b"
-            case "\u{0C}": out += "\\f"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            default:
-                if scalar.value < 0x20 || scalar.value >= 0x7F {
-                    for unit in String(scalar).utf16 { out += "\\u" + hex4(unit) }
-                } else {
-                    out.unicodeScalars.append(scalar)
-                }
-            }
-        }
-        return out + "\""
-    }
+    /// A string as QEMU's JSON writer quotes it (see QEMUJSON.quote).
+    public static func quote(_ s: String) -> String { QEMUJSON.quote(s) }
 
-    private static func hex4(_ unit: UInt16) -> String {
-        let digits = String(unit, radix: 16, uppercase: true)
-        return String(repeating: "0", count: 4 - digits.count) + digits
-    }
 }

@@ -79,7 +79,7 @@ enum RebaseCommand {
         }
         if !unsafe && !newName.isEmpty {
             // qemu opens the new name relative to the overlay's folder, as a backing file.
-            let resolved = QCOW2Image.resolveBackingName(newName, relativeTo: filename)
+            let resolved = ImageName.resolve(backing: newName, relativeTo: ImageName.filePath(of: filename))
             do {
                 // As qemu-img rebase: -U shares the new backing file (the overlay and its old
                 // chain keep their locks).
@@ -113,7 +113,7 @@ enum RebaseCommand {
         // A new backing file that is the overlay, or whose chain leads back to it, would leave
         // an image nothing can open (qemu-img only escapes this through its image locks).
         if !newName.isEmpty {
-            let resolved = QCOW2Image.resolveBackingName(newName, relativeTo: filename)
+            let resolved = ImageName.resolve(backing: newName, relativeTo: ImageName.filePath(of: filename))
             if newChainHasOverlay || chain(from: resolved, opened: newBacking, format: backingFormat, contains: filename) {
                 throw CLIError("\(change): Backing file '\(newName)' creates an infinite loop")
             }
@@ -152,8 +152,8 @@ enum RebaseCommand {
     /// look; if it cannot be opened (the point of -u), there is nothing to compare.
     static func chain(from path: String, opened: (any DiskImage)?, format: ImageFormat?,
                       contains target: String) -> Bool {
-        guard let wanted = FileIdentity(path: target) else { return false }
-        if FileIdentity(path: path) == wanted { return true }
+        guard let wanted = ImageName.identity(of: target) else { return false }
+        if ImageName.identity(of: path) == wanted { return true }
         var probe: (any DiskImage)?
         if opened == nil {
             // Only looking, at files this process may hold for writing (the overlay): no locks.
@@ -163,7 +163,7 @@ enum RebaseCommand {
         defer { try? probe?.close() }
         var layer = opened ?? probe
         while let current = layer {
-            if FileIdentity(path: current.path) == wanted { return true }
+            if ImageName.identity(of: current.path) == wanted { return true }
             layer = current.backing
         }
         return false
@@ -171,10 +171,10 @@ enum RebaseCommand {
 
     /// The image in `overlay`'s old chain that is the same file (device and inode) as `image`.
     static func layer(of overlay: any DiskImage, sameFileAs image: (any DiskImage)?) -> (any DiskImage)? {
-        guard let image, let target = FileIdentity(path: image.path) else { return nil }
+        guard let image, let target = ImageName.identity(of: image.path) else { return nil }
         var layer = overlay.backing
         while let current = layer {
-            if current.format == image.format, FileIdentity(path: current.path) == target { return current }
+            if current.format == image.format, ImageName.identity(of: current.path) == target { return current }
             layer = current.backing
         }
         return nil

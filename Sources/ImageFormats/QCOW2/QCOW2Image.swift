@@ -20,6 +20,8 @@ import DiskIO
 ///   changing `header.size` (and the L1 table) and rewriting the header.
 public final class QCOW2Image: DiskImage {
     public let path: String
+    /// What info calls the image (QEMU's bs->filename): see ImageLocation.displayName.
+    public var displayName: String
     /// The qcow2 file (metadata, and data unless there is an external data file).
     public let file: DiskFile
     /// Where guest clusters live: the external data file, or `file`.
@@ -57,6 +59,7 @@ public final class QCOW2Image: DiskImage {
     init(path: String, file: DiskFile, dataFile: DiskFile, header: QCOW2Header, l1: [UInt64],
          snapshots: [QCOW2Snapshot], writable: Bool) {
         self.path = path
+        self.displayName = file.path
         self.file = file
         self.dataFile = dataFile
         self.header = header
@@ -71,9 +74,17 @@ public final class QCOW2Image: DiskImage {
     /// The external data file, if any, is opened by the name stored in the image, relative to
     /// the current directory as QEMU 7.2 does (not to the image's folder).
     public static func open(path: String, writable: Bool = false, direct: Bool = false) throws -> QCOW2Image {
-        let file = try DiskFile.open(path, access: writable ? .readWrite : .readOnly, direct: direct)
+        try open(location: ImageLocation(name: path, path: path), writable: writable, direct: direct)
+    }
+
+    /// Opens the file `location` names; errors name the image by the name it was given
+    /// (`location.name`), system-call errors the file.
+    public static func open(location: ImageLocation, writable: Bool = false, direct: Bool = false) throws -> QCOW2Image {
+        let file = try DiskFile.open(location.path, access: writable ? .readWrite : .readOnly, direct: direct)
         do {
-            return try open(path: path, file: file, writable: writable, direct: direct)
+            let image = try open(path: location.name, file: file, writable: writable, direct: direct)
+            image.displayName = location.displayName
+            return image
         } catch {
             file.close()
             throw error

@@ -3,14 +3,14 @@ import DiskIO
 extension QCOW2Image {
     /// What qemu-img 7.2 `info` reports for this image alone.
     public func info() throws -> ImageInfo {
-        var info = ImageInfo(filename: path, format: "qcow2", virtualSize: virtualSize)
+        var info = ImageInfo(filename: displayName, format: "qcow2", virtualSize: virtualSize)
         // qemu-img 7.2 counts the qcow2 file only, not an external data file.
         info.actualSize = try file.allocatedBytes()
         info.clusterSize = clusterSize
         info.dirtyFlag = header.isDirty
         if let name = header.backingFileName {
             info.backingFilename = name
-            info.fullBackingFilename = QCOW2Image.resolveBackingName(name, relativeTo: path)
+            info.fullBackingFilename = ImageName.resolve(backing: name, relativeTo: file.path)
             info.backingFilenameFormat = header.backingFormat
         }
         info.snapshots = snapshots.map(\.info)
@@ -31,15 +31,6 @@ extension QCOW2Image {
         }
         info.formatSpecific = specific
         return info
-    }
-
-    /// A backing file name resolved the way QEMU does: absolute names as they are, relative
-    /// ones joined to the folder part of `imagePath` (text before its last '/', kept as
-    /// written, e.g. "sub/../base.qcow2"); with no folder part, the name itself.
-    public static func resolveBackingName(_ name: String, relativeTo imagePath: String) -> String {
-        if name.hasPrefix("/") { return name }
-        guard let slash = imagePath.lastIndex(of: "/") else { return name }
-        return String(imagePath[...slash]) + name
     }
 
     /// Names, granularities and flags of the persistent dirty bitmaps, read from the bitmaps

@@ -2,13 +2,21 @@ import CLinuxShims
 import DiskIO
 import Glibc
 
-/// A raw image: guest byte N is file byte N.
+/// A raw image: guest byte N is file byte N (or, for a window a `json:` name's `offset` and
+/// `size` describe, file byte `windowOffset` + N).
 ///
-/// The virtual size is the file size rounded up to 512 bytes, as QEMU reports it; the part of
-/// that last sector past the end of the file reads as zeros.
+/// The virtual size is the file size (less the window's offset) rounded up to 512 bytes, as
+/// QEMU reports it, or the window's size; the part of that last sector past the end of the
+/// file reads as zeros.
 public final class RawImage: DiskImage {
     public let path: String
     public let file: DiskFile
+    /// Where guest byte 0 is in the file (raw's `offset` option).
+    public let windowOffset: UInt64
+    /// The window's fixed size (raw's `size` option): the image cannot be resized.
+    private let windowSize: UInt64?
+    /// What info calls the image (QEMU's bs->filename): see ImageLocation.displayName.
+    public var displayName: String
     public var format: ImageFormat { .raw }
     public private(set) var virtualSize: UInt64
     public let isWritable: Bool
@@ -18,23 +26,48 @@ public final class RawImage: DiskImage {
     /// Bounce buffer for O_DIRECT requests the caller did not align; allocated on first use.
     private var bounce: AlignedBuffer?
 
-    init(path: String, file: DiskFile, writable: Bool) throws {
+    init(path: String, file: DiskFile, writable: Bool, offset: UInt64 = 0, size: UInt64? = nil) throws {
         self.path = path
         self.file = file
         self.isWritable = writable
-        self.virtualSize = RawImage.sectorRoundUp(try file.size())
+        self.displayName = path
+        let fileSize = try file.size()
+        // QEMU's raw_apply_options checks, with its words.
+        guard offset <= fileSize else {
+            throw ImageError(path: path, message: "Offset (\(offset)) cannot be greater than size of the containing file (\(fileSize))")
+        }
+        if let size, fileSize - offset < size {
+            throw ImageError(path: path, message: "The sum of offset (\(offset)) and size (\(size)) has to be smaller or equal to the  actual size of the containing file (\(fileSize))")
+        }
+        windowOffset = offset
+        windowSize = size
+        self.virtualSize = size ?? RawImage.sectorRoundUp(fileSize - offset)
     }
 
     /// Opens `path` as a raw image. Failure to open the file is an ImageError naming the file
     /// whose `cause` is the IOError ("Could not open 'x': No such file or directory").
     public static func open(path: String, writable: Bool, direct: Bool) throws -> RawImage {
+        try open(location: ImageLocation(name: path, path: path), writable: writable, direct: direct)
+    }
+
+    /// Opens the file `location` names, as the window it describes; errors name the image by
+    /// the name it was given (`location.name`), system-call errors the file.
+    public static func open(location: ImageLocation, writable: Bool, direct: Bool) throws -> RawImage {
         let file: DiskFile
         do {
-            file = try DiskFile.open(path, access: writable ? .readWrite : .readOnly, direct: direct)
+            file = try DiskFile.open(location.path, access: writable ? .readWrite : .readOnly, direct: direct)
         } catch {
-            throw ImageError(path: path, message: "could not open the image file", cause: error)
+            throw ImageError(path: location.name, message: "could not open the image file", cause: error)
         }
-        return try RawImage(path: path, file: file, writable: writable)
+        do {
+            let image = try RawImage(path: location.name, file: file, writable: writable,
+                                     offset: location.rawOffset, size: location.rawSize)
+            image.displayName = location.displayName
+            return image
+        } catch {
+            file.close()
+            throw error
+        }
     }
 
     /// Wraps a file the caller has already opened (e.g. after probing it).
@@ -53,9 +86,9 @@ public final class RawImage: DiskImage {
         guard buffer.count > 0 else { return }
         let n: Int
         if file.isDirect && !isAligned(buffer.baseAddress!, offset, buffer.count) {
-            n = try bouncedRead(into: buffer, at: offset)
+            n = try bouncedRead(into: buffer, at: windowOffset + offset)
         } else {
-            n = try file.read(into: buffer, at: offset)
+            n = try file.read(into: buffer, at: windowOffset + offset)
         }
         // Past the end of the file but inside the last sector: zeros.
         if n < buffer.count {
@@ -68,10 +101,10 @@ public final class RawImage: DiskImage {
         try checkWritable()
         try checkRange(offset, UInt64(data.count), "write")
         guard data.count > 0 else { return }
-        if file.isDirect && !isAligned(data.baseAddress!, offset, data.count) {
-            try bouncedWrite(data, at: offset)
+        if file.isDirect && !isAligned(data.baseAddress!, windowOffset + offset, data.count) {
+            try bouncedWrite(data, at: windowOffset + offset)
         } else {
-            try file.write(data, at: offset)
+            try file.write(data, at: windowOffset + offset)
         }
     }
 
@@ -84,11 +117,11 @@ public final class RawImage: DiskImage {
         // EINVAL too: block devices refuse ranges not aligned to their logical block size,
         // and writing zeros is always a correct fallback.
         do {
-            try file.punchHole(at: offset, length: length)
+            try file.punchHole(at: windowOffset + offset, length: length)
             return
         } catch let error as IOError where RawImage.isUnsupported(error) || error.code == EINVAL {}
         do {
-            try file.zeroRange(at: offset, length: length)
+            try file.zeroRange(at: windowOffset + offset, length: length)
             return
         } catch let error as IOError where RawImage.isUnsupported(error) || error.code == EINVAL {}
         try writeZeroBuffers(at: offset, length: length)
@@ -99,7 +132,7 @@ public final class RawImage: DiskImage {
         try checkRange(offset, length, "discard")
         guard length > 0 else { return }
         do {
-            try file.punchHole(at: offset, length: length)
+            try file.punchHole(at: windowOffset + offset, length: length)
         } catch let error as IOError where RawImage.isUnsupported(error) || error.code == EINVAL {
             // Discard is advisory: a file system without hole punching (or a block device
             // given an unaligned range) keeps the data.
@@ -109,24 +142,26 @@ public final class RawImage: DiskImage {
     public func blockStatus(at offset: UInt64, length: UInt64) throws -> Extent {
         guard length > 0 else { throw ImageError(path: path, message: "block status of an empty range") }
         try checkRange(offset, length, "query")
-        let end = offset + length
+        // In file offsets: the window starts at windowOffset.
+        let start = windowOffset + offset
+        let end = start + length
         let data: UInt64?
         do {
-            data = try file.nextData(from: offset)
+            data = try file.nextData(from: start)
         } catch let error as IOError where error.code == EINVAL || RawImage.isUnsupported(error) {
             // No SEEK_DATA here (e.g. some block devices): everything counts as data.
-            return Extent(offset: offset, length: length, kind: .data(hostOffset: offset))
+            return Extent(offset: offset, length: length, kind: .data(hostOffset: start))
         }
         guard let data, data < end else {
             return Extent(offset: offset, length: length, kind: .hole)
         }
-        if data > offset {
-            return Extent(offset: offset, length: data - offset, kind: .hole)
+        if data > start {
+            return Extent(offset: offset, length: data - start, kind: .hole)
         }
-        let hole = try file.nextHole(from: offset)
-        // hole > offset here since offset is in data; guard against a racing truncate anyway.
-        let stop = min(max(hole, offset + 1), end)
-        return Extent(offset: offset, length: stop - offset, kind: .data(hostOffset: offset))
+        let hole = try file.nextHole(from: start)
+        // hole > start here since start is in data; guard against a racing truncate anyway.
+        let stop = min(max(hole, start + 1), end)
+        return Extent(offset: offset, length: stop - start, kind: .data(hostOffset: start))
     }
 
     public func flush() throws {
@@ -146,12 +181,17 @@ public final class RawImage: DiskImage {
     /// Changes the file size (and so the virtual size, rounded up to 512 bytes).
     public func resize(to newSize: UInt64) throws {
         try checkWritable()
-        try file.truncate(to: newSize)
+        // QEMU's raw_co_truncate refuses this too: the window's size is fixed by the name.
+        if windowSize != nil { throw ImageError(path: path, message: "Cannot resize fixed-size raw disks") }
+        guard newSize <= UInt64(Int64.max) - windowOffset else {
+            throw ImageError(path: path, message: "The image size is too large for file format 'raw'")
+        }
+        try file.truncate(to: windowOffset + newSize)
         virtualSize = RawImage.sectorRoundUp(newSize)
     }
 
     public func info() throws -> ImageInfo {
-        var info = ImageInfo(filename: path, format: "raw", virtualSize: virtualSize)
+        var info = ImageInfo(filename: displayName, format: "raw", virtualSize: virtualSize)
         info.actualSize = try file.allocatedBytes()
         info.dirtyFlag = false  // qemu-img prints "dirty-flag": false for raw images
         return info
