@@ -65,7 +65,7 @@ public enum ImageChecker {
                              reportError: @escaping (String) -> Void = { _ in }) throws -> ImageCheckResult {
         switch format {
         case .qcow2:
-            let file = try DiskFile.open(path, access: repair == .none ? .readOnly : .readWrite)
+            let file = try DiskFile.open(ImageName.filePath(of: path), access: repair == .none ? .readOnly : .readWrite)
             defer { file.close() }
             return try QCOW2Checker.check(file: file, path: path, repair: repair, report: report,
                                           reportError: reportError)

@@ -93,9 +93,7 @@ public enum ImageCreator {
         } else if let backingFile {
             if backingFormat == nil { throw fail("Backing file specified without backing format") }
             // qemu-img create -u stores any name; simg never writes one QEMU cannot open.
-            if let problem = ImageName.backingNameProblem(backingFile) {
-                throw fail(unopenableBackingName(backingFile, problem))
-            }
+            if let problem = ImageName.backingNameProblem(backingFile) { throw fail(problem) }
         }
         guard let size else { throw fail("Image creation needs a size parameter") }
 
@@ -139,16 +137,6 @@ public enum ImageCreator {
     }
 
     // MARK: - Backing file
-
-    /// Why simg refuses to store `backingFile` (a name with a protocol QEMU does not know, or
-    /// a json: name it cannot read), with how to name a file that looks like that.
-    static func unopenableBackingName(_ backingFile: String, _ problem: String) -> String {
-        var text = "\(problem) in backing file name '\(backingFile)': QEMU could not open it"
-        if let proto = ImageName.protocolName(of: backingFile), proto != "json" {
-            text += " (a file of that name is './\(backingFile)' or 'file:\(backingFile)')"
-        }
-        return text
-    }
 
     /// Opens the backing file (without its own backing chain) to check it and get its size.
     private static func openBacking(_ full: String, format: String?, imagePath: String) throws -> UInt64 {

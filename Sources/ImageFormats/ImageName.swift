@@ -90,22 +90,23 @@ public enum ImageName {
 
     /// Whether qemu-img could open a backing file stored under `name` (its syntax, not the
     /// file): simg never writes a backing name QEMU would refuse as an unknown protocol or a
-    /// malformed `json:` name. Returns the reason when it could not.
+    /// json: name that simg cannot read (`create -u`, `rebase -u` would otherwise leave an
+    /// image nothing opens). nil when it could; else the sentence saying why not.
     public static func backingNameProblem(_ name: String) -> String? {
         if name.hasPrefix("json:") {
             do {
                 _ = try parseJSON(name)
                 return nil
-            } catch let error as ImageError {
-                return error.message
             } catch {
-                return "\(error)"
+                let reason = (error as? ImageError)?.message ?? "\(error)"
+                return "\(reason) in backing file name '\(name)'"
             }
         }
         guard let proto = protocolName(of: name), ImageLocation.Driver(rawValue: proto) == nil,
               !qemuProtocols.contains(proto) else { return nil }
         if let status = FileStatus(name), status.isDevice { return nil }
-        return unsupportedProtocol(proto)
+        return "\(unsupportedProtocol(proto)) in backing file name '\(name)': QEMU could not open it"
+            + " (a file of that name is './\(name)' or 'file:\(name)')"
     }
 
     /// The name a backing file is opened by, as QEMU resolves it: names with a protocol

@@ -127,10 +127,14 @@ public enum ImageOpener {
         }
         switch chosen ?? .raw {
         case .qcow2:
+            let image = try QCOW2Image.open(location: location, writable: writable, direct: direct)
+            // As in QEMU, options the format does not take are refused once it has opened
+            // (a file that is no qcow2 image says that first).
             if let option = location.rawOptions.first {
+                try? image.close()
                 throw ImageError(path: path, message: "Block format 'qcow2' does not support the option '\(option)'")
             }
-            return try QCOW2Image.open(location: location, writable: writable, direct: direct)
+            return image
         case .raw:
             return try RawImage.open(location: location, writable: writable, direct: direct)
         }

@@ -86,9 +86,10 @@ public final class RawTarget: ConvertTarget {
     /// Whether `finish` syncs to stable storage (cache mode unsafe does not, as in QEMU).
     public var syncOnFinish = true
 
-    /// Opens `path` (an existing raw file) as the target. `direct` = cache mode none/directsync.
+    /// Opens `path` (an existing raw image: a file or device name, or a json: name of a
+    /// window of one) as the target. `direct` = cache mode none/directsync.
     public init(path: String, direct: Bool, startsZeroed: Bool) throws {
-        image = try RawImage.open(path: path, writable: true, direct: direct)
+        image = try RawImage.open(location: ImageName.parse(path), writable: true, direct: direct)
         self.path = path
         virtualSize = image.virtualSize
         fileSize = try image.file.size()
@@ -99,14 +100,17 @@ public final class RawTarget: ConvertTarget {
     public func readsAsZero(at offset: UInt64, length: UInt64) -> Bool { startsZeroed }
 
     public func asyncDestination(forWriteAt offset: UInt64, length: Int) -> (file: DiskFile, offset: UInt64)? {
-        guard image.file.isDirect else { return (image.file, offset) }
+        // In the file, guest byte 0 is at the window's offset (0 but for a json: window).
+        let host = image.windowOffset + offset
+        guard image.file.isDirect else { return (image.file, host) }
         let unit = UInt64(writeGranularity)
         // O_DIRECT needs aligned offset and length; the unaligned tail goes through `write`.
-        guard offset % unit == 0, UInt64(length) % unit == 0, offset + UInt64(length) <= fileSize else { return nil }
-        return (image.file, offset)
+        guard host % unit == 0, UInt64(length) % unit == 0, host + UInt64(length) <= fileSize else { return nil }
+        return (image.file, host)
     }
 
-    public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+    public func write(_ data: UnsafeRawBufferPointer, at guestOffset: UInt64) throws {
+        let offset = image.windowOffset + guestOffset
         guard image.file.isDirect else {
             try image.file.write(data, at: offset)
             return
@@ -127,7 +131,7 @@ public final class RawTarget: ConvertTarget {
 
     private func buffered() throws -> DiskFile {
         if let tailFile { return tailFile }
-        let file = try DiskFile.open(path, access: .readWrite, direct: false)
+        let file = try DiskFile.open(image.file.path, access: .readWrite, direct: false)
         tailFile = file
         return file
     }

@@ -33,9 +33,10 @@ enum Backend {
         return infos
     }
 
-    static func isDirectory(_ path: String) -> Bool {
-        var status = stat()
-        return stat(path, &status) == 0 && (status.st_mode & S_IFMT) == S_IFDIR
+    /// Whether the file `name` names (through a `file:` prefix or a json: name too) is a
+    /// directory.
+    static func isDirectory(_ name: String) -> Bool {
+        FileStatus(ImageName.filePath(of: name))?.kind == .directory
     }
 
     /// qemu-img says "Could not open 'NAME': REASON" about the deepest failure only: NAME is the
@@ -61,6 +62,18 @@ enum Backend {
         }
         guard let innermost else { return "Could not open '\(path)': \(current)" }
         return "Could not open '\(innermost.path)': \(innermost.message): \(current)"
+    }
+
+    /// Why ImageName cannot parse `name` (qemu-img's words), for messages that name no file.
+    static func nameProblem(_ name: String) -> String {
+        do {
+            _ = try ImageName.parse(name)
+            return ""
+        } catch let error as ImageError {
+            return error.message
+        } catch {
+            return "\(error)"
+        }
     }
 
     static func optionSpecs(for format: ImageFormat, includeProtocol: Bool) -> [CreateOptionSpec] {

@@ -151,6 +151,11 @@ enum ConvertCommand {
         }
 
         if !noCreate {
+            // The output's protocol is looked up once the sources are open; qemu-img names no
+            // file in this message. json: names an existing image only (with -n).
+            if let proto = ImageName.protocolName(of: output), proto == "json" || (try? ImageName.parse(output)) == nil {
+                throw CLIError(proto == "json" ? "Unknown protocol 'json'" : Backend.nameProblem(output))
+            }
             let request = CreateRequest(format: outputFormat, path: output, size: totalSize,
                                         options: createOptions.map { CreateOption(name: $0.name, value: $0.value) },
                                         backingFile: scan.last("backing"), backingFormat: scan.last("backing-format"),

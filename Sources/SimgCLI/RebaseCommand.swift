@@ -92,6 +92,8 @@ enum RebaseCommand {
             } catch {
                 // qemu names the file as given, then the open(2) failure once, with the resolved name.
                 var reason = CheckCommand.openFailure(error, path: resolved)
+                // A name that does not even parse: only why ("Unknown protocol 'c'").
+                if (try? ImageName.parse(resolved)) == nil { reason = Backend.nameProblem(resolved) }
                 if let io = error as? IOError, io.operation == "open" { reason = "\(io)" }
                 // A lock conflict is QEMU's own error, without the "Could not open" qemu-img's
                 // image opener adds: "... new backing file 'x': Failed to get shared ...".
@@ -106,6 +108,10 @@ enum RebaseCommand {
         if !newName.isEmpty && backingFormat == nil {
             // qemu-img 7.2 refuses to store a backing file without its format.
             throw CLIError("\(change): backing format must be specified")
+        }
+        // With -u nothing opened the name: simg never stores one QEMU could not open.
+        if unsafe, let problem = ImageName.backingNameProblem(newName) {
+            throw CLIError("\(change): \(problem)")
         }
         guard let qcow2 = overlay as? QCOW2Image else {
             throw CLIError("\(change): Operation not supported")
