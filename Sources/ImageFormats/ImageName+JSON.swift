@@ -99,10 +99,7 @@ private struct JSONName {
         guard format == "raw" || format == nil else { return location }
         location.rawOptions = ["offset", "size"].filter { value($0) != nil }
         if let offset = try size("offset") { location.rawOffset = offset }
-        if let size = try size("size") {
-            guard size % 512 == 0 else { throw fail("Specified size is not multiple of 512") }
-            location.rawSize = size
-        }
+        if let size = try size("size") { location.rawSize = size }
         if value("offset") != nil || value("size") != nil {
             location.displayName = windowName(driver: driver ?? .file, path: path)
         }

@@ -10,11 +10,6 @@ enum Backend {
     /// Each image is locked as qemu-img info locks it (a qcow2 image refuses writers, a raw
     /// one takes nothing), or with `forceShare` (-U) not at all, as qemu-img info -U.
     static func infos(path: String, format: ImageFormat?, chain: Bool, forceShare: Bool = false) throws -> [ImageInfo] {
-        // WORKAROUND until the library refuses directories itself: qemu-img's file driver only
-        // opens regular files and devices, with this message.
-        if isDirectory(path) {
-            throw CLIError("Could not open '\(path)': 'file' driver requires '\(path)' to be a regular file")
-        }
         let top: any DiskImage
         do {
             top = try ImageOpener.open(path, options: OpenOptions(format: format, writable: false,
@@ -31,12 +26,6 @@ enum Backend {
             next = image.backing
         }
         return infos
-    }
-
-    /// Whether the file `name` names (through a `file:` prefix or a json: name too) is a
-    /// directory.
-    static func isDirectory(_ name: String) -> Bool {
-        FileStatus(ImageName.filePath(of: name))?.kind == .directory
     }
 
     /// qemu-img says "Could not open 'NAME': REASON" about the deepest failure only: NAME is the
@@ -58,7 +47,9 @@ enum Backend {
             if let innermost, innermost.message.hasPrefix("Could not open data file") {
                 return "Could not open '\(innermost.path)': \(io)"
             }
-            return "Could not open '\(io.path)': \(io)"
+            // The name the file was asked for by (`file:x`, a json: name), else the file's.
+            let asked = innermost?.path ?? path
+            return "Could not open '\(ImageName.filePath(of: asked) == io.path ? asked : io.path)': \(io)"
         }
         guard let innermost else { return "Could not open '\(path)': \(current)" }
         return "Could not open '\(innermost.path)': \(innermost.message): \(current)"

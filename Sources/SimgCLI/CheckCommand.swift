@@ -114,9 +114,6 @@ enum CheckCommand {
     /// on the file. The returned holder keeps the image's locks until closed.
     static func openFormat(path: String, format: ImageFormat?,
                            locking: ImageLocking) throws -> (ImageFormat, LockHolder) {
-        if Backend.isDirectory(path) {
-            throw CLIError("Could not open '\(path)': 'file' driver requires '\(path)' to be a regular file")
-        }
         do {
             let image = try ImageOpener.open(path, options: OpenOptions(format: format, writable: false,
                                                                         direct: false, openBacking: true,

@@ -126,9 +126,6 @@ enum ConvertCommand {
         var sources: [any DiskImage] = []
         defer { for source in sources { try? source.close() } }
         for path in sourcePaths {
-            if Backend.isDirectory(path) {
-                throw CLIError("Could not open '\(path)': 'file' driver requires '\(path)' to be a regular file")
-            }
             do {
                 // -U: the sources share everything, as with qemu-img (the target never does).
                 sources.append(try ImageOpener.open(path, options: OpenOptions(format: sourceFormat, writable: false,

@@ -57,9 +57,6 @@ enum RebaseCommand {
             }
             format = known
         }
-        if Backend.isDirectory(filename) {
-            throw CLIError("Could not open '\(filename)': 'file' driver requires '\(filename)' to be a regular file")
-        }
 
         // The overlay, writable; in safe mode with its old chain (read-only) to compare against.
         let overlay: any DiskImage

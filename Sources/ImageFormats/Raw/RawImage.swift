@@ -39,6 +39,10 @@ public final class RawImage: DiskImage {
         if let size, fileSize - offset < size {
             throw ImageError(path: path, message: "The sum of offset (\(offset)) and size (\(size)) has to be smaller or equal to the  actual size of the containing file (\(fileSize))")
         }
+        // A size the file would round up to whole sectors is not the size asked for.
+        if let size, size % 512 != 0 {
+            throw ImageError(path: path, message: "Specified size is not multiple of 512")
+        }
         windowOffset = offset
         windowSize = size
         self.virtualSize = size ?? RawImage.sectorRoundUp(fileSize - offset)
