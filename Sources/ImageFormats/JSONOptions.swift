@@ -134,7 +134,7 @@ enum JSONOptions {
             while true {
                 skipSpace()
                 guard peek == UInt8(ascii: "\"") || peek == UInt8(ascii: "'") else {
-                    throw ParseError(message: "expecting a member name")
+                    throw ParseError(message: "expecting value")
                 }
                 let key = try string()
                 skipSpace()
