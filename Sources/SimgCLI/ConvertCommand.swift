@@ -89,7 +89,7 @@ enum ConvertCommand {
             guard let format = ImageFormat(rawValue: outputFormatName) else {
                 throw CLIError("Unknown file format '\(outputFormatName)'")
             }
-            console.out(CreateCommand.optionHelp(for: format, withFilename: scan.operands.count > 1))
+            console.out(CreateCommand.optionHelp(for: format, filename: scan.operands.count > 1 ? scan.operands.last : nil))
             return 0
         }
         guard scan.operands.count >= 2 else { throw CLIError("Must specify image file name") }

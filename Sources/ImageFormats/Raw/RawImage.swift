@@ -143,9 +143,14 @@ public final class RawImage: DiskImage {
         try flush()
     }
 
-    /// Changes the file size (and so the virtual size, rounded up to 512 bytes).
+    /// Changes the file size (and so the virtual size, rounded up to 512 bytes). A device
+    /// keeps its size: any other size is QEMU's "Cannot resize device files" (truncate alone
+    /// would accept a smaller one without cutting anything).
     public func resize(to newSize: UInt64) throws {
         try checkWritable()
+        if try file.kind().isDevice, try newSize != file.size() {
+            throw ImageError(path: path, message: "Cannot resize device files")
+        }
         try file.truncate(to: newSize)
         virtualSize = RawImage.sectorRoundUp(newSize)
     }
