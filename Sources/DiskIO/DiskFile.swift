@@ -48,7 +48,8 @@ public final class DiskFile: @unchecked Sendable {
     }
 
     /// Creates a file for writing (mode 0644). With `exclusive`, fails if it already exists;
-    /// otherwise an existing file is truncated to zero length.
+    /// otherwise an existing file is truncated to zero length (a device is opened as it is:
+    /// `truncate` never cuts one).
     ///
     /// The file is locked with `lock` (QEMU's lock bytes, see ImageLock; by default those
     /// qemu-img create takes) BEFORE it is truncated: it is opened without O_TRUNC, locked,
@@ -84,6 +85,19 @@ public final class DiskFile: @unchecked Sendable {
             throw error
         }
         return file
+    }
+
+    /// A second open file description of this very file, with or without O_DIRECT. It is
+    /// opened through /proc/self/fd/N, which leads to the open inode itself: a rename, or a
+    /// new file under the old name since this one was opened, cannot redirect it (opening
+    /// `path` again could). Messages still name `path`. Locks are not carried over: they belong
+    /// to this description, which must stay open meanwhile.
+    public func reopen(direct: Bool) throws -> DiskFile {
+        var flags = (access == .readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC  // O_CLOEXEC: see open
+        if direct { flags |= simg_o_direct() }
+        let reopened = simg_open("/proc/self/fd/\(fd)", flags, 0)
+        if reopened < 0 { throw IOError(code: -reopened, operation: "reopen", path: path) }
+        return DiskFile(fd: reopened, path: path, access: access, isDirect: direct)
     }
 
     public func close() {
@@ -180,7 +194,10 @@ public final class DiskFile: @unchecked Sendable {
     }
 
     /// The corresponding C function is ftruncate.
+    /// On a block or character device nothing is cut or grown: a length up to the device's
+    /// size is accepted as it is, a larger one throws `DeviceSizeError` (see FileKind.swift).
     public func truncate(to length: UInt64) throws {
+        if try keepsDeviceSize(length) { return }
         let r = simg_ftruncate(fd, Int64(length))
         if r < 0 { throw IOError(code: -r, operation: "truncate", path: path, offset: length) }
     }

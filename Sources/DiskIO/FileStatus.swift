@@ -4,11 +4,7 @@ import Glibc
 /// kernel (see `FileName`). The one place simg looks at files by name rather than through a
 /// descriptor.
 public struct FileStatus: Sendable, Equatable {
-    public enum Kind: Sendable, Equatable {
-        case regular, directory, blockDevice, characterDevice, fifo, socket, symbolicLink, other
-    }
-
-    public var kind: Kind
+    public var kind: FileKind
     public var identity: FileIdentity
     public var size: UInt64
 
@@ -29,20 +25,11 @@ public struct FileStatus: Sendable, Equatable {
     }
 
     init(_ st: stat) {
-        switch st.st_mode & S_IFMT {
-        case S_IFREG: kind = .regular
-        case S_IFDIR: kind = .directory
-        case S_IFBLK: kind = .blockDevice
-        case S_IFCHR: kind = .characterDevice
-        case S_IFIFO: kind = .fifo
-        case S_IFSOCK: kind = .socket
-        case S_IFLNK: kind = .symbolicLink
-        default: kind = .other
-        }
-        identity = FileIdentity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
+        kind = FileKind(mode: st.st_mode)
+        identity = FileIdentity(status: st)
         size = UInt64(max(st.st_size, 0))
     }
 
     /// A block or character device node.
-    public var isDevice: Bool { kind == .blockDevice || kind == .characterDevice }
+    public var isDevice: Bool { kind.isDevice }
 }

@@ -145,12 +145,14 @@ final class Workspace: @unchecked Sendable {
         // A qcow2 backing file over backing.raw, so an input naming it reads a two-level chain.
         guard makeQcow2Helper(folder) else { return nil }
         let inputPath = "\(folder)/input"
-        let fd = Glibc.open(inputPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        // O_EXCL: the folder is new (mkdtemp), so the input is a file this process creates,
+        // never something else's under that name.
+        let fd = Glibc.open(inputPath, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard fd >= 0 else { return nil }
         madeFolder = folder
         atexit {
             guard let folder = Workspace.madeFolder else { return }
-            for name in Workspace.fileNames { unlink("\(folder)/\(name)") }
+            for name in Workspace.fileNames { FileRemoval.removeRegularFile("\(folder)/\(name)") }
             rmdir(folder)
         }
         return Workspace(folder: folder, inputPath: inputPath, inputFD: fd)
@@ -160,7 +162,7 @@ final class Workspace: @unchecked Sendable {
     private static let fileNames = ["input", "backing.raw", "data.raw", "backing.qcow2"]
 
     /// Removes the folders of harness processes that no longer run (only the files the harness
-    /// makes; a folder with anything else in it stays).
+    /// makes, and only regular files: a folder with anything else in it stays).
     private static func removeAbandonedFolders(in base: String) {
         guard let dir = opendir(base) else { return }
         defer { closedir(dir) }
@@ -174,7 +176,7 @@ final class Workspace: @unchecked Sendable {
             guard let dash = rest.firstIndex(of: "-"), let pid = Int32(rest[rest.startIndex..<dash]), pid > 0 else { continue }
             guard kill(pid, 0) != 0 && errno == ESRCH else { continue }
             let folder = "\(base)/\(name)"
-            for file in fileNames { unlink("\(folder)/\(file)") }
+            for file in fileNames { FileRemoval.removeRegularFile("\(folder)/\(file)") }
             rmdir(folder)
         }
     }

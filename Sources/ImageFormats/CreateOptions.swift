@@ -1,3 +1,5 @@
+import DiskIO
+
 /// The `-o` options of `create`, as qemu-img 7.2 defines them: names, types, help text,
 /// how their values are parsed, and how the "Formatting ..." line prints them.
 
@@ -120,6 +122,13 @@ enum CreateOptionTables {
                          help: "Extent size hint for the image file, 0 to disable"),
     ]
 
+    /// The host_device protocol's options (QEMU's bdrv_create_opts_simple): what a block or
+    /// character device takes instead of the file protocol's.
+    static let hostDevice: [CreateOptionSpec] = [
+        size,
+        CreateOptionSpec(name: "preallocation", type: "string", help: "Preallocation mode (allowed values: off)"),
+    ]
+
     static func format(_ format: ImageFormat) -> [CreateOptionSpec] {
         switch format {
         case .qcow2: return qcow2
@@ -129,9 +138,9 @@ enum CreateOptionTables {
 
     /// Format options followed by the protocol options the format does not define, in the
     /// order qemu-img prints the "Formatting ..." line.
-    static func merged(_ format: ImageFormat) -> [CreateOptionSpec] {
+    static func merged(_ format: ImageFormat, protocol: CreateProtocol = .file) -> [CreateOptionSpec] {
         var list = self.format(format)
-        for spec in file where !list.contains(where: { $0.name == spec.name }) {
+        for spec in (`protocol` == .file ? file : hostDevice) where !list.contains(where: { $0.name == spec.name }) {
             list.append(spec)
         }
         return list
@@ -142,9 +151,22 @@ extension ImageCreator {
     /// The options `qemu-img create -f FORMAT -o help` lists, sorted by name as it prints them.
     /// With `includeProtocol`, also the file protocol's options (what qemu-img lists when a
     /// file name is given: nocow, extent_size_hint, and for raw, preallocation).
-    public static func optionSpecs(for format: ImageFormat, includeProtocol: Bool = false) -> [CreateOptionSpec] {
-        let list = includeProtocol ? CreateOptionTables.merged(format) : CreateOptionTables.format(format)
+    /// `protocol`: which protocol's options (a device target takes host_device's).
+    public static func optionSpecs(for format: ImageFormat, includeProtocol: Bool = false,
+                                   protocol: CreateProtocol = .file) -> [CreateOptionSpec] {
+        let list = includeProtocol ? CreateOptionTables.merged(format, protocol: `protocol`) : CreateOptionTables.format(format)
         return list.sorted { $0.name < $1.name }
+    }
+}
+
+/// The protocol layer a new image is created through, which decides the options beyond the
+/// format's: QEMU picks host_device for a name that leads to a block or character device
+/// (hdev_probe_device stats it, following links), else the file protocol.
+public enum CreateProtocol: Sendable, Equatable {
+    case file, hostDevice
+
+    public init(path: String) {
+        self = FileKind(path: path)?.isDevice == true ? .hostDevice : .file
     }
 }
 
@@ -173,8 +195,8 @@ struct ParsedCreateOptions {
     /// Warnings qemu-img would print (hex numbers with a suffix).
     var warnings: [String] = []
 
-    init(format: ImageFormat) {
-        specs = CreateOptionTables.merged(format)
+    init(format: ImageFormat, protocol: CreateProtocol = .file) {
+        specs = CreateOptionTables.merged(format, protocol: `protocol`)
     }
 
     /// Parses one option; errors are the messages qemu-img prints after "file: ".

@@ -1,5 +1,4 @@
 import DiskIO
-import Glibc
 
 /// `create`: validates a request the way qemu-img 7.2 does, announces it with qemu-img's
 /// "Formatting ..." line, and writes the new image.
@@ -7,7 +6,9 @@ import Glibc
 /// Order of checks (as in QEMU's bdrv_img_create and qcow2_co_create_opts/qcow2_co_create):
 /// option names and value types; size given twice; backing file (opened unless -u, to check
 /// it and take its size); size missing; then the announcement; then format-specific checks.
-/// A failure after the announcement removes the files creation started (QEMU deletes them too).
+/// A failure after the announcement removes the files creation started (QEMU deletes them too),
+/// and only those: `CreatedFiles` removes a name only while it still leads to the regular file
+/// this process created, never a device the image was written on (docs/SAFETY.md).
 public enum ImageCreator {
     public static func create(_ request: CreateRequest, announce: (String) -> Void) throws {
         try create(request, announce: announce, warn: { _ in })
@@ -43,7 +44,9 @@ public enum ImageCreator {
             ImageError(path: path, message: message, cause: cause)
         }
 
-        var options = ParsedCreateOptions(format: request.format)
+        // A device target is QEMU's host_device protocol, with its own (fewer) options.
+        let targetProtocol = CreateProtocol(path: path)
+        var options = ParsedCreateOptions(format: request.format, protocol: targetProtocol)
         for option in request.options {
             do {
                 try options.set(option.name, option.value)
@@ -99,15 +102,17 @@ public enum ImageCreator {
 
         announce("Formatting '\(name)', fmt=\(request.format.rawValue) \(options.printed)")
 
+        // Every file creation opens (and empties) is recorded, so a failure removes exactly
+        // those: not a file whose lock refused us (another process has it open), not a device.
+        let created = CreatedFiles()
         switch request.format {
         case .raw:
             do {
-                try createRaw(path: path, size: size, options: options)
+                try createRaw(path: path, size: size, options: options, onDevice: targetProtocol == .hostDevice,
+                              created: created)
             } catch let error as InterruptedError {
                 // A half-preallocated raw file is shorter than asked: not the image requested.
-                // Only a regular file is removed (never a device node given as the target).
-                var st = stat()
-                if lstat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG { _ = unlink(path) }
+                created.removeAll()
                 throw error.naming(path, outcome: ZeroBuffer.newImageOutcome)
             }
         case .qcow2:
@@ -119,15 +124,13 @@ public enum ImageCreator {
                 } catch {
                     throw fail("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
                 }
-                try QCOW2Create.write(parameters, layout: layout)
+                try QCOW2Create.write(parameters, layout: layout, created: created)
             } catch {
-                // QEMU creates the files before its qcow2 checks and deletes them when creation
-                // fails; the net effect (no image, and no data file) is reproduced here.
-                // Except a file another process has open (its lock refused us): we did not
-                // touch it, and it is not ours to delete.
-                let inUse = ((error as? ImageError)?.cause as? ImageLockError)?.path
-                if inUse != path { _ = unlink(path) }
-                if let data = options.string("data_file"), inUse != data { _ = unlink(data) }
+                // QEMU deletes the image and data file it created when creation fails; so does
+                // simg, for the regular files it created (QEMU also creates the files before
+                // its qcow2 checks; simg checks first, so a refused option leaves a file that
+                // was there untouched).
+                created.removeAll()
                 if let interrupted = error as? InterruptedError {
                     throw interrupted.naming(path, outcome: ZeroBuffer.newImageOutcome)
                 }
@@ -192,20 +195,23 @@ public enum ImageCreator {
 
     // MARK: - raw
 
-    private static func createRaw(path: String, size: UInt64, options: ParsedCreateOptions) throws {
+    private static func createRaw(path: String, size: UInt64, options: ParsedCreateOptions, onDevice: Bool,
+                                  created: CreatedFiles) throws {
         if let hint = options.unsigned("extent_size_hint"), hint > UInt64(UInt32.max) {
             throw ImageError(path: path, message: "Extent size hint is too large")
         }
         let mode = options.string("preallocation") ?? "off"
         switch mode {
         case "off", "falloc", "full": break
+        // A device refuses every mode but off in its own words (RawCreate.createOnDevice).
+        case "metadata" where onDevice: break
         case "metadata": throw ImageError(path: path, message: "Unsupported preallocation mode: metadata")
         default: throw ImageError(path: path, message: "invalid parameter value: \(mode)")
         }
         guard size <= UInt64(Int64.max) - 511 else {
             throw ImageError(path: path, message: "The image size is too large for file format 'raw'")
         }
-        try RawCreate.create(path: path, size: size, preallocation: mode)
+        try RawCreate.create(path: path, size: size, preallocation: mode, created: created)
     }
 
     // MARK: - qcow2

@@ -69,7 +69,8 @@ extension ConvertTarget {
 // MARK: - raw
 
 /// A raw output file. Fresh: holes stay holes (the file was created sparse at its size).
-/// Existing (`-n`): zero ranges are punched (or zeroed in place).
+/// Existing (`-n`), or a device (never created, it holds old data): zero ranges are punched
+/// (on a block device: zeroed, BLKZEROOUT's guarantee) or zeroed in place, or written as zeros.
 public final class RawTarget: ConvertTarget {
     public let image: RawImage
     public let path: String
@@ -77,7 +78,7 @@ public final class RawTarget: ConvertTarget {
     public let writeGranularity: Int
     public var isDirect: Bool { image.file.isDirect }
     public var writesAsynchronously: Bool { true }
-    /// Whether unwritten ranges read as zeros (fresh file or --target-is-zero).
+    /// Whether unwritten ranges read as zeros (a fresh regular file or --target-is-zero).
     public let startsZeroed: Bool
     /// The real end of the file: O_DIRECT writes may not be rounded past it.
     private let fileSize: UInt64
@@ -88,13 +89,17 @@ public final class RawTarget: ConvertTarget {
 
     /// Opens `path` (an existing raw image: a file or device name, or a json: name of a
     /// window of one) as the target. `direct` = cache mode none/directsync.
-    public init(path: String, direct: Bool, startsZeroed: Bool) throws {
+    /// `startsZeroed`: the file was just created (or `assumeZero`, --target-is-zero, says so).
+    /// A created device still holds its old data, so it does not start zeroed unless the
+    /// user says it does.
+    public init(path: String, direct: Bool, startsZeroed: Bool, assumeZero: Bool = false) throws {
         image = try RawImage.open(location: ImageName.parse(path), writable: true, direct: direct)
         self.path = path
         virtualSize = image.virtualSize
         fileSize = try image.file.size()
         writeGranularity = direct ? image.file.dioAlignment().offset : 1
-        self.startsZeroed = startsZeroed
+        let onDevice = try image.file.kind().isDevice
+        self.startsZeroed = assumeZero || (startsZeroed && !onDevice)
     }
 
     public func readsAsZero(at offset: UInt64, length: UInt64) -> Bool { startsZeroed }
@@ -129,9 +134,11 @@ public final class RawTarget: ConvertTarget {
         try buffered().write(data, at: offset)
     }
 
+    /// The same open file without O_DIRECT (a new description of the same inode, never the
+    /// name opened again: a rename in between must not redirect the tail's writes).
     private func buffered() throws -> DiskFile {
         if let tailFile { return tailFile }
-        let file = try DiskFile.open(image.file.path, access: .readWrite, direct: false)
+        let file = try image.file.reopen(direct: false)
         tailFile = file
         return file
     }

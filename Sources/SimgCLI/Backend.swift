@@ -67,8 +67,9 @@ enum Backend {
         }
     }
 
-    static func optionSpecs(for format: ImageFormat, includeProtocol: Bool) -> [CreateOptionSpec] {
-        ImageCreator.optionSpecs(for: format, includeProtocol: includeProtocol)
+    static func optionSpecs(for format: ImageFormat, includeProtocol: Bool,
+                            protocol: CreateProtocol = .file) -> [CreateOptionSpec] {
+        ImageCreator.optionSpecs(for: format, includeProtocol: includeProtocol, protocol: `protocol`)
     }
 
     /// A size as qemu_strtosz reads it, and whether qemu-img would warn about a hex suffix.

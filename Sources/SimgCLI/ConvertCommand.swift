@@ -89,7 +89,7 @@ enum ConvertCommand {
             guard let format = ImageFormat(rawValue: outputFormatName) else {
                 throw CLIError("Unknown file format '\(outputFormatName)'")
             }
-            console.out(CreateCommand.optionHelp(for: format, withFilename: scan.operands.count > 1))
+            console.out(CreateCommand.optionHelp(for: format, filename: scan.operands.count > 1 ? scan.operands.last : nil))
             return 0
         }
         guard scan.operands.count >= 2 else { throw CLIError("Must specify image file name") }
@@ -177,7 +177,8 @@ enum ConvertCommand {
         }
 
         let target = try openTarget(output, format: outputFormat, direct: targetDirect,
-                                    startsZeroed: !noCreate || targetIsZero, compress: compress,
+                                    startsZeroed: !noCreate || targetIsZero, assumeZero: targetIsZero,
+                                    compress: compress,
                                     sparse: options.sparseSize)
         // Cache mode unsafe ignores flushes (QEMU's meaning): no sync at the end.
         (target as? RawTarget)?.syncOnFinish = targetCache != "unsafe"
@@ -249,12 +250,15 @@ enum ConvertCommand {
         }
     }
 
+    /// `startsZeroed`: created now or --target-is-zero (`assumeZero`); a raw target on a
+    /// device starts zeroed only when the user says so (RawTarget).
     static func openTarget(_ path: String, format: ImageFormat, direct: Bool, startsZeroed: Bool,
-                           compress: Bool, sparse: UInt64) throws -> any ConvertTarget {
+                           assumeZero: Bool, compress: Bool, sparse: UInt64) throws -> any ConvertTarget {
         do {
             switch format {
             case .raw:
-                let target = try RawTarget(path: path, direct: direct, startsZeroed: startsZeroed)
+                let target = try RawTarget(path: path, direct: direct, startsZeroed: startsZeroed,
+                                           assumeZero: assumeZero)
                 // RawTarget opens the file itself (only reading its size so far): the writer's
                 // lock is taken before anything is written, as for a qcow2 target.
                 do {

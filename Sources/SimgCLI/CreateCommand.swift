@@ -29,7 +29,7 @@ enum CreateCommand {
             guard let format = ImageFormat(rawValue: formatName) else {
                 throw CLIError("Unknown file format '\(formatName)'")
             }
-            console.out(optionHelp(for: format, withFilename: filename != nil))
+            console.out(optionHelp(for: format, filename: filename))
             return 0
         }
         guard let filename else { throw CLIError.usage("Expecting image file name") }
@@ -101,9 +101,12 @@ enum CreateCommand {
     /// `-o help`, laid out like qemu-img's: "  name=<type>" padded to 22 columns, " - ", help.
     /// With a file name qemu-img also lists its file protocol's options under one heading;
     /// without, it lists the format's and says the protocol may have more.
-    static func optionHelp(for format: ImageFormat, withFilename: Bool) -> String {
+    /// A file name that leads to a device lists host_device's options instead of the file's.
+    static func optionHelp(for format: ImageFormat, filename: String?) -> String {
+        let withFilename = filename != nil
+        let specs = Backend.optionSpecs(for: format, includeProtocol: withFilename,
+                                        protocol: filename.map { CreateProtocol(path: $0) } ?? .file)
         var text = withFilename ? "Supported options:\n" : "Supported \(format.rawValue) options:\n"
-        let specs = Backend.optionSpecs(for: format, includeProtocol: withFilename)
         for option in specs.sorted(by: { $0.name < $1.name }) {
             text += "  " + TextFormat.left("\(option.name)=<\(option.helpType)>", 22) + " - " + option.help + "\n"
         }

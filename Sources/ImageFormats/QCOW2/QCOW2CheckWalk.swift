@@ -267,6 +267,12 @@ extension QCOW2Checker {
                             rebuild = true
                             say("ERROR could not resize image: \(failure)")
                             continue
+                        } catch let error as DeviceSizeError {
+                            // A device cannot grow: QEMU's host_device says so, with EINVAL.
+                            reportError("\(error)")
+                            rebuild = true
+                            say("ERROR could not resize image: \(failure)")
+                            continue
                         }
                         fileLength = (try file.size() + 511) & ~511
                         guard counts.grow(to: Int(clusters(fileLength))) else {

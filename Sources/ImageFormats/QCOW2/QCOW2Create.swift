@@ -54,7 +54,9 @@ enum QCOW2Create {
     /// Creates (or truncates) the image file and, if requested, the data file, and writes the
     /// whole image. The caller has validated `p` and computed `layout` with `layout(for:)`.
     /// Metadata is written in large writes: the refcount blocks in one, each L2 table in one.
-    static func write(_ p: QCOW2CreateParameters, layout: QCOW2Layout) throws {
+    /// A device (image or data file) is written on, never truncated (QCOW2CreateDevice.swift).
+    /// `created` records the regular files made, for the caller's cleanup on failure.
+    static func write(_ p: QCOW2CreateParameters, layout: QCOW2Layout, created: CreatedFiles? = nil) throws {
         let header = header(for: p, layout: layout)
         let headerBytes = header.serialized()
         guard headerBytes.count <= layout.clusterSize else {
@@ -68,7 +70,25 @@ enum QCOW2Create {
             throw ImageError(path: p.path, message: "Could not create the image file", cause: error)
         }
         defer { file.close() }
+        created?.record(file)
+        // The data file is created before anything is written, as QEMU creates both files
+        // first: one that cannot be created (or is a device too small) then leaves nothing
+        // written (and a failed create nothing but what the cleanup removes).
+        var data: DiskFile?
+        if let dataName = p.dataFile {
+            do {
+                data = try DiskFile.create(dataName)
+            } catch {
+                throw ImageError(path: p.path, message: "Could not create data file '\(dataName)'", cause: error)
+            }
+            created?.record(data!)
+        }
+        defer { data?.close() }
+        let dataOnDevice = try data.map { data in try io(data.path) { try data.kind().isDevice } } ?? false
+        if let data, dataOnDevice { try checkDataDevice(data, p) }
         let cs = UInt64(layout.clusterSize)
+        let onDevice = try io(p.path) { try file.kind().isDevice }
+        if onDevice { try prepareDevice(file, p, layout: layout) }
 
         try io(p.path) {
             // The header goes last (below): until then the file does not start with the qcow2
@@ -85,7 +105,8 @@ enum QCOW2Create {
                 }
             }
             let length = layout.fileLength
-            if try file.size() < length { try file.truncate(to: length) }
+            // A device keeps its size (prepareDevice checked that the layout fits on it).
+            if !onDevice, try file.size() < length { try file.truncate(to: length) }
             if !layout.externalData && layout.l2Count > 0 {
                 // Only the data clusters: the metadata between them is already written.
                 for t in 0..<layout.l2Count {
@@ -102,16 +123,14 @@ enum QCOW2Create {
             try writeHeader(headerBytes, to: file)
             try file.sync()
         }
+        if onDevice { try checkReadsBack(file, path: p.path) }
 
-        if let dataName = p.dataFile {
-            let data: DiskFile
-            do {
-                data = try DiskFile.create(dataName)
-            } catch {
-                throw ImageError(path: p.path, message: "Could not create data file '\(dataName)'", cause: error)
+        if let data {
+            if dataOnDevice {
+                try prepareDataDevice(data, p)
+                return
             }
-            defer { data.close() }
-            try io(dataName) {
+            try io(data.path) {
                 switch p.preallocation {
                 case .falloc: try ZeroBuffer.allocate(in: data, at: 0, length: p.size, image: p.path)
                 case .full: try ZeroBuffer.write(to: data, at: 0, length: p.size, image: p.path)
@@ -158,9 +177,9 @@ enum QCOW2Create {
     }
 
     /// Runs `body`, turning an IOError into an ImageError about `path`.
-    private static func io(_ path: String, _ body: () throws -> Void) throws {
+    static func io<T>(_ path: String, _ body: () throws -> T) throws -> T {
         do {
-            try body()
+            return try body()
         } catch let error as IOError {
             throw ImageError(path: path, message: "Could not write the new image", cause: error)
         }

@@ -25,8 +25,14 @@ final class QCOW2Refcounts {
     let blocks: QCOW2TableCache
     /// Where the next first-fit search starts (a cluster index).
     private var freeHint: UInt64 = 0
-    /// Clusters at or past this index have never been in the file: they read as zeros.
+    /// Clusters at or past this index have never been in the file (nor past every refcount
+    /// block's range in use): they are free, and in a regular file they read as zeros.
+    /// On a device it starts at 0: the device's size says nothing about what the image uses,
+    /// so allocation follows the refcounts alone (as QEMU's does) and a grown refcount table
+    /// goes right after the ranges the blocks cover, not past the end of the device.
     private(set) var fileEndCluster: UInt64
+    /// False on a device: it holds old data, so no cluster of it reads as zeros unwritten.
+    let readsZeroPastEnd: Bool
     /// Called after the refcount table moved (the header must point at the new one).
     var tableMoved: ((_ offset: UInt64, _ clusters: UInt64) throws -> Void)?
 
@@ -42,7 +48,8 @@ final class QCOW2Refcounts {
         let bytes = try file.qcow2ReadBytes(count: Int(tableClusters << clusterBits), at: tableOffset)
         table = QCOW2BE.words(bytes)
         blocks = QCOW2TableCache(file: file, tableSize: header.clusterSize, budgetBytes: 1 << 20)
-        let size = try file.size()
+        readsZeroPastEnd = !(try file.kind().isDevice)
+        let size = readsZeroPastEnd ? try file.size() : 0
         fileEndCluster = (size + (UInt64(1) << clusterBits) - 1) >> clusterBits
         for (i, entry) in table.enumerated() where entry != 0 {
             let offset = entry & qcow2OffsetMask
@@ -101,7 +108,7 @@ final class QCOW2Refcounts {
 
     /// Allocates `count` contiguous clusters (first fit from the free hint) with refcount 1;
     /// returns the host offset of the first. `fresh` tells whether they lie past the old end
-    /// of the file (so they read as zeros without being written).
+    /// of the file (so they read as zeros without being written; never on a device).
     func allocate(count: UInt64) throws -> (offset: UInt64, fresh: Bool) {
         precondition(count > 0)
         // Ranges the run touches may have no refcount block yet. Their blocks go at the start
@@ -127,7 +134,7 @@ final class QCOW2Refcounts {
                 reserve = UInt64(missing.count)
                 continue
             }
-            let fresh = start >= fileEndCluster
+            let fresh = readsZeroPastEnd && start >= fileEndCluster
             let blockCount = UInt64(missing.count)
             if blockCount > 0 { try createBlocks(missing, at: start) }
             let dataStart = start + blockCount

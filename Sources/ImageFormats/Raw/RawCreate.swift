@@ -8,9 +8,14 @@ public enum RawCreate {
     /// as QEMU does so that O_DIRECT alignment can be probed), "falloc" (fallocate the whole
     /// file) or "full" (write zeros over the whole file). Validating option names is the
     /// caller's job; an unknown mode here is an ImageError.
-    public static func create(path: String, size: UInt64, preallocation: String = "off") throws {
+    ///
+    /// On a block or character device nothing is created or cut (see `createOnDevice`).
+    /// `created` records the file for the caller's cleanup when it is a regular file.
+    public static func create(path: String, size: UInt64, preallocation: String = "off",
+                              created: CreatedFiles? = nil) throws {
         let mode = preallocation.isEmpty ? "off" : preallocation
-        guard ["off", "falloc", "full"].contains(mode) else {
+        // "metadata" reaches a device, which refuses it in QEMU's words for devices.
+        guard ["off", "falloc", "full"].contains(mode) || (mode == "metadata" && FileKind(path: path)?.isDevice == true) else {
             throw ImageError(path: path, message: "Invalid preallocation mode: '\(preallocation)'")
         }
         let length = RawImage.sectorRoundUp(size)
@@ -24,6 +29,14 @@ public enum RawCreate {
             throw ImageError(path: path, message: "could not create the image file", cause: error)
         }
         defer { file.close() }
+        created?.record(file)
+        if try file.kind().isDevice {
+            try createOnDevice(file, size: size, preallocation: mode)
+            return
+        }
+        guard mode != "metadata" else {
+            throw ImageError(path: path, message: "Invalid preallocation mode: '\(preallocation)'")
+        }
         do {
             switch mode {
             case "falloc":
@@ -37,8 +50,29 @@ public enum RawCreate {
             try file.sync()
         } catch let error as IOError {
             // Give the space back (the disk may be full), as qemu-img does: an empty file remains.
+            // (A regular file: devices returned above, and truncate never cuts one anyway.)
             try? file.truncate(to: 0)
             throw ImageError(path: path, message: "could not preallocate the image file", cause: error)
+        }
+    }
+
+    /// A raw image "created" on a device, as QEMU's host_device driver does it
+    /// (bdrv_co_create_opts_simple): no preallocation mode but off, a size above the device's
+    /// is "Cannot grow device files", and the first sector is cleared. The device keeps its
+    /// size and the rest of its contents; nothing is truncated.
+    private static func createOnDevice(_ file: DiskFile, size: UInt64, preallocation mode: String) throws {
+        guard mode == "off" else {
+            throw ImageError(path: file.path, message: "Unsupported preallocation mode '\(mode)'")
+        }
+        do {
+            let deviceSize = try file.size()
+            guard size <= deviceSize else {
+                throw ImageError(path: file.path, message: "\(DeviceSizeError(path: file.path, wanted: size, size: deviceSize))")
+            }
+            try file.zeroStart(512)
+            try file.syncUnlessUnsyncable()
+        } catch let error as IOError {
+            throw ImageError(path: file.path, message: "Failed to clear the new image's first sector", cause: error)
         }
     }
 

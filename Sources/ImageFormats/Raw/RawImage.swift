@@ -182,9 +182,14 @@ public final class RawImage: DiskImage {
         try flush()
     }
 
-    /// Changes the file size (and so the virtual size, rounded up to 512 bytes).
+    /// Changes the file size (and so the virtual size, rounded up to 512 bytes). A device
+    /// keeps its size: any other size is QEMU's "Cannot resize device files" (truncate alone
+    /// would accept a smaller one without cutting anything).
     public func resize(to newSize: UInt64) throws {
         try checkWritable()
+        if try file.kind().isDevice, try newSize != file.size() {
+            throw ImageError(path: path, message: "Cannot resize device files")
+        }
         // QEMU's raw_co_truncate refuses this too: the window's size is fixed by the name.
         if windowSize != nil { throw ImageError(path: path, message: "Cannot resize fixed-size raw disks") }
         guard newSize <= UInt64(Int64.max) - windowOffset else {
