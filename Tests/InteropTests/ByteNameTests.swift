@@ -70,4 +70,17 @@ import Testing
         #expect(r.status == 0, "\(r.errorText)")
         #expect(r.stdout == Data("backing file: new".utf8) + Data([0xFE]) + Data(".qcow2\n".utf8))
     }
+
+    /// A create that fails after making its file removes exactly that byte-named file (and
+    /// leaves the U+FFFD spelling of the name, a file of its own, alone).
+    @Test func failedCreateRemovesTheByteNamedFile() throws {
+        let dir = try TempDir()
+        let r = try shell("""
+            touch $'b\\xef\\xbf\\xbd.qcow2' && prlimit --fsize=100000 $T create -f qcow2 -o preallocation=full $'b\\xff.qcow2' 10M
+            """, tool: simgBinary, in: dir.path)
+        #expect(r.status == 1)
+        #expect(r.errorText.contains("File too large"))
+        #expect(try !byteNameExists("$'b\\xff.qcow2'", in: dir.path))
+        #expect(FileManager.default.fileExists(atPath: dir.file("b\u{FFFD}.qcow2")))
+    }
 }
