@@ -73,6 +73,16 @@ enum Backend {
     }
 
     /// A size as qemu_strtosz reads it, and whether qemu-img would warn about a hex suffix.
+    /// The cache mode given as option `key` (the last one wins), or `default`; qemu-img's error
+    /// for a name it does not know, worded for a target (-t) or a source (-T) option.
+    static func cacheMode(_ scan: ScanResult, _ key: String, default fallback: CacheMode, source: Bool) throws -> CacheMode {
+        guard let name = scan.last(key) else { return fallback }
+        guard let mode = CacheMode(name: name) else {
+            throw CLIError(source ? "Invalid source cache option: \(name)" : "Invalid cache option: \(name)")
+        }
+        return mode
+    }
+
     static func parseSize(_ text: String) throws(SizeParser.Error) -> (value: UInt64, hexSuffix: Bool) {
         do {
             let parsed = try SizeParser.parseDetailed(text)

@@ -35,15 +35,6 @@ enum ConvertCommand {
         ],
         run: run)
 
-    /// Cache mode -> O_DIRECT, as QEMU maps them (none and directsync bypass the page cache).
-    static func isDirect(cacheMode: String) -> Bool? {
-        switch cacheMode {
-        case "none", "directsync": return true
-        case "writeback", "writethrough", "unsafe": return false
-        default: return nil
-        }
-    }
-
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
         let quiet = scan.has("quiet")
         let noCreate = scan.has("no-create")
@@ -70,14 +61,9 @@ enum ConvertCommand {
             }
             options.sparseSize = value
         }
-        let targetCache = scan.last("cache") ?? "unsafe"
-        guard let targetDirect = isDirect(cacheMode: targetCache) else {
-            throw CLIError("Invalid cache option: \(targetCache)")
-        }
-        let sourceCache = scan.last("source-cache") ?? "writeback"
-        guard let sourceDirect = isDirect(cacheMode: sourceCache) else {
-            throw CLIError("Invalid source cache option: \(sourceCache)")
-        }
+        let targetCache = try Backend.cacheMode(scan, "cache", default: .unsafe, source: false)
+        let targetDirect = targetCache.direct
+        let sourceDirect = try Backend.cacheMode(scan, "source-cache", default: .writeback, source: true).direct
         if scan.has("copy-offload") {
             if compress { throw CLIError("Cannot enable copy offloading when -c is used") }
             if scan.has("sparse-size") { throw CLIError("Cannot enable copy offloading when -S is used") }
@@ -181,7 +167,7 @@ enum ConvertCommand {
                                     compress: compress,
                                     sparse: options.sparseSize)
         // Cache mode unsafe ignores flushes (QEMU's meaning): no sync at the end.
-        (target as? RawTarget)?.syncOnFinish = targetCache != "unsafe"
+        (target as? RawTarget)?.syncOnFinish = targetCache.flushes
         if noCreate && target.virtualSize < totalSize {
             target.abandon()
             throw CLIError("output file is smaller than input file")

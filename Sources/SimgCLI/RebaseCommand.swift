@@ -28,7 +28,6 @@ enum RebaseCommand {
                   .flag("p", "progress"), OptionSpec(short: "U", long: "force-share", key: "force-share")],
         run: run)
 
-    static let cacheModes: Set<String> = ["none", "off", "directsync", "writeback", "unsafe", "writethrough"]
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
         let unsafe = scan.has("unsafe")
@@ -39,12 +38,9 @@ enum RebaseCommand {
         guard let newName = scan.last("backing") ?? (unsafe ? "" : nil) else {
             throw CLIError.usage("Must specify backing file (-b) or use unsafe mode (-u)")
         }
-        if let cache = scan.last("cache"), !cacheModes.contains(cache) {
-            throw CLIError("Invalid cache option: \(cache)")
-        }
-        if let cache = scan.last("source-cache"), !cacheModes.contains(cache) {
-            throw CLIError("Invalid source cache option: \(cache)")
-        }
+        // Accepted and checked as qemu-img does; rebase reads and writes through the page cache.
+        _ = try Backend.cacheMode(scan, "cache", default: .writeback, source: false)
+        _ = try Backend.cacheMode(scan, "source-cache", default: .writeback, source: true)
         var backingFormat: ImageFormat?
         if let name = scan.last("backing-format") {
             guard let known = ImageFormat(rawValue: name) else { throw CLIError("Invalid format name: '\(name)'") }
