@@ -91,8 +91,10 @@ public final class DiskFile: @unchecked Sendable {
     /// opened through /proc/self/fd/N, which leads to the open inode itself: a rename, or a
     /// new file under the old name since this one was opened, cannot redirect it (opening
     /// `path` again could). Messages still name `path`. Locks are not carried over: they belong
-    /// to this description, which must stay open meanwhile.
-    public func reopen(direct: Bool) throws -> DiskFile {
+    /// to this description, which must stay open meanwhile. `access` defaults to this file's;
+    /// a read-write reopen of a file opened read-only is checked by the kernel as an open.
+    public func reopen(access newAccess: Access? = nil, direct: Bool) throws -> DiskFile {
+        let access = newAccess ?? self.access
         var flags = (access == .readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC  // O_CLOEXEC: see open
         if direct { flags |= simg_o_direct() }
         let reopened = simg_open("/proc/self/fd/\(fd)", flags, 0)

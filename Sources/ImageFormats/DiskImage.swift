@@ -54,6 +54,8 @@ public protocol DiskImage: AnyObject {
     var isWritable: Bool { get }
     /// The opened backing image, if this image has one and it was opened.
     var backing: (any DiskImage)? { get }
+    /// The file the image itself is (its header and metadata), locked while the image is open.
+    var file: DiskFile { get }
     /// The file guest data lives in (the image file itself, or a qcow2 external data file).
     var dataFile: DiskFile { get }
 

@@ -63,11 +63,24 @@ public enum ImageChecker {
     public static func check(path: String, format: ImageFormat, repair: CheckRepair,
                              report: @escaping (String) -> Void,
                              reportError: @escaping (String) -> Void = { _ in }) throws -> ImageCheckResult {
+        let file = try DiskFile.open(ImageName.filePath(of: path), access: .readOnly)
+        defer { file.close() }
+        return try check(file: file, path: path, format: format, repair: repair, report: report,
+                         reportError: reportError)
+    }
+
+    /// The same on the image file already open as `file` (the descriptor holding the image's
+    /// locks): the check reads and repairs through a reopen of that very file, never the name
+    /// opened again, so a rename or a new file under the name meanwhile cannot redirect a
+    /// repair. `path` is the name messages use.
+    public static func check(file: DiskFile, path: String, format: ImageFormat, repair: CheckRepair,
+                             report: @escaping (String) -> Void,
+                             reportError: @escaping (String) -> Void = { _ in }) throws -> ImageCheckResult {
         switch format {
         case .qcow2:
-            let file = try DiskFile.open(ImageName.filePath(of: path), access: repair == .none ? .readOnly : .readWrite)
-            defer { file.close() }
-            return try QCOW2Checker.check(file: file, path: path, repair: repair, report: report,
+            let own = try file.reopen(access: repair == .none ? .readOnly : .readWrite, direct: false)
+            defer { own.close() }
+            return try QCOW2Checker.check(file: own, path: path, repair: repair, report: report,
                                           reportError: reportError)
         case .raw:
             throw ImageError(path: path, message: "This image format does not support checks")

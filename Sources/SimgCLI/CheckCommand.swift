@@ -56,7 +56,8 @@ enum CheckCommand {
         }
         // The image stays open (holding QEMU's locks: a writer's for -r, as qemu-img check -r
         // takes) until the check and any repair are done; the checker reads and repairs
-        // through a descriptor of its own, which takes no locks and so cannot conflict.
+        // through a reopen of the locked file (the same inode whatever the name leads to now),
+        // a descriptor of its own, which takes no locks and so cannot conflict.
         let (opened, holder) = try openFormat(path: filename, format: format,
                                               locking: repair != .none ? .writer : forceShare ? .forceShare : .standard)
         defer { holder.close() }
@@ -70,7 +71,7 @@ enum CheckCommand {
         var result: ImageCheckResult
         var failure: Int32?
         do {
-            result = try ImageChecker.check(path: filename, format: opened, repair: repair, report: report,
+            result = try ImageChecker.check(file: holder.lockedFile, path: filename, format: opened, repair: repair, report: report,
                                                  reportError: reportError)
         } catch let f as ImageCheckFailure {
             result = f.result
@@ -86,7 +87,7 @@ enum CheckCommand {
             }
             let fixed = result
             do {
-                result = try ImageChecker.check(path: filename, format: opened, repair: .none, report: report,
+                result = try ImageChecker.check(file: holder.lockedFile, path: filename, format: opened, repair: .none, report: report,
                                                  reportError: reportError)
             } catch let f as ImageCheckFailure {
                 result = f.result
@@ -137,6 +138,9 @@ enum CheckCommand {
     struct LockHolder {
         var image: (any DiskImage)?
         var file: DiskFile?
+
+        /// The locked image file, which the check reopens.
+        var lockedFile: DiskFile { image?.file ?? file! }
 
         func close() {
             try? image?.close()

@@ -94,6 +94,30 @@ import DiskIO
         #expect(r.leaks == 0 && r.corruptions == 0)
     }
 
+    /// check -r repairs the file it locked: renamed away and replaced by another leaky image
+    /// meanwhile, the renamed file is repaired and the one now under the name is untouched.
+    @Test func repairGoesToTheOpenFileNotTheName() throws {
+        let dir = try RawScratch()
+        let path = dir.file("a.qcow2"), moved = dir.file("moved.qcow2")
+        try Self.makeImage(path)
+        let file = try DiskFile.open(path, access: .readWrite)
+        let end = try file.size()
+        try file.truncate(to: end + 65536)
+        file.close()
+        try Self.setRefcount(path, cluster: end >> 16, 1)
+        let leaky = try Data(contentsOf: URL(fileURLWithPath: path))
+
+        let locked = try DiskFile.open(path, access: .readOnly)
+        defer { locked.close() }
+        try FileManager.default.moveItem(atPath: path, toPath: moved)
+        try leaky.write(to: URL(fileURLWithPath: path))
+        let r = try ImageChecker.check(file: locked, path: path, format: .qcow2, repair: .leaks, report: { _ in })
+        #expect(r.leaksFixed == 1 && r.leaks == 0)
+        #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == leaky)
+        #expect(try Self.check(moved).0.leaks == 0)
+        #expect(try Self.check(path).0.leaks == 1)
+    }
+
     @Test func missingRefcountNeedsRebuild() throws {
         let dir = try RawScratch()
         let path = dir.file("a.qcow2")

@@ -339,6 +339,7 @@ final class QCOW2FakeBacking: DiskImage {
     var isWritable: Bool { false }
     var backing: (any DiskImage)? { nil }
     var dataFile: DiskFile { fatalError("not used") }
+    var file: DiskFile { dataFile }
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         precondition(offset + UInt64(buffer.count) <= size, "read past the fake's end")
         buffer.initializeMemory(as: UInt8.self, repeating: fill)

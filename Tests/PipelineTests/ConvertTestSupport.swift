@@ -39,6 +39,7 @@ final class FakeImage: DiskImage {
     var isWritable: Bool { false }
     var backing: (any DiskImage)?
     let dataFile: DiskFile
+    var file: DiskFile { dataFile }
     var extents: [Extent]
     let content: (UInt64) -> UInt8
     var blockStatusCalls = 0

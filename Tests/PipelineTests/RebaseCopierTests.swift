@@ -13,6 +13,7 @@ private final class RebaseMemoryImage: DiskImage {
     var isWritable: Bool { true }
     var backing: (any DiskImage)?
     var dataFile: DiskFile { fatalError("not used by the copier") }
+    var file: DiskFile { dataFile }
     var bytes: [UInt8]
     var kinds: [Character]  // "d" data, "z" zero, "-" unallocated
     var reads: UInt64 = 0
