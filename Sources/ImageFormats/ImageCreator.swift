@@ -148,12 +148,14 @@ public enum ImageCreator {
         }
         var chosen: ImageFormat?
         if let format {
-            guard let known = ImageFormat(rawValue: format) else {
-                throw fail(qemuDrivers.contains(format)
-                           ? "Could not open '\(full)': backing format '\(format)' is not supported by simg\nCould not open backing image."
-                           : "Unknown driver '\(format)'\nCould not open backing image.")
+            do {
+                chosen = try ImageFormat(named: format)
+            } catch {
+                // qemu-img names no file for a driver it does not know; simg names the backing
+                // file it cannot open for one it does not have.
+                throw fail(error.isQEMUDriver ? "Could not open '\(full)': \(error)\nCould not open backing image."
+                                              : "\(error)\nCould not open backing image.")
             }
-            chosen = known
         }
         do {
             _ = try ImageName.parse(full)
@@ -181,17 +183,6 @@ public enum ImageCreator {
         }
         return size
     }
-
-    /// QEMU 7.2's block driver names (BlockdevDriver): accepted as backing_fmt with -u.
-    static let qemuDrivers: Set<String> = [
-        "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress",
-        "copy-before-write", "copy-on-read", "dmg", "file", "snapshot-access", "ftp", "ftps",
-        "gluster", "host_cdrom", "host_device", "http", "https", "io_uring", "iscsi", "luks",
-        "nbd", "nfs", "null-aio", "null-co", "nvme", "nvme-io_uring", "parallels", "preallocate",
-        "qcow", "qcow2", "qed", "quorum", "raw", "rbd", "replication", "ssh", "throttle", "vdi",
-        "vhdx", "virtio-blk-vfio-pci", "virtio-blk-vhost-user", "virtio-blk-vhost-vdpa", "vmdk",
-        "vpc", "vvfat",
-    ]
 
     // MARK: - raw
 
@@ -237,7 +228,7 @@ public enum ImageCreator {
             default: throw fail("Parameter 'version' does not accept value '\(compat)'")
             }
         }
-        if let format = options.string("backing_fmt"), !qemuDrivers.contains(format) {
+        if let format = options.string("backing_fmt"), !ImageFormat.qemuDrivers.contains(format) {
             throw fail("Parameter 'backing-fmt' does not accept value '\(format)'")
         }
         let encryptionOptions = options.values.keys.filter { $0.hasPrefix("encrypt.") }

@@ -69,10 +69,7 @@ private struct JSONName {
             if ImageLocation.Driver(rawValue: format) != nil {
                 throw fail("simg opens images through a format driver ('raw' or 'qcow2'), not through the protocol driver '\(format)' alone")
             }
-            if format != "raw" && format != "qcow2" {
-                throw fail(ImageCreator.qemuDrivers.contains(format)
-                           ? "simg does not support the '\(format)' format yet" : "Unknown driver '\(format)'")
-            }
+            do { _ = try ImageFormat(named: format) } catch { throw fail("\(error)") }
         }
         if case .string(let reference)?? = value("file") {
             // A string names a node of a running QEMU; qemu-img has none.

@@ -43,10 +43,7 @@ enum CheckCommand {
         _ = try Backend.cacheMode(scan, "cache", default: .writeback, source: true)
         var format: ImageFormat?
         if let name = scan.last("format") {
-            guard let known = ImageFormat(rawValue: name) else {
-                throw CLIError("Could not open '\(filename)': Unknown driver '\(name)'")
-            }
-            format = known
+            do { format = try ImageFormat(named: name) } catch { throw CLIError("Could not open '\(filename)': \(error)") }
         }
         let quiet = scan.has("quiet")
         let forceShare = scan.has("force-share")

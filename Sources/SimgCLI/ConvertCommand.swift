@@ -72,9 +72,8 @@ enum ConvertCommand {
         try applyTuning(scan, to: &options)
 
         if let optionText, OptionList.wantsHelp(optionText) {
-            guard let format = ImageFormat(rawValue: outputFormatName) else {
-                throw CLIError("Unknown file format '\(outputFormatName)'")
-            }
+            let format: ImageFormat
+            do { format = try ImageFormat(named: outputFormatName, creating: true) } catch { throw CLIError("\(error)") }
             console.out(CreateCommand.optionHelp(for: format, filename: scan.operands.count > 1 ? scan.operands.last : nil))
             return 0
         }
@@ -85,11 +84,14 @@ enum ConvertCommand {
 
         var sourceFormat: ImageFormat?
         if let name = scan.last("format") {
-            guard let known = ImageFormat(rawValue: name) else { throw CLIError("Unknown driver '\(name)'") }
-            sourceFormat = known
+            // As qemu-img, which fails opening the first source with it.
+            do { sourceFormat = try ImageFormat(named: name) } catch {
+                throw CLIError("Could not open '\(sourcePaths[0])': \(error)")
+            }
         }
-        guard let outputFormat = ImageFormat(rawValue: outputFormatName) else {
-            throw CLIError("Unknown file format '\(outputFormatName)'")
+        let outputFormat: ImageFormat
+        do { outputFormat = try ImageFormat(named: outputFormatName, creating: true) } catch {
+            throw CLIError("\(error)")
         }
         let createOptions = (optionText.map(OptionList.parse) ?? []).filter { $0.name != "size" }
         let backingFile = scan.last("backing") ?? createOptions.last(where: { $0.name == "backing_file" })?.value

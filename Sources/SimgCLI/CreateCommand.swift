@@ -26,9 +26,8 @@ enum CreateCommand {
         let filename = scan.operands.first
 
         if let options, OptionList.wantsHelp(options) {
-            guard let format = ImageFormat(rawValue: formatName) else {
-                throw CLIError("Unknown file format '\(formatName)'")
-            }
+            let format: ImageFormat
+            do { format = try ImageFormat(named: formatName, creating: true) } catch { throw CLIError("\(error)") }
             console.out(optionHelp(for: format, filename: filename))
             return 0
         }
@@ -41,9 +40,8 @@ enum CreateCommand {
         if scan.operands.count > 2 {
             throw CLIError.usage("Unexpected argument: \(scan.operands[2])")
         }
-        guard let format = ImageFormat(rawValue: formatName) else {
-            throw CLIError("\(filename): Unknown file format '\(formatName)'")
-        }
+        let format: ImageFormat
+        do { format = try ImageFormat(named: formatName, creating: true) } catch { throw CLIError("\(filename): \(error)") }
 
         let request = CreateRequest(
             format: format, path: filename, size: size,

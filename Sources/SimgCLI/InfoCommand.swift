@@ -28,10 +28,7 @@ enum InfoCommand {
         }
         var format: ImageFormat?
         if let name = scan.last("format") {
-            guard let known = ImageFormat(rawValue: name) else {
-                throw CLIError("Could not open '\(filename)': Unknown driver '\(name)'")
-            }
-            format = known
+            do { format = try ImageFormat(named: name) } catch { throw CLIError("Could not open '\(filename)': \(error)") }
         }
         let chain = scan.has("backing-chain")
         let infos = try Backend.infos(path: filename, format: format, chain: chain,

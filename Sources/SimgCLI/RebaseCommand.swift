@@ -43,15 +43,14 @@ enum RebaseCommand {
         _ = try Backend.cacheMode(scan, "source-cache", default: .writeback, source: true)
         var backingFormat: ImageFormat?
         if let name = scan.last("backing-format") {
-            guard let known = ImageFormat(rawValue: name) else { throw CLIError("Invalid format name: '\(name)'") }
-            backingFormat = known
+            do { backingFormat = try ImageFormat(named: name) } catch {
+                // qemu-img's words for a name it does not know; simg's for a format it lacks.
+                throw CLIError(error.isQEMUDriver ? "\(error)" : "Invalid format name: '\(name)'")
+            }
         }
         var format: ImageFormat?
         if let name = scan.last("format") {
-            guard let known = ImageFormat(rawValue: name) else {
-                throw CLIError("Could not open '\(filename)': Unknown driver '\(name)'")
-            }
-            format = known
+            do { format = try ImageFormat(named: name) } catch { throw CLIError("Could not open '\(filename)': \(error)") }
         }
 
         // The overlay, writable; in safe mode with its old chain (read-only) to compare against.

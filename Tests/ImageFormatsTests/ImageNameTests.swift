@@ -60,7 +60,7 @@ struct ImageNameTests {
         (#"json:{"driver":"qcow2","file.filename":"x","zz":1}"#, "Block format 'qcow2' does not support the option 'zz'"),
         (#"json:{"driver":"qcow2","file.filename":"x","file.locking":"off"}"#, "Block protocol 'file' option 'locking' is not supported by simg"),
         (#"json:{"driver":"qcow2","file":{"driver":"nbd","filename":"x"}}"#, "simg does not support the 'nbd' protocol"),
-        (#"json:{"driver":"vmdk","file.filename":"x"}"#, "simg does not support the 'vmdk' format yet"),
+        (#"json:{"driver":"vmdk","file.filename":"x"}"#, "the vmdk format is not supported yet"),
         (#"json:{"driver":7,"file.filename":"x"}"#, "Invalid parameter type for 'driver', expected: string"),
         (#"json:{"driver":"raw","file.filename":"x",}"#, "Could not parse the JSON options: JSON parse error, expecting value"),
         (#"json:{"driver":"raw","file.filename":"x"} y"#, "Could not parse the JSON options: Expecting at most one JSON value"),
