@@ -195,6 +195,10 @@ public final class ConvertPipeline {
         } catch let interrupted as InterruptedError {
             // A signal during the final flush: its syncs stop short (DiskFile.sync).
             throw interrupted.naming(target.path)
+        } catch let error as ConvertError {
+            throw error
+        } catch {
+            throw ConvertError.flushing(target.path, cause: error)
         }
         stats.seconds = monotonicSeconds() - start
         return stats
@@ -427,7 +431,9 @@ public final class ConvertPipeline {
             }
         case .failure(let error):
             if firstError == nil {
-                firstError = ConvertError(.reading, byte: slots[slot].offset + UInt64(op.position),
+                firstError = ConvertError(.reading,
+                                          byte: ConvertError.failingByte(slots[slot].offset + UInt64(op.position),
+                                                                         host: op.host, length: op.length, error: error),
                                           path: planner.files[op.file].path, cause: error)
             }
         }

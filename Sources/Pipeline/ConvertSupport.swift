@@ -64,9 +64,14 @@ public struct ConvertStats: Sendable, Equatable {
     }
 }
 
-/// A failure during the copy: qemu-img's "error while reading/writing at byte N" plus the file.
+/// A failure during the copy, in one shape for reads and writes: qemu-img's "error while
+/// reading/writing at byte N" (N the guest byte where it failed), then the file and the reason,
+/// "Could not read 'FILE': REASON". The host offset of a failed read or write is not repeated:
+/// only the failing guest byte is named. What fails in the final flush (metadata written
+/// back, the syncs) is at no guest byte: "error while flushing: Could not write 'FILE' at
+/// offset H: REASON", the host offset then being the only one.
 public struct ConvertError: Error, CustomStringConvertible {
-    public enum Operation: String, Sendable { case reading, writing }
+    public enum Operation: String, Sendable { case reading, writing, flushing }
     public var operation: Operation
     /// Output (guest) byte where the failing request starts.
     public var byte: UInt64
@@ -80,9 +85,36 @@ public struct ConvertError: Error, CustomStringConvertible {
         self.cause = cause
     }
 
+    /// The guest byte where a request of `length` bytes at guest `byte`, host `host`, failed
+    /// with `error`: where the system call failed when it says so, else the request's start.
+    public static func failingByte(_ byte: UInt64, host: UInt64, length: Int, error: any Error) -> UInt64 {
+        guard let io = error as? IOError, let at = io.offset, at >= host, at - host < UInt64(length) else { return byte }
+        return byte + (at - host)
+    }
+
+    /// A failure of the target's final flush.
+    public static func flushing(_ path: String, cause: any Error) -> ConvertError {
+        ConvertError(.flushing, byte: 0, path: path, cause: cause)
+    }
+
+    /// The system call's error under the image's words for it ("Could not write back
+    /// metadata"), which name the file once more and add nothing the operation does not say.
+    static func rootIOError(_ error: any Error) -> IOError? {
+        var current = error
+        while let image = current as? ImageError, let cause = image.cause { current = cause }
+        return current as? IOError
+    }
+
     public var description: String {
+        if operation == .flushing {
+            return "error while flushing: \(ConvertError.rootIOError(cause).map { "\($0)" } ?? "'\(path)': \(cause)")"
+        }
         let reason: String
-        if let io = cause as? IOError {
+        if let io = cause as? IOError, io.operation == "read" || io.operation == "write" {
+            var once = io
+            once.offset = nil
+            reason = once.description
+        } else if let io = cause as? IOError {
             reason = io.description
         } else if let image = cause as? ImageError {
             reason = image.description

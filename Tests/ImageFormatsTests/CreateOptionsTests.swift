@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import ImageFormats
+import DiskIO
 
 /// SizeParser: every rule qemu-img 7.2 applies to sizes, and every refusal.
 @Suite struct SizeParserTests {
@@ -177,5 +178,22 @@ import Testing
         #expect(p.size == 1024)  // rounded up to 512
         #expect(p.preallocation == .metadata)  // data_file_raw implies a 1:1 mapping
         #expect(p.dataFile == "d.raw" && p.dataFileRaw)
+    }
+}
+
+/// Every format words a file it cannot create the same way (the CLI shows the cause; library
+/// callers see this message).
+@Suite struct CreateFailureTests {
+    @Test(arguments: ImageFormat.allCases)
+    func oneWordingForAFileThatCannotBeCreated(format: ImageFormat) throws {
+        let dir = try RawScratch()
+        let path = dir.file("missing/x.img")
+        #expect {
+            try ImageCreator.create(CreateRequest(format: format, path: path, size: 1 << 20), announce: { _ in })
+        } throws: { error in
+            guard let error = error as? ImageError else { return false }
+            return error.path == path && error.message == "Could not create the image file"
+                && (error.cause as? IOError)?.operation == "create"
+        }
     }
 }

@@ -151,9 +151,73 @@ import Testing
         for cache in [[String](), ["-T", "none"]] {
             let r = try run(simgBinary, ["convert"] + cache + ["-O", "raw", source, dir.file("o.raw")])
             #expect(r.status == 1)
-            #expect(r.stderr.hasPrefix("simg: error while reading at byte "), "\(r.stderr)")
-            #expect(r.stderr.contains(source))
+            #expect(Self.oneOffset(r.stderr, "reading", "read", source,
+                                   "unexpected end of file (the image is truncated)"), "\(r.stderr)")
         }
+    }
+
+    /// Whether `stderr` is exactly "simg: error while OPERATION at byte N: Could not VERB
+    /// 'FILE': REASON": the failing byte named once (no host offset after the file).
+    static func oneOffset(_ stderr: String, _ operation: String, _ verb: String, _ file: String, _ reason: String) -> Bool {
+        let head = "simg: error while \(operation) at byte "
+        let tail = ": Could not \(verb) '\(file)': \(reason)\n"
+        guard stderr.hasPrefix(head), stderr.hasSuffix(tail), stderr.count > head.count + tail.count else { return false }
+        return stderr.dropFirst(head.count).dropLast(tail.count).allSatisfy(\.isNumber)
+    }
+
+    /// A read or write that fails (EIO injected by strace into the calls on one file only)
+    /// names the file and the failing byte once, in the same shape for reads and writes.
+    @Test("an I/O error names the failing byte once", arguments: ["raw", "qcow2"])
+    func ioErrorShape(outputFormat: String) throws {
+        let dir = try TempDir()
+        let source = dir.file("s.raw"), out = dir.file("o.img")
+        try runOK("/bin/bash", ["-c", "head -c 8388608 /dev/urandom > '\(source)'"])
+        // One I/O thread, whose third read of the source fails (its count is its own; the
+        // main thread's probe reads are not counted with it).
+        var r = try run("strace", ["-f", "-o", "/dev/null", "-P", source, "-e", "trace=pread64",
+                                   "-e", "inject=pread64:error=EIO:when=3+", simgBinary, "convert", "--io-threads", "1",
+                                   "-f", "raw", "-O", outputFormat, source, out])
+        #expect(r.status == 1)
+        let stderr = r.stderr.split(separator: "\n").filter { !$0.hasPrefix("strace: ") }.map { $0 + "\n" }.joined()
+        #expect(Self.oneOffset(stderr, "reading", "read", source, "Input/output error"), "\(r.stderr)")
+        #expect(!stderr.contains("at byte 0:"), "\(r.stderr)")
+
+        // (A qcow2 target's own writes start with its creation: writeErrorShapes.)
+        guard outputFormat == "raw" else { return }
+        r = try run("strace", ["-f", "-o", "/dev/null", "-P", out, "-e", "trace=pwrite64",
+                               "-e", "inject=pwrite64:error=EIO:when=2+", simgBinary, "convert", "--io-threads", "1",
+                               "-f", "raw", "-O", outputFormat, source, out])
+        #expect(r.status == 1)
+        let written = r.stderr.split(separator: "\n").filter { !$0.hasPrefix("strace: ") }.map { $0 + "\n" }.joined()
+        #expect(Self.oneOffset(written, "writing", "write", out, "Input/output error"), "\(r.stderr)")
+    }
+
+    /// Every write the main thread makes failing in turn: each failure is in one of three
+    /// shapes (creating, copying, the final flush), each naming one offset, and the final
+    /// flush of the qcow2 metadata is among them.
+    @Test("a failed write of metadata or data has one shape with one offset")
+    func writeErrorShapes() throws {
+        let dir = try TempDir()
+        let source = dir.file("s.raw"), out = dir.file("o.qcow2")
+        try runOK("/bin/bash", ["-c", "head -c 8388608 /dev/urandom > '\(source)'"])
+        var flushSeen = false
+        for when in 1...10 {
+            try? FileManager.default.removeItem(atPath: out)
+            let r = try run("strace", ["-f", "-o", "/dev/null", "-P", out, "-e", "trace=pwrite64",
+                                       "-e", "inject=pwrite64:error=EIO:when=\(when)", simgBinary, "convert",
+                                       "-f", "raw", "-O", "qcow2", source, out])
+            let stderr = r.stderr.split(separator: "\n").filter { !$0.hasPrefix("strace: ") }.map { $0 + "\n" }.joined()
+            if r.status == 0 { continue }
+            let creating = stderr.hasPrefix("simg: \(out): error while converting qcow2: ")
+            let copying = Self.oneOffset(stderr, "writing", "write", out, "Input/output error")
+            let flushing = stderr.hasPrefix("simg: error while flushing: Could not write '\(out)' at offset ")
+                && stderr.hasSuffix(": Input/output error\n")
+            #expect(creating || copying || flushing, "write \(when): \(stderr)")
+            #expect(stderr.components(separatedBy: " at offset ").count + stderr.components(separatedBy: " at byte ").count <= 3,
+                    "write \(when): \(stderr)")
+            flushSeen = flushSeen || flushing
+        }
+        #expect(flushSeen)
     }
 
     @Test("the O_DIRECT refusal names the file")

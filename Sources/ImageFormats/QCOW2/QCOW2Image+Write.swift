@@ -377,7 +377,7 @@ extension QCOW2Image {
                 let from = max(guest, position), to = min(runEnd, end)
                 try checkNotMetadata(entry.hostOffset, length: runEnd - guest, guest: guest)
                 let slice = UnsafeRawBufferPointer(rebasing: data[Int(from - position)..<Int(to - position)])
-                try io { try dataFile.qcow2Write(slice, at: entry.hostOffset + (from - guest)) }
+                try dataFile.qcow2Write(slice, at: entry.hostOffset + (from - guest))
                 guest = runEnd
                 continue
             }
@@ -463,7 +463,7 @@ extension QCOW2Image {
             try copyOld(guest: to, length: tailEnd - to, to: host + (to - first))
         }
         let slice = UnsafeRawBufferPointer(rebasing: data[Int(from - position)..<Int(to - position)])
-        try io { try dataFile.qcow2Write(slice, at: host + (from - first)) }
+        try dataFile.qcow2Write(slice, at: host + (from - first))
         if externalData { state.dataFileEnd = max(state.dataFileEnd, host + (to - first)) }
 
         // Now the metadata: new entries, then drop the old clusters.
@@ -484,7 +484,7 @@ extension QCOW2Image {
     func copyOld(guest: UInt64, length: UInt64, to host: UInt64) throws {
         var buffer = [UInt8](repeating: 0, count: Int(length))
         try buffer.withUnsafeMutableBytes { try read(into: $0, at: guest) }
-        try io { try dataFile.qcow2Write(buffer, at: host) }
+        try dataFile.qcow2Write(buffer, at: host)
     }
 
     // MARK: - Zeroes and discard
@@ -574,13 +574,5 @@ extension QCOW2Image {
             return
         }
         if allocated { try release(entry, state) }
-    }
-
-    func io(_ body: () throws -> Void) throws {
-        do {
-            try body()
-        } catch let error as IOError {
-            throw ImageError(path: path, message: "write failed", cause: error)
-        }
     }
 }

@@ -127,7 +127,7 @@ extension QCOW2Image {
                     at = 0
                 }
             }
-            try io { try file.qcow2Write(UnsafeRawBufferPointer(start: staging.baseAddress + at, count: count), at: start) }
+            try file.qcow2Write(UnsafeRawBufferPointer(start: staging.baseAddress + at, count: count), at: start)
             if unit > 1 {
                 // Remember the bytes of the block the run ended in.
                 let lastStart = end / UInt64(unit) * UInt64(unit)
@@ -218,10 +218,8 @@ extension QCOW2Image {
     /// a compressed conversion, as the last stream usually ends mid-sector).
     public func alignFileEndToSector() throws {
         guard isWritable else { return }
-        try io {
-            let size = try file.size()
-            if size % 512 != 0 { try file.truncate(to: (size + 511) / 512 * 512) }
-        }
+        let size = try file.size()
+        if size % 512 != 0 { try file.truncate(to: (size + 511) / 512 * 512) }
     }
 }
 

@@ -47,7 +47,7 @@ extension QCOW2Image {
         if b < tailEnd && allocated & (1 << UInt32(last)) == 0 && !(fresh && readsZero(last)) {
             try copyOld(guest: clusterStart + b, length: tailEnd - b, to: host + b)
         }
-        try io { try dataFile.qcow2Write(data, at: host + a) }
+        try dataFile.qcow2Write(data, at: host + a)
         if externalData { state.dataFileEnd = max(state.dataFileEnd, host + b) }
 
         let touched = QCOW2Image.subclusterMask(first, last)

@@ -26,7 +26,7 @@ public enum RawCreate {
         do {
             file = try DiskFile.create(path)
         } catch {
-            throw ImageError(path: path, message: "could not create the image file", cause: error)
+            throw ImageError(path: path, message: "Could not create the image file", cause: error)
         }
         defer { file.close() }
         created?.record(file)
@@ -52,7 +52,7 @@ public enum RawCreate {
             // Give the space back (the disk may be full), as qemu-img does: an empty file remains.
             // (A regular file: devices returned above, and truncate never cuts one anyway.)
             try? file.truncate(to: 0)
-            throw ImageError(path: path, message: "could not preallocate the image file", cause: error)
+            throw ImageError(path: path, message: "Could not preallocate the image file", cause: error)
         }
     }
 
