@@ -154,8 +154,9 @@ enum CheckCommand {
         case .none: nil
         }
         do {
-            let file = try lock.map { try DiskFile.open(path, access: .readOnly, lock: $0) }
-                ?? DiskFile.open(path, access: .readOnly)
+            // The file the name means (file:X is X; json: names their file.filename).
+            let file = try lock.map { try DiskFile.open(ImageName.filePath(of: path), access: .readOnly, lock: $0) }
+                ?? DiskFile.open(ImageName.filePath(of: path), access: .readOnly)
             return LockHolder(file: file)
         } catch let error as ImageLockError {
             throw CLIError("Could not open '\(path)': \(error)")

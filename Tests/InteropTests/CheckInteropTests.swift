@@ -141,9 +141,9 @@ import Testing
     }
 
     /// Runs `tool check ARGS img.qcow2` in `dir` (so the file name printed is the same).
-    static func check(_ tool: String, in dir: String, _ args: [String]) throws -> Outcome {
-        let r = tool == "simg" ? try run(simgBinary, ["check"] + args + ["img.qcow2"], in: dir)
-                               : try qemuImgResult(in: dir, ["check"] + args + ["img.qcow2"])
+    static func check(_ tool: String, in dir: String, _ args: [String], name: String = "img.qcow2") throws -> Outcome {
+        let r = tool == "simg" ? try run(simgBinary, ["check"] + args + [name], in: dir)
+                               : try qemuImgResult(in: dir, ["check"] + args + [name])
         let lines = r.stderr.split(separator: "\n").map {
             $0.hasPrefix("simg: ") ? "qemu-img: " + $0.dropFirst(6) : String($0)
         }
@@ -152,15 +152,17 @@ import Testing
 
     /// Makes identical copies for qemu-img and simg, runs the same check on both and compares;
     /// after a repair compares how qemu-img sees both results and the guest content.
-    static func compare(_ source: String, _ args: [String], original content: String?) throws {
+    /// `name` is how the commands name the copy (file: and json: names mean the same file).
+    static func compare(_ source: String, _ args: [String], original content: String?,
+                        name: String = "img.qcow2") throws {
         let work = try TempDir()
         let qDir = work.file("q"), sDir = work.file("s")
         for d in [qDir, sDir] {
             try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
             _ = try runOK("cp", ["--sparse=always", source, d + "/img.qcow2"])
         }
-        let q = try check("qemu-img", in: qDir, args)
-        let s = try check("simg", in: sDir, args)
+        let q = try check("qemu-img", in: qDir, args, name: name)
+        let s = try check("simg", in: sDir, args, name: name)
         #expect(s.status == q.status, "\(args) \(source): exit status")
         #expect(s.stdout == q.stdout, "\(args) \(source): stdout")
         // qemu-img cannot repair some images simg can; its own failure lines are not compared then.

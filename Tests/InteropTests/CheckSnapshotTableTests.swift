@@ -44,6 +44,11 @@ import Testing
         if d == .tooManySnapshots { modes = modes.filter { !$0.contains("all") } }
         // The damage is in the snapshot table only: the active data is what it was.
         for args in modes { try CheckInteropTests.compare(image, args, original: dir.file("before.raw")) }
+        // A table the check reads itself (the image does not open): the same through file:
+        // and json: names of the file.
+        for name in ["file:img.qcow2", "json:{\"file.filename\":\"img.qcow2\"}"] {
+            try CheckInteropTests.compare(image, [], original: dir.file("before.raw"), name: name)
+        }
         #expect(try qemuImgResult(["check", image]).status != 0)
     }
 

@@ -71,6 +71,7 @@ import Testing
         "$T convert -O raw x.qcow2 'json:{\"driver\":\"raw\",\"file.filename\":\"t.raw\"}'",
         "$T convert -n -O qcow2 x.qcow2 'json:{\"driver\":\"raw\",\"offset\":4096,\"file.filename\":\"t.raw\"}'",
         "$T convert -O raw 'json:{\"driver\":\"raw\",\"offset\":512,\"size\":4096,\"file.filename\":\"r.img\"}' w.raw && cmp w.raw <(tail -c +513 r.img | head -c 4096)",
+        "$T convert -T none -O raw 'json:{\"driver\":\"raw\",\"offset\":100,\"size\":65536,\"file.filename\":\"r.img\"}' w.raw && cmp w.raw <(tail -c +101 r.img | head -c 65536)",
         "$T convert -n -O raw x.qcow2 'json:{\"driver\":\"raw\",\"offset\":1048576,\"file.filename\":\"t.raw\"}' && cmp <(tail -c +1048577 t.raw) <(qemu-img convert -O raw x.qcow2 v.raw && cat v.raw) && cmp -n 1048576 t.raw /dev/zero",
         // A json: backing name, as QEMU writes after some block jobs.
         "qemu-img create -q -f qcow2 -u -b 'json:{\"driver\":\"raw\",\"offset\":512,\"size\":1048064,\"file\":{\"driver\":\"file\",\"filename\":\"r.img\"}}' -F raw o.qcow2 1M && $T info --backing-chain o.qcow2",

@@ -89,7 +89,7 @@ public final class RawImage: DiskImage {
         try checkRange(offset, UInt64(buffer.count), "read")
         guard buffer.count > 0 else { return }
         let n: Int
-        if file.isDirect && !isAligned(buffer.baseAddress!, offset, buffer.count) {
+        if file.isDirect && !isAligned(buffer.baseAddress!, windowOffset + offset, buffer.count) {
             n = try bouncedRead(into: buffer, at: windowOffset + offset)
         } else {
             n = try file.read(into: buffer, at: windowOffset + offset)
