@@ -29,23 +29,29 @@ public enum ImageCreator {
         var fileRequest = request
         fileRequest.path = location.path
         do {
-            try createFile(fileRequest, name: name, announce: announce, warn: warn)
+            try createFile(fileRequest, name: name, driver: location.driver, announce: announce, warn: warn)
         } catch let error as ImageError where error.path == location.path {
             // The file's own name, as the format creators use it, back to the name given.
             throw ImageError(path: name, message: error.message, cause: error.cause)
         }
     }
 
-    /// Creates `request.path`, a plain file or device name; `name` is what the user gave.
-    private static func createFile(_ request: CreateRequest, name: String, announce: (String) -> Void,
-                                   warn: (String) -> Void) throws {
+    /// Creates `request.path`, a plain file or device name; `name` is what the user gave, and
+    /// `driver` the protocol it named (`file:`, `host_device:`), if any.
+    private static func createFile(_ request: CreateRequest, name: String, driver: ImageLocation.Driver?,
+                                   announce: (String) -> Void, warn: (String) -> Void) throws {
         let path = request.path
         func fail(_ message: String, _ cause: (any Error)? = nil) -> ImageError {
             ImageError(path: path, message: message, cause: cause)
         }
 
-        // A device target is QEMU's host_device protocol, with its own (fewer) options.
-        let targetProtocol = CreateProtocol(path: path)
+        // A device target is QEMU's host_device protocol, with its own (fewer) options; a
+        // protocol named in the name is the one used.
+        let targetProtocol: CreateProtocol = switch driver {
+        case .file?: .file
+        case .hostDevice?, .hostCDROM?: .hostDevice
+        case nil: CreateProtocol(path: path)
+        }
         var options = ParsedCreateOptions(format: request.format, protocol: targetProtocol)
         for option in request.options {
             do {
@@ -101,6 +107,7 @@ public enum ImageCreator {
         guard let size else { throw fail("Image creation needs a size parameter") }
 
         announce("Formatting '\(name)', fmt=\(request.format.rawValue) \(options.printed)")
+        try checkProtocol(driver, path: path)
 
         // Every file creation opens (and empties) is recorded, so a failure removes exactly
         // those: not a file whose lock refused us (another process has it open), not a device.
@@ -136,6 +143,27 @@ public enum ImageCreator {
                 }
                 throw error
             }
+        }
+    }
+
+    /// A protocol named in the name that does not fit the file, refused as QEMU's drivers
+    /// refuse it, before anything is created or written: `file:` on a device (QEMU's file
+    /// driver fails to truncate it), `host_device:` on anything but a device (it cannot create).
+    private static func checkProtocol(_ driver: ImageLocation.Driver?, path: String) throws {
+        let status = FileStatus(path)
+        switch driver {
+        case .file?:
+            if status?.isDevice == true {
+                throw ImageError(path: path, message: "Could not resize file: Invalid argument")
+            }
+        case .hostDevice?, .hostCDROM?:
+            guard status?.isDevice != true else { return }
+            let reason = status == nil
+                ? "Could not open '\(path)': No such file or directory"
+                : "'\(driver!.rawValue)' driver requires '\(path)' to be either a character or block device"
+            throw ImageError(path: path, message: "Protocol driver '\(driver!.rawValue)' does not support image creation, and opening the image failed: \(reason)")
+        case nil:
+            return
         }
     }
 

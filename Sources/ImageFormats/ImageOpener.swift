@@ -146,7 +146,7 @@ public enum ImageOpener {
     /// opens a device through host_device and anything else through file, so a directory is
     /// refused by file; a FIFO too (open(2) of one blocks until a writer comes: qemu-img
     /// hangs on an image or backing file that is one).
-    static func checkProtocolDriver(_ location: ImageLocation) throws {
+    public static func checkProtocolDriver(_ location: ImageLocation) throws {
         guard let status = FileStatus(location.path) else { return }  // open(2) says why
         let fileRefusal = "'file' driver requires '\(location.path)' to be a regular file"
         switch location.driver {

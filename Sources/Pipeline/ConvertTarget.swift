@@ -93,7 +93,10 @@ public final class RawTarget: ConvertTarget {
     /// A created device still holds its old data, so it does not start zeroed unless the
     /// user says it does.
     public init(path: String, direct: Bool, startsZeroed: Bool, assumeZero: Bool = false) throws {
-        image = try RawImage.open(location: ImageName.parse(path), writable: true, direct: direct)
+        let location = try ImageName.parse(path)
+        // file: and host_device: names hold to their driver's kind of file, as when opened.
+        try ImageOpener.checkProtocolDriver(location)
+        image = try RawImage.open(location: location, writable: true, direct: direct)
         self.path = path
         virtualSize = image.virtualSize
         fileSize = try image.file.size()

@@ -85,6 +85,25 @@ import Testing
         #expect(r.ours.errorText == String(decoding: qemuToSimg(r.theirs.stderr), as: UTF8.self))
     }
 
+    /// A protocol named in front of a target holds to its kind of file, as in qemu-img:
+    /// `file:` on a device (a null device node of the test's own) fails as the file driver's
+    /// truncate does, `host_device:` on anything but a device cannot create. The node stays a
+    /// node and nothing is created.
+    @Test(arguments: [
+        "$T create -f raw file:mynull 1M", "$T create -f qcow2 file:mynull 1M",
+        "$T convert -O raw r.img file:mynull", "$T convert -O qcow2 r.img file:mynull",
+        "$T convert -n -O raw r.img file:mynull",
+        "$T create -f raw host_device:hd 1M", "$T create -f qcow2 host_device:hd 1M",
+        "$T convert -O raw r.img host_device:hd", "$T convert -O qcow2 r.img host_device:hd",
+        "$T create -f raw host_device:t.raw 1M", "$T convert -n -O raw r.img host_device:t.raw",
+    ])
+    func protocolsOfTargets(script: String) throws {
+        let r = try shellBoth(script + "; echo $?; ls; stat -c %F mynull", prepare: NameSyntaxTests.prepare + " && mknod mynull c 1 3")
+        #expect(r.ours.text == r.theirs.text)
+        #expect(r.ours.errorText == String(decoding: qemuToSimg(r.theirs.stderr), as: UTF8.self))
+        #expect(r.ours.text.hasSuffix("character special file\n"))
+    }
+
     /// A device node is opened by its name even with a colon in it (QEMU probes host_device
     /// before protocols): here a node of the zero device in the test's own folder.
     @Test func deviceNamesWithColons() throws {
