@@ -186,6 +186,9 @@ open class QCOW2Target: ConvertTarget {
     public var isDirect: Bool { image.file.isDirect }
     open var writesAsynchronously: Bool { false }
     public let startsZeroed: Bool
+    /// Guest data lives on a device: clusters allocated there (preallocation=metadata) map
+    /// whatever the device held, so only unallocated ranges of a fresh image read as zeros.
+    private let dataOnDevice: Bool
 
     /// `image` opened writable, with its backing chain if it has one. `startsZeroed`: a fresh
     /// image (or --target-is-zero); ignored where a backing file covers the range.
@@ -195,14 +198,30 @@ open class QCOW2Target: ConvertTarget {
         virtualSize = image.virtualSize
         writeGranularity = image.clusterSize
         self.startsZeroed = startsZeroed
+        dataOnDevice = (try? image.dataFile.kind().isDevice) ?? true
     }
 
     open func readsAsZero(at offset: UInt64, length: UInt64) -> Bool {
         guard startsZeroed else { return false }
+        if dataOnDevice && !rangeIsUnallocated(at: offset, length: length) { return false }
         if image.qcow2Header.backingFileName == nil { return true }
         // A backing file shows through unallocated clusters: only past its end is it zero.
         guard let backing = image.backing else { return false }
         return offset >= backing.virtualSize
+    }
+
+    /// Whether no cluster of the range is allocated in the image itself (a failed query: no).
+    private func rangeIsUnallocated(at offset: UInt64, length: UInt64) -> Bool {
+        var at = offset
+        let end = min(offset + length, virtualSize)
+        while at < end {
+            guard let extent = try? image.blockStatus(at: at, length: end - at), extent.length > 0 else { return false }
+            switch extent.kind {
+            case .data, .compressed: return false
+            case .zero, .hole, .backing: at = extent.end
+            }
+        }
+        return true
     }
 
     /// nil: writes go through `write`. A subclass may reserve fresh clusters here (see

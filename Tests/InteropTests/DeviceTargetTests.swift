@@ -37,7 +37,8 @@ struct DeviceTargetTests {
     }
 
     @Test("convert -O qcow2 onto a device: check clean, clusters allocated from the refcounts, content equal",
-          arguments: [[String](), ["-t", "none"], ["-c"]])
+          arguments: [[String](), ["-t", "none"], ["-c"], ["-o", "preallocation=metadata"],
+                      ["-t", "none", "-o", "preallocation=metadata"]])
     func convertQCOW2OntoDevice(options: [String]) throws {
         let dir = try TempDir()
         let source = try makeDeviceTestSource(in: dir)
@@ -49,8 +50,9 @@ struct DeviceTargetTests {
         #expect(check.status == 0, "qemu-img check: \(check.stdout) \(check.stderr)")
         // Where the image ends says where clusters went: after the metadata, not at the end of
         // the device (the file size a regular file would have).
+        // (Preallocated clusters map the device's old data: the source's zeros are written.)
         let end = try jsonObject(check.stdout)["image-end-offset"] as? Int ?? Int.max
-        #expect(end < 1 << 20, "image end offset \(end)")
+        #expect(end < 1 << 20 || options.contains("preallocation=metadata"), "image end offset \(end)")
         let out = dir.file("back.raw")
         try qemuImg("convert", "-O", "raw", twins.ours.node, out)
         #expect(try filesEqual(out, source.raw))
