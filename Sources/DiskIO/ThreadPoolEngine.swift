@@ -96,14 +96,19 @@ public final class ThreadPoolEngine: IOEngine {
     }
 }
 
-/// No I/O thread could be started (pthread_create failed: EAGAIN when the stack cannot be
-/// mapped or the task limit is reached).
+/// A needed thread could not be started (pthread_create failed: EAGAIN when the stack cannot
+/// be mapped or the task limit is reached).
 public struct ThreadStartError: Error, CustomStringConvertible, Equatable, Sendable {
     public var code: Int32
+    /// What the thread was for, e.g. "an I/O thread".
+    public var thread: String
 
-    public init(code: Int32) { self.code = code }
+    public init(code: Int32, thread: String = "an I/O thread") {
+        self.code = code
+        self.thread = thread
+    }
 
-    public var description: String { "Could not create an I/O thread: \(IOError.describe(errno: code))" }
+    public var description: String { "Could not create \(thread): \(IOError.describe(errno: code))" }
 }
 
 /// The request and completion rings shared by the engine and its workers, under one lock.

@@ -119,6 +119,18 @@ struct FaultTests {
                 + "Resource temporarily unavailable\n", "\(r.stderr)")
     }
 
+    /// `convert -c`: the compression threads are the first ones it needs.
+    @Test func compressingConvertWithoutThreads() throws {
+        let dir = try TempDir()
+        let source = dir.file("src.raw")
+        try Data(repeating: 0x5A, count: 1 << 20).write(to: URL(fileURLWithPath: source))
+        let out = dir.file("out.qcow2")
+        let r = try run("prlimit", ["--stack=\(1 << 45)", simgBinary, "convert", "-c", "-f", "raw", "-O", "qcow2", source, out])
+        #expect(r.status == 1, "\(r.status): \(r.stderr)")
+        #expect(r.stderr == "simg: Could not open '\(out)': Could not create a compression thread: "
+                + "Resource temporarily unavailable\n", "\(r.stderr)")
+    }
+
     // MARK: - Full file system (ENOSPC)
 
     @Test(.enabled(if: faultTmpfsPermitted, "mount -t tmpfs is not permitted here (needs root or CAP_SYS_ADMIN)"),
