@@ -27,6 +27,12 @@ public final class AIOEngine: IOEngine {
     private var readyHead = 0
     private var readyCount = 0
     private var isShutDown = false
+    /// Set once the kernel returned an event that names no request in flight: the request it
+    /// belonged to can never complete, so waiting for it throws this instead of spinning.
+    private var lostTrack: IOError?
+    /// Tests only: rewrites each event io_getevents returns, to forge the events a broken
+    /// kernel or library might return. Always nil in simg itself.
+    var forgeEvent: ((inout io_event) -> Void)?
 
     private struct Slot {
         var kind: IORequest.Kind = .read
@@ -37,6 +43,9 @@ public final class AIOEngine: IOEngine {
         /// Bytes already written by earlier, short completions of this write.
         var done = 0
         var tag: UInt64 = 0
+        /// Accepted by io_submit and not yet returned by io_getevents: only such a slot may
+        /// be completed by an event (so a stray or repeated event cannot complete another).
+        var inKernel = false
     }
 
     /// Creates a kernel AIO context for `queueDepth` requests. Throws when the kernel refuses
@@ -118,7 +127,13 @@ public final class AIOEngine: IOEngine {
             } else if inKernel > 0 {
                 try harvest(minimum: min(wanted - handled, inKernel))
             } else if readyCount == 0 && pendingCount == 0 {
-                break  // cannot happen: every outstanding request is pending, in flight or ready
+                // Every outstanding request is pending, in flight or ready, unless the kernel
+                // returned an event for no request (`lostTrack`): the request that event was for
+                // can never complete. Returning short here would leave `drain` and the pipeline
+                // waiting for it forever, so that is an error.
+                throw lostTrack ?? IOError(code: EIO, operation: "wait for Linux AIO completions from",
+                                           path: "io_getevents",
+                                           detail: "\(outstanding) requests are neither queued nor in flight")
             }
         }
         return handled
@@ -157,6 +172,10 @@ public final class AIOEngine: IOEngine {
         case .read: io_prep_pread(iocbs + index, fd, buffer, slot.length - slot.done, offset)
         case .write: io_prep_pwrite(iocbs + index, fd, buffer, slot.length - slot.done, offset)
         }
+        // The request's identity: the kernel returns the iocb's data word unchanged in the event.
+        // It is the slot index as a plain integer (slot 0 is data 0, read back as 0, not as "no
+        // pointer"), so no event is ever without one; `route` checks it names a slot in flight.
+        iocbs[index].data = UnsafeMutableRawPointer(bitPattern: index)
         pending[pendingCount] = iocbs + index
         pendingCount += 1
     }
@@ -169,6 +188,8 @@ public final class AIOEngine: IOEngine {
             let r = Int(io_submit(context, pendingCount, pending))
             if r > 0 {
                 inKernel += r
+                // Sound: r <= pendingCount, and each pending entry is iocbs + some slot index.
+                for i in 0..<r { slots[pending[i]! - iocbs].inKernel = true }
                 removePending(first: r)
             } else if r == -Int(EINTR) {
                 continue
@@ -194,8 +215,28 @@ public final class AIOEngine: IOEngine {
         pendingCount -= count
     }
 
+    /// What one kernel event completes, decided from the event alone (`res`, and the slot index
+    /// the iocb carried in `data`) so the rule is unit-tested on made-up events.
+    enum EventRoute: Equatable {
+        /// Slot `slot`'s request finished with `result` (bytes, or a negative errno).
+        case slot(Int, result: Int)
+        /// The event names no request in flight (`data` out of range, or a slot not in the
+        /// kernel): it cannot be matched, and is reported, never dropped.
+        case unknown(data: UInt)
+    }
+
+    /// Routes an event by its data word. `obj` (the iocb pointer) is not used: it may be nil
+    /// or stale in a broken event, and the data word already identifies the slot.
+    static func route(data: UInt, res: UInt, depth: Int, inKernel: (Int) -> Bool) -> EventRoute {
+        guard data < UInt(depth), inKernel(Int(data)) else { return .unknown(data: data) }
+        return .slot(Int(data), result: Int(bitPattern: res))
+    }
+
     /// Waits for at least `minimum` kernel completions and turns them into ready completions
-    /// (or resubmits the rest of a short write).
+    /// (or resubmits the rest of a short write). An event that names no request in flight is
+    /// recorded in `lostTrack`, not thrown here: the requests still in the kernel use the
+    /// caller's buffers, so `reap` goes on returning them and throws once only the lost one is
+    /// left, and `shutdown` still waits for all of them.
     private func harvest(minimum: Int) throws {
         var zero = timespec(tv_sec: 0, tv_nsec: 0)
         var n: Int32
@@ -208,30 +249,48 @@ public final class AIOEngine: IOEngine {
             throw IOError(code: -n, operation: "wait for Linux AIO completions from", path: "io_getevents")
         }
         inKernel -= Int(n)
+        var unknown: UInt?
         for i in 0..<Int(n) {
+            if let forgeEvent { forgeEvent(&events[i]) }
             let event = events[i]
-            guard let obj = event.obj else { continue }
-            let index = obj - iocbs
-            let res = Int(bitPattern: event.res)
-            if res < 0 {
-                fail(obj, code: Int32(truncatingIfNeeded: -res))
-                continue
+            let route = Self.route(data: UInt(bitPattern: event.data), res: event.res, depth: queueDepth) {
+                slots[$0].inKernel
             }
-            if slots[index].kind == .write {
-                slots[index].done += res
-                if slots[index].done < slots[index].length {
-                    if res == 0 {
-                        fail(obj, code: EIO, detail: "write made no progress")
-                    } else {
-                        prepare(index)  // a short write: the rest goes out again
-                    }
-                    continue
+            switch route {
+            case .unknown(let data):
+                unknown = data
+            case .slot(let index, let res):
+                slots[index].inKernel = false
+                finish(index, result: res)
+            }
+        }
+        if let unknown, lostTrack == nil {
+            lostTrack = IOError(code: EIO, operation: "wait for Linux AIO completions from", path: "io_getevents",
+                                detail: "the kernel returned a completion (data \(unknown)) for no request in flight")
+        }
+    }
+
+    /// Slot `index`'s request returned `res` from the kernel.
+    private func finish(_ index: Int, result res: Int) {
+        let obj = iocbs + index
+        if res < 0 {
+            fail(obj, code: Int32(truncatingIfNeeded: -res))
+            return
+        }
+        if slots[index].kind == .write {
+            slots[index].done += res
+            if slots[index].done < slots[index].length {
+                if res == 0 {
+                    fail(obj, code: EIO, detail: "write made no progress")
+                } else {
+                    prepare(index)  // a short write: the rest goes out again
                 }
-                complete(index, .success(slots[index].length))
-            } else {
-                // A short read means the end of the file; the caller sees the count.
-                complete(index, .success(res))
+                return
             }
+            complete(index, .success(slots[index].length))
+        } else {
+            // A short read means the end of the file; the caller sees the count.
+            complete(index, .success(res))
         }
     }
 

@@ -163,9 +163,20 @@ public final class DiskFile: @unchecked Sendable {
     /// Offsets come from image metadata: one past the largest file offset (2^63 - 1) must be an
     /// error naming the file, not a trap converting it to off_t.
     private func checkRange(_ offset: UInt64, _ count: Int, _ operation: String) throws {
-        guard offset <= UInt64(Int64.max) - UInt64(count) else {
+        try checkRange(offset, length: UInt64(count), operation)
+    }
+
+    /// The same for every call taking an off_t offset and length (ftruncate, fallocate,
+    /// lseek): `offset + length` must not pass 2^63 - 1, which `Int64(_:)` would trap on.
+    private func checkRange(_ offset: UInt64, length: UInt64, _ operation: String) throws {
+        let largest = UInt64(Int64.max)
+        guard offset <= largest else {
             throw IOError(code: EINVAL, operation: operation, path: path, offset: offset,
                           detail: "offset is past the largest file offset")
+        }
+        guard length <= largest - offset else {
+            throw IOError(code: EINVAL, operation: operation, path: path, offset: offset,
+                          detail: "a range of \(length) bytes ends past the largest file offset")
         }
     }
 
@@ -200,6 +211,7 @@ public final class DiskFile: @unchecked Sendable {
     /// size is accepted as it is, a larger one throws `DeviceSizeError` (see FileKind.swift).
     public func truncate(to length: UInt64) throws {
         if try keepsDeviceSize(length) { return }
+        try checkRange(length, length: 0, "truncate")
         let r = simg_ftruncate(fd, Int64(length))
         if r < 0 { throw IOError(code: -r, operation: "truncate", path: path, offset: length) }
     }
@@ -207,6 +219,7 @@ public final class DiskFile: @unchecked Sendable {
     /// Allocates blocks for the range (fallocate mode 0), growing the file if needed.
     public func allocate(at offset: UInt64, length: UInt64) throws {
         guard length > 0 else { return }
+        try checkRange(offset, length: length, "allocate space in")
         let r = simg_fallocate_allocate(fd, Int64(offset), Int64(length))
         if r < 0 { throw IOError(code: -r, operation: "allocate space in", path: path, offset: offset) }
     }
@@ -215,6 +228,7 @@ public final class DiskFile: @unchecked Sendable {
     /// Throws with code EOPNOTSUPP where the file system cannot punch holes.
     public func punchHole(at offset: UInt64, length: UInt64) throws {
         guard length > 0 else { return }
+        try checkRange(offset, length: length, "punch a hole in")
         let r = simg_fallocate_punch_hole(fd, Int64(offset), Int64(length))
         if r < 0 { throw IOError(code: -r, operation: "punch a hole in", path: path, offset: offset) }
     }
@@ -222,6 +236,7 @@ public final class DiskFile: @unchecked Sendable {
     /// Makes the range read as zeros, keeping it allocated (FALLOC_FL_ZERO_RANGE).
     public func zeroRange(at offset: UInt64, length: UInt64) throws {
         guard length > 0 else { return }
+        try checkRange(offset, length: length, "zero a range of")
         let r = simg_fallocate_zero_range(fd, Int64(offset), Int64(length))
         if r < 0 { throw IOError(code: -r, operation: "zero a range of", path: path, offset: offset) }
     }
@@ -242,6 +257,7 @@ public final class DiskFile: @unchecked Sendable {
     /// (only a hole up to the end of the file).
     /// The corresponding C function is lseek with SEEK_DATA.
     public func nextData(from offset: UInt64) throws -> UInt64? {
+        try checkRange(offset, length: 0, "find data in")
         let r = simg_seek_data(fd, Int64(offset))
         if r == -Int64(ENXIO) { return nil }
         if r < 0 { throw IOError(code: Int32(-r), operation: "find data in", path: path, offset: offset) }
@@ -251,6 +267,7 @@ public final class DiskFile: @unchecked Sendable {
     /// The start of the first hole at or after `offset` (the end of the file counts as a hole).
     /// The corresponding C function is lseek with SEEK_HOLE.
     public func nextHole(from offset: UInt64) throws -> UInt64 {
+        try checkRange(offset, length: 0, "find a hole in")
         let r = simg_seek_hole(fd, Int64(offset))
         if r < 0 { throw IOError(code: Int32(-r), operation: "find a hole in", path: path, offset: offset) }
         return UInt64(r)

@@ -124,13 +124,14 @@ extension IOEngine {
 public enum IOEngines {
     /// Linux AIO for O_DIRECT files (it is only truly asynchronous there), a thread pool for
     /// buffered files, and the thread pool too when the kernel refuses an AIO context
-    /// (EAGAIN when aio-max-nr is used up, ENOSYS without AIO support).
-    public static func make(for file: DiskFile, queueDepth: Int = 32, threads: Int = 4) -> any IOEngine {
-        make(direct: file.isDirect, queueDepth: queueDepth, threads: threads)
+    /// (EAGAIN when aio-max-nr is used up, ENOSYS without AIO support). Throws
+    /// `ThreadStartError` when the thread pool cannot start a single thread.
+    public static func make(for file: DiskFile, queueDepth: Int = 32, threads: Int = 4) throws -> any IOEngine {
+        try make(direct: file.isDirect, queueDepth: queueDepth, threads: threads)
     }
 
-    public static func make(direct: Bool, queueDepth: Int = 32, threads: Int = 4) -> any IOEngine {
+    public static func make(direct: Bool, queueDepth: Int = 32, threads: Int = 4) throws -> any IOEngine {
         if direct, let engine = try? AIOEngine(queueDepth: queueDepth) { return engine }
-        return ThreadPoolEngine(queueDepth: queueDepth, threads: threads)
+        return try ThreadPoolEngine(queueDepth: queueDepth, threads: threads)
     }
 }

@@ -10,9 +10,20 @@ public final class ThreadPoolEngine: IOEngine {
     private var threads: [pthread_t] = []
     private var isShutDown = false
 
+    /// Starts a thread running `body(context)` into `thread`; 0 or an errno, as pthread_create.
+    typealias CreateThread = (_ thread: UnsafeMutablePointer<pthread_t>,
+                              _ body: @convention(c) (UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer?,
+                              _ context: UnsafeMutableRawPointer?) -> Int32
+
     /// `threads` workers (at least 1, at most `queueDepth`) serving up to `queueDepth`
-    /// outstanding requests.
-    public init(queueDepth: Int = 32, threads: Int = 4) {
+    /// outstanding requests. Throws `ThreadStartError` when not even one thread can be created
+    /// (out of memory for its stack, or of tasks); fewer than asked still works, just slower.
+    public convenience init(queueDepth: Int = 32, threads: Int = 4) throws {
+        try self.init(queueDepth: queueDepth, threads: threads) { pthread_create($0, nil, $1, $2) }
+    }
+
+    /// `createThread` is pthread_create except in tests, which make it fail.
+    init(queueDepth: Int, threads: Int, createThread: CreateThread) throws {
         self.queueDepth = max(queueDepth, 1)
         state = WorkQueue(capacity: self.queueDepth)
         let count = min(max(threads, 1), self.queueDepth)
@@ -21,17 +32,17 @@ public final class ThreadPoolEngine: IOEngine {
             var thread = pthread_t()
             // The worker owns one retain of the queue, released when it exits.
             let context = Unmanaged.passRetained(state).toOpaque()
-            let r = pthread_create(&thread, nil, { context in
+            let r = createThread(&thread, { context in
                 // Sound: context is the retained WorkQueue passed below.
                 let queue = Unmanaged<WorkQueue>.fromOpaque(context!).takeRetainedValue()
                 queue.runWorker()
                 return nil
             }, context)
             if r != 0 {
+                // Sound: the thread did not start, so its retain was never taken over.
                 Unmanaged<WorkQueue>.fromOpaque(context).release()
-                // Thread creation only fails when the system is out of resources; with at
-                // least one worker the engine still works, just slower.
-                if self.threads.isEmpty { preconditionFailure("cannot create an I/O thread: error \(r)") }
+                // With at least one worker the engine still works, just slower.
+                if self.threads.isEmpty { throw ThreadStartError(code: r) }
                 break
             }
             self.threads.append(thread)
@@ -83,6 +94,21 @@ public final class ThreadPoolEngine: IOEngine {
         threads.removeAll()
         outstanding = 0
     }
+}
+
+/// A needed thread could not be started (pthread_create failed: EAGAIN when the stack cannot
+/// be mapped or the task limit is reached).
+public struct ThreadStartError: Error, CustomStringConvertible, Equatable, Sendable {
+    public var code: Int32
+    /// What the thread was for, e.g. "an I/O thread".
+    public var thread: String
+
+    public init(code: Int32, thread: String = "an I/O thread") {
+        self.code = code
+        self.thread = thread
+    }
+
+    public var description: String { "Could not create \(thread): \(IOError.describe(errno: code))" }
 }
 
 /// The request and completion rings shared by the engine and its workers, under one lock.

@@ -11,11 +11,10 @@ import ImageFormats
 /// is allocated per cluster.
 ///
 /// qemu-img compresses with at most 4 threads; this uses one per online CPU by default.
-public final class CompressPool: @unchecked Sendable {
-    // @unchecked Sendable: every field the workers share (`state`, the counters, the slot
-    // memory of a slot they own) is read and written under `lock`, except the slot bytes a
-    // worker compresses, which belong to that worker alone between taking the job and
-    // marking it done (the ring never reuses a slot before the caller consumed it).
+public final class CompressPool {
+    // Ownership: the workers hold only `shared` (the ring and its lock), never the pool. So the
+    // pool goes away when its owner drops it, and its deinit stops and joins the workers; had
+    // they held the pool, it would never be freed and its threads would run for ever.
 
     /// What became of one cluster.
     public enum Result {
@@ -29,21 +28,8 @@ public final class CompressPool: @unchecked Sendable {
     public let threads: Int
     /// Ring size (slots in flight).
     public let depth: Int
-
-    private let memory: AlignedBuffer
-    private let lock = ConditionLock()
-    private var compressors: [QCOW2ClusterCompressor]
-    // Per slot, under `lock`: guest offset, bytes submitted, stream length (-1: does not fit),
-    // and whether compression finished.
-    private let guest: UnsafeMutablePointer<UInt64>
-    private let valid: UnsafeMutablePointer<Int>
-    private let length: UnsafeMutablePointer<Int>
-    private let done: UnsafeMutablePointer<Bool>
-    /// Monotonic counters: clusters submitted, taken by workers, consumed by the caller.
-    private var submitted = 0
-    private var taken = 0
-    private var consumed = 0
-    private var stopping = false
+    /// What the workers share with the caller (internal: tests watch `liveWorkers`).
+    let shared: Shared
     private var workers: [pthread_t] = []
 
     /// Default worker count: the online CPUs (at least 1, at most 64).
@@ -59,16 +45,7 @@ public final class CompressPool: @unchecked Sendable {
         // only where one slot per worker plus one needs it: 2 MiB clusters).
         let byMemory = max(1, (8 << 20) / (2 * clusterSize))
         depth = max(self.threads + 1, min(4 * self.threads, byMemory))
-        memory = try AlignedBuffer(byteCount: 2 * clusterSize * depth)
-        compressors = try (0..<self.threads).map { _ in try QCOW2ClusterCompressor(codec: codec, clusterSize: clusterSize) }
-        guest = .allocate(capacity: depth)
-        valid = .allocate(capacity: depth)
-        length = .allocate(capacity: depth)
-        done = .allocate(capacity: depth)
-        guest.initialize(repeating: 0, count: depth)
-        valid.initialize(repeating: 0, count: depth)
-        length.initialize(repeating: 0, count: depth)
-        done.initialize(repeating: false, count: depth)
+        shared = try Shared(codec: codec, clusterSize: clusterSize, depth: depth, threads: self.threads)
         for index in 0..<self.threads {
             try startWorker(index)
         }
@@ -76,20 +53,6 @@ public final class CompressPool: @unchecked Sendable {
 
     deinit {
         stop()
-        guest.deallocate()
-        valid.deallocate()
-        length.deallocate()
-        done.deallocate()
-    }
-
-    /// Slot `i`'s input (one cluster) and output (one cluster) memory.
-    private func input(_ i: Int) -> UnsafeMutableRawBufferPointer {
-        // Sound: i < depth and memory holds 2 * clusterSize * depth bytes.
-        UnsafeMutableRawBufferPointer(start: memory.baseAddress + 2 * clusterSize * i, count: clusterSize)
-    }
-
-    private func output(_ i: Int) -> UnsafeMutableRawBufferPointer {
-        UnsafeMutableRawBufferPointer(start: memory.baseAddress + 2 * clusterSize * i + clusterSize, count: clusterSize)
     }
 
     /// Queues one cluster (`data` at most one cluster; a short last cluster is zero-padded for
@@ -98,20 +61,21 @@ public final class CompressPool: @unchecked Sendable {
     public func submit(guestOffset: UInt64, _ data: UnsafeRawBufferPointer,
                        sink: (UInt64, Result) throws -> Void) throws {
         precondition(data.count > 0 && data.count <= clusterSize, "submit takes at most one cluster")
-        if submitted - consumed == depth { try consume(all: false, wait: true, sink) }
-        let i = submitted % depth
-        let slot = input(i)
+        let s = shared
+        if s.submitted - s.consumed == depth { try consume(all: false, wait: true, sink) }
+        let i = s.submitted % depth
+        let slot = s.input(i)
         // Sound: data.count <= clusterSize == slot.count.
         slot.baseAddress!.copyMemory(from: data.baseAddress!, byteCount: data.count)
         if data.count < clusterSize {
             (slot.baseAddress! + data.count).initializeMemory(as: UInt8.self, repeating: 0, count: clusterSize - data.count)
         }
-        lock.withLock {
-            guest[i] = guestOffset
-            valid[i] = data.count
-            done[i] = false
-            submitted += 1
-            lock.broadcast()
+        s.lock.withLock {
+            s.guest[i] = guestOffset
+            s.valid[i] = data.count
+            s.done[i] = false
+            s.submitted += 1
+            s.lock.broadcast()
         }
         try consume(all: false, wait: false, sink)
     }
@@ -124,31 +88,33 @@ public final class CompressPool: @unchecked Sendable {
     /// Passes finished clusters to `sink` in order: all of them (`all`), or with `wait` at
     /// least the oldest, or only those already done.
     private func consume(all: Bool, wait: Bool, _ sink: (UInt64, Result) throws -> Void) throws {
+        let s = shared
         var mustTake = wait ? 1 : 0
-        while consumed < submitted {
-            let i = consumed % depth
-            let ready: Bool = lock.withLock {
-                while !done[i] && (all || mustTake > 0) { lock.wait() }
-                return done[i]
+        while s.consumed < s.submitted {
+            let i = s.consumed % depth
+            let ready: Bool = s.lock.withLock {
+                while !s.done[i] && (all || mustTake > 0) { s.lock.wait() }
+                return s.done[i]
             }
             guard ready else { return }
-            let n = length[i]
-            let at = guest[i]
+            let n = s.length[i]
+            let at = s.guest[i]
             let result: Result = n >= 0
-                ? .compressed(UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(output(i))[0..<n]))
-                : .uncompressed(UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(input(i))[0..<valid[i]]))
+                ? .compressed(UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(s.output(i))[0..<n]))
+                : .uncompressed(UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(s.input(i))[0..<s.valid[i]]))
             // Consumed before the sink runs: if it throws, the slot is not handed out again.
-            consumed += 1
+            s.consumed += 1
             mustTake = max(0, mustTake - 1)
             try sink(at, result)
         }
     }
 
-    /// Stops the workers (waiting for the cluster each is compressing). Idempotent.
+    /// Stops the workers (waiting for the cluster each is compressing). Idempotent; also done
+    /// by deinit.
     public func stop() {
-        lock.withLock {
-            stopping = true
-            lock.broadcast()
+        shared.lock.withLock {
+            shared.stopping = true
+            shared.lock.broadcast()
         }
         for thread in workers { pthread_join(thread, nil) }
         workers = []
@@ -157,48 +123,115 @@ public final class CompressPool: @unchecked Sendable {
     // MARK: - Workers
 
     private final class WorkerContext {
-        let pool: CompressPool
+        let shared: Shared
         let index: Int
-        init(pool: CompressPool, index: Int) {
-            self.pool = pool
+        init(shared: Shared, index: Int) {
+            self.shared = shared
             self.index = index
         }
     }
 
     private func startWorker(_ index: Int) throws {
-        let context = Unmanaged.passRetained(WorkerContext(pool: self, index: index)).toOpaque()
+        let context = Unmanaged.passRetained(WorkerContext(shared: shared, index: index)).toOpaque()
+        shared.lock.withLock { shared.liveWorkers += 1 }
         var thread = pthread_t()
         let r = pthread_create(&thread, nil, { raw in
             // Sound: `raw` is the retained WorkerContext passed below; released here once.
             let context = Unmanaged<WorkerContext>.fromOpaque(raw!).takeRetainedValue()
-            context.pool.work(context.index)
+            context.shared.work(context.index)
             return nil
         }, context)
         if r != 0 {
+            // Sound: the thread did not start, so its retain was never taken over.
             Unmanaged<WorkerContext>.fromOpaque(context).release()
+            shared.lock.withLock { shared.liveWorkers -= 1 }
             stop()
-            throw AllocationError(byteCount: 0, alignment: 0, code: r)
+            throw ThreadStartError(code: r, thread: "a compression thread")
         }
         workers.append(thread)
     }
 
-    private func work(_ index: Int) {
-        let compressor = compressors[index]
-        while true {
-            let i: Int? = lock.withLock {
-                while taken == submitted && !stopping { lock.wait() }
-                if stopping { return nil }
-                let job = taken % depth
-                taken += 1
-                return job
-            }
-            guard let i else { return }
-            // The slot is this worker's until it marks it done.
-            let n = compressor.compress(UnsafeRawBufferPointer(input(i)), into: output(i))
-            lock.withLock {
-                length[i] = n ?? -1
-                done[i] = true
-                lock.broadcast()
+    /// The ring, its counters and the compressors: everything a worker touches.
+    final class Shared: @unchecked Sendable {
+        // @unchecked Sendable: every field the workers share (the counters, `stopping`, the
+        // per-slot words) is read and written under `lock`, except the slot bytes a worker
+        // compresses, which belong to that worker alone between taking the job and marking it
+        // done (the ring never reuses a slot before the caller consumed it). `consumed` and
+        // the slot bytes being filled are the caller's alone.
+
+        let clusterSize: Int
+        let depth: Int
+        let lock = ConditionLock()
+        private let memory: AlignedBuffer
+        private let compressors: [QCOW2ClusterCompressor]
+        // Per slot, under `lock`: guest offset, bytes submitted, stream length (-1: does not
+        // fit), and whether compression finished.
+        let guest: UnsafeMutablePointer<UInt64>
+        let valid: UnsafeMutablePointer<Int>
+        let length: UnsafeMutablePointer<Int>
+        let done: UnsafeMutablePointer<Bool>
+        /// Monotonic counters: clusters submitted, taken by workers, consumed by the caller.
+        var submitted = 0
+        var taken = 0
+        var consumed = 0
+        var stopping = false
+        /// Workers started and not yet returned, under `lock` (for tests: 0 once the pool is gone).
+        var liveWorkers = 0
+
+        init(codec: QCOW2Compression, clusterSize: Int, depth: Int, threads: Int) throws {
+            self.clusterSize = clusterSize
+            self.depth = depth
+            memory = try AlignedBuffer(byteCount: 2 * clusterSize * depth)
+            compressors = try (0..<threads).map { _ in try QCOW2ClusterCompressor(codec: codec, clusterSize: clusterSize) }
+            guest = .allocate(capacity: depth)
+            valid = .allocate(capacity: depth)
+            length = .allocate(capacity: depth)
+            done = .allocate(capacity: depth)
+            guest.initialize(repeating: 0, count: depth)
+            valid.initialize(repeating: 0, count: depth)
+            length.initialize(repeating: 0, count: depth)
+            done.initialize(repeating: false, count: depth)
+        }
+
+        deinit {
+            guest.deallocate()
+            valid.deallocate()
+            length.deallocate()
+            done.deallocate()
+        }
+
+        /// Slot `i`'s input (one cluster) and output (one cluster) memory.
+        func input(_ i: Int) -> UnsafeMutableRawBufferPointer {
+            // Sound: i < depth and memory holds 2 * clusterSize * depth bytes.
+            UnsafeMutableRawBufferPointer(start: memory.baseAddress + 2 * clusterSize * i, count: clusterSize)
+        }
+
+        func output(_ i: Int) -> UnsafeMutableRawBufferPointer {
+            // Sound: as for input, the second cluster of the slot.
+            UnsafeMutableRawBufferPointer(start: memory.baseAddress + 2 * clusterSize * i + clusterSize, count: clusterSize)
+        }
+
+        func work(_ index: Int) {
+            let compressor = compressors[index]
+            while true {
+                let i: Int? = lock.withLock {
+                    while taken == submitted && !stopping { lock.wait() }
+                    if stopping {
+                        liveWorkers -= 1
+                        return nil
+                    }
+                    let job = taken % depth
+                    taken += 1
+                    return job
+                }
+                guard let i else { return }
+                // The slot is this worker's until it marks it done.
+                let n = compressor.compress(UnsafeRawBufferPointer(input(i)), into: output(i))
+                lock.withLock {
+                    length[i] = n ?? -1
+                    done[i] = true
+                    lock.broadcast()
+                }
             }
         }
     }

@@ -69,7 +69,7 @@ public final class ConvertPipeline {
     private static let slack = 64 << 10
 
     public init(sources: [any DiskImage], target: any ConvertTarget, options: ConvertOptions) throws {
-        planner = ConvertPlanner(sources: sources, keepBacking: options.keepBacking)
+        planner = try ConvertPlanner(sources: sources, keepBacking: options.keepBacking)
         self.target = target
         self.options = options
         let targetUnit = UInt64(max(target.writeGranularity, 1))
@@ -97,11 +97,18 @@ public final class ConvertPipeline {
             }
         }
         let engineDepth = max(32, depth * 4)
-        engine = IOEngines.make(direct: allDirect, queueDepth: engineDepth, threads: max(1, options.ioThreads))
-        if !target.writesAsynchronously || target.isDirect == (engine is AIOEngine) {
-            writeEngine = engine
-        } else {
-            writeEngine = IOEngines.make(direct: target.isDirect, queueDepth: engineDepth, threads: max(1, options.ioThreads))
+        // A thread pool that cannot start a single thread (ThreadStartError) ends the convert
+        // with a message naming the target, before anything is read or written.
+        let threads = max(1, options.ioThreads)
+        do {
+            engine = try IOEngines.make(direct: allDirect, queueDepth: engineDepth, threads: threads)
+            if !target.writesAsynchronously || target.isDirect == (engine is AIOEngine) {
+                writeEngine = engine
+            } else {
+                writeEngine = try IOEngines.make(direct: target.isDirect, queueDepth: engineDepth, threads: threads)
+            }
+        } catch {
+            throw ImageError(path: target.path, message: "cannot start the copy", cause: error)
         }
         let readName = engine is AIOEngine ? "linux-aio" : "thread-pool"
         let writeName = writeEngine is AIOEngine ? "linux-aio" : "thread-pool"

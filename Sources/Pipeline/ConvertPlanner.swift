@@ -48,17 +48,31 @@ public final class ConvertPlanner {
 
     private var cached: SourcePiece?
 
-    public init(sources: [any DiskImage], keepBacking: Bool = false) {
+    /// Throws `SourceSizeError` when the sources' sizes add up past 2^64 - 1 (each qcow2
+    /// header may claim up to 2^61, and any number of sources may be given).
+    public init(sources: [any DiskImage], keepBacking: Bool = false) throws {
         self.sources = sources
         self.keepBacking = keepBacking
         var starts: [UInt64] = []
         var total: UInt64 = 0
         for source in sources {
             starts.append(total)
-            total += source.virtualSize
+            total = try Self.add(total, source.virtualSize, sources)
         }
         self.starts = starts
         totalSize = total
+    }
+
+    /// The sources' sizes added up (the output's size), or `SourceSizeError` naming them all
+    /// if that passes 2^64 - 1. Checked before anything is created.
+    public static func totalSize(of sources: [any DiskImage]) throws -> UInt64 {
+        try sources.reduce(UInt64(0)) { try add($0, $1.virtualSize, sources) }
+    }
+
+    private static func add(_ total: UInt64, _ size: UInt64, _ sources: [any DiskImage]) throws -> UInt64 {
+        let (sum, overflow) = total.addingReportingOverflow(size)
+        if overflow { throw SourceSizeError(paths: sources.map(\.path)) }
+        return sum
     }
 
     /// The piece starting exactly at `offset` (< totalSize), as long as its kind and host

@@ -64,6 +64,19 @@ public struct ConvertStats: Sendable, Equatable {
     }
 }
 
+/// The sources of one convert are together larger than 2^64 - 1 bytes. (qemu-img 7.2 has no
+/// message for it: its total wraps, and it converts into an image of the wrapped size.)
+public struct SourceSizeError: Error, CustomStringConvertible, Sendable {
+    public var paths: [String]
+
+    public init(paths: [String]) { self.paths = paths }
+
+    public var description: String {
+        "The total size of the source images is too large (more than \(UInt64.max) bytes): "
+            + paths.map { "'\($0)'" }.joined(separator: ", ")
+    }
+}
+
 /// A failure during the copy, in one shape for reads and writes: qemu-img's "error while
 /// reading/writing at byte N" (N the guest byte where it failed), then the file and the reason,
 /// "Could not read 'FILE': REASON". The host offset of a failed read or write is not repeated:

@@ -126,7 +126,8 @@ enum ConvertCommand {
                 throw CLIError(CheckCommand.openFailure(error, path: path))
             }
         }
-        let totalSize = sources.reduce(UInt64(0)) { $0 + $1.virtualSize }
+        // Before anything is created: sizes from qcow2 headers can add up past 2^64 - 1.
+        let totalSize = try ConvertPlanner.totalSize(of: sources)
 
         // Writing over a file being read would destroy it; QEMU's image locks refuse that.
         if isInUse(output, by: sources) {

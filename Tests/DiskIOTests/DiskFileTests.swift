@@ -86,6 +86,71 @@ struct DiskFileTests {
         #expect(try file.allocatedBytes() >= 1 << 20)  // zero-range keeps the blocks
     }
 
+    /// The calls taking an off_t (ftruncate, fallocate, lseek) check their UInt64 offset and
+    /// length as read and write do: past 2^63 - 1 is an IOError naming the file and what was
+    /// being done, not a trap converting it to Int64; the file is left as it was.
+    enum HugeOperation: String, CaseIterable, CustomTestStringConvertible {
+        case truncate, allocate, punchHole, zeroRange, nextData, nextHole, read, write
+        var testDescription: String { rawValue }
+
+        var words: String {
+            switch self {
+            case .truncate: return "truncate"
+            case .allocate: return "allocate space in"
+            case .punchHole: return "punch a hole in"
+            case .zeroRange: return "zero a range of"
+            case .nextData: return "find data in"
+            case .nextHole: return "find a hole in"
+            case .read: return "read"
+            case .write: return "write"
+            }
+        }
+
+        /// Performs the operation at `offset`, over `length` bytes where it takes a length.
+        func run(_ file: DiskFile, offset: UInt64, length: UInt64) throws {
+            switch self {
+            case .truncate: try file.truncate(to: offset)
+            case .allocate: try file.allocate(at: offset, length: length)
+            case .punchHole: try file.punchHole(at: offset, length: length)
+            case .zeroRange: try file.zeroRange(at: offset, length: length)
+            case .nextData: _ = try file.nextData(from: offset)
+            case .nextHole: _ = try file.nextHole(from: offset)
+            case .read: _ = try file.readBytes(count: 16, at: offset)
+            case .write: try file.write([UInt8](repeating: 1, count: 16), at: offset)
+            }
+        }
+
+        var takesLength: Bool { self == .allocate || self == .punchHole || self == .zeroRange }
+    }
+
+    @Test(arguments: HugeOperation.allCases)
+    func offsetPastTheLargestFileOffsetIsAnError(_ operation: HugeOperation) throws {
+        let folder = try ScratchFolder()
+        let path = folder.file("huge")
+        let file = try DiskFile.create(path)
+        try file.write([UInt8](repeating: 0x33, count: 8192), at: 0)
+        for offset in [UInt64(Int64.max) + 1, UInt64.max] {
+            let error = #expect(throws: IOError.self) { try operation.run(file, offset: offset, length: 4096) }
+            #expect(error?.path == path)
+            #expect(error?.offset == offset)
+            #expect(error?.description == "Could not \(operation.words) '\(path)' at offset \(offset): "
+                    + "offset is past the largest file offset")
+        }
+        if operation.takesLength {
+            // The offset fits, the end does not: a length of 2^63 or more, or one that carries
+            // the end past 2^63 - 1.
+            for (offset, length) in [(UInt64(0), UInt64(Int64.max) + 1), (4096, UInt64.max),
+                                     (UInt64(Int64.max) - 4095, 8192)] {
+                let error = #expect(throws: IOError.self) { try operation.run(file, offset: offset, length: length) }
+                #expect(error?.path == path)
+                #expect(error?.description == "Could not \(operation.words) '\(path)' at offset \(offset): "
+                        + "a range of \(length) bytes ends past the largest file offset")
+            }
+        }
+        #expect(try file.size() == 8192)
+        #expect(try file.readBytes(count: 8192, at: 0).allSatisfy { $0 == 0x33 })
+    }
+
     @Test func openMissingFileNamesIt() throws {
         let folder = try ScratchFolder()
         let path = folder.file("missing")

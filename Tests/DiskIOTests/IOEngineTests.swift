@@ -11,7 +11,7 @@ enum EngineKind: String, CaseIterable, CustomTestStringConvertible {
     func makeEngine(queueDepth: Int) throws -> any IOEngine {
         switch self {
         case .aioDirect, .aioBuffered: return try AIOEngine(queueDepth: queueDepth)
-        case .threadsBuffered, .threadsDirect: return ThreadPoolEngine(queueDepth: queueDepth, threads: 3)
+        case .threadsBuffered, .threadsDirect: return try ThreadPoolEngine(queueDepth: queueDepth, threads: 3)
         }
     }
 
@@ -188,8 +188,8 @@ struct IOEngineTests {
         let folder = try ScratchFolder()
         let path = folder.file("factory")
         try DiskFile.create(path).truncate(to: 4096)
-        #expect(IOEngines.make(for: try openDirect(path), queueDepth: 4) is AIOEngine)
-        #expect(IOEngines.make(for: try DiskFile.open(path, access: .readOnly), queueDepth: 4) is ThreadPoolEngine)
+        #expect(try IOEngines.make(for: try openDirect(path), queueDepth: 4) is AIOEngine)
+        #expect(try IOEngines.make(for: try DiskFile.open(path, access: .readOnly), queueDepth: 4) is ThreadPoolEngine)
     }
 
     @Test func shutdownWaitsForOutstandingWrites() throws {

@@ -34,6 +34,40 @@ import Testing
         #expect(try filesEqual(dir.file("z.raw"), dir.file("x.raw")))
     }
 
+    /// Sources whose sizes add up past 2^64 - 1 (eight qcow2 images of 2^61 bytes, the most a
+    /// header may claim with 2 MiB clusters): an error naming every source before anything is
+    /// created, exit 1 (before: an overflow trap). qemu-img 7.2 has no message for this: its
+    /// total wraps to 0 and it goes on converting. A total of 2^63 (four of them) still fits:
+    /// the target's size is refused as too large, as before.
+    @Test(arguments: [["-O", "raw"], ["-O", "qcow2"], ["-n", "-O", "raw"]])
+    func sourceSizesAddingUpPast64Bits(_ options: [String]) throws {
+        let dir = try TempDir()
+        let big = dir.file("a.qcow2")
+        try qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", big, "\(UInt64(1) << 61)")
+        // Hard links: eight names, one 38 MiB file.
+        let names = ["a", "b", "c", "d", "e", "f", "g", "h"].map { dir.file("\($0).qcow2") }
+        for name in names.dropFirst() { #expect(link(big, name) == 0, "link \(name)") }
+        let out = dir.file("out.img")
+        if options.contains("-n") { try qemuImg("create", "-q", "-f", "raw", out, "1M") }
+        let r = try simg(["convert"] + options + names + [out])
+        #expect(r.status == 1, "\(r.status): \(r.stderr)")
+        #expect(r.stderr == "simg: The total size of the source images is too large (more than 18446744073709551615 bytes): "
+                + names.map { "'\($0)'" }.joined(separator: ", ") + "\n")
+        #expect(FileManager.default.fileExists(atPath: out) == options.contains("-n"))
+
+        let four = try simg(["convert"] + options + Array(names.prefix(4)) + [out])
+        #expect(four.status == 1, "\(four.status): \(four.stderr)")
+        #expect(!four.stderr.contains("Fatal error"), "\(four.stderr)")
+        if options.contains("-n") {
+            #expect(four.stderr == "simg: output file is smaller than input file\n")
+        } else {
+            let format = options[1]
+            let hint = format == "qcow2" ? " (try using a larger cluster size)" : ""
+            #expect(four.stderr == "simg: \(out): error while converting \(format): "
+                    + "The image size is too large for file format '\(format)'\(hint)\n")
+        }
+    }
+
     @Test("--stats: written zeros are detected and skipped; -S 0 writes everything")
     func skipsZeros() throws {
         let dir = try TempDir()

@@ -101,6 +101,36 @@ struct FaultTests {
         }
     }
 
+    // MARK: - No I/O thread (pthread_create fails)
+
+    /// A stack limit of 32 TiB: glibc sizes a new thread's stack from RLIMIT_STACK, the mmap
+    /// fails, pthread_create returns EAGAIN. (RLIMIT_NPROC would not do: it spares root.)
+    /// convert between buffered files uses the thread pool: an error naming the target, exit 1,
+    /// no trap (before: "Fatal error: cannot create an I/O thread", SIGILL).
+    @Test(arguments: ["raw", "qcow2"])
+    func convertWithoutIOThreads(_ format: String) throws {
+        let dir = try TempDir()
+        let source = dir.file("src.raw")
+        try Data(repeating: 0x5A, count: 1 << 20).write(to: URL(fileURLWithPath: source))
+        let out = dir.file("out.\(format)")
+        let r = try run("prlimit", ["--stack=\(1 << 45)", simgBinary, "convert", "-f", "raw", "-O", format, source, out])
+        #expect(r.status == 1, "\(r.status): \(r.stderr)")
+        #expect(r.stderr == "simg: '\(out)': cannot start the copy: Could not create an I/O thread: "
+                + "Resource temporarily unavailable\n", "\(r.stderr)")
+    }
+
+    /// `convert -c`: the compression threads are the first ones it needs.
+    @Test func compressingConvertWithoutThreads() throws {
+        let dir = try TempDir()
+        let source = dir.file("src.raw")
+        try Data(repeating: 0x5A, count: 1 << 20).write(to: URL(fileURLWithPath: source))
+        let out = dir.file("out.qcow2")
+        let r = try run("prlimit", ["--stack=\(1 << 45)", simgBinary, "convert", "-c", "-f", "raw", "-O", "qcow2", source, out])
+        #expect(r.status == 1, "\(r.status): \(r.stderr)")
+        #expect(r.stderr == "simg: Could not open '\(out)': Could not create a compression thread: "
+                + "Resource temporarily unavailable\n", "\(r.stderr)")
+    }
+
     // MARK: - Full file system (ENOSPC)
 
     @Test(.enabled(if: faultTmpfsPermitted, "mount -t tmpfs is not permitted here (needs root or CAP_SYS_ADMIN)"),

@@ -66,6 +66,29 @@ import Testing
         #expect(compressed == count - count / 5)
     }
 
+    /// A pool dropped without `stop` (an owner that forgets, or unwinds past it) still ends its
+    /// workers: they hold only the shared ring, so the pool's deinit runs and joins them.
+    /// Before, each worker retained the pool: it was never freed and its threads ran for ever.
+    @Test(arguments: [1, 3])
+    func droppedPoolEndsItsWorkers(_ threads: Int) throws {
+        weak var gone: CompressPool?
+        let shared: CompressPool.Shared
+        do {
+            let pool = try CompressPool(codec: .zlib, clusterSize: 65536, threads: threads)
+            gone = pool
+            shared = pool.shared
+            #expect(shared.lock.withLock { shared.liveWorkers } == threads)
+            // Some work in flight, so the workers are not just parked at their first wait.
+            let data = Self.cluster(0, size: 65536, randomFraction: 0.3)
+            for k in 0..<2 * threads {
+                try data.withUnsafeBytes { try pool.submit(guestOffset: UInt64(k * 65536), $0) { _, _ in } }
+            }
+        }
+        // deinit joined the workers before it returned: nothing to wait for.
+        #expect(gone == nil, "the pool is still alive after its last owner dropped it")
+        #expect(shared.lock.withLock { shared.liveWorkers } == 0, "worker threads outlived their pool")
+    }
+
     /// `convert -c` through the target: compressible, incompressible and zero clusters, a
     /// size that is not a cluster multiple; the result passes qemu-img check and compare,
     /// zero clusters stay unallocated, and the file is much smaller than the data.

@@ -25,7 +25,7 @@ import Testing
     func flattensChain() throws {
         let dir = try PipelineTempDir()
         let (top, _) = try chain(dir)
-        let planner = ConvertPlanner(sources: [top])
+        let planner = try ConvertPlanner(sources: [top])
         #expect(planner.totalSize == 256 * k)
         let first = try planner.piece(at: 0)
         #expect(first.length == 64 * k)
@@ -51,7 +51,7 @@ import Testing
     func cachesPieces() throws {
         let dir = try PipelineTempDir()
         let (top, _) = try chain(dir)
-        let planner = ConvertPlanner(sources: [top])
+        let planner = try ConvertPlanner(sources: [top])
         _ = try planner.piece(at: 0)
         let calls = top.blockStatusCalls
         let inside = try planner.piece(at: 4 * k)
@@ -64,7 +64,7 @@ import Testing
     func keepsBacking() throws {
         let dir = try PipelineTempDir()
         let (top, _) = try chain(dir)
-        let planner = ConvertPlanner(sources: [top], keepBacking: true)
+        let planner = try ConvertPlanner(sources: [top], keepBacking: true)
         #expect(try planner.piece(at: 64 * k) == SourcePiece(offset: 64 * k, length: 128 * k, kind: .keep))
         let resolved = try planner.piece(at: 64 * k, resolvingKeep: true)
         #expect(resolved.isKeep)
@@ -77,7 +77,7 @@ import Testing
     func concatenates() throws {
         let dir = try PipelineTempDir()
         let (top, base) = try chain(dir)
-        let planner = ConvertPlanner(sources: [base, top])
+        let planner = try ConvertPlanner(sources: [base, top])
         #expect(planner.totalSize == 512 * k)
         #expect(planner.starts == [0, 256 * k])
         let piece = try planner.piece(at: 256 * k)
@@ -94,7 +94,7 @@ import Testing
         let bad = FakeImage(path: "bad", size: 64 * k, dataFile: try DiskFile.open(dir.file("bad"), access: .readOnly),
                             extents: [Extent(offset: 0, length: 64 * k, kind: .hole)])
         bad.reportedLength = 0
-        let planner = ConvertPlanner(sources: [bad])
+        let planner = try ConvertPlanner(sources: [bad])
         #expect(throws: ImageError.self) { try planner.piece(at: 0) }
     }
 }
