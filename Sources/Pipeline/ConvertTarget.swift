@@ -59,6 +59,10 @@ public protocol ConvertTarget: AnyObject {
     func finish() throws
     /// Closes without flushing metadata obligations beyond what is safe (after an error).
     func abandon()
+    /// Cache mode unsafe (QEMU's cache.no-flush; convert's default): nothing is ever synced to
+    /// stable storage (no fdatasync, also not between metadata writes). Write order, which is
+    /// what survives a kill, stays as it is. Set before the first write.
+    var ignoresFlushes: Bool { get set }
 }
 
 extension ConvertTarget {
@@ -84,8 +88,8 @@ public final class RawTarget: ConvertTarget {
     private let fileSize: UInt64
     /// A buffered descriptor for the unaligned tail of an O_DIRECT file (opened on first use).
     private var tailFile: DiskFile?
-    /// Whether `finish` syncs to stable storage (cache mode unsafe does not, as in QEMU).
-    public var syncOnFinish = true
+    /// Cache mode unsafe: `finish` does not sync to stable storage, as in QEMU.
+    public var ignoresFlushes = false
 
     /// Opens `path` (an existing raw image: a file or device name, or a json: name of a
     /// window of one) as the target. `direct` = cache mode none/directsync.
@@ -148,12 +152,12 @@ public final class RawTarget: ConvertTarget {
     }
 
     public func finish() throws {
-        if syncOnFinish {
+        if !ignoresFlushes {
             try image.flush()
             if let tailFile { try tailFile.sync() }
         }
         tailFile?.close()
-        if syncOnFinish {
+        if !ignoresFlushes {
             try image.close()
         } else {
             // RawImage.close would sync; the descriptor alone is closed instead.
@@ -183,6 +187,11 @@ open class QCOW2Target: ConvertTarget {
     public var isDirect: Bool { image.file.isDirect }
     open var writesAsynchronously: Bool { false }
     public let startsZeroed: Bool
+    /// Cache mode unsafe: the image's write path skips every fdatasync (`QCOW2Image.ignoresFlushes`).
+    public var ignoresFlushes: Bool {
+        get { image.ignoresFlushes }
+        set { image.ignoresFlushes = newValue }
+    }
 
     /// `image` opened writable, with its backing chain if it has one. `startsZeroed`: a fresh
     /// image (or --target-is-zero); ignored where a backing file covers the range.
