@@ -223,8 +223,10 @@ open class QCOW2Target: ConvertTarget {
         try image.write(data, at: offset)
     }
 
+    /// The source's zeros: host clusters the target held there are given back (qemu-img
+    /// convert's zero writes may unmap), so `-n` over an image with data frees them.
     open func writeZeroes(at offset: UInt64, length: UInt64) throws {
-        try image.writeZeroes(at: offset, length: length)
+        try image.writeZeroes(at: offset, length: length, mayUnmap: true)
     }
 
     open func finish() throws {

@@ -60,7 +60,7 @@ public final class QCOW2CompressedTarget: QCOW2Target {
                 zeroClusters += 1
                 if !readsAsZero(at: guest, length: UInt64(n)) {
                     try flushBatch()
-                    try image.writeZeroes(at: guest, length: UInt64(n))
+                    try image.writeZeroes(at: guest, length: UInt64(n), mayUnmap: true)
                 }
             } else {
                 try pool.submit(guestOffset: guest, cluster, sink: take)
