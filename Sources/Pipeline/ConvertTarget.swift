@@ -32,9 +32,16 @@ public protocol ConvertTarget: AnyObject {
     var path: String { get }
     /// Guest size of the output.
     var virtualSize: UInt64 { get }
-    /// The unit the target wants whole: qcow2's cluster size, a raw file's O_DIRECT offset
-    /// alignment (1 when buffered). A power of two.
+    /// The unit the target wants whole: qcow2's cluster size (its subcluster size with
+    /// extended L2 entries, which allocate per subcluster: zeros are then found, and left
+    /// unwritten, at that granularity), a raw file's O_DIRECT offset alignment (1 when
+    /// buffered). A power of two.
     var writeGranularity: Int { get }
+    /// The unit `asyncDestination` places writes in, a multiple of `writeGranularity`: the
+    /// pipeline splits a data run at its multiples, so the whole units in the middle can be
+    /// placed even when the run starts or ends inside one (qcow2 with extended L2 entries: the
+    /// cluster, while the write granularity is the subcluster). By default the granularity.
+    var placementGranularity: Int { get }
     /// Whether the target's file is opened with O_DIRECT (the pipeline then prefers Linux AIO).
     var isDirect: Bool { get }
     /// Whether `asyncDestination(forWriteAt:length:)` may return a place (the pipeline then
@@ -68,6 +75,7 @@ public protocol ConvertTarget: AnyObject {
 extension ConvertTarget {
     /// Targets whose async places need no follow-up (raw: the same offset, nothing to map).
     public func asyncWriteCompleted(at offset: UInt64) throws {}
+    public var placementGranularity: Int { writeGranularity }
 }
 
 // MARK: - raw
@@ -184,6 +192,8 @@ open class QCOW2Target: ConvertTarget {
     public let path: String
     public let virtualSize: UInt64
     public let writeGranularity: Int
+    /// Reservations for the pipeline's own writes are whole clusters.
+    public var placementGranularity: Int { image.clusterSize }
     public var isDirect: Bool { image.file.isDirect }
     open var writesAsynchronously: Bool { false }
     public let startsZeroed: Bool
@@ -195,11 +205,15 @@ open class QCOW2Target: ConvertTarget {
 
     /// `image` opened writable, with its backing chain if it has one. `startsZeroed`: a fresh
     /// image (or --target-is-zero); ignored where a backing file covers the range.
-    public init(image: QCOW2Image, startsZeroed: Bool) {
+    /// `wholeClusters`: writes come in whole clusters even with extended L2 entries (else
+    /// the subcluster is the unit, so a subcluster the source does not have is never written:
+    /// it stays unallocated in the L2 bitmap, as qemu-img leaves it).
+    public init(image: QCOW2Image, startsZeroed: Bool, wholeClusters: Bool = false) {
         self.image = image
         path = image.path
         virtualSize = image.virtualSize
-        writeGranularity = image.clusterSize
+        let header = image.qcow2Header
+        writeGranularity = header.hasExtendedL2 && !wholeClusters ? header.subclusterSize : image.clusterSize
         self.startsZeroed = startsZeroed
     }
 

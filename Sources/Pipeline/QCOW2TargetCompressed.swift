@@ -35,7 +35,8 @@ public final class QCOW2CompressedTarget: QCOW2Target {
         batchLimit = max(64, batchBytes.count / 512)
         self.compressZeroClusters = compressZeroClusters
         batch.reserveCapacity(batchLimit)
-        super.init(image: image, startsZeroed: startsZeroed)
+        // Each cluster is compressed whole.
+        super.init(image: image, startsZeroed: startsZeroed, wholeClusters: true)
     }
 
     deinit {
