@@ -7,8 +7,9 @@ import Glibc
 /// Reads and writes are positional (pread/pwrite), so one `DiskFile` may be shared by several
 /// threads as long as they do not write overlapping ranges.
 public final class DiskFile: @unchecked Sendable {
-    // @unchecked Sendable: the only mutable state is `fd`, which changes only in close();
-    // callers must not close a file other threads still use (as with any fd).
+    // @unchecked Sendable: the mutable state is `fd`, which changes only in close() (callers
+    // must not close a file other threads still use, as with any fd), and `ignoresFlushes`,
+    // set before the file is shared and only read by `sync`, on the thread that owns the file.
 
     public enum Access: Sendable { case readOnly, readWrite }
 
@@ -17,6 +18,10 @@ public final class DiskFile: @unchecked Sendable {
     /// Opened with O_DIRECT: buffers, offsets and lengths must be aligned (see `dioAlignment`).
     public let isDirect: Bool
     public private(set) var fd: Int32
+    /// Cache mode unsafe (QEMU's cache.no-flush): `sync` does not call fdatasync. Everything
+    /// that orders writes (waiting for one to complete before issuing the next) is unchanged,
+    /// so what a kill leaves is the same; only durability against power loss is given up.
+    public var ignoresFlushes = false
 
     private init(fd: Int32, path: String, access: Access, isDirect: Bool) {
         self.fd = fd
@@ -247,8 +252,10 @@ public final class DiskFile: @unchecked Sendable {
     /// of a large page cache can take seconds, and the process is about to stop. Nothing the
     /// caller meant to write after the sync is written, so the write ordering still holds; only
     /// durability against power loss of what is already written is not waited for.
+    /// With `ignoresFlushes` it only checks for a pending signal.
     public func sync() throws {
         try Interruption.check()
+        if ignoresFlushes { return }
         let r = simg_fdatasync(fd)
         if r < 0 { throw IOError(code: -r, operation: "sync", path: path) }
     }

@@ -55,6 +55,10 @@ public struct CreateRequest: Sendable {
     public var backingFormat: String?
     /// `-u`: do not open the backing file.
     public var unsafeBacking: Bool
+    /// The create step of `convert -t unsafe` (QEMU's cache.no-flush): the new files are never
+    /// synced. The header still goes last, after everything else has been written, so a kill
+    /// leaves the same as with syncs; only power loss is no longer waited out.
+    public var ignoresFlushes = false
 
     public init(format: ImageFormat, path: String, size: UInt64? = nil, options: [CreateOption] = [],
                 backingFile: String? = nil, backingFormat: String? = nil, unsafeBacking: Bool = false) {

@@ -116,7 +116,7 @@ public enum ImageCreator {
         case .raw:
             do {
                 try createRaw(path: path, size: size, options: options, onDevice: targetProtocol == .hostDevice,
-                              created: created)
+                              created: created, ignoresFlushes: request.ignoresFlushes)
             } catch let error as InterruptedError {
                 // A half-preallocated raw file is shorter than asked: not the image requested.
                 created.removeAll()
@@ -124,7 +124,8 @@ public enum ImageCreator {
             }
         case .qcow2:
             do {
-                let parameters = try qcow2Parameters(path: path, size: size, options: options)
+                var parameters = try qcow2Parameters(path: path, size: size, options: options)
+                parameters.ignoresFlushes = request.ignoresFlushes
                 let layout: QCOW2Layout
                 do {
                     layout = try QCOW2Create.layout(for: parameters)
@@ -215,7 +216,7 @@ public enum ImageCreator {
     // MARK: - raw
 
     private static func createRaw(path: String, size: UInt64, options: ParsedCreateOptions, onDevice: Bool,
-                                  created: CreatedFiles) throws {
+                                  created: CreatedFiles, ignoresFlushes: Bool) throws {
         if let hint = options.unsigned("extent_size_hint"), hint > UInt64(UInt32.max) {
             throw ImageError(path: path, message: "Extent size hint is too large")
         }
@@ -230,7 +231,8 @@ public enum ImageCreator {
         guard size <= UInt64(Int64.max) - 511 else {
             throw ImageError(path: path, message: "The image size is too large for file format 'raw'")
         }
-        try RawCreate.create(path: path, size: size, preallocation: mode, created: created)
+        try RawCreate.create(path: path, size: size, preallocation: mode, created: created,
+                             ignoresFlushes: ignoresFlushes)
     }
 
     // MARK: - qcow2

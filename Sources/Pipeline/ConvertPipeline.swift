@@ -505,11 +505,31 @@ public final class ConvertPipeline {
         if slots[slot].pendingWrites == 0 { releaseSlot(slot) }
     }
 
+    /// Writes [start, stop) of the slot's buffer: at the place the target gives, through the
+    /// write engine, or else through the target's synchronous `write`.
+    private func writeData(slot: Int, from start: Int, to stop: Int) throws {
+        let offset = slots[slot].offset + UInt64(start)
+        let length = stop - start
+        let base = pool.buffer(at: slot).baseAddress
+        stats.writeRequests += 1
+        stats.bytesWritten += UInt64(length)
+        if let destination = try target.asyncDestination(forWriteAt: offset, length: length) {
+            // Sound: start..<stop lies within the chunk, inside the buffer, which stays
+            // out of the pool until this write completes.
+            let request = IORequest.write(destination.file, at: destination.offset,
+                                          from: UnsafeRawBufferPointer(start: base + start, count: length),
+                                          tag: UInt64(slot) | UInt64(start) << 32 | ConvertPipeline.writeFlag)
+            slots[slot].pendingWrites += 1
+            try submit(request)
+        } else {
+            try target.write(UnsafeRawBufferPointer(start: base + start, count: length), at: offset)
+        }
+    }
+
     /// Issues one run; false after an error.
     private func emit(_ kind: RunKind, slot: Int, from start: Int, to stop: Int) -> Bool {
         let offset = slots[slot].offset + UInt64(start)
         let length = stop - start
-        let base = pool.buffer(at: slot).baseAddress
         do {
             switch kind {
             case .keep:
@@ -523,19 +543,21 @@ public final class ConvertPipeline {
                     stats.bytesZeroWritten += UInt64(length)
                 }
             case .data:
-                stats.writeRequests += 1
-                stats.bytesWritten += UInt64(length)
-                if let destination = try target.asyncDestination(forWriteAt: offset, length: length) {
-                    // Sound: start..<stop lies within the chunk, inside the buffer, which stays
-                    // out of the pool until this write completes.
-                    let request = IORequest.write(destination.file, at: destination.offset,
-                                                  from: UnsafeRawBufferPointer(start: base + start, count: length),
-                                                  tag: UInt64(slot) | UInt64(start) << 32 | ConvertPipeline.writeFlag)
-                    slots[slot].pendingWrites += 1
-                    try submit(request)
-                } else {
-                    try target.write(UnsafeRawBufferPointer(start: base + start, count: length), at: offset)
+                // A run that starts or ends inside a placement unit (a qcow2 cluster with
+                // extended L2 entries, when zeros were found per subcluster): the whole units
+                // in its middle are written on their own, so they can still be placed.
+                let unit = UInt64(target.placementGranularity)
+                var head = (offset + unit - 1) / unit * unit, tail = (offset + UInt64(length)) / unit * unit
+                if offset + UInt64(length) == target.virtualSize { tail = offset + UInt64(length) }
+                guard unit > granule && head < tail else {
+                    try writeData(slot: slot, from: start, to: stop)
+                    return true
                 }
+                head -= offset
+                tail -= offset
+                if head > 0 { try writeData(slot: slot, from: start, to: start + Int(head)) }
+                try writeData(slot: slot, from: start + Int(head), to: start + Int(tail))
+                if start + Int(tail) < stop { try writeData(slot: slot, from: start + Int(tail), to: stop) }
             }
         } catch {
             if firstError == nil {

@@ -32,9 +32,16 @@ public protocol ConvertTarget: AnyObject {
     var path: String { get }
     /// Guest size of the output.
     var virtualSize: UInt64 { get }
-    /// The unit the target wants whole: qcow2's cluster size, a raw file's O_DIRECT offset
-    /// alignment (1 when buffered). A power of two.
+    /// The unit the target wants whole: qcow2's cluster size (its subcluster size with
+    /// extended L2 entries, which allocate per subcluster: zeros are then found, and left
+    /// unwritten, at that granularity), a raw file's O_DIRECT offset alignment (1 when
+    /// buffered). A power of two.
     var writeGranularity: Int { get }
+    /// The unit `asyncDestination` places writes in, a multiple of `writeGranularity`: the
+    /// pipeline splits a data run at its multiples, so the whole units in the middle can be
+    /// placed even when the run starts or ends inside one (qcow2 with extended L2 entries: the
+    /// cluster, while the write granularity is the subcluster). By default the granularity.
+    var placementGranularity: Int { get }
     /// Whether the target's file is opened with O_DIRECT (the pipeline then prefers Linux AIO).
     var isDirect: Bool { get }
     /// Whether `asyncDestination(forWriteAt:length:)` may return a place (the pipeline then
@@ -59,11 +66,16 @@ public protocol ConvertTarget: AnyObject {
     func finish() throws
     /// Closes without flushing metadata obligations beyond what is safe (after an error).
     func abandon()
+    /// Cache mode unsafe (QEMU's cache.no-flush; convert's default): nothing is ever synced to
+    /// stable storage (no fdatasync, also not between metadata writes). Write order, which is
+    /// what survives a kill, stays as it is. Set before the first write.
+    var ignoresFlushes: Bool { get set }
 }
 
 extension ConvertTarget {
     /// Targets whose async places need no follow-up (raw: the same offset, nothing to map).
     public func asyncWriteCompleted(at offset: UInt64) throws {}
+    public var placementGranularity: Int { writeGranularity }
 }
 
 // MARK: - raw
@@ -84,8 +96,8 @@ public final class RawTarget: ConvertTarget {
     private let fileSize: UInt64
     /// A buffered descriptor for the unaligned tail of an O_DIRECT file (opened on first use).
     private var tailFile: DiskFile?
-    /// Whether `finish` syncs to stable storage (cache mode unsafe does not, as in QEMU).
-    public var syncOnFinish = true
+    /// Cache mode unsafe: `finish` does not sync to stable storage, as in QEMU.
+    public var ignoresFlushes = false
 
     /// Opens `path` (an existing raw image: a file or device name, or a json: name of a
     /// window of one) as the target. `direct` = cache mode none/directsync.
@@ -151,12 +163,12 @@ public final class RawTarget: ConvertTarget {
     }
 
     public func finish() throws {
-        if syncOnFinish {
+        if !ignoresFlushes {
             try image.flush()
             if let tailFile { try tailFile.sync() }
         }
         tailFile?.close()
-        if syncOnFinish {
+        if !ignoresFlushes {
             try image.close()
         } else {
             // RawImage.close would sync; the descriptor alone is closed instead.
@@ -183,6 +195,8 @@ open class QCOW2Target: ConvertTarget {
     public let path: String
     public let virtualSize: UInt64
     public let writeGranularity: Int
+    /// Reservations for the pipeline's own writes are whole clusters.
+    public var placementGranularity: Int { image.clusterSize }
     public var isDirect: Bool { image.file.isDirect }
     open var writesAsynchronously: Bool { false }
     public let startsZeroed: Bool
@@ -190,13 +204,23 @@ open class QCOW2Target: ConvertTarget {
     /// whatever the device held, so only unallocated ranges of a fresh image read as zeros.
     private let dataOnDevice: Bool
 
+    /// Cache mode unsafe: the image's write path skips every fdatasync (`QCOW2Image.ignoresFlushes`).
+    public var ignoresFlushes: Bool {
+        get { image.ignoresFlushes }
+        set { image.ignoresFlushes = newValue }
+    }
+
     /// `image` opened writable, with its backing chain if it has one. `startsZeroed`: a fresh
     /// image (or --target-is-zero); ignored where a backing file covers the range.
-    public init(image: QCOW2Image, startsZeroed: Bool) {
+    /// `wholeClusters`: writes come in whole clusters even with extended L2 entries (else
+    /// the subcluster is the unit, so a subcluster the source does not have is never written:
+    /// it stays unallocated in the L2 bitmap, as qemu-img leaves it).
+    public init(image: QCOW2Image, startsZeroed: Bool, wholeClusters: Bool = false) {
         self.image = image
         path = image.path
         virtualSize = image.virtualSize
-        writeGranularity = image.clusterSize
+        let header = image.qcow2Header
+        writeGranularity = header.hasExtendedL2 && !wholeClusters ? header.subclusterSize : image.clusterSize
         self.startsZeroed = startsZeroed
         dataOnDevice = (try? image.dataFile.kind().isDevice) ?? true
     }
@@ -236,8 +260,10 @@ open class QCOW2Target: ConvertTarget {
         try image.write(data, at: offset)
     }
 
+    /// The source's zeros: host clusters the target held there are given back (qemu-img
+    /// convert's zero writes may unmap), so `-n` over an image with data frees them.
     open func writeZeroes(at offset: UInt64, length: UInt64) throws {
-        try image.writeZeroes(at: offset, length: length)
+        try image.writeZeroes(at: offset, length: length, mayUnmap: true)
     }
 
     open func finish() throws {

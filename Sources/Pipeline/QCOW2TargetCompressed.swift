@@ -35,7 +35,8 @@ public final class QCOW2CompressedTarget: QCOW2Target {
         batchLimit = max(64, batchBytes.count / 512)
         self.compressZeroClusters = compressZeroClusters
         batch.reserveCapacity(batchLimit)
-        super.init(image: image, startsZeroed: startsZeroed)
+        // Each cluster is compressed whole.
+        super.init(image: image, startsZeroed: startsZeroed, wholeClusters: true)
     }
 
     deinit {
@@ -60,7 +61,7 @@ public final class QCOW2CompressedTarget: QCOW2Target {
                 zeroClusters += 1
                 if !readsAsZero(at: guest, length: UInt64(n)) {
                     try flushBatch()
-                    try image.writeZeroes(at: guest, length: UInt64(n))
+                    try image.writeZeroes(at: guest, length: UInt64(n), mayUnmap: true)
                 }
             } else {
                 try pool.submit(guestOffset: guest, cluster, sink: take)

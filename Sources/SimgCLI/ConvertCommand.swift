@@ -142,10 +142,12 @@ enum ConvertCommand {
             if let proto = ImageName.protocolName(of: output), proto == "json" || (try? ImageName.parse(output)) == nil {
                 throw CLIError(proto == "json" ? "Unknown protocol 'json'" : Backend.nameProblem(output))
             }
-            let request = CreateRequest(format: outputFormat, path: output, size: totalSize,
+            var request = CreateRequest(format: outputFormat, path: output, size: totalSize,
                                         options: createOptions.map { CreateOption(name: $0.name, value: $0.value) },
                                         backingFile: scan.last("backing"), backingFormat: scan.last("backing-format"),
                                         unsafeBacking: false)
+            // -t unsafe covers the create step too: no sync at all, only the write order.
+            request.ignoresFlushes = !targetCache.flushes
             do {
                 try Backend.create(request, announce: { _ in }, warn: { console.error("warning: " + $0) })
             } catch let error as ImageError where error.path == output {
@@ -169,8 +171,8 @@ enum ConvertCommand {
                                     startsZeroed: !noCreate || targetIsZero, assumeZero: targetIsZero,
                                     compress: compress,
                                     sparse: options.sparseSize)
-        // Cache mode unsafe ignores flushes (QEMU's meaning): no sync at the end.
-        (target as? RawTarget)?.syncOnFinish = targetCache.flushes
+        // Cache mode unsafe ignores flushes (QEMU's cache.no-flush): no sync at all.
+        target.ignoresFlushes = !targetCache.flushes
         if noCreate && target.virtualSize < totalSize {
             target.abandon()
             throw CLIError("output file is smaller than input file")

@@ -195,6 +195,7 @@ import Testing
             let writeGranularity = 1
             var isDirect: Bool { false }
             var writesAsynchronously: Bool { false }
+            var ignoresFlushes = false
             var abandoned = false
             var writes = 0
             func readsAsZero(at offset: UInt64, length: UInt64) -> Bool { true }

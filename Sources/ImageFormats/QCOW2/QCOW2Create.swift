@@ -19,6 +19,9 @@ struct QCOW2CreateParameters: Equatable {
     /// current directory, as QEMU 7.2 does).
     var dataFile: String?
     var dataFileRaw = false
+    /// Cache mode unsafe (convert's create step): no fdatasync on the new files; the header
+    /// is still written last.
+    var ignoresFlushes = false
 }
 
 enum QCOW2Create {
@@ -70,6 +73,7 @@ enum QCOW2Create {
             throw ImageError(path: p.path, message: "Could not create the image file", cause: error)
         }
         defer { file.close() }
+        file.ignoresFlushes = p.ignoresFlushes
         created?.record(file)
         // The data file is created before anything is written, as QEMU creates both files
         // first: one that cannot be created (or is a device too small) then leaves nothing
@@ -81,6 +85,7 @@ enum QCOW2Create {
             } catch {
                 throw ImageError(path: p.path, message: "Could not create data file '\(dataName)'", cause: error)
             }
+            data?.ignoresFlushes = p.ignoresFlushes
             created?.record(data!)
         }
         defer { data?.close() }

@@ -10,8 +10,10 @@ final class QCOW2WriteState {
     var dataFileEnd: UInt64
     /// Clusters whose reference was dropped from an L2 (or L1) entry in memory: their
     /// refcounts are lowered only after the tables that no longer use them are on disk, so a
-    /// crash can leak them but never leave a table pointing at a free cluster.
-    var pendingFrees: [(cluster: UInt64, count: UInt64)] = []
+    /// crash can leak them but never leave a table pointing at a free cluster. `discard`: a
+    /// cluster whose refcount then drops to 0 has its space given back to the file system
+    /// (QEMU's discard passthrough for zero writes that may unmap: `writeZeroes(mayUnmap:)`).
+    var pendingFrees: [(cluster: UInt64, count: UInt64, discard: Bool)] = []
     /// More pending frees than this trigger a flush (bounds memory on huge discards).
     static let pendingFreeLimit = 1 << 16
     /// Where compressed clusters are packed (QCOW2Image+WriteCompressed.swift).
@@ -46,7 +48,10 @@ final class QCOW2WriteState {
 ///   maps it (the data write completes before the entry changes in memory); refcount blocks,
 ///   sync, L2 tables (the L2 cache's `beforeWriteback` flushes and syncs refcount blocks first,
 ///   also on eviction), sync, the L1 table, sync; only then are the refcounts of replaced
-///   clusters lowered (`pendingFrees`). A kill at any point leaks clusters at worst.
+///   clusters lowered (`pendingFrees`), and then the space of those a zero write that may
+///   unmap dropped is punched out of the file. A kill at any point leaks clusters at worst.
+///   (Zero writes and discard: QCOW2Image+Zero.swift. Under cache mode unsafe every sync is
+///   skipped, `DiskFile.ignoresFlushes`; the order stays.)
 ///   The header only changes when the refcount table moves, and before the first write when
 ///   autoclear bits simg does not maintain are cleared (each written and synced at once).
 /// - Extended L2 entries: writes allocate subclusters (copy-on-write only for partly written
@@ -72,44 +77,6 @@ extension QCOW2Image {
         }
     }
 
-    public func writeZeroes(at offset: UInt64, length: UInt64) throws {
-        guard length > 0 else { return }
-        let state = try writer()
-        try checkRange(offset, length, "write zeroes")
-        let cs = UInt64(clusterSize)
-        let end = offset + length
-        let alignedStart = (offset + cs - 1) / cs * cs
-        let alignedEnd = end / cs * cs
-        if alignedStart >= alignedEnd {
-            // Head and tail are in one cluster (or two adjacent partial ones).
-            try zeroPartial(offset, end, state)
-            return
-        }
-        if offset < alignedStart { try zeroPartial(offset, alignedStart, state) }
-        if alignedEnd < end { try zeroPartial(alignedEnd, end, state) }
-        try forEachCluster(from: alignedStart, to: alignedEnd) { index, guest in
-            try zeroCluster(guest: guest, l1Index: index, state)
-        }
-    }
-
-    public func discard(at offset: UInt64, length: UInt64) throws {
-        guard length > 0 else { return }
-        let state = try writer()
-        try checkRange(offset, length, "discard")
-        // A raw external data file must keep reading like the image: nothing to drop.
-        if header.isDataFileRaw { return }
-        let cs = UInt64(clusterSize)
-        // Only whole clusters are dropped (as QEMU does); the tail of an image whose size is
-        // not a cluster multiple counts as whole.
-        let start = (offset + cs - 1) / cs * cs
-        var stop = (offset + length) / cs * cs
-        if offset + length == virtualSize { stop = (virtualSize + cs - 1) / cs * cs }
-        guard start < stop else { return }
-        try forEachCluster(from: start, to: stop) { index, guest in
-            try discardCluster(guest: guest, l1Index: index, state)
-        }
-    }
-
     public func flush() throws {
         guard let state = writeState as? QCOW2WriteState else { return }
         do {
@@ -131,11 +98,28 @@ extension QCOW2Image {
                 // The tables no longer reference these clusters on disk: now they may be freed.
                 let frees = state.pendingFrees
                 state.pendingFrees = []
-                for free in frees { try state.refcounts.adjust(cluster: free.cluster, count: free.count, by: -1) }
+                var unused: [(cluster: UInt64, count: UInt64)] = []
+                for free in frees {
+                    try state.refcounts.adjust(cluster: free.cluster, count: free.count, by: -1)
+                    guard free.discard else { continue }
+                    for cluster in free.cluster..<(free.cluster + free.count)
+                    where try state.refcounts.refcount(ofCluster: cluster) == 0 {
+                        if let last = unused.last, last.cluster + last.count == cluster {
+                            unused[unused.count - 1].count += 1
+                        } else {
+                            unused.append((cluster, 1))
+                        }
+                    }
+                }
                 // A freed cluster may be the partly filled compressed one: start a new one.
                 state.compressedArea.forgetPartialCluster()
                 try state.refcounts.flush()
                 try file.sync()
+                // Nothing references these clusters any more, on disk either, and nothing can
+                // have reused them yet (allocation only happens in later calls): give their
+                // space back, as QEMU's discard passthrough does. Best effort, as in QEMU.
+                let bits = UInt64(header.clusterBits)
+                for range in unused { try? file.punchHole(at: range.cluster << bits, length: range.count << bits) }
             }
             if dataFile !== file { try dataFile.sync() }
         } catch let error as IOError {
@@ -204,7 +188,7 @@ extension QCOW2Image {
 
     /// The L2 entry of guest cluster `guest` (0 when no table), with its subcluster bitmap
     /// for extended L2 entries (0 otherwise).
-    private func l2Entry(guest: UInt64) throws -> QCOW2L2Entry {
+    func l2Entry(guest: UInt64) throws -> QCOW2L2Entry {
         try l2Mapping(guest: guest).entry
     }
 
@@ -274,22 +258,23 @@ extension QCOW2Image {
 
     /// Drops this image's reference to the host cluster(s) behind an L2 entry that is being
     /// replaced. Data clusters of an external data file are not refcounted.
-    private func release(_ entry: QCOW2L2Entry, _ state: QCOW2WriteState) throws {
+    /// `discard`: once free, the host clusters' space goes back to the file system.
+    func release(_ entry: QCOW2L2Entry, _ state: QCOW2WriteState, discard: Bool = false) throws {
         if entry.isCompressed {
             let d = entry.compressedDescriptor(clusterBits: header.clusterBits)
             let first = d.hostOffset >> UInt64(header.clusterBits)
             let last = (d.hostOffset + d.byteLength - 1) >> UInt64(header.clusterBits)
-            try deferFree(cluster: first, count: last - first + 1, state)
+            try deferFree(cluster: first, count: last - first + 1, state, discard: discard)
             invalidateDecompressedCache()
             return
         }
         if externalData { return }
         let host = entry.hostOffset
-        if host != 0 { try deferFree(cluster: host >> UInt64(header.clusterBits), count: 1, state) }
+        if host != 0 { try deferFree(cluster: host >> UInt64(header.clusterBits), count: 1, state, discard: discard) }
     }
 
-    private func deferFree(cluster: UInt64, count: UInt64, _ state: QCOW2WriteState) throws {
-        state.pendingFrees.append((cluster, count))
+    func deferFree(cluster: UInt64, count: UInt64, _ state: QCOW2WriteState, discard: Bool = false) throws {
+        state.pendingFrees.append((cluster, count, discard))
         if state.pendingFrees.count > QCOW2WriteState.pendingFreeLimit { try flush() }
     }
 
@@ -322,7 +307,7 @@ extension QCOW2Image {
 
     /// Calls `body` for each guest cluster in [start, stop) (cluster-aligned), skipping L2
     /// tables that are not allocated when nothing there could need a change.
-    private func forEachCluster(from start: UInt64, to stop: UInt64,
+    func forEachCluster(from start: UInt64, to stop: UInt64,
                                 _ body: (_ l1Index: Int, _ guest: UInt64) throws -> Void) throws {
         let cs = UInt64(clusterSize)
         var guest = start
@@ -418,7 +403,7 @@ extension QCOW2Image {
         return entry.hasZeroFlag || header.hasExtendedL2
     }
 
-    private func canWriteInPlace(_ entry: QCOW2L2Entry, guest: UInt64) throws -> Bool {
+    func canWriteInPlace(_ entry: QCOW2L2Entry, guest: UInt64) throws -> Bool {
         guard !entry.isCompressed, entry.isCopied, !entry.hasZeroFlag else { return false }
         guard entry.hostOffset != 0 || externalData else { return false }
         // Extended L2: only clusters with every subcluster allocated are written in place;
@@ -485,94 +470,5 @@ extension QCOW2Image {
         var buffer = [UInt8](repeating: 0, count: Int(length))
         try buffer.withUnsafeMutableBytes { try read(into: $0, at: guest) }
         try dataFile.qcow2Write(buffer, at: host)
-    }
-
-    // MARK: - Zeroes and discard
-
-    /// Zeroes [start, end) inside one cluster: nothing if it reads as zeros already, else a
-    /// read-modify-write through `write`.
-    private func zeroPartial(_ start: UInt64, _ end: UInt64, _ state: QCOW2WriteState) throws {
-        guard start < end else { return }
-        let cs = UInt64(clusterSize)
-        var position = start
-        while position < end {
-            let clusterEnd = min(end, (position / cs + 1) * cs)
-            if header.hasExtendedL2 {
-                try zeroSubclusters(position, clusterEnd, state)
-                position = clusterEnd
-                continue
-            }
-            let entry = try l2Entry(guest: position / cs * cs)
-            if try !readsAsZero(entry, guest: position / cs * cs) {
-                try writeZeroData(at: position, length: clusterEnd - position)
-            }
-            position = clusterEnd
-        }
-    }
-
-    /// Writes real zeros (as data) over the guest range, from the shared zero buffer: one
-    /// write per cluster, never an allocation per call.
-    func writeZeroData(at start: UInt64, length: UInt64) throws {
-        let zeros = try ZeroBuffer.get()
-        var done: UInt64 = 0
-        while done < length {
-            let n = Int(min(UInt64(ZeroBuffer.size), length - done))
-            try write(UnsafeRawBufferPointer(zeros.prefix(n)), at: start + done)
-            done += UInt64(n)
-        }
-    }
-
-    /// Makes one whole guest cluster read as zeros, allocating as little as possible.
-    private func zeroCluster(guest: UInt64, l1Index: Int, _ state: QCOW2WriteState) throws {
-        let entry = try l2Entry(guest: guest)
-        if try readsAsZero(entry, guest: guest) { return }
-        let cs = UInt64(clusterSize)
-        let length = min(cs, virtualSize - guest)
-        if header.isDataFileRaw {
-            // The raw data file must read as the image does: write the zeros there.
-            try writeZeroData(at: guest, length: length)
-            return
-        }
-        if header.version >= 3 {
-            let table = try writableL2(l1Index: l1Index, state)
-            if try canWriteInPlace(entry, guest: guest) {
-                // Keep our cluster allocated (preallocated zero cluster), as QEMU does.
-                try setL2Entry(table: table, guest: guest,
-                               .standard(hostOffset: entry.hostOffset, copied: true, zero: true))
-                return
-            }
-            try setL2Entry(table: table, guest: guest, .standard(hostOffset: 0, copied: false, zero: true))
-            try release(entry, state)
-            return
-        }
-        // Version 2 has no zero flag.
-        if backingCovers(guest) {
-            try writeZeroData(at: guest, length: length)
-            return
-        }
-        let table = try writableL2(l1Index: l1Index, state)
-        try setL2Entry(table: table, guest: guest, QCOW2L2Entry(raw: 0))
-        try release(entry, state)
-    }
-
-    /// Drops one whole guest cluster: it then reads as zeros (v3 with a backing file gets the
-    /// zero flag so the backing file's data does not show through) or from the backing file (v2).
-    private func discardCluster(guest: UInt64, l1Index: Int, _ state: QCOW2WriteState) throws {
-        let (entry, bitmap) = try l2Mapping(guest: guest)
-        let allocated = entry.isCompressed || entry.hostOffset != 0 || (externalData && entry.isCopied)
-        let wantZeroFlag = header.version >= 3 && backingCovers(guest)
-        let alreadyZero = header.hasExtendedL2 ? bitmap >> 32 == 0xffff_ffff : entry.hasZeroFlag
-        // Nothing allocated: only an unallocated cluster over backing data needs the zero flag.
-        if !allocated && !(wantZeroFlag && !alreadyZero) { return }
-        let table = try writableL2(l1Index: l1Index, state)
-        try setL2Entry(table: table, guest: guest,
-                       wantZeroFlag ? .standard(hostOffset: 0, copied: false, zero: true) : QCOW2L2Entry(raw: 0))
-        if externalData && !entry.isCompressed && allocated {
-            // Let the data file drop the range too, where the file system can.
-            let cs = UInt64(clusterSize)
-            try? dataFile.punchHole(at: guest, length: min(cs, virtualSize - guest))
-            return
-        }
-        if allocated { try release(entry, state) }
     }
 }

@@ -41,6 +41,16 @@ public final class QCOW2Image: DiskImage {
     let compression: QCOW2Compression
     /// For the write helper's refcount/allocator state.
     var writeState: AnyObject?
+    /// Cache mode unsafe (QEMU's cache.no-flush, convert's default target mode): no fdatasync
+    /// on the image or its data file, anywhere in the write path (`DiskFile.ignoresFlushes`).
+    /// The order of the metadata writes, which is what makes a kill harmless, is unchanged.
+    public var ignoresFlushes: Bool {
+        get { file.ignoresFlushes }
+        set {
+            file.ignoresFlushes = newValue
+            dataFile.ignoresFlushes = newValue
+        }
+    }
     /// Which cluster `clusterBuffer` holds decompressed, keyed by guest cluster and descriptor
     /// (so a remapped cluster never hits a stale entry); nil when none.
     private var decompressedKey: (cluster: UInt64, descriptor: QCOW2CompressedDescriptor)?
