@@ -121,22 +121,13 @@ private struct JSONName {
                        ? "Block protocol '\(protocolShown)' option '\(option)' is not supported by simg"
                        : "Block protocol '\(protocolShown)' doesn't support the option '\(option)'")
         }
-        guard case .string(var path)?? = value("file.filename") else {
+        guard case .string(let path)?? = value("file.filename") else {
             throw fail("The '\(protocolShown)' block driver requires a file name")
         }
-        if let driver {
-            // Each protocol driver strips its own prefix (raw_parse_filename, hdev_parse_filename).
-            if path.hasPrefix(driver.rawValue + ":") { path.removeFirst(driver.rawValue.count + 1) }
-            return (path, driver)
-        }
-        // No protocol driver: the file name chooses one, as a plain name does.
-        if ImageName.protocolName(of: path) == "json" { throw fail("Unknown protocol 'json'") }
-        do {
-            let inner = try ImageName.parse(path)
-            return (inner.path, inner.driver)
-        } catch let error as ImageError {
-            throw fail(error.message)
-        }
+        // The file name as written: QEMU parses protocol prefixes only in plain names, never
+        // in file.filename ("file:x" there is the file named "file:x"). Without file.driver,
+        // a device opens through host_device and anything else through file, as a plain name.
+        return (path, driver)
     }
 
     /// The name QEMU regenerates for a raw window (bdrv_refresh_filename): the options that

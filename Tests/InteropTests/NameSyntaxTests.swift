@@ -63,6 +63,13 @@ import Testing
         "$T info 'json:{\"filename\":\"x.qcow2\"}'",
         "$T info 'json:{\"driver\":\"raw\",\"driver\":\"qcow2\",\"file.filename\":\"x.qcow2\"}'",
         "$T info 'json:{\"driver\":\"raw\",\"file.filename\":\"x.qcow2\"} x'",
+        // file.filename is the file's name as written: no protocol prefix is parsed in it.
+        "qemu-img create -q -f raw ./file:p 2M && $T info 'json:{\"file.filename\":\"file:p\"}'",
+        "qemu-img create -q -f raw ./c:y 1M && $T info 'json:{\"file.filename\":\"c:y\"}'",
+        "$T info 'json:{\"file.filename\":\"nbd:x\"}'",
+        "$T info 'json:{\"file.filename\":\"host_device:r.img\"}'",
+        "$T info 'json:{\"file.driver\":\"file\",\"file.filename\":\"file:x.qcow2\"}'",
+        "qemu-img create -q -f raw ./c:y 1M && $T create -q -f qcow2 -u -b 'json:{\"file.filename\":\"c:y\"}' -F raw o.qcow2 1M && qemu-img info o.qcow2 | grep backing",
         "$T info 'json:[1]'",
         "$T info 'json:{\"driver\":\"raw\",\"file.filename\":\"r.img\",\"file.driver\":\"host_device\"}'",
         "$T info -f qcow2 'json:{\"driver\":\"raw\",\"file.filename\":\"x.qcow2\"}'",
