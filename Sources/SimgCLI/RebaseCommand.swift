@@ -41,11 +41,17 @@ enum RebaseCommand {
         // Accepted and checked as qemu-img does; rebase reads and writes through the page cache.
         _ = try Backend.cacheMode(scan, "cache", default: .writeback, source: false)
         _ = try Backend.cacheMode(scan, "source-cache", default: .writeback, source: true)
+        // The format stored with the new name; the one it is opened with, if simg has it.
+        let backingFormatName = scan.last("backing-format")
         var backingFormat: ImageFormat?
-        if let name = scan.last("backing-format") {
+        if let name = backingFormatName {
             do { backingFormat = try ImageFormat(named: name) } catch {
-                // qemu-img's words for a name it does not know; simg's for a format it lacks.
-                throw CLIError(error.isQEMUDriver ? "\(error)" : "Invalid format name: '\(name)'")
+                // -u stores any QEMU driver name, as create -u does; opening the new backing
+                // file needs a format simg has.
+                if !error.isQEMUDriver { throw CLIError("Invalid format name: '\(name)'") }
+                if !unsafe, !newName.isEmpty {
+                    throw CLIError("Could not open new backing file '\(newName)': \(error)")
+                }
             }
         }
         var format: ImageFormat?
@@ -97,7 +103,7 @@ enum RebaseCommand {
             }
         }
         let change = "Could not change the backing file to '\(newName)'"
-        if !newName.isEmpty && backingFormat == nil {
+        if !newName.isEmpty && backingFormatName == nil {
             // qemu-img 7.2 refuses to store a backing file without its format.
             throw CLIError("\(change): backing format must be specified")
         }
@@ -130,7 +136,7 @@ enum RebaseCommand {
                                                      progress: { done, total in printer?.update(done: done, total: total) })
                 try qcow2.flush()
             }
-            try qcow2.changeBackingFile(name: newName, format: newName.isEmpty ? nil : backingFormat?.rawValue)
+            try qcow2.changeBackingFile(name: newName, format: newName.isEmpty ? nil : backingFormatName)
         } catch let error as InterruptedError {
             // The copy, and the header change once its header is written, name the overlay
             // themselves; a signal seen by a sync of the flush before (DiskFile.sync throws once

@@ -25,6 +25,18 @@ import Testing
         #expect(r.ours.stderr == qemuToSimg(r.theirs.stderr), "\(filled): \(r.ours.errorText)")
     }
 
+    /// -u stores a QEMU format simg lacks as the backing format, in create and rebase alike.
+    @Test(arguments: [
+        "$T rebase -u -F vmdk -b v.vmdk a.qcow2 && qemu-img info a.qcow2 | grep backing",
+        "$T create -f qcow2 -u -b v.vmdk -F vmdk o.qcow2 1M && qemu-img info o.qcow2 | grep backing",
+    ])
+    func unsafeStoresQemuFormats(script: String) throws {
+        let r = try shellBoth(script, prepare: Self.prepare)
+        #expect(r.theirs.status == 0)
+        #expect(r.ours.status == 0, "\(r.ours.errorText)")
+        #expect(r.ours.text == r.theirs.text)
+    }
+
     /// The expected message after "simg: " for vmdk; nothing is created.
     @Test(arguments: zip(commands, [
         "Could not open 'a.qcow2': the vmdk format is not supported yet",
