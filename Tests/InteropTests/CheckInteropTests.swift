@@ -342,4 +342,34 @@ import Testing
             #expect(s.stderr.replacingOccurrences(of: "simg", with: "qemu-img") == q.stderr, "\(args)")
         }
     }
+
+    /// check -r repairs the file it opened and locked, whatever the name leads to later:
+    /// stopped (SIGSTOP from strace) at its first lock call on the image, the image is renamed
+    /// away and another leaky copy put under its name; on SIGCONT the renamed file is repaired
+    /// and the copy under the name is left byte for byte as it was.
+    @Test func repairGoesToTheLockedFileAfterARename() throws {
+        let dir = try TempDir()
+        let image = dir.file("img")
+        try Self.makeImage(image)
+        try Self.damage(.leakedCluster, image)
+        _ = try runOK("cp", [image, dir.file("leaky")])
+        let script = """
+            strace -f -o trace.txt -P "$PWD/img" -e trace=fcntl -e inject=fcntl:signal=STOP:when=1 \
+                '\(simgBinary)' check -r leaks img > out.txt 2>&1 &
+            tracer=$!
+            for i in $(seq 1 400); do grep -q 'stopped by SIGSTOP' trace.txt 2>/dev/null && break; sleep 0.05; done
+            pid=$(grep 'stopped by SIGSTOP' trace.txt | head -1 | cut -d' ' -f1)
+            [ -n "$pid" ] || { kill $tracer; exit 9; }
+            mv img moved && cp leaky img
+            kill -CONT "$pid"
+            wait $tracer
+            """
+        let r = try run("/bin/bash", ["-c", script], in: dir.path)
+        #expect(r.status == 0, "\(r.stderr)")
+        let out = (try? String(contentsOfFile: dir.file("out.txt"), encoding: .utf8)) ?? ""
+        #expect(out.contains("Repairing cluster "), "\(out)")
+        #expect(try qemuImgResult(["check", dir.file("moved")]).status == 0)
+        #expect(try filesEqual(dir.file("img"), dir.file("leaky")))
+        #expect(try qemuImgResult(["check", image]).status == 3)
+    }
 }
