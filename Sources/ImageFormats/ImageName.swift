@@ -54,7 +54,10 @@ public enum ImageName {
         if let status = FileStatus(name), status.isDevice { return ImageLocation(name: name, path: name) }
         let rest = String(name.dropFirst(proto.count + 1))
         if let driver = ImageLocation.Driver(rawValue: proto) {
-            return ImageLocation(name: name, path: rest, driver: driver)
+            // QEMU shows a file name that itself looks like a protocol as "./NAME", so that
+            // the name it shows opens the same file.
+            let shown = protocolName(of: rest) != nil ? "./" + rest : rest
+            return ImageLocation(name: name, path: rest, driver: driver, displayName: shown)
         }
         throw ImageError(path: name, message: unsupportedProtocol(proto))
     }

@@ -39,6 +39,7 @@ import Testing
         "$T convert -O qcow2 x.qcow2 c:out.qcow2",
         "$T rebase -b c:x.qcow2 -F qcow2 sub/y.qcow2",
         "$T info ./c:x.qcow2",
+        "qemu-img create -q -f raw ./c:z 1M && $T info file:c:z && $T info --output=json file:c:z",
         "$T create -f qcow2 ./c:y.qcow2 1M && ls c:y.qcow2",
         // json: names.
         "$T info 'json:{\"driver\":\"qcow2\",\"file\":{\"driver\":\"file\",\"filename\":\"x.qcow2\"}}'",
