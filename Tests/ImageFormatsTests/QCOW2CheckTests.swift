@@ -48,6 +48,17 @@ import DiskIO
         try image.close()
     }
 
+    /// `makeImage` with one leaked cluster just past its end; returns that old end.
+    static func makeLeakyImage(_ path: String) throws -> UInt64 {
+        try makeImage(path)
+        let file = try DiskFile.open(path, access: .readWrite)
+        let end = try file.size()
+        try file.truncate(to: end + 65536)
+        file.close()
+        try setRefcount(path, cluster: end >> 16, 1)
+        return end
+    }
+
     /// Sets a 16-bit refcount in the first refcount block.
     static func setRefcount(_ path: String, cluster: UInt64, _ value: UInt16) throws {
         let file = try DiskFile.open(path, access: .readWrite)
@@ -78,12 +89,7 @@ import DiskIO
     @Test func leakFoundAndFreed() throws {
         let dir = try RawScratch()
         let path = dir.file("a.qcow2")
-        try Self.makeImage(path)
-        let file = try DiskFile.open(path, access: .readWrite)
-        let end = try file.size()
-        try file.truncate(to: end + 65536)
-        file.close()
-        try Self.setRefcount(path, cluster: end >> 16, 1)
+        let end = try Self.makeLeakyImage(path)
         var (r, lines) = try Self.check(path)
         #expect(r.leaks == 1 && r.corruptions == 0)
         #expect(lines == ["Leaked cluster \(end >> 16) refcount=1 reference=0\n"])
@@ -99,12 +105,7 @@ import DiskIO
     @Test func repairGoesToTheOpenFileNotTheName() throws {
         let dir = try RawScratch()
         let path = dir.file("a.qcow2"), moved = dir.file("moved.qcow2")
-        try Self.makeImage(path)
-        let file = try DiskFile.open(path, access: .readWrite)
-        let end = try file.size()
-        try file.truncate(to: end + 65536)
-        file.close()
-        try Self.setRefcount(path, cluster: end >> 16, 1)
+        _ = try Self.makeLeakyImage(path)
         let leaky = try Data(contentsOf: URL(fileURLWithPath: path))
 
         let locked = try DiskFile.open(path, access: .readOnly)

@@ -136,15 +136,8 @@ import Testing
                 #expect(try ConvertExistingTargetTests.allocatedClusters(target) <= 1536 + 8)
             }
             let guest = try crashGuestBytes(target, dir)
-            guard guest.count == sourceBytes.count else { return false }
-            var fromSource = 0, fromOld = 0
-            for c in stride(from: 0, to: guest.count, by: 4096) {
-                if crashEqual(guest, c, sourceBytes, c, 4096) { fromSource += 1; continue }
-                if crashEqual(guest, c, oldBytes, c, 4096) { fromOld += 1; continue }
-                Issue.record("\(name): guest cluster at \(c) is neither the old content nor the source's")
-                return false
-            }
-            if fromSource > 0 && fromOld > 0 { mixed += 1 }
+            guard let partWay = crashOldOrNew(guest, new: sourceBytes, old: oldBytes, name) else { return false }
+            if partWay { mixed += 1 }
             return true
         })
         print("crash figures: \(figures.summary); \(mixed) killed part-way (some clusters old, some new)")

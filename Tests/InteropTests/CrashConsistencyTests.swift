@@ -87,15 +87,8 @@ import Testing
         }, verify: { _ in
             guard try crashQemuCheckClean(target, context: name) else { return false }
             let guest = try crashGuestBytes(target, dir)
-            guard guest.count == sourceBytes.count else { return false }
-            var fromSource = 0, fromOld = 0
-            for c in stride(from: 0, to: guest.count, by: 4096) {
-                if crashEqual(guest, c, sourceBytes, c, 4096) { fromSource += 1; continue }
-                if crashEqual(guest, c, oldBytes, c, 4096) { fromOld += 1; continue }
-                Issue.record("\(name): guest cluster at \(c) is neither the old content nor the source's")
-                return false
-            }
-            if fromSource > 0 && fromOld > 0 { mixed += 1 }
+            guard let partWay = crashOldOrNew(guest, new: sourceBytes, old: oldBytes, name) else { return false }
+            if partWay { mixed += 1 }
             return true
         })
         print("crash figures: \(figures.summary); \(mixed) killed part-way (some clusters old, some new)")
@@ -628,6 +621,20 @@ func crashEqual(_ a: [UInt8], _ i: Int, _ b: [UInt8], _ j: Int, _ count: Int) ->
             memcmp(pa.baseAddress! + i, pb.baseAddress! + j, count) == 0
         }
     }
+}
+
+/// Whether every 4 KiB of `guest` is the new or the old content (nil, with an issue recorded,
+/// when a piece is neither or the size differs); true when some pieces are old and some new.
+func crashOldOrNew(_ guest: [UInt8], new: [UInt8], old: [UInt8], _ name: String) -> Bool? {
+    guard guest.count == new.count else { return nil }
+    var fromNew = 0, fromOld = 0
+    for c in stride(from: 0, to: guest.count, by: 4096) {
+        if crashEqual(guest, c, new, c, 4096) { fromNew += 1; continue }
+        if crashEqual(guest, c, old, c, 4096) { fromOld += 1; continue }
+        Issue.record("\(name): guest cluster at \(c) is neither the old content nor the source's")
+        return nil
+    }
+    return fromNew > 0 && fromOld > 0
 }
 
 func crashSame(_ a: [UInt8], _ b: [UInt8]) -> Bool {
