@@ -323,7 +323,14 @@ public enum ImageCreator {
         }
         p.refcountOrder = refcountBits.trailingZeroBitCount
 
-        p.dataFile = options.string("data_file")
+        if let dataName = options.string("data_file") {
+            // A name in QEMU's syntax, as the image's own: file:d.raw creates (and the header
+            // names) d.raw; a protocol QEMU does not know is refused, json: too.
+            if ImageName.protocolName(of: dataName) == "json" { throw fail("Unknown protocol 'json'") }
+            do { p.dataFile = try ImageName.parse(dataName).path } catch let error as ImageError {
+                throw fail(error.message)
+            }
+        }
         p.dataFileRaw = options.bool("data_file_raw") ?? false
         if p.dataFileRaw && p.dataFile == nil { throw fail("data-file-raw requires data-file") }
         if p.dataFileRaw && p.backingFile != nil {

@@ -39,6 +39,8 @@ import Testing
         "$T convert -O qcow2 x.qcow2 c:out.qcow2",
         "$T rebase -b c:x.qcow2 -F qcow2 sub/y.qcow2",
         "$T info ./c:x.qcow2",
+        "$T create -f qcow2 -o data_file=file:d.raw q.qcow2 1M && ls && qemu-img info q.qcow2 | grep 'data file:'",
+        "$T create -f qcow2 -o data_file=c:d.raw q.qcow2 1M; ls",
         "qemu-img create -q -f raw ./c:z 1M && $T info file:c:z && $T info --output=json file:c:z",
         "$T create -f qcow2 ./c:y.qcow2 1M && ls c:y.qcow2",
         // json: names.
