@@ -133,12 +133,7 @@ enum CreateOptionTables {
         CreateOptionSpec(name: "preallocation", type: "string", help: "Preallocation mode (allowed values: off)"),
     ]
 
-    static func format(_ format: ImageFormat) -> [CreateOptionSpec] {
-        switch format {
-        case .qcow2: return qcow2
-        case .raw: return [size]
-        }
-    }
+    static func format(_ format: ImageFormat) -> [CreateOptionSpec] { format.driver.createOptions }
 
     /// Format options followed by the protocol options the format does not define, in the
     /// order qemu-img prints the "Formatting ..." line.

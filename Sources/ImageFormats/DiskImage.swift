@@ -1,9 +1,33 @@
 import DiskIO
 
-/// The image formats simg reads and writes.
-public enum ImageFormat: String, Sendable, CaseIterable {
-    case raw
-    case qcow2
+/// An image format, by QEMU's name, with the driver that reads, writes and creates it
+/// (FormatDriver.swift). Only names of registered drivers make one.
+public struct ImageFormat: Hashable, Sendable, CustomStringConvertible {
+    public let rawValue: String
+    let driver: any FormatDriver
+
+    init(driver: any FormatDriver) {
+        rawValue = driver.name
+        self.driver = driver
+    }
+
+    /// The format of the registered driver named `rawValue`; nil for any other name.
+    public init?(rawValue: String) {
+        guard let driver = FormatRegistry.driver(named: rawValue) else { return nil }
+        self.init(driver: driver)
+    }
+
+    public static let raw = ImageFormat(driver: RawDriver())
+    public static let qcow2 = ImageFormat(driver: QCOW2Driver())
+
+    /// Every registered format, in probing order.
+    public static var allCases: [ImageFormat] { FormatRegistry.all.map(ImageFormat.init(driver:)) }
+
+    public var capabilities: FormatCapabilities { driver.capabilities }
+    public var description: String { rawValue }
+
+    public static func == (a: ImageFormat, b: ImageFormat) -> Bool { a.rawValue == b.rawValue }
+    public func hash(into hasher: inout Hasher) { hasher.combine(rawValue) }
 }
 
 /// What one range of an image's guest address space is, as a block-status query reports it.

@@ -51,7 +51,7 @@ public struct ImageCheckFailure: Error {
 /// Format-neutral entry point of `simg check`.
 public enum ImageChecker {
     /// True when the format has a consistency check (raw has none: qemu-img exits 63).
-    public static func supportsCheck(_ format: ImageFormat) -> Bool { format == .qcow2 }
+    public static func supportsCheck(_ format: ImageFormat) -> Bool { format.capabilities.contains(.check) }
 
     /// Checks (and with `repair`, repairs) the image file `path`, which must be of a format
     /// that `supportsCheck`. `report` gets each line QEMU writes to stderr while checking
@@ -76,14 +76,12 @@ public enum ImageChecker {
     public static func check(file: DiskFile, path: String, format: ImageFormat, repair: CheckRepair,
                              report: @escaping (String) -> Void,
                              reportError: @escaping (String) -> Void = { _ in }) throws -> ImageCheckResult {
-        switch format {
-        case .qcow2:
-            let own = try file.reopen(access: repair == .none ? .readOnly : .readWrite, direct: false)
-            defer { own.close() }
-            return try QCOW2Checker.check(file: own, path: path, repair: repair, report: report,
-                                          reportError: reportError)
-        case .raw:
+        guard supportsCheck(format) else {
             throw ImageError(path: path, message: "This image format does not support checks")
         }
+        let own = try file.reopen(access: repair == .none ? .readOnly : .readWrite, direct: false)
+        defer { own.close() }
+        return try format.driver.check(file: own, path: path, repair: repair, report: report,
+                                       reportError: reportError)
     }
 }

@@ -71,13 +71,13 @@ public enum ImageCreator {
 
         // -b and -F override -o backing_file / backing_fmt.
         if let backing = request.backingFile {
-            guard request.format == .qcow2 else {
+            guard request.format.capabilities.contains(.backingFiles) else {
                 throw fail("Backing file not supported for file format '\(request.format.rawValue)'")
             }
             options.values["backing_file"] = .string(backing)
         }
         if let backingFormat = request.backingFormat {
-            guard request.format == .qcow2 else {
+            guard request.format.capabilities.contains(.backingFiles) else {
                 throw fail("Backing file format not supported for file format '\(request.format.rawValue)'")
             }
             options.values["backing_fmt"] = .string(backingFormat)
@@ -112,38 +112,14 @@ public enum ImageCreator {
         // Every file creation opens (and empties) is recorded, so a failure removes exactly
         // those: not a file whose lock refused us (another process has it open), not a device.
         let created = CreatedFiles()
-        switch request.format {
-        case .raw:
-            do {
-                try createRaw(path: path, size: size, options: options, onDevice: targetProtocol == .hostDevice,
-                              created: created, ignoresFlushes: request.ignoresFlushes)
-            } catch let error as InterruptedError {
-                // A half-preallocated raw file is shorter than asked: not the image requested.
-                created.removeAll()
-                throw error.naming(path, outcome: ZeroBuffer.newImageOutcome)
-            }
-        case .qcow2:
-            do {
-                var parameters = try qcow2Parameters(path: path, size: size, options: options)
-                parameters.ignoresFlushes = request.ignoresFlushes
-                let layout: QCOW2Layout
-                do {
-                    layout = try QCOW2Create.layout(for: parameters)
-                } catch {
-                    throw fail("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
-                }
-                try QCOW2Create.write(parameters, layout: layout, created: created)
-            } catch {
-                // QEMU deletes the image and data file it created when creation fails; so does
-                // simg, for the regular files it created (QEMU also creates the files before
-                // its qcow2 checks; simg checks first, so a refused option leaves a file that
-                // was there untouched).
-                created.removeAll()
-                if let interrupted = error as? InterruptedError {
-                    throw interrupted.naming(path, outcome: ZeroBuffer.newImageOutcome)
-                }
-                throw error
-            }
+        let job = FormatCreateJob(path: path, size: size, options: options, onDevice: targetProtocol == .hostDevice,
+                                  created: created, ignoresFlushes: request.ignoresFlushes)
+        do {
+            try request.format.driver.create(job)
+        } catch let error as InterruptedError {
+            // A half-written image is not the image requested: whatever it created goes.
+            created.removeAll()
+            throw error.naming(path, outcome: ZeroBuffer.newImageOutcome)
         }
     }
 
@@ -211,139 +187,5 @@ public enum ImageCreator {
             throw fail("Backing file specified without backing format\nDetected format of \(detected).")
         }
         return size
-    }
-
-    // MARK: - raw
-
-    private static func createRaw(path: String, size: UInt64, options: ParsedCreateOptions, onDevice: Bool,
-                                  created: CreatedFiles, ignoresFlushes: Bool) throws {
-        if let hint = options.unsigned("extent_size_hint"), hint > UInt64(UInt32.max) {
-            throw ImageError(path: path, message: "Extent size hint is too large")
-        }
-        let mode = options.string("preallocation") ?? "off"
-        switch mode {
-        case "off", "falloc", "full": break
-        // A device refuses every mode but off in its own words (RawCreate.createOnDevice).
-        case "metadata" where onDevice: break
-        case "metadata": throw ImageError(path: path, message: "Unsupported preallocation mode: metadata")
-        default: throw ImageError(path: path, message: "invalid parameter value: \(mode)")
-        }
-        guard size <= UInt64(Int64.max) - 511 else {
-            throw ImageError(path: path, message: "The image size is too large for file format 'raw'")
-        }
-        try RawCreate.create(path: path, size: size, preallocation: mode, created: created,
-                             ignoresFlushes: ignoresFlushes)
-    }
-
-    // MARK: - qcow2
-
-    /// Turns the options into creation parameters with QEMU's checks, in QEMU's order.
-    static func qcow2Parameters(path: String, size rawSize: UInt64,
-                                options: ParsedCreateOptions) throws -> QCOW2CreateParameters {
-        func fail(_ message: String) -> ImageError { ImageError(path: path, message: message) }
-
-        if options.bool("encryption") == true && options.isSet("encrypt.format") {
-            throw fail("'encrypt.format' and its alias 'encryption' can't be used at the same time")
-        }
-        if let hint = options.unsigned("extent_size_hint"), hint > UInt64(UInt32.max) {
-            throw fail("Extent size hint is too large")
-        }
-
-        // Enumerations, in the order QEMU's option visitor meets them.
-        var p = QCOW2CreateParameters(path: path, size: rawSize)
-        if let compat = options.string("compat") {
-            switch compat {
-            case "0.10", "v2": p.version = 2
-            case "1.1", "v3": p.version = 3
-            default: throw fail("Parameter 'version' does not accept value '\(compat)'")
-            }
-        }
-        if let format = options.string("backing_fmt"), !ImageFormat.qemuDrivers.contains(format) {
-            throw fail("Parameter 'backing-fmt' does not accept value '\(format)'")
-        }
-        let encryptionOptions = options.values.keys.filter { $0.hasPrefix("encrypt.") }
-        if options.bool("encryption") == true || !encryptionOptions.isEmpty {
-            throw fail("Encrypted images are not supported by simg")
-        }
-        if let mode = options.string("preallocation") {
-            guard let parsed = QCOW2CreateParameters.Preallocation(rawValue: mode) else {
-                throw fail("Parameter 'preallocation' does not accept value '\(mode)'")
-            }
-            p.preallocation = parsed
-        }
-        if let compression = options.string("compression_type") {
-            switch compression {
-            case "zlib": p.compressionType = 0
-            case "zstd": p.compressionType = 1
-            default: throw fail("Parameter 'compression-type' does not accept value '\(compression)'")
-            }
-        }
-
-        // QEMU silently rounds the size up to a multiple of 512.
-        guard rawSize <= UInt64(Int64.max) - 511 else {
-            throw fail("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
-        }
-        p.size = (rawSize + 511) / 512 * 512
-
-        p.extendedL2 = options.bool("extended_l2") ?? false
-        if p.extendedL2 && p.version < 3 {
-            throw fail("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)")
-        }
-        let clusterSize = options.unsigned("cluster_size") ?? 65536
-        guard clusterSize >= 512, clusterSize <= 2 << 20, clusterSize & (clusterSize - 1) == 0 else {
-            throw fail("Cluster size must be a power of two between 512 and 2048k")
-        }
-        if p.extendedL2 && clusterSize < 16384 {
-            throw fail("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")
-        }
-        p.clusterBits = clusterSize.trailingZeroBitCount
-
-        p.backingFile = options.string("backing_file")
-        p.backingFormat = options.string("backing_fmt")
-        if p.backingFile != nil && p.preallocation != .off && !p.extendedL2 {
-            throw fail("Backing file and preallocation can only be used at the same time if extended_l2 is on")
-        }
-        if p.backingFormat != nil && p.backingFile == nil {
-            throw fail("Backing format cannot be used without backing file")
-        }
-        if let name = p.backingFile, FileName.byteCount(name) > Int(QCOW2Header.maxBackingNameLength) {
-            throw fail("Could not assign backing file '\(name)': the name is longer than 1023 bytes")
-        }
-
-        p.lazyRefcounts = options.bool("lazy_refcounts") ?? false
-        if p.version < 3 && p.lazyRefcounts {
-            throw fail("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)")
-        }
-        let refcountBits = options.unsigned("refcount_bits") ?? 16
-        guard refcountBits <= 64, refcountBits != 0, refcountBits & (refcountBits - 1) == 0 else {
-            throw fail("Refcount width must be a power of two and may not exceed 64 bits")
-        }
-        if p.version < 3 && refcountBits != 16 {
-            throw fail("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)")
-        }
-        p.refcountOrder = refcountBits.trailingZeroBitCount
-
-        if let dataName = options.string("data_file") {
-            // A name in QEMU's syntax, as the image's own: file:d.raw creates (and the header
-            // names) d.raw; a protocol QEMU does not know is refused, json: too.
-            if ImageName.protocolName(of: dataName) == "json" { throw fail("Unknown protocol 'json'") }
-            do { p.dataFile = try ImageName.parse(dataName).path } catch let error as ImageError {
-                throw fail(error.message)
-            }
-        }
-        p.dataFileRaw = options.bool("data_file_raw") ?? false
-        if p.dataFileRaw && p.dataFile == nil { throw fail("data-file-raw requires data-file") }
-        if p.dataFileRaw && p.backingFile != nil {
-            throw fail("Backing file and data-file-raw cannot be used at the same time")
-        }
-        // A raw data file must read the same with or without the metadata: map it 1:1.
-        if p.dataFileRaw && p.preallocation == .off { p.preallocation = .metadata }
-        if p.dataFile != nil && p.version < 3 {
-            throw fail("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)")
-        }
-        if p.compressionType != 0 && p.version < 3 {
-            throw fail("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)")
-        }
-        return p
     }
 }

@@ -125,19 +125,15 @@ public enum ImageOpener {
             defer { probeFile.close() }
             chosen = try ImageProbe.probe(path: location.path, file: probeFile)
         }
-        switch chosen ?? .raw {
-        case .qcow2:
-            let image = try QCOW2Image.open(location: location, writable: writable, direct: direct)
-            // As in QEMU, options the format does not take are refused once it has opened
-            // (a file that is no qcow2 image says that first).
-            if let option = location.rawOptions.first {
-                try? image.close()
-                throw ImageError(path: path, message: "Block format 'qcow2' does not support the option '\(option)'")
-            }
-            return image
-        case .raw:
-            return try RawImage.open(location: location, writable: writable, direct: direct)
+        let driver = (chosen ?? .raw).driver
+        let image = try driver.open(location: location, writable: writable, direct: direct)
+        // As in QEMU, options the format does not take are refused once it has opened (a
+        // file that is not of the format says that first).
+        if !driver.capabilities.contains(.windows), let option = location.rawOptions.first {
+            try? image.close()
+            throw ImageError(path: path, message: "Block format '\(driver.name)' does not support the option '\(option)'")
         }
+        return image
     }
 
     /// What QEMU's protocol drivers require of the file, checked before it is opened: the file

@@ -31,8 +31,8 @@ public enum ImageProbe {
         let size = try file.size()
         if size == 0 { return .raw }
         let header = try readBytes(file, at: 0, count: headerSize, fileSize: size)
+        if let driver = FormatRegistry.probe(header: header) { return ImageFormat(driver: driver) }
         if let name = recognise(header: header, path: path) {
-            if name == "qcow2" { return .qcow2 }
             throw UnsupportedFormatError(path: path, format: name)
         }
         // A fixed-size VHD has its "conectix" footer only in the last 512 bytes.

@@ -96,16 +96,20 @@ enum ConvertCommand {
         let createOptions = (optionText.map(OptionList.parse) ?? []).filter { $0.name != "size" }
         let backingFile = scan.last("backing") ?? createOptions.last(where: { $0.name == "backing_file" })?.value
         let backingFormat = scan.last("backing-format") ?? createOptions.last(where: { $0.name == "backing_fmt" })?.value
-        if compress && outputFormat != .qcow2 { throw CLIError("Compression not supported for this file format") }
+        if compress && !outputFormat.capabilities.contains(.compressedWrites) {
+            throw CLIError("Compression not supported for this file format")
+        }
         // Compressed clusters must be written into unallocated clusters, so a preallocated
         // target could never take them; qemu-img refuses this before creating anything.
         if compress, let prealloc = createOptions.last(where: { $0.name == "preallocation" })?.value, prealloc != "off" {
             throw CLIError("Compression and preallocation not supported at the same time")
         }
         if backingFile != nil {
-            if outputFormat != .qcow2 { throw CLIError("Backing file not supported for file format '\(outputFormat.rawValue)'") }
+            if !outputFormat.capabilities.contains(.backingFiles) {
+                throw CLIError("Backing file not supported for file format '\(outputFormat.rawValue)'")
+            }
             if backingFormat == nil { throw CLIError("Use of backing file requires explicit backing format") }
-        } else if backingFormat != nil && outputFormat != .qcow2 {
+        } else if backingFormat != nil && !outputFormat.capabilities.contains(.backingFiles) {
             throw CLIError("Backing file format not supported for file format '\(outputFormat.rawValue)'")
         }
         options.keepBacking = backingFile != nil
@@ -271,6 +275,10 @@ enum ConvertCommand {
                 }
                 // Fresh chunks are written by the pipeline itself, straight from its buffers.
                 return QCOW2AsyncTarget(image: image, startsZeroed: startsZeroed)
+            default:
+                // Any other format: through its image's own writes.
+                let opened = try ImageOpener.open(path, options: OpenOptions(format: format, writable: true, direct: direct))
+                return ImageTarget(image: opened, startsZeroed: startsZeroed)
             }
         } catch let error as CLIError {
             throw error

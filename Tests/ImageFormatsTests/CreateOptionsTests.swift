@@ -158,7 +158,7 @@ import DiskIO
         var options = ParsedCreateOptions(format: .qcow2)
         for (name, value) in settings { try options.set(name, value) }
         do {
-            _ = try ImageCreator.qcow2Parameters(path: "x.qcow2", size: 1 << 20, options: options)
+            _ = try QCOW2Driver.parameters(path: "x.qcow2", size: 1 << 20, options: options)
             Issue.record("accepted \(settings)")
         } catch let error as ImageError {
             #expect(error.path == "x.qcow2")
@@ -173,7 +173,7 @@ import DiskIO
         try options.set("refcount_bits", "1")
         try options.set("data_file", "d.raw")
         try options.set("data_file_raw", "on")
-        let p = try ImageCreator.qcow2Parameters(path: "x", size: 1000, options: options)
+        let p = try QCOW2Driver.parameters(path: "x", size: 1000, options: options)
         #expect(p.version == 3 && p.clusterBits == 12 && p.refcountOrder == 0)
         #expect(p.size == 1024)  // rounded up to 512
         #expect(p.preallocation == .metadata)  // data_file_raw implies a 1:1 mapping

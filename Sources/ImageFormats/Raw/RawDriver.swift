@@ -1,0 +1,36 @@
+import DiskIO
+
+/// The raw format: the guest disk byte for byte, what no other driver claims.
+struct RawDriver: FormatDriver {
+    var name: String { "raw" }
+    var capabilities: FormatCapabilities { [.windows] }
+
+    func probe(header: [UInt8]) -> Int { 0 }
+
+    func open(location: ImageLocation, writable: Bool, direct: Bool) throws -> any DiskImage {
+        try RawImage.open(location: location, writable: writable, direct: direct)
+    }
+
+    var createOptions: [CreateOptionSpec] { [CreateOptionTables.size] }
+
+    func create(_ job: FormatCreateJob) throws {
+        let path = job.path
+        if let hint = job.options.unsigned("extent_size_hint"), hint > UInt64(UInt32.max) {
+            throw ImageError(path: path, message: "Extent size hint is too large")
+        }
+        let mode = job.options.string("preallocation") ?? "off"
+        switch mode {
+        case "off", "falloc", "full": break
+        // A device refuses every mode but off in its own words (RawCreate.createOnDevice).
+        case "metadata" where job.onDevice: break
+        case "metadata": throw ImageError(path: path, message: "Unsupported preallocation mode: metadata")
+        default: throw ImageError(path: path, message: "invalid parameter value: \(mode)")
+        }
+        guard job.size <= UInt64(Int64.max) - 511 else {
+            throw ImageError(path: path, message: "The image size is too large for file format 'raw'")
+        }
+        // A failed preallocation leaves the file empty rather than removed, as qemu-img does.
+        try RawCreate.create(path: path, size: job.size, preallocation: mode, created: job.created,
+                             ignoresFlushes: job.ignoresFlushes)
+    }
+}
