@@ -30,6 +30,24 @@ public struct ImageFormat: Hashable, Sendable, CustomStringConvertible {
     public func hash(into hasher: inout Hasher) { hasher.combine(rawValue) }
 }
 
+/// The backing file an image names: the name as stored (relative names are relative to the
+/// image's own file) and the format stored with it.
+public struct BackingReference: Equatable, Sendable {
+    public var name: String
+    public var format: String?
+
+    public init(name: String, format: String?) {
+        self.name = name
+        self.format = format
+    }
+}
+
+extension DiskImage {
+    /// Formats without backing files name none and are never given one.
+    public var backingReference: BackingReference? { nil }
+    public func attachBacking(_ image: any DiskImage) {}
+}
+
 /// What one range of an image's guest address space is, as a block-status query reports it.
 /// The caller does the I/O: convert and rebase walk these to plan reads and skip zeros.
 public struct Extent: Equatable, Sendable {
@@ -78,6 +96,12 @@ public protocol DiskImage: AnyObject {
     var isWritable: Bool { get }
     /// The opened backing image, if this image has one and it was opened.
     var backing: (any DiskImage)? { get }
+    /// The backing file the image names, as stored, and its format if stored; nil for an
+    /// image without one (and for formats that have none).
+    var backingReference: BackingReference? { get }
+    /// Gives the image its opened backing image. The chain opener calls it once, for an
+    /// image with a `backingReference`, with the image that reference names.
+    func attachBacking(_ image: any DiskImage)
     /// The file the image itself is (its header and metadata), locked while the image is open.
     var file: DiskFile { get }
     /// The file guest data lives in (the image file itself, or a qcow2 external data file).

@@ -199,16 +199,17 @@ public enum ImageOpener {
     private static func openChain(of top: any DiskImage, direct: Bool, locking: ImageLocking) throws {
         var seen: [FileIdentity: String] = [:]
         seen[try FileIdentity(of: mainFile(of: top))] = top.path
-        var current: QCOW2Image? = top as? QCOW2Image
+        var current: (any DiskImage)? = top
         var depth = 0
-        while let image = current, let name = image.qcow2Header.backingFileName {
+        while let image = current, let reference = image.backingReference {
+            let name = reference.name
             depth += 1
             guard depth <= maxChainDepth else {
                 throw ImageError(path: top.path, message: "Backing file chain of '\(top.path)' is deeper than \(maxChainDepth) images")
             }
             let full = ImageName.resolve(backing: name, relativeTo: image.file.path)
             var format: ImageFormat?
-            if let formatName = image.qcow2Header.backingFormat {
+            if let formatName = reference.format {
                 guard let known = ImageFormat(rawValue: formatName) else {
                     throw nested(ImageError(path: image.path, message: "Could not open backing file '\(full)' of '\(image.path)': backing format '\(formatName)' is not supported"),
                                  from: top, to: image)
@@ -243,8 +244,8 @@ public enum ImageOpener {
                              from: top, to: image)
             }
             seen[identity] = full
-            image.backing = backing
-            current = backing as? QCOW2Image
+            image.attachBacking(backing)
+            current = backing
         }
     }
 
@@ -253,13 +254,13 @@ public enum ImageOpener {
     /// "Could not open 'top': Could not open backing file: Could not open backing file: ...".
     /// Each level is an ImageError whose path is the image whose backing file failed and
     /// whose cause is the level below (the innermost cause is the real error).
-    private static func nested(_ error: ImageError, from top: any DiskImage, to image: QCOW2Image) -> ImageError {
+    private static func nested(_ error: ImageError, from top: any DiskImage, to image: any DiskImage) -> ImageError {
         // The images from the top down to (not including) `image`.
-        var above: [QCOW2Image] = []
-        var walk = top as? QCOW2Image
+        var above: [any DiskImage] = []
+        var walk: (any DiskImage)? = top
         while let w = walk, w !== image {
             above.append(w)
-            walk = w.backing as? QCOW2Image
+            walk = w.backing
         }
         var result = error
         var below: any DiskImage = image
@@ -270,8 +271,6 @@ public enum ImageOpener {
         return result
     }
 
-    /// The file that identifies an image (its qcow2 file, or a raw image's data file).
-    private static func mainFile(of image: any DiskImage) -> DiskFile {
-        (image as? QCOW2Image)?.file ?? image.dataFile
-    }
+    /// The file that identifies an image: the image file itself (not an external data file).
+    private static func mainFile(of image: any DiskImage) -> DiskFile { image.file }
 }

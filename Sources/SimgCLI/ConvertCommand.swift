@@ -208,8 +208,7 @@ enum ConvertCommand {
         for source in sources {
             var layer: (any DiskImage)? = source
             while let image = layer {
-                var files = [image.dataFile]
-                if let qcow2 = image as? QCOW2Image { files.append(qcow2.file) }
+                let files = [image.dataFile, image.file]
                 if files.contains(where: { (try? FileIdentity(of: $0)) == target }) { return true }
                 layer = image.backing
             }

@@ -33,6 +33,12 @@ public final class QCOW2Image: DiskImage {
     /// The opened backing image; set by `ImageOpener` (or the caller) after opening.
     public var backing: (any DiskImage)?
 
+    public var backingReference: BackingReference? {
+        header.backingFileName.map { BackingReference(name: $0, format: header.backingFormat) }
+    }
+
+    public func attachBacking(_ image: any DiskImage) { backing = image }
+
     var header: QCOW2Header
     /// The active L1 table (decoded entries).
     var l1: [UInt64]
