@@ -1,4 +1,5 @@
 import DiskIO
+import Glibc
 
 /// An image format, by QEMU's name, with the driver that reads, writes and creates it
 /// (FormatDriver.swift). Only names of registered drivers make one.
@@ -46,6 +47,21 @@ extension DiskImage {
     /// Formats without backing files name none and are never given one.
     public var backingReference: BackingReference? { nil }
     public func attachBacking(_ image: any DiskImage) {}
+    public func changeBackingFile(name: String?, format: String?) throws { throw BackingChangeError(code: ENOTSUP) }
+    /// Formats that do not allocate: QEMU's default cluster size.
+    public var clusterSize: Int { 65536 }
+}
+
+/// A backing file change the image cannot take; qemu-img's wording (it says "in the file
+/// header" for ENOSPC here).
+public struct BackingChangeError: Error, CustomStringConvertible {
+    public var code: Int32
+
+    public init(code: Int32) { self.code = code }
+
+    public var description: String {
+        code == ENOSPC ? "No space left in the file header" : IOError.describe(errno: code)
+    }
 }
 
 /// What one range of an image's guest address space is, as a block-status query reports it.
@@ -102,6 +118,11 @@ public protocol DiskImage: AnyObject {
     /// Gives the image its opened backing image. The chain opener calls it once, for an
     /// image with a `backingReference`, with the image that reference names.
     func attachBacking(_ image: any DiskImage)
+    /// Stores a new backing file name and format (nil: none) in the image; everything written
+    /// before is on disk first. Formats without backing files throw BackingChangeError(ENOTSUP).
+    func changeBackingFile(name: String?, format: String?) throws
+    /// The unit the image allocates guest space in (qcow2's cluster); rebase compares in it.
+    var clusterSize: Int { get }
     /// The file the image itself is (its header and metadata), locked while the image is open.
     var file: DiskFile { get }
     /// The file guest data lives in (the image file itself, or a qcow2 external data file).

@@ -30,7 +30,7 @@ public enum RebaseCopier {
                                        sharedLayer: (any DiskImage)? = nil,
                                        bufferSize: Int = 2 << 20,
                                        progress: ((UInt64, UInt64) -> Void)? = nil) throws -> RebaseStats {
-        let cluster = UInt64((overlay as? QCOW2Image)?.clusterSize ?? 65536)
+        let cluster = UInt64(overlay.clusterSize)
         // Whole clusters per chunk, at least one.
         let chunk = max(cluster, UInt64(bufferSize) / cluster * cluster)
         let size = overlay.virtualSize

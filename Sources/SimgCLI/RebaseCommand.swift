@@ -111,7 +111,7 @@ enum RebaseCommand {
         if unsafe, let problem = ImageName.backingNameProblem(newName) {
             throw CLIError("\(change): \(problem)")
         }
-        guard let qcow2 = overlay as? QCOW2Image else {
+        guard overlay.format.capabilities.contains(.backingFiles) else {
             throw CLIError("\(change): Operation not supported")
         }
         // A new backing file that is the overlay, or whose chain leads back to it, would leave
@@ -131,18 +131,18 @@ enum RebaseCommand {
                 console.out(ProgressPrinter.line(0))
             }
             if !unsafe {
-                _ = try RebaseCopier.copyDifferences(overlay: qcow2, newBacking: newBacking,
-                                                     sharedLayer: layer(of: qcow2, sameFileAs: newBacking),
+                _ = try RebaseCopier.copyDifferences(overlay: overlay, newBacking: newBacking,
+                                                     sharedLayer: layer(of: overlay, sameFileAs: newBacking),
                                                      progress: { done, total in printer?.update(done: done, total: total) })
-                try qcow2.flush()
+                try overlay.flush()
             }
-            try qcow2.changeBackingFile(name: newName, format: newName.isEmpty ? nil : backingFormatName)
+            try overlay.changeBackingFile(name: newName, format: newName.isEmpty ? nil : backingFormatName)
         } catch let error as InterruptedError {
             // The copy, and the header change once its header is written, name the overlay
             // themselves; a signal seen by a sync of the flush before (DiskFile.sync throws once
             // one is pending) arrives without a name, and the header is still the old one.
             throw error.naming(filename, outcome: "was not rebased (its content is unchanged)")
-        } catch let error as QCOW2Image.BackingChangeError {
+        } catch let error as BackingChangeError {
             throw CLIError("\(change): \(error)")
         } catch let error as ImageError {
             throw CLIError("Error while rebasing '\(filename)': \(error)")

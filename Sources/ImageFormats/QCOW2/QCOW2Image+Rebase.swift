@@ -4,13 +4,7 @@ import Glibc
 extension QCOW2Image {
     /// Why a backing file change was refused: the errno QEMU's qcow2 driver returns for the same
     /// case (ENOSPC: the header no longer fits its cluster; EINVAL: name longer than 1023 bytes).
-    public struct BackingChangeError: Error, CustomStringConvertible {
-        public var code: Int32
-        /// qemu-img's wording (it says "in the file header" for ENOSPC here).
-        public var description: String {
-            code == ENOSPC ? "No space left in the file header" : String(cString: strerror(code))
-        }
-    }
+    public typealias BackingChangeError = ImageFormats.BackingChangeError
 
     /// Replaces the backing file name and backing format stored in the header (nil or "" name:
     /// no backing file, and no format). Everything written so far is flushed and synced first,
