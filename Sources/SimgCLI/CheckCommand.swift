@@ -20,6 +20,7 @@ enum CheckCommand {
         ],
         options: [.value("f", "format"), .value("r", "repair"), .value("T", "cache"),
                   OptionSpec(short: "U", long: "force-share", key: "force-share"), .long("output", takesValue: true)],
+        modifiesImages: { $0.has("repair") },
         run: run)
 
 

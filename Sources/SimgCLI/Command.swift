@@ -8,13 +8,18 @@ public struct Command: Sendable {
     /// Lines explaining the command's parameters, shown by `simg COMMAND --help`.
     public var details: [String]
     public var options: [OptionSpec]
+    /// Whether a run with these options writes to an image, and so must not die half-way
+    /// through a write: SIGINT/SIGTERM then stop it at a consistent point (Interruption).
+    public var modifiesImages: @Sendable (ScanResult) -> Bool
     public var run: @Sendable (ScanResult, Console) throws -> Int32
 
     public init(name: String, synopsis: String, details: [String], options: [OptionSpec],
+                modifiesImages: @escaping @Sendable (ScanResult) -> Bool,
                 run: @escaping @Sendable (ScanResult, Console) throws -> Int32) {
         self.name = name
         self.synopsis = synopsis
         self.details = details
+        self.modifiesImages = modifiesImages
         // Every command takes -h/--help and -q.
         self.options = [.help, .flag("q", "quiet")] + options
         self.run = run

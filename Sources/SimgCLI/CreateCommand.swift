@@ -18,6 +18,7 @@ enum CreateCommand {
         ],
         options: [.value("f", "format"), .value("b", "backing"), .value("F", "backing-format"),
                   .flag("u", "unsafe"), .value("o", "options")],
+        modifiesImages: { _ in true },
         run: run)
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {

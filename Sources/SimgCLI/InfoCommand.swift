@@ -16,6 +16,7 @@ enum InfoCommand {
         ],
         options: [.value("f", "format"), OptionSpec(short: "U", long: "force-share", key: "force-share"),
                   .long("output", takesValue: true), .long("backing-chain")],
+        modifiesImages: { _ in false },
         run: run)
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {

@@ -26,6 +26,7 @@ enum RebaseCommand {
         options: [.value("f", "format"), .value("F", "backing-format"), .value("b", "backing"),
                   .value("t", "cache"), .value("T", "source-cache"), .flag("u", "unsafe"),
                   .flag("p", "progress"), OptionSpec(short: "U", long: "force-share", key: "force-share")],
+        modifiesImages: { _ in true },
         run: run)
 
 

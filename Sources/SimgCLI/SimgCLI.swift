@@ -52,15 +52,6 @@ public enum SimgCLI {
     /// nonisolated(unsafe): written once in main() before any other thread exists, read after.
     nonisolated(unsafe) static var handlesInterrupts = false
 
-    /// Whether the command writes to an image (and so must not die half-way through a write).
-    static func modifiesImages(_ name: String, _ scan: ScanResult) -> Bool {
-        switch name {
-        case "info", "map", "measure", "compare": return false
-        case "check": return scan.has("repair")
-        default: return true
-        }
-    }
-
     static let tryHelp = "Try 'simg --help' for more information\n"
 
     static let globalOptions: [OptionSpec] = [
@@ -86,7 +77,7 @@ public enum SimgCLI {
             console.out(command.usage)
             return 0
         }
-        if handlesInterrupts && modifiesImages(name, scan) {
+        if handlesInterrupts && command.modifiesImages(scan) {
             // Long loops poll for SIGINT/SIGTERM and stop at a point where the image is
             // consistent; read-only commands keep the default (die at once, nothing to spoil).
             Interruption.install()
