@@ -23,11 +23,15 @@ public final class DiskFile: @unchecked Sendable {
     /// so what a kill leaves is the same; only durability against power loss is given up.
     public var ignoresFlushes = false
 
+    /// `dioAlignment()`, asked once at open (one statx) rather than on every aligned write.
+    private let alignment: (memory: Int, offset: Int)
+
     private init(fd: Int32, path: String, access: Access, isDirect: Bool) {
         self.fd = fd
         self.path = path
         self.access = access
         self.isDirect = isDirect
+        alignment = DiskFile.queryDIOAlignment(fd)
     }
 
     deinit {
@@ -284,7 +288,10 @@ public final class DiskFile: @unchecked Sendable {
     /// where the kernel reports it, else 4096 for both (the page size, which also avoids the
     /// request splitting an only-512-aligned buffer causes). Memory alignment is never below
     /// the page size for the same reason.
-    public func dioAlignment() -> (memory: Int, offset: Int) {
+    /// The file system's answer does not change while the file is open, so it is asked once.
+    public func dioAlignment() -> (memory: Int, offset: Int) { alignment }
+
+    private static func queryDIOAlignment(_ fd: Int32) -> (memory: Int, offset: Int) {
         var mem: UInt32 = 0, off: UInt32 = 0
         if simg_dio_alignment(fd, &mem, &off) == 0 {
             return (max(Int(mem), DiskFile.pageSize), max(Int(off), 512))

@@ -17,7 +17,7 @@ extension DiskFile {
     func qcow2Read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
         guard buffer.count > 0 else { return 0 }
         var n: Int
-        // One statx per request, and none without O_DIRECT.
+        // The alignment matters only with O_DIRECT.
         let alignment = isDirect ? dioAlignment() : nil
         if let alignment, !qcow2Aligned(UnsafeRawPointer(buffer.baseAddress), buffer.count, offset, alignment) {
             let a = UInt64(alignment.offset)
