@@ -179,7 +179,7 @@ public enum ImageOpener {
             }
         } catch let error as ImageLockError {
             throw ImageError(path: image.path, message: error.description)
-        } catch let error as IOError where error.operation == "lock" {
+        } catch let error as IOError where error.operation == .lock {
             // fcntl itself failed (a file system without OFD locks): qemu's
             // "Failed to lock byte 100: strerror", under the image's name.
             throw ImageError(path: image.path, message: error.reason)

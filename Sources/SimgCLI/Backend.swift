@@ -42,7 +42,7 @@ enum Backend {
             }
             current = cause
         }
-        if let io = current as? IOError, io.operation == "open" {
+        if let io = current as? IOError, io.operation == .open {
             // A missing external data file: qemu-img names the image, then the data file.
             if let innermost, innermost.message.hasPrefix("Could not open data file") {
                 return "Could not open '\(innermost.path)': \(io)"

@@ -184,7 +184,7 @@ enum CheckCommand {
         }
         guard last != nil else { return Backend.openFailure(error, path: path) }
         var reason: String
-        if let io = current as? IOError, io.operation == "open" {
+        if let io = current as? IOError, io.operation == .open {
             reason = "\(io)"
         } else if let image = current as? ImageError {
             reason = image.cause == nil ? image.message : "\(image.message): \(image.cause!)"

@@ -156,7 +156,7 @@ enum ConvertCommand {
                 if let lock = error.cause as? ImageLockError {
                     throw CLIError("\(output): error while converting \(outputFormat.rawValue): \(lock)")
                 }
-                if let io = error.cause as? IOError, io.operation == "create" {
+                if let io = error.cause as? IOError, io.operation == .create {
                     throw CLIError("\(output): error while converting \(outputFormat.rawValue): \(io)")
                 }
                 var message = "\(output): error while converting \(outputFormat.rawValue): \(error.message)"
