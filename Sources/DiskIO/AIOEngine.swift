@@ -55,7 +55,7 @@ public final class AIOEngine: IOEngine {
         var ctx: io_context_t?
         let r = io_setup(Int32(depth), &ctx)
         if r < 0 {
-            throw IOError(code: -r, operation: "set up a Linux AIO context for", path: "io_setup",
+            throw IOError(code: -r, operation: .setUpAIO, path: "io_setup",
                           detail: "\(IOError.describe(errno: -r)) (queue depth \(depth))")
         }
         self.queueDepth = depth
@@ -131,7 +131,7 @@ public final class AIOEngine: IOEngine {
                 // returned an event for no request (`lostTrack`): the request that event was for
                 // can never complete. Returning short here would leave `drain` and the pipeline
                 // waiting for it forever, so that is an error.
-                throw lostTrack ?? IOError(code: EIO, operation: "wait for Linux AIO completions from",
+                throw lostTrack ?? IOError(code: EIO, operation: .waitForAIO,
                                            path: "io_getevents",
                                            detail: "\(outstanding) requests are neither queued nor in flight")
             }
@@ -246,7 +246,7 @@ public final class AIOEngine: IOEngine {
                 : io_getevents(context, minimum, inKernel, events, nil)
         } while n == -EINTR
         if n < 0 {
-            throw IOError(code: -n, operation: "wait for Linux AIO completions from", path: "io_getevents")
+            throw IOError(code: -n, operation: .waitForAIO, path: "io_getevents")
         }
         inKernel -= Int(n)
         var unknown: UInt?
@@ -265,7 +265,7 @@ public final class AIOEngine: IOEngine {
             }
         }
         if let unknown, lostTrack == nil {
-            lostTrack = IOError(code: EIO, operation: "wait for Linux AIO completions from", path: "io_getevents",
+            lostTrack = IOError(code: EIO, operation: .waitForAIO, path: "io_getevents",
                                 detail: "the kernel returned a completion (data \(unknown)) for no request in flight")
         }
     }
@@ -297,7 +297,7 @@ public final class AIOEngine: IOEngine {
     private func fail(_ obj: UnsafeMutablePointer<iocb>, code: Int32, detail: String? = nil) {
         let index = obj - iocbs
         let slot = slots[index]
-        let error = IOError(code: code, operation: slot.kind == .read ? "read" : "write",
+        let error = IOError(code: code, operation: slot.kind == .read ? .read : .write,
                             path: slot.file?.path ?? "", offset: slot.offset + UInt64(slot.done), detail: detail)
         complete(index, .failure(error))
     }

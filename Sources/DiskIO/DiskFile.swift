@@ -48,10 +48,10 @@ public final class DiskFile: @unchecked Sendable {
         let fd = FileName.withCString(path) { simg_open($0, flags, 0) }
         if fd < 0 {
             if -fd == EINVAL && direct {
-                throw IOError(code: -fd, operation: "open", path: path,
+                throw IOError(code: -fd, operation: .open, path: path,
                               detail: "the file system does not support O_DIRECT (cache mode none/directsync)")
             }
-            throw IOError(code: -fd, operation: "open", path: path)
+            throw IOError(code: -fd, operation: .open, path: path)
         }
         return DiskFile(fd: fd, path: path, access: access, isDirect: direct)
     }
@@ -71,7 +71,7 @@ public final class DiskFile: @unchecked Sendable {
         if exclusive { flags |= O_EXCL }
         if direct { flags |= simg_o_direct() }
         let fd = FileName.withCString(path) { simg_open($0, flags, 0o644) }
-        if fd < 0 { throw IOError(code: -fd, operation: "create", path: path) }
+        if fd < 0 { throw IOError(code: -fd, operation: .create, path: path) }
         let file = DiskFile(fd: fd, path: path, access: .readWrite, isDirect: direct)
         do {
             if let lock { try file.lock(lock) }
@@ -107,7 +107,7 @@ public final class DiskFile: @unchecked Sendable {
         var flags = (access == .readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC  // O_CLOEXEC: see open
         if direct { flags |= simg_o_direct() }
         let reopened = simg_open("/proc/self/fd/\(fd)", flags, 0)
-        if reopened < 0 { throw IOError(code: -reopened, operation: "reopen", path: path) }
+        if reopened < 0 { throw IOError(code: -reopened, operation: .reopen, path: path) }
         return DiskFile(fd: reopened, path: path, access: access, isDirect: direct)
     }
 
@@ -121,13 +121,13 @@ public final class DiskFile: @unchecked Sendable {
     /// The corresponding C function is pread.
     @discardableResult
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
-        try checkRange(offset, buffer.count, "read")
+        try checkRange(offset, buffer.count, .read)
         var done = 0
         while done < buffer.count {
             // Sound: done < buffer.count, so the slice start is inside the buffer.
             let n = simg_pread(fd, buffer.baseAddress! + done, buffer.count - done, Int64(offset) + Int64(done))
             if n == -Int64(EINTR) { continue }
-            if n < 0 { throw IOError(code: Int32(-n), operation: "read", path: path, offset: offset + UInt64(done)) }
+            if n < 0 { throw IOError(code: Int32(-n), operation: .read, path: path, offset: offset + UInt64(done)) }
             if n == 0 { break }
             done += Int(n)
         }
@@ -138,7 +138,7 @@ public final class DiskFile: @unchecked Sendable {
     public func readExactly(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         let n = try read(into: buffer, at: offset)
         if n < buffer.count {
-            throw IOError(code: EIO, operation: "read", path: path, offset: offset + UInt64(n),
+            throw IOError(code: EIO, operation: .read, path: path, offset: offset + UInt64(n),
                           detail: "unexpected end of file (wanted \(buffer.count) bytes, got \(n))")
         }
     }
@@ -154,15 +154,15 @@ public final class DiskFile: @unchecked Sendable {
     /// Writes the whole buffer, retrying short writes and EINTR.
     /// The corresponding C function is pwrite.
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        try checkRange(offset, buffer.count, "write")
+        try checkRange(offset, buffer.count, .write)
         var done = 0
         while done < buffer.count {
             // Sound: done < buffer.count, so the slice start is inside the buffer.
             let n = simg_pwrite(fd, buffer.baseAddress! + done, buffer.count - done, Int64(offset) + Int64(done))
             if n == -Int64(EINTR) { continue }
-            if n < 0 { throw IOError(code: Int32(-n), operation: "write", path: path, offset: offset + UInt64(done)) }
+            if n < 0 { throw IOError(code: Int32(-n), operation: .write, path: path, offset: offset + UInt64(done)) }
             if n == 0 {
-                throw IOError(code: EIO, operation: "write", path: path, offset: offset + UInt64(done),
+                throw IOError(code: EIO, operation: .write, path: path, offset: offset + UInt64(done),
                               detail: "write made no progress")
             }
             done += Int(n)
@@ -171,13 +171,13 @@ public final class DiskFile: @unchecked Sendable {
 
     /// Offsets come from image metadata: one past the largest file offset (2^63 - 1) must be an
     /// error naming the file, not a trap converting it to off_t.
-    private func checkRange(_ offset: UInt64, _ count: Int, _ operation: String) throws {
+    private func checkRange(_ offset: UInt64, _ count: Int, _ operation: IOError.Operation) throws {
         try checkRange(offset, length: UInt64(count), operation)
     }
 
     /// The same for every call taking an off_t offset and length (ftruncate, fallocate,
     /// lseek): `offset + length` must not pass 2^63 - 1, which `Int64(_:)` would trap on.
-    private func checkRange(_ offset: UInt64, length: UInt64, _ operation: String) throws {
+    private func checkRange(_ offset: UInt64, length: UInt64, _ operation: IOError.Operation) throws {
         let largest = UInt64(Int64.max)
         guard offset <= largest else {
             throw IOError(code: EINVAL, operation: operation, path: path, offset: offset,
@@ -211,7 +211,7 @@ public final class DiskFile: @unchecked Sendable {
         var size: UInt64 = 0, allocated: UInt64 = 0
         var block: Int32 = 0
         let r = simg_file_size(fd, &size, &allocated, &block)
-        if r < 0 { throw IOError(code: -r, operation: "stat", path: path) }
+        if r < 0 { throw IOError(code: -r, operation: .stat, path: path) }
         return (size, allocated, block != 0)
     }
 
@@ -220,34 +220,34 @@ public final class DiskFile: @unchecked Sendable {
     /// size is accepted as it is, a larger one throws `DeviceSizeError` (see FileKind.swift).
     public func truncate(to length: UInt64) throws {
         if try keepsDeviceSize(length) { return }
-        try checkRange(length, length: 0, "truncate")
+        try checkRange(length, length: 0, .truncate)
         let r = simg_ftruncate(fd, Int64(length))
-        if r < 0 { throw IOError(code: -r, operation: "truncate", path: path, offset: length) }
+        if r < 0 { throw IOError(code: -r, operation: .truncate, path: path, offset: length) }
     }
 
     /// Allocates blocks for the range (fallocate mode 0), growing the file if needed.
     public func allocate(at offset: UInt64, length: UInt64) throws {
         guard length > 0 else { return }
-        try checkRange(offset, length: length, "allocate space in")
+        try checkRange(offset, length: length, .allocate)
         let r = simg_fallocate_allocate(fd, Int64(offset), Int64(length))
-        if r < 0 { throw IOError(code: -r, operation: "allocate space in", path: path, offset: offset) }
+        if r < 0 { throw IOError(code: -r, operation: .allocate, path: path, offset: offset) }
     }
 
     /// Deallocates the range; it then reads as zeros. The file size does not change.
     /// Throws with code EOPNOTSUPP where the file system cannot punch holes.
     public func punchHole(at offset: UInt64, length: UInt64) throws {
         guard length > 0 else { return }
-        try checkRange(offset, length: length, "punch a hole in")
+        try checkRange(offset, length: length, .punchHole)
         let r = simg_fallocate_punch_hole(fd, Int64(offset), Int64(length))
-        if r < 0 { throw IOError(code: -r, operation: "punch a hole in", path: path, offset: offset) }
+        if r < 0 { throw IOError(code: -r, operation: .punchHole, path: path, offset: offset) }
     }
 
     /// Makes the range read as zeros, keeping it allocated (FALLOC_FL_ZERO_RANGE).
     public func zeroRange(at offset: UInt64, length: UInt64) throws {
         guard length > 0 else { return }
-        try checkRange(offset, length: length, "zero a range of")
+        try checkRange(offset, length: length, .zeroRange)
         let r = simg_fallocate_zero_range(fd, Int64(offset), Int64(length))
-        if r < 0 { throw IOError(code: -r, operation: "zero a range of", path: path, offset: offset) }
+        if r < 0 { throw IOError(code: -r, operation: .zeroRange, path: path, offset: offset) }
     }
 
     /// The corresponding C function is fdatasync.
@@ -261,26 +261,26 @@ public final class DiskFile: @unchecked Sendable {
         try Interruption.check()
         if ignoresFlushes { return }
         let r = simg_fdatasync(fd)
-        if r < 0 { throw IOError(code: -r, operation: "sync", path: path) }
+        if r < 0 { throw IOError(code: -r, operation: .sync, path: path) }
     }
 
     /// The start of the first data region at or after `offset`, or nil if there is none
     /// (only a hole up to the end of the file).
     /// The corresponding C function is lseek with SEEK_DATA.
     public func nextData(from offset: UInt64) throws -> UInt64? {
-        try checkRange(offset, length: 0, "find data in")
+        try checkRange(offset, length: 0, .findData)
         let r = simg_seek_data(fd, Int64(offset))
         if r == -Int64(ENXIO) { return nil }
-        if r < 0 { throw IOError(code: Int32(-r), operation: "find data in", path: path, offset: offset) }
+        if r < 0 { throw IOError(code: Int32(-r), operation: .findData, path: path, offset: offset) }
         return UInt64(r)
     }
 
     /// The start of the first hole at or after `offset` (the end of the file counts as a hole).
     /// The corresponding C function is lseek with SEEK_HOLE.
     public func nextHole(from offset: UInt64) throws -> UInt64 {
-        try checkRange(offset, length: 0, "find a hole in")
+        try checkRange(offset, length: 0, .findHole)
         let r = simg_seek_hole(fd, Int64(offset))
-        if r < 0 { throw IOError(code: Int32(-r), operation: "find a hole in", path: path, offset: offset) }
+        if r < 0 { throw IOError(code: Int32(-r), operation: .findHole, path: path, offset: offset) }
         return UInt64(r)
     }
 

@@ -28,7 +28,7 @@ public struct FileIdentity: Hashable, Sendable {
         var st = stat()
         // fstat only fills `st`; the fd stays owned by `file`.
         if fstat(file.fd, &st) != 0 {
-            throw IOError(code: errno, operation: "stat", path: file.path)
+            throw IOError(code: errno, operation: .stat, path: file.path)
         }
         self.init(status: st)
     }

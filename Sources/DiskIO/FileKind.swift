@@ -54,7 +54,7 @@ extension DiskFile {
     public func kind() throws -> FileKind {
         var status = stat()
         // fstat only fills `status`; the descriptor stays ours.
-        guard fstat(fd, &status) == 0 else { throw IOError(code: errno, operation: "stat", path: path) }
+        guard fstat(fd, &status) == 0 else { throw IOError(code: errno, operation: .stat, path: path) }
         return FileKind(mode: status.st_mode)
     }
 

@@ -14,7 +14,7 @@ public struct FileStatus: Sendable, Equatable {
     public static func of(_ name: String, followLinks: Bool = true) -> Result<FileStatus, IOError> {
         var st = stat()
         let r = FileName.withCString(name) { followLinks ? stat($0, &st) : lstat($0, &st) }
-        if r != 0 { return .failure(IOError(code: errno, operation: "stat", path: name)) }
+        if r != 0 { return .failure(IOError(code: errno, operation: .stat, path: name)) }
         return .success(FileStatus(st))
     }
 

@@ -4,16 +4,31 @@ import CLinuxShims
 ///
 /// Every I/O failure in simg surfaces as one of these, so a message always names the file.
 public struct IOError: Error, CustomStringConvertible, Equatable, Sendable {
+    /// What was being done. Callers branch on this (a failed open(2) or creat is worded
+    /// differently from a failed read), never on the words; `description` is the words as
+    /// they appear in messages ("Could not punch a hole in 'x' ...").
+    public enum Operation: String, Sendable, CustomStringConvertible {
+        case open, create, reopen, read, write, stat, truncate, sync, lock
+        case allocate = "allocate space in"
+        case punchHole = "punch a hole in"
+        case zeroRange = "zero a range of"
+        case findData = "find data in"
+        case findHole = "find a hole in"
+        case setUpAIO = "set up a Linux AIO context for"
+        case waitForAIO = "wait for Linux AIO completions from"
+
+        public var description: String { rawValue }
+    }
+
     /// The errno the call failed with (0 when the failure is not an errno, e.g. a short read).
     public var code: Int32
-    /// What was being done, in words ("read", "write", "open", "punch hole", ...).
-    public var operation: String
+    public var operation: Operation
     public var path: String
     public var offset: UInt64?
     /// Extra words when errno alone does not explain it (e.g. "unexpected end of file").
     public var detail: String?
 
-    public init(code: Int32, operation: String, path: String, offset: UInt64? = nil, detail: String? = nil) {
+    public init(code: Int32, operation: Operation, path: String, offset: UInt64? = nil, detail: String? = nil) {
         self.code = code
         self.operation = operation
         self.path = path

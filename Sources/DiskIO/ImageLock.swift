@@ -173,7 +173,7 @@ extension DiskFile {
     private func setLockByte(_ byte: Int64, length: Int64 = 1, type: LockType) throws {
         let r = simg_ofd_setlk(fd, byte, length, type.rawValue)
         if r < 0 {
-            throw IOError(code: -r, operation: "lock", path: path, offset: UInt64(byte),
+            throw IOError(code: -r, operation: .lock, path: path, offset: UInt64(byte),
                           detail: "Failed to lock byte \(byte): \(IOError.describe(errno: -r))")
         }
     }
@@ -183,7 +183,7 @@ extension DiskFile {
     private func isLockedByOthers(_ byte: Int64) throws -> Bool {
         let r = simg_ofd_testlk(fd, byte, 1, LockType.exclusive.rawValue)
         if r < 0 {
-            throw IOError(code: -r, operation: "lock", path: path, offset: UInt64(byte),
+            throw IOError(code: -r, operation: .lock, path: path, offset: UInt64(byte),
                           detail: "Failed to get lock byte \(byte): \(IOError.describe(errno: -r))")
         }
         return r == 1

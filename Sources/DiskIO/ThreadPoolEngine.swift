@@ -204,7 +204,7 @@ private final class WorkQueue: @unchecked Sendable {
         } catch let error as IOError {
             return .failure(error)
         } catch {
-            return .failure(IOError(code: EIO, operation: request.kind == .read ? "read" : "write",
+            return .failure(IOError(code: EIO, operation: request.kind == .read ? .read : .write,
                                     path: request.file.path, offset: request.offset, detail: "\(error)"))
         }
     }

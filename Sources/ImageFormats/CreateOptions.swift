@@ -201,7 +201,7 @@ struct ParsedCreateOptions {
     /// Parses one option; errors are the messages qemu-img prints after "file: ".
     mutating func set(_ name: String, _ text: String) throws(CreateOptionError) {
         guard let spec = specs.first(where: { $0.name == name }) else {
-            throw CreateOptionError("Invalid parameter '\(name)'")
+            throw CreateOptionError("Invalid parameter '\(name)'", kind: .invalidParameter)
         }
         switch spec.type {
         case "bool":
@@ -274,7 +274,13 @@ struct ParsedCreateOptions {
 
 struct CreateOptionError: Error {
     var message: String
-    init(_ message: String) { self.message = message }
+    /// `.invalidParameter` for an option the format does not have (qemu-img convert says only
+    /// that, naming no file); a bad value for an option it has is `.general`.
+    var kind: ImageError.Kind
+    init(_ message: String, kind: ImageError.Kind = .general) {
+        self.message = message
+        self.kind = kind
+    }
 }
 
 extension String {

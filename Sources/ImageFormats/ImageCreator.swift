@@ -32,7 +32,9 @@ public enum ImageCreator {
             try createFile(fileRequest, name: name, driver: location.driver, announce: announce, warn: warn)
         } catch let error as ImageError where error.path == location.path {
             // The file's own name, as the format creators use it, back to the name given.
-            throw ImageError(path: name, message: error.message, cause: error.cause)
+            var renamed = error
+            renamed.path = name
+            throw renamed
         }
     }
 
@@ -57,7 +59,7 @@ public enum ImageCreator {
             do {
                 try options.set(option.name, option.value)
             } catch {
-                throw fail(error.message)
+                throw ImageError(error.kind, path: path, message: error.message)
             }
         }
         options.warnings.forEach(warn)

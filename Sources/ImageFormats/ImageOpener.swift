@@ -164,8 +164,9 @@ public enum ImageOpener {
     ///
     /// The locks are taken once the image is open (its header read) rather than before: the
     /// open itself only reads, exactly as QEMU's probe reads the header before it locks, and
-    /// nothing is ever written before the lock is held. A conflict is an ImageError about
-    /// `image.path` whose message is qemu's lock error text (the hint names the file in use).
+    /// nothing is ever written before the lock is held. A conflict is an ImageError of kind
+    /// `.lockConflict` about `image.path` whose message is qemu's lock error text (the hint
+    /// names the file in use); fcntl failing itself is not a conflict.
     static func lock(_ image: any DiskImage, _ locking: ImageLocking, writable: Bool) throws {
         let main = mainFile(of: image)
         do {
@@ -174,8 +175,8 @@ public enum ImageOpener {
                 try image.dataFile.lock(lock)
             }
         } catch let error as ImageLockError {
-            throw ImageError(path: image.path, message: error.description)
-        } catch let error as IOError where error.operation == "lock" {
+            throw ImageError(.lockConflict, path: image.path, message: error.description)
+        } catch let error as IOError where error.operation == .lock {
             // fcntl itself failed (a file system without OFD locks): qemu's
             // "Failed to lock byte 100: strerror", under the image's name.
             throw ImageError(path: image.path, message: error.reason)
@@ -187,14 +188,11 @@ public enum ImageOpener {
     public static func failedOnLock(_ error: any Error) -> Bool {
         var current: (any Error)? = error
         while let image = current as? ImageError {
-            if image.message.hasPrefix(lockMessagePrefix) { return true }
+            if image.kind == .lockConflict { return true }
             current = image.cause
         }
         return false
     }
-
-    /// How every ImageLockError's text starts ("Failed to get [shared ]\"perm\" lock").
-    private static let lockMessagePrefix = "Failed to get "
 
     private static func openChain(of top: any DiskImage, direct: Bool, locking: ImageLocking) throws {
         var seen: [FileIdentity: String] = [:]
@@ -211,7 +209,7 @@ public enum ImageOpener {
             var format: ImageFormat?
             if let formatName = reference.format {
                 guard let known = ImageFormat(rawValue: formatName) else {
-                    throw nested(ImageError(path: image.path, message: "Could not open backing file '\(full)' of '\(image.path)': backing format '\(formatName)' is not supported"),
+                    throw nested(ImageError(.backingFileOpen, path: image.path, message: "Could not open backing file '\(full)' of '\(image.path)': backing format '\(formatName)' is not supported"),
                                  from: top, to: image)
                 }
                 format = known
@@ -220,7 +218,7 @@ public enum ImageOpener {
             do {
                 backing = try openOne(full, format: format, writable: false, direct: direct)
             } catch {
-                throw nested(ImageError(path: image.path, message: "Could not open backing file '\(full)' of '\(image.path)'", cause: error),
+                throw nested(ImageError(.backingFileOpen, path: image.path, message: "Could not open backing file '\(full)' of '\(image.path)'", cause: error),
                              from: top, to: image)
             }
             let identity: FileIdentity
@@ -240,7 +238,7 @@ public enum ImageOpener {
                 try lock(backing, locking, writable: false)
             } catch {
                 try? backing.close()
-                throw nested(ImageError(path: image.path, message: "Could not open backing file '\(full)' of '\(image.path)'", cause: error),
+                throw nested(ImageError(.backingFileOpen, path: image.path, message: "Could not open backing file '\(full)' of '\(image.path)'", cause: error),
                              from: top, to: image)
             }
             seen[identity] = full
@@ -265,7 +263,7 @@ public enum ImageOpener {
         var result = error
         var below: any DiskImage = image
         for parent in above.reversed() {
-            result = ImageError(path: parent.path, message: "Could not open backing file '\(below.path)' of '\(parent.path)'", cause: result)
+            result = ImageError(.backingFileOpen, path: parent.path, message: "Could not open backing file '\(below.path)' of '\(parent.path)'", cause: result)
             below = parent
         }
         return result

@@ -432,7 +432,7 @@ public final class ConvertPipeline {
                 let file = planner.files[op.file]
                 firstError = ConvertError(.reading, byte: slots[slot].offset + UInt64(op.position) + UInt64(count),
                                           path: file.path,
-                                          cause: IOError(code: EIO, operation: "read", path: file.path,
+                                          cause: IOError(code: EIO, operation: .read, path: file.path,
                                                          offset: op.host + UInt64(count),
                                                          detail: "unexpected end of file (the image is truncated)"))
             }

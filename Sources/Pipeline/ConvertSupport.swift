@@ -123,7 +123,7 @@ public struct ConvertError: Error, CustomStringConvertible {
             return "error while flushing: \(ConvertError.rootIOError(cause).map { "\($0)" } ?? "'\(path)': \(cause)")"
         }
         let reason: String
-        if let io = cause as? IOError, io.operation == "read" || io.operation == "write" {
+        if let io = cause as? IOError, io.operation == .read || io.operation == .write {
             var once = io
             once.offset = nil
             reason = once.description

@@ -33,26 +33,28 @@ enum Backend {
     /// "Could not open 'NAME': strerror" itself. The library nests one ImageError per chain
     /// level, so the sentence comes from the innermost error.
     static func openFailure(_ error: any Error, path: String) -> String {
+        let (name, reason) = openFailureParts(error, path: path)
+        return "Could not open '\(name)': \(reason)"
+    }
+
+    /// The NAME and REASON of `openFailure`'s sentence, for callers that word it differently.
+    static func openFailureParts(_ error: any Error, path: String) -> (name: String, reason: String) {
         var innermost: ImageError?
         var current: any Error = error
         while let image = current as? ImageError {
             innermost = image
-            guard let cause = image.cause else {
-                return "Could not open '\(image.path)': \(image.message)"
-            }
+            guard let cause = image.cause else { return (image.path, image.message) }
             current = cause
         }
-        if let io = current as? IOError, io.operation == "open" {
+        if let io = current as? IOError, io.operation == .open {
             // A missing external data file: qemu-img names the image, then the data file.
-            if let innermost, innermost.message.hasPrefix("Could not open data file") {
-                return "Could not open '\(innermost.path)': \(io)"
-            }
+            if let innermost, innermost.kind == .dataFileOpen { return (innermost.path, "\(io)") }
             // The name the file was asked for by (`file:x`, a json: name), else the file's.
             let asked = innermost?.path ?? path
-            return "Could not open '\(ImageName.filePath(of: asked) == io.path ? asked : io.path)': \(io)"
+            return (ImageName.filePath(of: asked) == io.path ? asked : io.path, "\(io)")
         }
-        guard let innermost else { return "Could not open '\(path)': \(current)" }
-        return "Could not open '\(innermost.path)': \(innermost.message): \(current)"
+        guard let innermost else { return (path, "\(current)") }
+        return (innermost.path, "\(innermost.message): \(current)")
     }
 
     /// Why ImageName cannot parse `name` (qemu-img's words), for messages that name no file.

@@ -117,11 +117,7 @@ enum CheckCommand {
                                                                         locking: locking))
             return (image.format, LockHolder(image: image))
         } catch let error as ImageError where error.path == path && error.cause == nil
-                    && (error.message.hasPrefix("Too much extra metadata in snapshot table entry ")
-                        || error.message.hasPrefix("Snapshot table is too big")
-                        || error.message.hasPrefix("Snapshot table too large")
-                        || error.message.hasPrefix("Invalid snapshot table offset")
-                        || error.message.hasPrefix("snapshot table entry ")) {
+                    && error.kind == .snapshotTable {
             // qemu-img check opens the image without reading its snapshot table; the check
             // then reads it and reports what it cannot read. (The backing chain is not
             // opened in this case.) The file alone then holds the locks.
@@ -171,21 +167,27 @@ enum CheckCommand {
     /// open backing file" per level), and a missing data file "Could not open 'TOP': Could not
     /// open 'DATA': strerror".
     static func openFailure(_ error: any Error, path: String) -> String {
+        let (name, reason) = openFailureParts(error, path: path)
+        return "Could not open '\(name)': \(reason)"
+    }
+
+    /// The NAME and REASON of `openFailure`'s "Could not open 'NAME': REASON".
+    static func openFailureParts(_ error: any Error, path: String) -> (name: String, reason: String) {
         var levels = 0
         var current: any Error = error
         var last: ImageError?
         while let image = current as? ImageError, let cause = image.cause {
-            if image.message.hasPrefix("Could not open backing file") {
+            if image.kind == .backingFileOpen {
                 levels += 1
-            } else if !image.message.hasPrefix("Could not open data file") {
+            } else if image.kind != .dataFileOpen {
                 break
             }
             last = image
             current = cause
         }
-        guard last != nil else { return Backend.openFailure(error, path: path) }
+        guard last != nil else { return Backend.openFailureParts(error, path: path) }
         var reason: String
-        if let io = current as? IOError, io.operation == "open" {
+        if let io = current as? IOError, io.operation == .open {
             reason = "\(io)"
         } else if let image = current as? ImageError {
             reason = image.cause == nil ? image.message : "\(image.message): \(image.cause!)"
@@ -193,7 +195,7 @@ enum CheckCommand {
             reason = "\(current)"
         }
         reason = String(repeating: "Could not open backing file: ", count: levels) + reason
-        return "Could not open '\(path)': \(reason)"
+        return (path, reason)
     }
 
     /// qemu-img's dump_human_image_check.

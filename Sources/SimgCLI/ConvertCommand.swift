@@ -156,12 +156,13 @@ enum ConvertCommand {
             do {
                 try Backend.create(request, announce: { _ in }, warn: { console.error("warning: " + $0) })
             } catch let error as ImageError where error.path == output {
-                if error.message.hasPrefix("Invalid parameter") { throw CLIError(error.message) }
+                // An option the format does not have: qemu-img names no file.
+                if error.kind == .invalidParameter { throw CLIError(error.message) }
                 // Another process has the target open: refused before it was touched.
                 if let lock = error.cause as? ImageLockError {
                     throw CLIError("\(output): error while converting \(outputFormat.rawValue): \(lock)")
                 }
-                if let io = error.cause as? IOError, io.operation == "create" {
+                if let io = error.cause as? IOError, io.operation == .create {
                     throw CLIError("\(output): error while converting \(outputFormat.rawValue): \(io)")
                 }
                 var message = "\(output): error while converting \(outputFormat.rawValue): \(error.message)"

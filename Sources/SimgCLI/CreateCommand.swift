@@ -57,7 +57,7 @@ enum CreateCommand {
         } catch let error as ImageError where error.path == filename {
             // qemu-img names the new image without quotes: "x.qcow2: Invalid parameter 'foo'",
             // and a failed open(2) is just "x: Could not create 'x': strerror".
-            if let io = error.cause as? IOError, io.operation == "create" {
+            if let io = error.cause as? IOError, io.operation == .create {
                 throw CLIError("\(filename): \(io)")
             }
             // Another process has the file open: qemu-img says only its lock error (which
@@ -68,7 +68,7 @@ enum CreateCommand {
             var message = "\(filename): \(error.message)"
             if let cause = error.cause { message += ": \(cause)" }
             throw CLIError(message)
-        } catch let io as IOError where io.operation == "create" {
+        } catch let io as IOError where io.operation == .create {
             throw CLIError("\(filename): \(io)")
         }
         return 0

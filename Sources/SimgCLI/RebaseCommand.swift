@@ -93,12 +93,12 @@ enum RebaseCommand {
                 var reason = CheckCommand.openFailure(error, path: resolved)
                 // A name that does not even parse: only why ("Unknown protocol 'c'").
                 if (try? ImageName.parse(resolved)) == nil { reason = Backend.nameProblem(resolved) }
-                if let io = error as? IOError, io.operation == "open" { reason = "\(io)" }
-                // A lock conflict is QEMU's own error, without the "Could not open" qemu-img's
-                // image opener adds: "... new backing file 'x': Failed to get shared ...".
-                let opener = "Could not open '\(resolved)': "
-                if ImageOpener.failedOnLock(error) && reason.hasPrefix(opener) {
-                    reason.removeFirst(opener.count)
+                if let io = error as? IOError, io.operation == .open { reason = "\(io)" }
+                // A lock conflict is QEMU's own error, without the "Could not open '\(resolved)'"
+                // qemu-img's image opener adds: "... new backing file 'x': Failed to get shared ...".
+                if ImageOpener.failedOnLock(error) {
+                    let parts = CheckCommand.openFailureParts(error, path: resolved)
+                    if parts.name == resolved { reason = parts.reason }
                 }
                 throw CLIError("Could not open new backing file '\(newName)': \(reason)")
             }

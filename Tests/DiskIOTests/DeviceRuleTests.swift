@@ -16,7 +16,7 @@ struct DeviceRuleTests {
     private func node(_ path: String, _ type: mode_t, _ device: UInt64) throws {
         let made = mknod(path, type | 0o600, dev_t(device))
         #expect(made == 0, "mknod \(path): \(String(cString: strerror(errno)))")
-        if made != 0 { throw IOError(code: errno, operation: "mknod", path: path) }
+        if made != 0 { throw IOError(code: errno, operation: .create, path: path) }
     }
 
     /// (type, rdev) by lstat, nil when the name is gone.

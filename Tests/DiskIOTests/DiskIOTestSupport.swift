@@ -10,7 +10,7 @@ final class ScratchFolder {
     init() throws {
         var template = Array("/var/tmp/simg-diskio-XXXXXX".utf8CString)
         let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
-        guard made != nil else { throw IOError(code: errno, operation: "create a temp folder", path: "/var/tmp") }
+        guard made != nil else { throw IOError(code: errno, operation: .create, path: "/var/tmp") }
         path = String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 

@@ -193,7 +193,7 @@ import DiskIO
         } throws: { error in
             guard let error = error as? ImageError else { return false }
             return error.path == path && error.message == "Could not create the image file"
-                && (error.cause as? IOError)?.operation == "create"
+                && (error.cause as? IOError)?.operation == .create
         }
     }
 }

@@ -10,7 +10,7 @@ final class RawScratch {
     init() throws {
         var template = Array("/var/tmp/simg-raw-XXXXXX".utf8CString)
         let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
-        guard made != nil else { throw IOError(code: errno, operation: "create a temp folder", path: "/var/tmp") }
+        guard made != nil else { throw IOError(code: errno, operation: .create, path: "/var/tmp") }
         path = String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
@@ -50,6 +50,6 @@ func rawQemuImg(_ arguments: [String]) throws -> String {
 /// Size and allocated bytes of a file, via stat.
 func rawStat(_ path: String) throws -> (size: UInt64, allocated: UInt64) {
     var st = stat()
-    guard stat(path, &st) == 0 else { throw IOError(code: errno, operation: "stat", path: path) }
+    guard stat(path, &st) == 0 else { throw IOError(code: errno, operation: .stat, path: path) }
     return (UInt64(st.st_size), UInt64(st.st_blocks) * 512)
 }

@@ -202,7 +202,7 @@ import Testing
             func asyncDestination(forWriteAt offset: UInt64, length: Int) -> (file: DiskFile, offset: UInt64)? { nil }
             func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
                 writes += 1
-                if offset >= 512 << 10 { throw IOError(code: EIO, operation: "write", path: "failing", offset: offset) }
+                if offset >= 512 << 10 { throw IOError(code: EIO, operation: .write, path: "failing", offset: offset) }
             }
             func writeZeroes(at offset: UInt64, length: UInt64) throws {}
             func finish() throws { Issue.record("finished after an error") }

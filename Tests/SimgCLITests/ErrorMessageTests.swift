@@ -6,10 +6,10 @@ import Testing
 
 /// How library errors become qemu-img's sentences.
 @Suite struct ErrorMessageTests {
-    private let missing = IOError(code: ENOENT, operation: "open", path: "gone.qcow2")
+    private let missing = IOError(code: ENOENT, operation: .open, path: "gone.qcow2")
 
     @Test func failedOpenOfTheImage() {
-        #expect(Backend.openFailure(IOError(code: ENOENT, operation: "open", path: "x"), path: "x")
+        #expect(Backend.openFailure(IOError(code: ENOENT, operation: .open, path: "x"), path: "x")
                 == "Could not open 'x': Could not open 'x': No such file or directory")
     }
 
@@ -32,7 +32,7 @@ import Testing
     }
 
     @Test func readFailureNamesTheImage() {
-        let read = IOError(code: EIO, operation: "read", path: "x", offset: 512)
+        let read = IOError(code: EIO, operation: .read, path: "x", offset: 512)
         let error = ImageError(path: "x", message: "Could not read the header", cause: read)
         #expect(Backend.openFailure(error, path: "x") == "Could not open 'x': Could not read the header: Could not read 'x' at offset 512: Input/output error")
         #expect(Backend.openFailure(read, path: "x") == "Could not open 'x': Could not read 'x' at offset 512: Input/output error")

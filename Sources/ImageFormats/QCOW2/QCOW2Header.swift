@@ -259,13 +259,16 @@ public struct QCOW2Header: Equatable, Sendable {
 
         // Snapshot table (each entry is at least 40 bytes).
         guard h.nbSnapshots <= maxSnapshots else {
-            throw fail("Snapshot table too large (field 'nb_snapshots' \(h.nbSnapshots), at most \(maxSnapshots))")
+            throw ImageError(.snapshotTable, path: path,
+                             message: "Snapshot table too large (field 'nb_snapshots' \(h.nbSnapshots), at most \(maxSnapshots))")
         }
         if h.nbSnapshots > 0 {
             try checkTable(offset: h.snapshotsOffset, bytes: UInt64(h.nbSnapshots) * 40, field: "snapshots_offset",
-                           sentence: "Invalid snapshot table offset", clusterSize: clusterSize, fileSize: fileSize, path: path)
+                           sentence: "Invalid snapshot table offset", clusterSize: clusterSize, fileSize: fileSize, path: path,
+                           kind: .snapshotTable)
         } else if h.snapshotsOffset % clusterSize != 0 {
-            throw fail("Invalid snapshot table offset (field 'snapshots_offset' \(QCOW2BE.hex(h.snapshotsOffset)) is not cluster-aligned)")
+            throw ImageError(.snapshotTable, path: path,
+                             message: "Invalid snapshot table offset (field 'snapshots_offset' \(QCOW2BE.hex(h.snapshotsOffset)) is not cluster-aligned)")
         }
 
         // Backing file name.
@@ -292,16 +295,17 @@ public struct QCOW2Header: Equatable, Sendable {
     }
 
     /// Checks that a table is cluster-aligned and lies inside the file. `sentence` is QEMU's
-    /// wording; the field and the numbers follow in parentheses.
+    /// wording; the field and the numbers follow in parentheses. `kind` is the error's.
     private static func checkTable(offset: UInt64, bytes: UInt64, field: String, sentence: String,
-                                   clusterSize: UInt64, fileSize: UInt64, path: String) throws {
+                                   clusterSize: UInt64, fileSize: UInt64, path: String,
+                                   kind: ImageError.Kind = .general) throws {
         guard offset % clusterSize == 0 else {
-            throw ImageError(path: path, message: "\(sentence) (field '\(field)' \(QCOW2BE.hex(offset)) is not cluster-aligned)")
+            throw ImageError(kind, path: path, message: "\(sentence) (field '\(field)' \(QCOW2BE.hex(offset)) is not cluster-aligned)")
         }
         guard bytes > 0 else { return }
         let (end, overflow) = offset.addingReportingOverflow(bytes)
         guard !overflow, offset != 0, end <= fileSize else {
-            throw ImageError(path: path, message: "\(sentence) (field '\(field)' \(QCOW2BE.hex(offset)), \(bytes) bytes, is outside the file of \(fileSize) bytes)")
+            throw ImageError(kind, path: path, message: "\(sentence) (field '\(field)' \(QCOW2BE.hex(offset)), \(bytes) bytes, is outside the file of \(fileSize) bytes)")
         }
     }
 

@@ -133,7 +133,7 @@ public final class QCOW2Image: DiskImage {
             do {
                 dataFile = try DiskFile.open(name, access: writable ? .readWrite : .readOnly, direct: direct)
             } catch {
-                throw ImageError(path: path, message: "Could not open data file '\(name)'", cause: error)
+                throw ImageError(.dataFileOpen, path: path, message: "Could not open data file '\(name)'", cause: error)
             }
         }
         let image = QCOW2Image(path: path, file: file, dataFile: dataFile, header: header, l1: l1,

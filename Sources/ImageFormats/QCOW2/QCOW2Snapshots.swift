@@ -32,7 +32,7 @@ extension QCOW2Snapshot {
     /// A snapshot's L1 table is not validated here: only code that uses the snapshot's
     /// contents needs it to be sound (QEMU opens such images, and `check` reports them).
     static func readTable(file: DiskFile, header h: QCOW2Header, fileSize: UInt64, path: String) throws -> [QCOW2Snapshot] {
-        func fail(_ message: String) -> ImageError { ImageError(path: path, message: message) }
+        func fail(_ message: String) -> ImageError { ImageError(.snapshotTable, path: path, message: message) }
         var result: [QCOW2Snapshot] = []
         var offset = h.snapshotsOffset
         let count = Int(h.nbSnapshots)
