@@ -98,38 +98,18 @@ extension IOEngine {
         try withUnsafePointer(to: request) { try submit(UnsafeBufferPointer(start: $0, count: 1)) } == 1
     }
 
-    /// Submits all of `requests`, reaping as needed to make room, then waits for all of them;
-    /// `handler` sees every completion. A request's error is passed to the handler, not thrown.
-    public func perform(_ requests: UnsafeBufferPointer<IORequest>, _ handler: (IOCompletion) throws -> Void) throws {
-        var next = 0
-        while next < requests.count {
-            if freeSlots == 0 { try reap(minimum: 1, handler) }
-            // Sound: next < requests.count, so the rebased slice lies inside the buffer.
-            next += try submit(UnsafeBufferPointer(rebasing: requests[next...]))
-        }
-        try drain(handler)
-    }
-
-    public func perform(_ requests: [IORequest], _ handler: (IOCompletion) throws -> Void) throws {
-        try requests.withUnsafeBufferPointer { try perform($0, handler) }
-    }
-
     /// Waits for every outstanding request.
     public func drain(_ handler: (IOCompletion) throws -> Void) throws {
         while outstanding > 0 { try reap(minimum: outstanding, handler) }
     }
 }
 
-/// Picks the engine for a file.
+/// Picks the engine for the files a copy touches.
 public enum IOEngines {
-    /// Linux AIO for O_DIRECT files (it is only truly asynchronous there), a thread pool for
-    /// buffered files, and the thread pool too when the kernel refuses an AIO context
-    /// (EAGAIN when aio-max-nr is used up, ENOSYS without AIO support). Throws
+    /// Linux AIO when every file is O_DIRECT (`direct`; it is only truly asynchronous there),
+    /// a thread pool for buffered files, and the thread pool too when the kernel refuses an
+    /// AIO context (EAGAIN when aio-max-nr is used up, ENOSYS without AIO support). Throws
     /// `ThreadStartError` when the thread pool cannot start a single thread.
-    public static func make(for file: DiskFile, queueDepth: Int = 32, threads: Int = 4) throws -> any IOEngine {
-        try make(direct: file.isDirect, queueDepth: queueDepth, threads: threads)
-    }
-
     public static func make(direct: Bool, queueDepth: Int = 32, threads: Int = 4) throws -> any IOEngine {
         if direct, let engine = try? AIOEngine(queueDepth: queueDepth) { return engine }
         return try ThreadPoolEngine(queueDepth: queueDepth, threads: threads)

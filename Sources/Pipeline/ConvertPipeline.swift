@@ -32,39 +32,17 @@ public final class ConvertPipeline {
     let writeEngine: any IOEngine
     let pool: BufferPool
 
-    private struct Slot {
-        var offset: UInt64 = 0
-        var length: Int = 0
-        var pendingReads = 0
-        var pendingWrites = 0
-    }
-
-    private struct ReadOp {
-        var file: Int
-        var host: UInt64
-        var position: Int
-        var length: Int
-        var image: Int
-        var imageOffset: UInt64
-    }
-
-    private var slots: [Slot]
-    private var zeroPieces: [[(position: Int, length: Int)]]
-    private var keepRanges: [[(position: Int, length: Int)]]
-    private var readOps: [[ReadOp]]
+    private var chunks: [Chunk]
     /// Slots in the order their chunks were started (guest order): chunks are written in
     /// this order, each once its reads are complete, so a qcow2 target allocates host
     /// clusters in guest order.
     private var started: [Int]
     private var startedHead = 0
     private var startedCount = 0
-    private var isReady: [Bool]
     private var firstError: (any Error)?
     private var done: UInt64 = 0
     private var fileSizes: [Int: UInt64] = [:]
     private var fileAlignments: [Int: UInt64] = [:]
-
-    private static let writeFlag: UInt64 = 1 << 63
     /// Extra bytes per buffer so a read rounded up to the O_DIRECT unit at end of file fits.
     private static let slack = 64 << 10
 
@@ -118,17 +96,10 @@ public final class ConvertPipeline {
         stats.bufferSize = Int(chunkSize)
         stats.queueDepth = depth
 
-        slots = Array(repeating: Slot(), count: depth)
-        zeroPieces = Array(repeating: [], count: depth)
-        keepRanges = Array(repeating: [], count: depth)
-        readOps = Array(repeating: [], count: depth)
-        for i in 0..<depth {
-            zeroPieces[i].reserveCapacity(64)
-            keepRanges[i].reserveCapacity(16)
-            readOps[i].reserveCapacity(64)
-        }
+        // One Chunk() each (not `repeating:`, which would share one set of array buffers
+        // until the first write copies it).
+        chunks = (0..<depth).map { _ in Chunk() }
         started = Array(repeating: 0, count: depth)
-        isReady = Array(repeating: false, count: depth)
     }
 
     deinit {
@@ -168,11 +139,11 @@ public final class ConvertPipeline {
                 position += length
             }
             if firstError != nil { break }
-            if startedCount > 0 && isReady[started[startedHead]] {
+            if startedCount > 0 && chunks[started[startedHead]].isReady {
                 let slot = started[startedHead]
                 startedHead = (startedHead + 1) % started.count
                 startedCount -= 1
-                isReady[slot] = false
+                chunks[slot].isReady = false
                 writeChunk(slot)
                 continue
             }
@@ -257,12 +228,9 @@ public final class ConvertPipeline {
 
     private func startChunk(_ buffer: BufferPool.Buffer, offset: UInt64, length: Int) {
         let slot = buffer.index
-        slots[slot] = Slot(offset: offset, length: length)
+        chunks[slot].start(offset: offset, length: length)
         started[(startedHead + startedCount) % started.count] = slot
         startedCount += 1
-        zeroPieces[slot].removeAll(keepingCapacity: true)
-        keepRanges[slot].removeAll(keepingCapacity: true)
-        readOps[slot].removeAll(keepingCapacity: true)
 
         // Collect pieces, merging data pieces of one file whose host offsets continue (also
         // across short zero gaps, which are cleared again once the read is in).
@@ -276,20 +244,20 @@ public final class ConvertPipeline {
                 if piece.end > end { piece.length = end - cursor }
                 let position = Int(cursor - offset)
                 let pieceLength = Int(piece.length)
-                if piece.isKeep { keepRanges[slot].append((position, pieceLength)) }
+                if piece.isKeep { chunks[slot].keepRanges.append(Span(position: position, length: pieceLength)) }
                 switch piece.kind {
                 case .zero, .keep:
-                    zeroPieces[slot].append((position, pieceLength))
+                    chunks[slot].zeroPieces.append(Span(position: position, length: pieceLength))
                     gap += piece.length
                 case .data(let file, let host, let image, let imageOffset):
-                    if canMerge, gap <= options.gapLimit, let last = readOps[slot].last,
+                    if canMerge, gap <= options.gapLimit, let last = chunks[slot].readOps.last,
                        last.file == file, last.image == image,
                        last.host + UInt64(last.length) + gap == host,
                        last.imageOffset + UInt64(last.length) + gap == imageOffset {
-                        readOps[slot][readOps[slot].count - 1].length += Int(gap) + pieceLength
+                        chunks[slot].readOps[chunks[slot].readOps.count - 1].length += Int(gap) + pieceLength
                         stats.extentsMerged += 1
                     } else {
-                        readOps[slot].append(ReadOp(file: file, host: host, position: position, length: pieceLength,
+                        chunks[slot].readOps.append(ReadOp(file: file, host: host, position: position, length: pieceLength,
                                                     image: image, imageOffset: imageOffset))
                     }
                     canMerge = true
@@ -302,8 +270,8 @@ public final class ConvertPipeline {
                 }
                 cursor = piece.end
             }
-            for index in readOps[slot].indices {
-                let op = readOps[slot][index]
+            for index in chunks[slot].readOps.indices {
+                let op = chunks[slot].readOps[index]
                 if try !directReadPossible(op) {
                     try readSync(image: op.image, imageOffset: op.imageOffset, buffer: buffer,
                                  position: op.position, length: op.length, guest: offset + UInt64(op.position))
@@ -318,8 +286,8 @@ public final class ConvertPipeline {
                 let request = IORequest.read(planner.files[op.file], at: op.host,
                                              into: UnsafeMutableRawBufferPointer(start: buffer.baseAddress + op.position,
                                                                                  count: readLength),
-                                             tag: UInt64(slot) | UInt64(index) << 32)
-                slots[slot].pendingReads += 1
+                                             tag: RequestContext.read(slot: slot, op: index).tag)
+                chunks[slot].pendingReads += 1
                 stats.readRequests += 1
                 stats.bytesRead += UInt64(op.length)
                 try submit(request)
@@ -327,7 +295,7 @@ public final class ConvertPipeline {
         } catch {
             if firstError == nil { firstError = error }
         }
-        if slots[slot].pendingReads == 0 { isReady[slot] = true }
+        if chunks[slot].pendingReads == 0 { chunks[slot].isReady = true }
     }
 
     /// Whether `op` can go to the engine as is: always for buffered files; with O_DIRECT when
@@ -381,7 +349,7 @@ public final class ConvertPipeline {
         // the oldest chunk's reads if it still waits for them, else the writes.
         let handled = try engine.reap(minimum: 0, handle) + writeEngine.reap(minimum: 0, handle)
         if handled > 0 { return }
-        let headReading = startedCount > 0 && slots[started[startedHead]].pendingReads > 0
+        let headReading = startedCount > 0 && chunks[started[startedHead]].pendingReads > 0
         if engine.outstanding > 0 && (headReading || writeEngine.outstanding == 0) {
             try engine.reap(minimum: 1, handle)
         } else {
@@ -405,32 +373,39 @@ public final class ConvertPipeline {
     // MARK: - Completions
 
     private func handle(_ completion: IOCompletion) {
-        let slot = Int(completion.tag & 0xffff_ffff)
-        let index = Int((completion.tag & ~ConvertPipeline.writeFlag) >> 32)
-        if completion.tag & ConvertPipeline.writeFlag != 0 {
-            slots[slot].pendingWrites -= 1
-            if case .failure(let error) = completion.result, firstError == nil {
-                firstError = ConvertError(.writing, byte: slots[slot].offset + UInt64(index), path: target.path, cause: error)
-            }
-            if case .success = completion.result, firstError == nil {
-                // The data is in place: only now may the target map it (crash ordering).
-                do {
-                    try target.asyncWriteCompleted(at: slots[slot].offset + UInt64(index))
-                } catch {
-                    firstError = ConvertError(.writing, byte: slots[slot].offset + UInt64(index), path: target.path, cause: error)
-                }
-            }
-            if slots[slot].pendingWrites == 0 { releaseSlot(slot) }
-            return
+        switch RequestContext(tag: completion.tag) {
+        case .write(let slot, let position): writeCompleted(slot: slot, position: position, completion.result)
+        case .read(let slot, let op): readCompleted(slot: slot, op: op, completion.result)
         }
-        let op = readOps[slot][index]
-        switch completion.result {
+    }
+
+    private func writeCompleted(slot: Int, position: Int, _ result: Result<Int, IOError>) {
+        chunks[slot].pendingWrites -= 1
+        let byte = chunks[slot].offset + UInt64(position)
+        if case .failure(let error) = result, firstError == nil {
+            firstError = ConvertError(.writing, byte: byte, path: target.path, cause: error)
+        }
+        if case .success = result, firstError == nil {
+            // The data is in place: only now may the target map it (crash ordering).
+            do {
+                try target.asyncWriteCompleted(at: byte)
+            } catch {
+                firstError = ConvertError(.writing, byte: byte, path: target.path, cause: error)
+            }
+        }
+        if chunks[slot].pendingWrites == 0 { releaseSlot(slot) }
+    }
+
+    private func readCompleted(slot: Int, op index: Int, _ result: Result<Int, IOError>) {
+        let op = chunks[slot].readOps[index]
+        let chunkOffset = chunks[slot].offset
+        switch result {
         case .success(let count) where count >= op.length:
             break
         case .success(let count):
             if firstError == nil {
                 let file = planner.files[op.file]
-                firstError = ConvertError(.reading, byte: slots[slot].offset + UInt64(op.position) + UInt64(count),
+                firstError = ConvertError(.reading, byte: chunkOffset + UInt64(op.position) + UInt64(count),
                                           path: file.path,
                                           cause: IOError(code: EIO, operation: .read, path: file.path,
                                                          offset: op.host + UInt64(count),
@@ -439,17 +414,17 @@ public final class ConvertPipeline {
         case .failure(let error):
             if firstError == nil {
                 firstError = ConvertError(.reading,
-                                          byte: ConvertError.failingByte(slots[slot].offset + UInt64(op.position),
+                                          byte: ConvertError.failingByte(chunkOffset + UInt64(op.position),
                                                                          host: op.host, length: op.length, error: error),
                                           path: planner.files[op.file].path, cause: error)
             }
         }
-        slots[slot].pendingReads -= 1
-        if slots[slot].pendingReads == 0 { isReady[slot] = true }
+        chunks[slot].pendingReads -= 1
+        if chunks[slot].pendingReads == 0 { chunks[slot].isReady = true }
     }
 
     private func releaseSlot(_ slot: Int) {
-        advanceProgress(UInt64(slots[slot].length))
+        advanceProgress(UInt64(chunks[slot].length))
         pool.release(pool.buffer(at: slot))
     }
 
@@ -469,17 +444,17 @@ public final class ConvertPipeline {
         }
         let buffer = pool.buffer(at: slot)
         let base = buffer.baseAddress
-        for piece in zeroPieces[slot] {
+        for piece in chunks[slot].zeroPieces {
             // Sound: pieces lie within the chunk, inside the buffer.
             memset(base + piece.position, 0, piece.length)
         }
-        let length = slots[slot].length
+        let length = chunks[slot].length
         let unit = Int(granule)
         var runStart = 0
         var runKind = RunKind.data
         var position = 0
         var keepIndex = 0
-        let keeps = keepRanges[slot]
+        let keeps = chunks[slot].keepRanges
         while position < length {
             let stop = min(position + unit, length)
             var kind = RunKind.data
@@ -502,13 +477,13 @@ public final class ConvertPipeline {
             position = stop
         }
         if firstError == nil && runStart < length { _ = emit(runKind, slot: slot, from: runStart, to: length) }
-        if slots[slot].pendingWrites == 0 { releaseSlot(slot) }
+        if chunks[slot].pendingWrites == 0 { releaseSlot(slot) }
     }
 
     /// Writes [start, stop) of the slot's buffer: at the place the target gives, through the
     /// write engine, or else through the target's synchronous `write`.
     private func writeData(slot: Int, from start: Int, to stop: Int) throws {
-        let offset = slots[slot].offset + UInt64(start)
+        let offset = chunks[slot].offset + UInt64(start)
         let length = stop - start
         let base = pool.buffer(at: slot).baseAddress
         stats.writeRequests += 1
@@ -518,8 +493,8 @@ public final class ConvertPipeline {
             // out of the pool until this write completes.
             let request = IORequest.write(destination.file, at: destination.offset,
                                           from: UnsafeRawBufferPointer(start: base + start, count: length),
-                                          tag: UInt64(slot) | UInt64(start) << 32 | ConvertPipeline.writeFlag)
-            slots[slot].pendingWrites += 1
+                                          tag: RequestContext.write(slot: slot, position: start).tag)
+            chunks[slot].pendingWrites += 1
             try submit(request)
         } else {
             try target.write(UnsafeRawBufferPointer(start: base + start, count: length), at: offset)
@@ -528,7 +503,7 @@ public final class ConvertPipeline {
 
     /// Issues one run; false after an error.
     private func emit(_ kind: RunKind, slot: Int, from start: Int, to stop: Int) -> Bool {
-        let offset = slots[slot].offset + UInt64(start)
+        let offset = chunks[slot].offset + UInt64(start)
         let length = stop - start
         do {
             switch kind {

@@ -138,22 +138,6 @@ public struct ConvertError: Error, CustomStringConvertible {
     }
 }
 
-/// Zero detection on read data.
-public enum ZeroScan {
-    /// True when all `count` bytes at `pointer` are zero. Checks the first 16 bytes, then
-    /// compares the rest with itself shifted by 16 (memcmp is vectorised): equal means every
-    /// byte equals the one 16 before it, hence zero.
-    public static func isZero(_ pointer: UnsafeRawPointer, count: Int) -> Bool {
-        if count <= 32 {
-            for i in 0..<count where pointer.load(fromByteOffset: i, as: UInt8.self) != 0 { return false }
-            return true
-        }
-        for i in 0..<16 where pointer.load(fromByteOffset: i, as: UInt8.self) != 0 { return false }
-        // Sound: both ranges lie within [pointer, pointer + count).
-        return memcmp(pointer, pointer + 16, count - 16) == 0
-    }
-}
-
 /// Monotonic seconds.
 func monotonicSeconds() -> Double {
     var ts = timespec()

@@ -57,7 +57,7 @@ public final class QCOW2CompressedTarget: QCOW2Target {
             if n < Int(cs) && guest + UInt64(n) != virtualSize {
                 throw ImageError(path: path, message: "compressed write at guest offset \(guest) covers only part of a cluster")
             }
-            if !compressZeroClusters && CompressZero.isZero(cluster) {
+            if !compressZeroClusters && ZeroScan.isZero(cluster) {
                 zeroClusters += 1
                 if !readsAsZero(at: guest, length: UInt64(n)) {
                     try flushBatch()
@@ -114,26 +114,5 @@ public final class QCOW2CompressedTarget: QCOW2Target {
         try image.writeCompressedClusters(batch)
         batch.removeAll(keepingCapacity: true)
         batchUsed = 0
-    }
-}
-
-/// Zero detection for whole clusters.
-enum CompressZero {
-    /// Whether every byte is zero (word-wise, then the tail).
-    static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
-        guard let base = bytes.baseAddress else { return true }
-        let words = bytes.count / 8
-        var i = 0
-        // Sound: loadUnaligned reads 8 bytes at offsets below words * 8 <= count.
-        while i < words {
-            if base.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self) != 0 { return false }
-            i += 1
-        }
-        var j = words * 8
-        while j < bytes.count {
-            if base.load(fromByteOffset: j, as: UInt8.self) != 0 { return false }
-            j += 1
-        }
-        return true
     }
 }

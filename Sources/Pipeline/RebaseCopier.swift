@@ -179,7 +179,7 @@ public enum RebaseCopier {
             // Sound: [from, to) is inside [start, start + oldPart.count).
             let data = UnsafeRawBufferPointer(start: oldPart.baseAddress! + Int(from - start), count: Int(to - from))
             do {
-                if isZero(data) {
+                if ZeroScan.isZero(data) {
                     try overlay.writeZeroes(at: from, length: to - from)
                     stats.bytesZeroed += to - from
                 } else {
@@ -195,21 +195,5 @@ public enum RebaseCopier {
                 throw ImageError(path: overlay.path, message: "Error while writing to COW image at byte \(from)", cause: error)
             }
         }
-    }
-
-    /// True when every byte is zero.
-    static func isZero(_ data: UnsafeRawBufferPointer) -> Bool {
-        var index = 0
-        let count = data.count
-        // Eight bytes at a time where possible; loadUnaligned makes any alignment sound.
-        while index + 8 <= count {
-            if data.loadUnaligned(fromByteOffset: index, as: UInt64.self) != 0 { return false }
-            index += 8
-        }
-        while index < count {
-            if data[index] != 0 { return false }
-            index += 1
-        }
-        return true
     }
 }

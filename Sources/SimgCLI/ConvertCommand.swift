@@ -272,7 +272,9 @@ enum ConvertCommand {
                     throw ImageError(path: path, message: "Image is not in qcow2 format")
                 }
                 if compress {
-                    return try ConvertTargets.compressed(image: image, startsZeroed: startsZeroed, sparse: sparse)
+                    // -S 0 compresses all-zero clusters too, as qemu-img does without sparse detection.
+                    return try QCOW2CompressedTarget(image: image, startsZeroed: startsZeroed,
+                                                     compressZeroClusters: sparse == 0)
                 }
                 // Fresh chunks are written by the pipeline itself, straight from its buffers.
                 return QCOW2AsyncTarget(image: image, startsZeroed: startsZeroed)

@@ -33,7 +33,7 @@ struct AIOEventTests {
         engine.forgeEvent = { $0.obj = nil }
         let pool = try BufferPool(count: 4, bufferSize: 4096)
         let log = CompletionLog()
-        try engine.perform((0..<4).map { i in
+        try drive(engine, (0..<4).map { i in
             .read(file, at: UInt64(i * 4096), into: pool.buffer(at: i).bytes, tag: UInt64(i))
         }) { log.record($0) }
         #expect(log.results.count == 4)

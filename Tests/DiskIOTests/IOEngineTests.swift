@@ -54,7 +54,7 @@ struct IOEngineTests {
                                  tag: UInt64(i)))
         }
         let writeLog = CompletionLog()
-        try engine.perform(writes) { writeLog.record($0) }
+        try drive(engine, writes) { writeLog.record($0) }
         #expect(writeLog.results.count == 100)
         for (_, result) in writeLog.results { #expect(try result.get() == Self.block) }
         #expect(engine.outstanding == 0)
@@ -66,7 +66,7 @@ struct IOEngineTests {
             reads.append(.read(file, at: UInt64(blockIndex * Self.block), into: buffer.bytes, tag: UInt64(1000 + i)))
         }
         let readLog = CompletionLog()
-        try engine.perform(reads) { readLog.record($0) }
+        try drive(engine, reads) { readLog.record($0) }
         #expect(readLog.results.count == 100)
         for (i, blockIndex) in blocks.enumerated() {
             #expect(try readLog.results[UInt64(1000 + i)]?.get() == Self.block)
@@ -129,7 +129,7 @@ struct IOEngineTests {
         defer { engine.shutdown() }
         let pool = try BufferPool(count: 2, bufferSize: 8192)
         let log = CompletionLog()
-        try engine.perform([.read(file, at: 8192, into: pool.buffer(at: 0).bytes, tag: 1),
+        try drive(engine, [.read(file, at: 8192, into: pool.buffer(at: 0).bytes, tag: 1),
                             .read(file, at: 16384, into: pool.buffer(at: 1).bytes, tag: 2)]) { log.record($0) }
         #expect(try log.results[1]?.get() == 10000 - 8192)
         #expect(try log.results[2]?.get() == 0)
@@ -147,7 +147,7 @@ struct IOEngineTests {
         let buffer = try AlignedBuffer(byteCount: Self.block)
         let good = try kind.open(path)
         let log = CompletionLog()
-        try engine.perform([.write(good, at: 0, from: UnsafeRawBufferPointer(buffer.bytes), tag: 1),
+        try drive(engine, [.write(good, at: 0, from: UnsafeRawBufferPointer(buffer.bytes), tag: 1),
                             .write(file, at: 8192, from: UnsafeRawBufferPointer(buffer.bytes), tag: 2),
                             .write(good, at: 4096, from: UnsafeRawBufferPointer(buffer.bytes), tag: 3)]) { log.record($0) }
         #expect(try log.results[1]?.get() == Self.block)
@@ -174,7 +174,7 @@ struct IOEngineTests {
         // (Misaligned reads are not a reliable test: ext4 serves reads of holes without
         // checking, and newer kernels accept some misaligned buffers.)
         let request = IORequest(kind: .write, file: file, offset: 1, buffer: buffer.baseAddress, length: 4096, tag: 5)
-        try engine.perform([request]) { log.record($0) }
+        try drive(engine, [request]) { log.record($0) }
         guard case .failure(let error)? = log.results[5] else {
             Issue.record("unaligned O_DIRECT write did not fail")
             return
@@ -185,11 +185,12 @@ struct IOEngineTests {
     }
 
     @Test func factoryPicksAIOForDirectFiles() throws {
-        let folder = try ScratchFolder()
-        let path = folder.file("factory")
-        try DiskFile.create(path).truncate(to: 4096)
-        #expect(try IOEngines.make(for: try openDirect(path), queueDepth: 4) is AIOEngine)
-        #expect(try IOEngines.make(for: try DiskFile.open(path, access: .readOnly), queueDepth: 4) is ThreadPoolEngine)
+        let direct = try IOEngines.make(direct: true, queueDepth: 4)
+        defer { direct.shutdown() }
+        let buffered = try IOEngines.make(direct: false, queueDepth: 4)
+        defer { buffered.shutdown() }
+        #expect(direct is AIOEngine)
+        #expect(buffered is ThreadPoolEngine)
     }
 
     @Test func shutdownWaitsForOutstandingWrites() throws {

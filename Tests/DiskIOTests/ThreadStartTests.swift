@@ -35,7 +35,7 @@ struct ThreadStartTests {
         let file = try DiskFile.open(path, access: .readOnly)
         let pool = try BufferPool(count: 16, bufferSize: 4096)
         let log = CompletionLog()
-        try engine.perform((0..<16).map { i in
+        try drive(engine, (0..<16).map { i in
             .read(file, at: UInt64(i * 4096), into: pool.buffer(at: i).bytes, tag: UInt64(i))
         }) { log.record($0) }
         #expect(log.results.count == 16)

@@ -161,16 +161,6 @@ import Testing
         defer { try? image.close() }
         #expect(throws: ImageError.self) { _ = try QCOW2CompressedTarget(image: image, startsZeroed: true) }
     }
-
-    @Test func zeroDetection() {
-        var bytes = [UInt8](repeating: 0, count: 4099)
-        #expect(bytes.withUnsafeBytes { CompressZero.isZero($0) })
-        bytes[4098] = 1
-        #expect(!bytes.withUnsafeBytes { CompressZero.isZero($0) })
-        bytes[4098] = 0
-        bytes[8] = 1
-        #expect(!bytes.withUnsafeBytes { CompressZero.isZero($0) })
-    }
 }
 
 /// A temporary folder for these tests.

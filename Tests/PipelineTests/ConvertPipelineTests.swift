@@ -221,3 +221,19 @@ import Testing
         #expect(target.writes == 5)
     }
 }
+
+/// The context a pipeline request carries in its engine tag comes back as it went in, at the
+/// edges of every field (a chunk is at most 2^30 bytes, so an op index or a position is below it).
+@Suite("convert pipeline request context") struct ConvertPipelineRequestContextTests {
+    typealias Context = ConvertPipeline.RequestContext
+
+    @Test(arguments: [0, 1, 7, 0xffff_ffff])
+    func roundTripsThroughTheTag(slot: Int) {
+        for index in [0, 1, 4096, (1 << 30) - 1] {
+            let read = Context.read(slot: slot, op: index), write = Context.write(slot: slot, position: index)
+            #expect(Context(tag: read.tag) == read)
+            #expect(Context(tag: write.tag) == write)
+            #expect(read.tag != write.tag)
+        }
+    }
+}

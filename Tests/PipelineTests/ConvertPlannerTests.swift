@@ -98,16 +98,3 @@ import Testing
         #expect(throws: ImageError.self) { try planner.piece(at: 0) }
     }
 }
-
-@Suite("zero scan") struct ZeroScanTests {
-    @Test("finds a single non-zero byte anywhere", arguments: [1, 15, 16, 17, 31, 32, 33, 4095, 4096, 65536])
-    func detects(count: Int) {
-        var bytes = [UInt8](repeating: 0, count: count)
-        bytes.withUnsafeBytes { #expect(ZeroScan.isZero($0.baseAddress!, count: count)) }
-        for position in Set([0, count / 2, count - 1, min(16, count - 1)]) {
-            bytes[position] = 0x80
-            bytes.withUnsafeBytes { #expect(!ZeroScan.isZero($0.baseAddress!, count: count), "byte \(position) of \(count)") }
-            bytes[position] = 0
-        }
-    }
-}

@@ -4,6 +4,8 @@ import CZstd
 /// Compressed cluster codecs: zlib as a raw deflate stream (window bits -12, no zlib header),
 /// and zstd frames (compression_type 1). Decompression produces exactly one cluster and must
 /// fill it: the compressed descriptor may cover more bytes than the stream needs.
+/// (Compression is `QCOW2ClusterCompressor`, in QCOW2Image+WriteCompressed.swift: it keeps
+/// its codec state and output buffer, so nothing is allocated per cluster.)
 public enum QCOW2Compression: UInt8, Sendable {
     case zlib = 0
     case zstd = 1
@@ -17,16 +19,6 @@ public enum QCOW2Compression: UInt8, Sendable {
         switch self {
         case .zlib: return QCOW2Compression.inflateRaw(input, outBase, output.count)
         case .zstd: return QCOW2Compression.zstdDecompress(input, outBase, output.count)
-        }
-    }
-
-    /// Compresses one cluster. Returns nil when the result would not fit in `limit` bytes
-    /// (QEMU uses cluster_size - 1 and then stores the cluster uncompressed).
-    public func compress(_ input: UnsafeRawBufferPointer, limit: Int) -> [UInt8]? {
-        guard limit > 0 else { return nil }
-        switch self {
-        case .zlib: return QCOW2Compression.deflateRaw(input, limit: limit)
-        case .zstd: return QCOW2Compression.zstdCompress(input, limit: limit)
         }
     }
 
@@ -49,25 +41,6 @@ public enum QCOW2Compression: UInt8, Sendable {
         return (r == Z_STREAM_END || r == Z_BUF_ERROR) && stream.avail_out == 0
     }
 
-    private static func deflateRaw(_ input: UnsafeRawBufferPointer, limit: Int) -> [UInt8]? {
-        var stream = z_stream()
-        guard deflateInit2_(&stream, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY,
-                            zlibVersion(), Int32(MemoryLayout<z_stream>.size)) == Z_OK else { return nil }
-        defer { deflateEnd(&stream) }
-        var out = [UInt8](repeating: 0, count: limit)
-        let result: Int32 = out.withUnsafeMutableBytes { buf in
-            // Sound: as in inflateRaw; zlib stays within avail_in / avail_out.
-            stream.next_in = UnsafeMutablePointer(mutating: input.baseAddress?.assumingMemoryBound(to: Bytef.self))
-            stream.avail_in = uInt(clamping: input.count)
-            stream.next_out = buf.baseAddress?.assumingMemoryBound(to: Bytef.self)
-            stream.avail_out = uInt(buf.count)
-            return deflate(&stream, Z_FINISH)
-        }
-        guard result == Z_STREAM_END else { return nil }
-        out.removeLast(Int(stream.avail_out))
-        return out
-    }
-
     // MARK: - zstd
 
     private static func zstdDecompress(_ input: UnsafeRawBufferPointer, _ out: UnsafeMutableRawPointer, _ outCount: Int) -> Bool {
@@ -84,26 +57,5 @@ public enum QCOW2Compression: UInt8, Sendable {
             if inBuf.pos == lastIn && outBuf.pos == lastOut { return false }
         }
         return true
-    }
-
-    private static func zstdCompress(_ input: UnsafeRawBufferPointer, limit: Int) -> [UInt8]? {
-        guard let ctx = ZSTD_createCCtx() else { return nil }
-        defer { ZSTD_freeCCtx(ctx) }
-        var out = [UInt8](repeating: 0, count: limit)
-        let written: Int? = out.withUnsafeMutableBytes { buf in
-            var inBuf = ZSTD_inBuffer(src: input.baseAddress, size: input.count, pos: 0)
-            var outBuf = ZSTD_outBuffer(dst: buf.baseAddress, size: buf.count, pos: 0)
-            while true {
-                let lastOut = outBuf.pos
-                let r = ZSTD_compressStream2(ctx, &outBuf, &inBuf, ZSTD_e_end)
-                if ZSTD_isError(r) != 0 { return nil }
-                if r == 0 { return outBuf.pos }
-                // More to flush but no room left: it does not fit.
-                if outBuf.pos == outBuf.size || outBuf.pos == lastOut { return nil }
-            }
-        }
-        guard let written else { return nil }
-        out.removeLast(limit - written)
-        return out
     }
 }
