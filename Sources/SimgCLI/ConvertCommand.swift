@@ -281,7 +281,7 @@ enum ConvertCommand {
             default:
                 // Any other format: through its image's own writes.
                 let opened = try ImageOpener.open(path, options: OpenOptions(format: format, writable: true, direct: direct))
-                return ImageTarget(image: opened, startsZeroed: startsZeroed)
+                return ImageTarget(image: opened, startsZeroed: startsZeroed, assumeZero: assumeZero)
             }
         } catch let error as CLIError {
             throw error
