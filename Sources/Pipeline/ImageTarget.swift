@@ -13,14 +13,13 @@ public final class ImageTarget: ConvertTarget {
     public var isDirect: Bool { image.file.isDirect }
     public var writesAsynchronously: Bool { false }
     private let startsZeroed: Bool
-    /// Guest data on a device holds what the device held: a fresh image there is not zeroed.
-    private let dataOnDevice: Bool
 
     /// `startsZeroed`: a fresh image (or --target-is-zero); not believed over a backing file,
     /// nor for a fresh image whose data lives on a device (only `assumeZero`, the user's word).
     public init(image: any DiskImage, startsZeroed: Bool, assumeZero: Bool = false) {
         self.image = image
-        dataOnDevice = (try? image.dataFile.kind().isDevice) ?? true
+        // Guest data on a device holds what the device held: a fresh image there is not zeroed.
+        let dataOnDevice = (try? image.dataFile.kind().isDevice) ?? true
         self.startsZeroed = assumeZero || (startsZeroed && !dataOnDevice)
     }
 
