@@ -111,7 +111,13 @@ public final class DiskFile: @unchecked Sendable {
         return DiskFile(fd: reopened, path: path, access: access, isDirect: direct)
     }
 
+    /// Set by `lock`: this description holds QEMU lock bytes.
+    var holdsImageLocks = false
+
     public func close() {
+        // Locks belong to the open file description, which a child another thread is just
+        // spawning shares until it execs: unlocked first, they go now, not when it execs.
+        if fd >= 0 && holdsImageLocks { try? unlockImage() }
         if fd >= 0 { _ = Glibc.close(fd) }
         fd = -1
     }

@@ -104,6 +104,7 @@ extension DiskFile {
     /// never leaves an image locked. Meant to be called once, on a fresh description: a
     /// second call adds bytes, and a failed one releases all of them.
     public func lock(_ lock: ImageLock) throws {
+        holdsImageLocks = true
         do {
             for entry in ImagePermissions.named where lock.held.contains(entry.permission) {
                 try setLockByte(ImageLock.heldBase + entry.bit, type: .shared)

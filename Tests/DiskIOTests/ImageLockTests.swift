@@ -1,4 +1,5 @@
 import DiskIO
+import Glibc
 import Foundation
 import Testing
 
@@ -75,6 +76,22 @@ struct ImageLockTests {
         #expect(try first.lockConflict(.reader) == nil)
         second.close()
         first.close()
+    }
+
+    /// Closing a locked file releases its locks at once even while another descriptor shares
+    /// its description (as a child another thread forks does until it execs): here a dup.
+    @Test func closingReleasesLocksASharedDescriptionStillHolds() throws {
+        let folder = try ScratchFolder()
+        let path = try scratchFile(in: folder)
+        defer { withExtendedLifetime(folder) {} }
+        let writer = try DiskFile.open(path, access: .readWrite, lock: .writer)
+        let copy = dup(writer.fd)
+        #expect(copy >= 0)
+        defer { if copy >= 0 { _ = Glibc.close(copy) } }
+        writer.close()
+        let other = try DiskFile.open(path, access: .readWrite)
+        defer { other.close() }
+        #expect(try other.lockConflict(.writer) == nil)
     }
 
     @Test func writerIsRefusedWhileAReaderHoldsTheImage() throws {
