@@ -28,10 +28,9 @@ public struct SourcePiece: Equatable, Sendable {
     public var end: UInt64 { offset + length }
 }
 
-/// Walks the block status of the sources (concatenated), flattening each backing chain:
-/// a `.backing` extent asks the backing image for the same range, `.hole` and `.zero` are
-/// zeros, data is data. Keeps the last answer so sequential callers ask each layer once per
-/// extent.
+/// Walks the block status of the sources (concatenated), flattening each backing chain with
+/// a `ChainWalker` per source: zeros and holes are zeros, data is data in whichever layer
+/// holds it. Keeps the last answer so sequential callers ask each layer once per extent.
 public final class ConvertPlanner {
     public let sources: [any DiskImage]
     /// Every image met (sources and their backing layers), indexed by `SourcePiece` kinds.
@@ -43,9 +42,11 @@ public final class ConvertPlanner {
     public let totalSize: UInt64
     /// `-B`: ranges the top layer does not allocate become `.keep`.
     public let keepBacking: Bool
-    /// Block-status calls made (for statistics).
-    public private(set) var queries = 0
+    /// Block-status calls made (for statistics), over every layer of every source.
+    public var queries: Int { walkers.reduce(0) { $0 + $1.queries } }
 
+    /// One per source, walking its backing chain.
+    private let walkers: [ChainWalker]
     private var cached: SourcePiece?
 
     /// Throws `SourceSizeError` when the sources' sizes add up past 2^64 - 1 (each qcow2
@@ -53,6 +54,7 @@ public final class ConvertPlanner {
     public init(sources: [any DiskImage], keepBacking: Bool = false) throws {
         self.sources = sources
         self.keepBacking = keepBacking
+        walkers = sources.map { ChainWalker(top: $0) }
         var starts: [UInt64] = []
         var total: UInt64 = 0
         for source in sources {
@@ -88,8 +90,8 @@ public final class ConvertPlanner {
         while starts[index] > offset { index -= 1 }
         let source = sources[index]
         let local = offset - starts[index]
-        let piece = try resolve(source, local: local, length: source.virtualSize - local,
-                                base: starts[index], top: true, resolvingKeep: resolvingKeep)
+        let piece = try resolve(walkers[index], local: local, length: source.virtualSize - local,
+                                base: starts[index], resolvingKeep: resolvingKeep)
         cached = piece
         return piece
     }
@@ -110,37 +112,33 @@ public final class ConvertPlanner {
         return result
     }
 
-    private func resolve(_ image: any DiskImage, local: UInt64, length: UInt64, base: UInt64,
-                         top: Bool, resolvingKeep: Bool) throws -> SourcePiece {
-        queries += 1
-        let extent = try image.blockStatus(at: local, length: length)
-        // A layer answering with nothing would loop forever: treat it as corrupt.
-        guard extent.length > 0, extent.length <= length else {
-            throw ImageError(path: image.path, message: "block status at offset \(local) returned an invalid length \(extent.length)")
-        }
+    /// One chain-walker answer for the source as a piece. Only the top layer's `.backing`
+    /// becomes `.keep` under `-B` (the walk stops there); resolving it instead, whatever a
+    /// backing layer holds is flagged `isKeep` (a range the top's own backing file lacks, or
+    /// that the top leaves unallocated without one, reads as zeros and is not flagged, as
+    /// before the walker).
+    private func resolve(_ walker: ChainWalker, local: UInt64, length: UInt64, base: UInt64,
+                         resolvingKeep: Bool) throws -> SourcePiece {
+        let extent = try walker.extent(at: local, length: length,
+                                       maxDepth: keepBacking && !resolvingKeep ? 0 : .max)
         let offset = base + local
-        switch extent.kind {
-        case .zero, .hole:
-            return SourcePiece(offset: offset, length: extent.length, kind: .zero)
-        case .data(let host?):
-            return SourcePiece(offset: offset, length: extent.length,
-                               kind: .data(file: fileIndex(image.dataFile), host: host,
-                                           image: imageIndex(image), imageOffset: local))
-        case .data(nil), .compressed:
-            return SourcePiece(offset: offset, length: extent.length,
-                               kind: .read(image: imageIndex(image), imageOffset: local))
-        case .backing:
-            if top && keepBacking && !resolvingKeep {
-                return SourcePiece(offset: offset, length: extent.length, kind: .keep)
-            }
-            guard let backing = image.backing, local < backing.virtualSize else {
-                return SourcePiece(offset: offset, length: extent.length, kind: .zero)
-            }
-            var piece = try resolve(backing, local: local, length: min(extent.length, backing.virtualSize - local),
-                                    base: base, top: false, resolvingKeep: false)
-            if top && keepBacking { piece.isKeep = true }
-            return piece
+        var piece: SourcePiece
+        switch (extent.kind, extent.layer) {
+        case (.data(let host?), let layer?):
+            piece = SourcePiece(offset: offset, length: extent.length,
+                                kind: .data(file: fileIndex(layer.dataFile), host: host,
+                                            image: imageIndex(layer), imageOffset: local))
+        case (.data(nil), let layer?), (.compressed, let layer?):
+            piece = SourcePiece(offset: offset, length: extent.length,
+                                kind: .read(image: imageIndex(layer), imageOffset: local))
+        case (.backing, _):
+            piece = SourcePiece(offset: offset, length: extent.length, kind: .keep)
+        default:
+            // `.zero` in some layer, or `.hole`: no layer allocates it.
+            piece = SourcePiece(offset: offset, length: extent.length, kind: .zero)
         }
+        if keepBacking && extent.depth > 0 { piece.isKeep = true }
+        return piece
     }
 
     private func imageIndex(_ image: any DiskImage) -> Int {
