@@ -1,6 +1,7 @@
 import DiskIO
 import Foundation
 import Testing
+import TestSupport
 
 /// QEMU's lock bytes on open file descriptions. Two descriptions in one process conflict just
 /// as two processes do (OFD locks belong to the description, not the process), so each test
@@ -8,7 +9,7 @@ import Testing
 @Suite("ImageLock")
 struct ImageLockTests {
     /// A small file to lock in `folder` (which must outlive the test's use of it).
-    private func scratchFile(in folder: ScratchFolder) throws -> String {
+    private func scratchFile(in folder: TempDir) throws -> String {
         let path = folder.file("img")
         let file = try DiskFile.create(path, lock: nil)
         try file.write([UInt8](repeating: 0x5A, count: 4096), at: 0)
@@ -48,7 +49,7 @@ struct ImageLockTests {
     }
 
     @Test func bytesAreQemus() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = try scratchFile(in: folder)
         defer { withExtendedLifetime(folder) {} }
         let patterns: [(ImageLock, [Int])] = [
@@ -67,7 +68,7 @@ struct ImageLockTests {
     }
 
     @Test func readersShare() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = try scratchFile(in: folder)
         defer { withExtendedLifetime(folder) {} }
         let first = try DiskFile.open(path, access: .readOnly, lock: .reader)
@@ -78,7 +79,7 @@ struct ImageLockTests {
     }
 
     @Test func writerIsRefusedWhileAReaderHoldsTheImage() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = try scratchFile(in: folder)
         defer { withExtendedLifetime(folder) {} }
         let reader = try DiskFile.open(path, access: .readOnly, lock: .reader)
@@ -95,7 +96,7 @@ struct ImageLockTests {
     }
 
     @Test func readerIsRefusedWhileAWriterHoldsTheImage() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = try scratchFile(in: folder)
         defer { withExtendedLifetime(folder) {} }
         let writer = try DiskFile.open(path, access: .readWrite, lock: .writer)
@@ -111,7 +112,7 @@ struct ImageLockTests {
     }
 
     @Test func forceShareNeitherBlocksNorIsBlocked() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = try scratchFile(in: folder)
         defer { withExtendedLifetime(folder) {} }
         let writer = try DiskFile.open(path, access: .readWrite, lock: .writer)
@@ -124,7 +125,7 @@ struct ImageLockTests {
     }
 
     @Test func twoWritersConflict() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = try scratchFile(in: folder)
         defer { withExtendedLifetime(folder) {} }
         let writer = try DiskFile.open(path, access: .readWrite, lock: .writer)
@@ -137,7 +138,7 @@ struct ImageLockTests {
     }
 
     @Test func createOverAnImageInUseLeavesItIntact() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = try scratchFile(in: folder)
         defer { withExtendedLifetime(folder) {} }
         let reader = try DiskFile.open(path, access: .readOnly, lock: .reader)
@@ -150,7 +151,7 @@ struct ImageLockTests {
     }
 
     @Test func createTruncatesAndHoldsTheCreatorsLock() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = try scratchFile(in: folder)
         defer { withExtendedLifetime(folder) {} }
         let created = try DiskFile.create(path)

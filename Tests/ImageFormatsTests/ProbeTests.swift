@@ -2,6 +2,7 @@ import DiskIO
 import Foundation
 import ImageFormats
 import Testing
+import TestSupport
 
 @Suite("Format probing")
 struct ProbeTests {
@@ -15,7 +16,7 @@ struct ProbeTests {
                       ("vhdx", []), ("vpc", []), ("vpc", ["-o", "subformat=fixed"]), ("qed", []),
                       ("parallels", []), ("qcow", [])])
     func refusesOtherFormatsByName(format: String, options: [String]) throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("x.\(format)")
         try rawQemuImg(["create", "-q", "-f", format] + options + [path, "1M"])
         let error = #expect(throws: UnsupportedFormatError.self) { try probe(path) }
@@ -24,7 +25,7 @@ struct ProbeTests {
     }
 
     @Test func qcow2IsRecognisedWhateverTheVersion() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         for compat in ["0.10", "1.1"] {
             let path = scratch.file("v\(compat).qcow2")
             try rawQemuImg(["create", "-q", "-f", "qcow2", "-o", "compat=\(compat)", path, "1M"])
@@ -37,7 +38,7 @@ struct ProbeTests {
     }
 
     @Test func everythingElseIsRaw() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let empty = scratch.file("empty")
         _ = try DiskFile.create(empty)
         #expect(try probe(empty) == .raw)
@@ -55,7 +56,7 @@ struct ProbeTests {
     }
 
     @Test func handMadeHeadersOfFormatsQemuCannotCreate() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         func make(_ name: String, _ bytes: [UInt8]) throws -> String {
             let path = scratch.file(name)
             var padded = bytes
@@ -85,7 +86,7 @@ struct ProbeTests {
 
     /// Our verdicts agree with qemu-img's own probing.
     @Test func agreesWithQemuImgInfo() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         for format in ["vdi", "qed", "vhdx"] {
             let path = scratch.file("agree.\(format)")
             try rawQemuImg(["create", "-q", "-f", format, path, "1M"])

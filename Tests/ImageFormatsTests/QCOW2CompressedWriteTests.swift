@@ -2,6 +2,7 @@ import DiskIO
 import Foundation
 import Testing
 @testable import ImageFormats
+import TestSupport
 
 /// Compressed cluster writes: descriptors, packing several streams per host cluster, streams
 /// spanning host clusters, refcounts (checked by `qemu-img check`), and read-back through both
@@ -54,7 +55,7 @@ import Testing
         return expected
     }
 
-    static func check(_ path: String, expected: [UInt8], scratch: RawScratch) throws {
+    static func check(_ path: String, expected: [UInt8], scratch: TempDir) throws {
         try rawQemuImg(["check", "-f", "qcow2", path])
         let raw = scratch.file("expected.raw")
         try Data(expected).write(to: URL(fileURLWithPath: raw))
@@ -92,7 +93,7 @@ import Testing
     }
 
     static func roundTrip(_ options: [(String, String)], direct: Bool) throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("c.qcow2")
         let clusterSize = Int(options.first { $0.0 == "cluster_size" }.map { try! SizeParser.parse($0.1) } ?? 65536)
         let count = clusterSize >= 1 << 21 ? 5 : 24
@@ -120,7 +121,7 @@ import Testing
 
     /// Small streams share host clusters; each host cluster's refcount counts its streams.
     @Test func packsStreams() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("p.qcow2")
         try Self.create(path, size: 64 * 65536, options: [])
         let image = try QCOW2Image.open(path: path, writable: true)
@@ -150,7 +151,7 @@ import Testing
     }
 
     @Test func refusesAllocatedCluster() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("a.qcow2")
         try Self.create(path, size: 4 * 65536, options: [])
         let image = try QCOW2Image.open(path: path, writable: true)
@@ -181,7 +182,7 @@ import Testing
     }
 
     @Test func refusesExternalDataFile() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("d.qcow2")
         try Self.create(path, size: 4 * 65536, options: [("data_file", scratch.file("d.raw"))])
         let image = try QCOW2Image.open(path: path, writable: true)
@@ -197,7 +198,7 @@ import Testing
     /// qemu-img check; anything but fresh, aligned ranges is declined (nil).
     @Test(arguments: [false, true])
     func directWriteAllocation(_ extendedL2: Bool) throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("w.qcow2")
         let cs = extendedL2 ? 16384 : 4096
         // 4K clusters: one L2 table maps 2 MiB (extended 16K: 16 MiB); the run crosses two tables.
@@ -241,7 +242,7 @@ import Testing
     }
 
     @Test func directWriteAllocationDeclinesExternalData() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("x.qcow2")
         try Self.create(path, size: 1 << 20, options: [("data_file", scratch.file("x.raw"))])
         let image = try QCOW2Image.open(path: path, writable: true)

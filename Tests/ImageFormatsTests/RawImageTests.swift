@@ -2,11 +2,12 @@ import DiskIO
 import Foundation
 import ImageFormats
 import Testing
+import TestSupport
 
 @Suite("Raw images")
 struct RawImageTests {
     @Test func virtualSizeIsFileSizeRoundedToSectors() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("odd.img")
         let file = try DiskFile.create(path)
         try file.write([1, 2, 3], at: 0)
@@ -28,7 +29,7 @@ struct RawImageTests {
     }
 
     @Test func writeReadAndReadOnlyRefusal() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("rw.img")
         try RawCreate.create(path: path, size: 1 << 20)
         let image = try RawImage.open(path: path, writable: true, direct: false)
@@ -50,7 +51,7 @@ struct RawImageTests {
     }
 
     @Test func openMissingFileIsImageErrorWithIOErrorCause() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("missing.img")
         let error = #expect(throws: ImageError.self) { try RawImage.open(path: path, writable: false, direct: false) }
         #expect(error?.path == path)
@@ -60,7 +61,7 @@ struct RawImageTests {
     }
 
     @Test func writeZeroesDiscardAndBlockStatus() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("zero.img")
         try RawCreate.create(path: path, size: 4 << 20, preallocation: "full")
         let image = try RawImage.open(path: path, writable: true, direct: false)
@@ -102,7 +103,7 @@ struct RawImageTests {
     }
 
     @Test func infoMatchesQemuImg() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("info.img")
         try RawCreate.create(path: path, size: 3 << 20)
         let image = try RawImage.open(path: path, writable: false, direct: false)
@@ -120,7 +121,7 @@ struct RawImageTests {
     }
 
     @Test func directModeHandlesUnalignedRequests() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("direct.img")
         try RawCreate.create(path: path, size: 1 << 20)
         let image = try RawImage.open(path: path, writable: true, direct: true)
@@ -143,7 +144,7 @@ struct RawImageTests {
     }
 
     @Test func resizeChangesVirtualSize() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("resize.img")
         try RawCreate.create(path: path, size: 1 << 20)
         let image = try RawImage.open(path: path, writable: true, direct: false)
@@ -158,7 +159,7 @@ struct RawCreateTests {
     /// simg's raw creation gives the same size and allocation as qemu-img's for each mode.
     @Test(arguments: ["off", "falloc", "full"])
     func matchesQemuImg(preallocation: String) throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         for size: UInt64 in [0, 512, 1000, 5000, 10_000_000] {
             let ours = scratch.file("simg-\(size).img")
             let theirs = scratch.file("qemu-\(size).img")
@@ -178,7 +179,7 @@ struct RawCreateTests {
     }
 
     @Test func replacesAnExistingFile() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("again.img")
         try RawCreate.create(path: path, size: 8 << 20, preallocation: "full")
         try RawCreate.create(path: path, size: 1 << 20)
@@ -187,7 +188,7 @@ struct RawCreateTests {
     }
 
     @Test func unknownModeAndBadFolderAreImageErrors() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         #expect(throws: ImageError.self) { try RawCreate.create(path: scratch.file("x"), size: 1, preallocation: "metadata") }
         let error = #expect(throws: ImageError.self) {
             try RawCreate.create(path: scratch.file("no/such/dir.img"), size: 1 << 20)

@@ -3,22 +3,6 @@ import Foundation
 import ImageFormats
 import Testing
 
-/// A fresh folder under /var/tmp for raw/probe tests, removed afterwards.
-final class RawScratch {
-    let path: String
-
-    init() throws {
-        var template = Array("/var/tmp/simg-raw-XXXXXX".utf8CString)
-        let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
-        guard made != nil else { throw IOError(code: errno, operation: .create, path: "/var/tmp") }
-        path = String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }
-
-    deinit { try? FileManager.default.removeItem(atPath: path) }
-
-    func file(_ name: String) -> String { path + "/" + name }
-}
-
 struct RawToolFailure: Error, CustomStringConvertible {
     var description: String
 }

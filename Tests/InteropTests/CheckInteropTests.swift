@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// `simg check` against `qemu-img check` on identical copies of clean and deliberately broken
 /// images: same exit status, same stdout (human and JSON), same stderr lines; after a repair

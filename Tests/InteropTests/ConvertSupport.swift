@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// Helpers for the convert interop tests (owned by the convert work).
 

@@ -2,6 +2,7 @@ import DiskIO
 import Foundation
 import ImageFormats
 import Testing
+import TestSupport
 
 /// The qcow2 write path against QEMU: images written through simg must pass `qemu-img check`
 /// (no errors, no leaks) and convert to exactly the bytes the test expects.

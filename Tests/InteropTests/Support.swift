@@ -127,18 +127,6 @@ func which(_ tool: String) -> String? {
     return nil
 }
 
-/// A fresh temporary folder, removed when the value is deinitialised.
-final class TempDir {
-    let path: String
-    init() throws {
-        let base = FileManager.default.temporaryDirectory.appendingPathComponent("simg-test-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: base, withIntermediateDirectories: true)
-        path = base.path
-    }
-    func file(_ name: String) -> String { "\(path)/\(name)" }
-    deinit { try? FileManager.default.removeItem(atPath: path) }
-}
-
 /// Parses JSON output into a dictionary for field-by-field comparison.
 func jsonObject(_ text: String) throws -> [String: Any] {
     let value = try JSONSerialization.jsonObject(with: Data(text.utf8))

@@ -3,6 +3,7 @@ import Foundation
 import ImageFormats
 import Testing
 @testable import Pipeline
+import TestSupport
 
 /// The parallel compressor (order, padding, incompressible clusters) and the compressing
 /// qcow2 target end to end (checked by qemu-img check and compare).
@@ -94,7 +95,7 @@ import Testing
     /// zero clusters stay unallocated, and the file is much smaller than the data.
     @Test(arguments: ["zlib", "zstd"])
     func compressedTarget(_ compression: String) throws {
-        let dir = try CQTemp()
+        let dir = try TempDir(prefix: "simg-cq")
         let path = dir.file("out.qcow2")
         let cs = 65536
         let size = 40 * cs + 12_800
@@ -152,7 +153,7 @@ import Testing
     }
 
     @Test func refusesExternalDataFile() throws {
-        let dir = try CQTemp()
+        let dir = try TempDir(prefix: "simg-cq")
         let path = dir.file("d.qcow2")
         try ImageCreator.create(CreateRequest(format: .qcow2, path: path, size: 1 << 20,
                                               options: [CreateOption(name: "data_file", value: dir.file("d.raw"))]),
@@ -161,17 +162,6 @@ import Testing
         defer { try? image.close() }
         #expect(throws: ImageError.self) { _ = try QCOW2CompressedTarget(image: image, startsZeroed: true) }
     }
-}
-
-/// A temporary folder for these tests.
-final class CQTemp {
-    let path: String
-    init() throws {
-        path = NSTemporaryDirectory() + "simg-cq-" + UUID().uuidString
-        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-    }
-    func file(_ name: String) -> String { path + "/" + name }
-    deinit { try? FileManager.default.removeItem(atPath: path) }
 }
 
 struct CQToolFailure: Error, CustomStringConvertible { var description: String }
@@ -231,7 +221,7 @@ func cqQemuImg(_ arguments: [String]) throws -> String {
     /// host-contiguous extent, check and compare clean; buffered and O_DIRECT.
     @Test(arguments: [false, true])
     func freshTarget(_ direct: Bool) throws {
-        let dir = try CQTemp()
+        let dir = try TempDir(prefix: "simg-cq")
         let source = dir.file("s.raw"), output = dir.file("o.qcow2")
         try Self.pattern(source, offset: 1 << 20, count: 48 << 20, seed: 5)
         try Self.pattern(source, offset: (60 << 20) + 4096, count: 70_000, seed: 6)
@@ -252,7 +242,7 @@ func cqQemuImg(_ arguments: [String]) throws -> String {
 
     /// Into an image that already has data (-n): falls back to QCOW2Image.write.
     @Test func existingTarget() throws {
-        let dir = try CQTemp()
+        let dir = try TempDir(prefix: "simg-cq")
         let source = dir.file("s.raw"), output = dir.file("o.qcow2")
         try Self.pattern(source, offset: 0, count: 3 << 20, seed: 7)
         _ = truncate(source, off_t(8 << 20))

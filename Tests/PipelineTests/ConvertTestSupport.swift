@@ -3,17 +3,6 @@ import Foundation
 import ImageFormats
 @testable import Pipeline
 
-/// A temporary folder removed when the value goes away.
-final class PipelineTempDir {
-    let path: String
-    init() throws {
-        path = FileManager.default.temporaryDirectory.appendingPathComponent("simg-pipeline-\(UUID().uuidString)").path
-        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-    }
-    func file(_ name: String) -> String { "\(path)/\(name)" }
-    deinit { try? FileManager.default.removeItem(atPath: path) }
-}
-
 /// Deterministic non-zero bytes.
 func pipelinePattern(_ count: Int, seed: UInt8) -> [UInt8] {
     var x = UInt32(seed) &* 2654435761 &+ 7
