@@ -12,17 +12,6 @@ func openDirect(_ path: String, access: DiskFile.Access = .readWrite) throws -> 
     }
 }
 
-/// Deterministic test bytes: each byte depends on the seed and its position.
-func pattern(seed: UInt64, count: Int) -> [UInt8] {
-    var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1
-    return (0..<count).map { _ in
-        state ^= state << 13
-        state ^= state >> 7
-        state ^= state << 17
-        return UInt8(truncatingIfNeeded: state)
-    }
-}
-
 /// A small deterministic generator, so failures reproduce.
 struct SeededGenerator: RandomNumberGenerator {
     var state: UInt64

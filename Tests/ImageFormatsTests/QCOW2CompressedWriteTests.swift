@@ -11,19 +11,8 @@ import TestSupport
     /// Cluster `index` of a test pattern: `ratio` of it is pseudo-random (incompressible),
     /// the rest repeated text. ratio 1 gives incompressible clusters.
     static func pattern(_ index: Int, size: Int, ratio: Double) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: size)
-        var x = UInt64(index + 1) &* 0x9E37_79B9_7F4A_7C15
-        let randomBytes = Int(Double(size) * ratio)
-        let text = Array("cluster \(index) says hello to the compressor; ".utf8)
-        for i in 0..<size {
-            if i < randomBytes {
-                x ^= x << 13; x ^= x >> 7; x ^= x << 17
-                out[i] = UInt8(truncatingIfNeeded: x)
-            } else {
-                out[i] = text[i % text.count]
-            }
-        }
-        return out
+        compressibleBytes(size: size, seed: UInt64(index + 1), randomFraction: ratio,
+                          text: "cluster \(index) says hello to the compressor; ")
     }
 
     static func create(_ path: String, size: UInt64, options: [(String, String)]) throws {

@@ -9,19 +9,8 @@ import TestSupport
 /// qcow2 target end to end (checked by qemu-img check and compare).
 @Suite struct CompressPoolTests {
     static func cluster(_ index: Int, size: Int, randomFraction: Double) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: size)
-        var x = UInt64(index + 7) &* 0x9E37_79B9_7F4A_7C15
-        let random = Int(Double(size) * randomFraction)
-        let text = Array("pool test cluster \(index) ".utf8)
-        for i in 0..<size {
-            if i < random {
-                x ^= x << 13; x ^= x >> 7; x ^= x << 17
-                out[i] = UInt8(truncatingIfNeeded: x)
-            } else {
-                out[i] = text[i % text.count]
-            }
-        }
-        return out
+        compressibleBytes(size: size, seed: UInt64(index + 7), randomFraction: randomFraction,
+                          text: "pool test cluster \(index) ")
     }
 
     @Test(arguments: [(QCOW2Compression.zlib, 1), (.zlib, 3), (.zstd, 4)])
@@ -193,17 +182,7 @@ func cqQemuImg(_ arguments: [String]) throws -> String {
 @Suite struct QCOW2AsyncTargetTests {
     /// Writes `count` pseudo-random bytes at `offset` of a raw file (growing it).
     static func pattern(_ path: String, offset: UInt64, count: Int, seed: UInt64) throws {
-        var bytes = [UInt8](repeating: 0, count: count)
-        var x = seed &* 0x9E37_79B9_7F4A_7C15 | 1
-        for i in 0..<count {
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17
-            bytes[i] = UInt8(truncatingIfNeeded: x) | 1
-        }
-        if !FileManager.default.fileExists(atPath: path) { FileManager.default.createFile(atPath: path, contents: nil) }
-        let handle = try #require(FileHandle(forWritingAtPath: path))
-        defer { try? handle.close() }
-        try handle.seek(toOffset: offset)
-        handle.write(Data(bytes))
+        try writeBytes(TestSupport.pattern(seed: seed, count: count, nonZero: true), to: path, at: offset)
     }
 
     static func convert(_ source: String, to output: String, direct: Bool) throws -> QCOW2AsyncTarget {
