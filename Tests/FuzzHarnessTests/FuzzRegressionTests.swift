@@ -161,19 +161,6 @@ func fuzzRegressionFiles() -> [URL] {
         .map { fuzzRegressionsFolder.appendingPathComponent($0) }
 }
 
-/// The simg binary under test: $SIMG if set, else the one built beside the tests.
-let fuzzSimgBinary: String = {
-    if let path = ProcessInfo.processInfo.environment["SIMG"], !path.isEmpty { return path }
-    let root = fuzzRegressionsFolder.deletingLastPathComponent().deletingLastPathComponent()
-    let bundleDir = Bundle.main.bundleURL
-    for candidate in [bundleDir.appendingPathComponent("simg"),
-                      bundleDir.deletingLastPathComponent().appendingPathComponent("simg"),
-                      root.appendingPathComponent(".build/debug/simg")] {
-        if FileManager.default.isExecutableFile(atPath: candidate.path) { return candidate.path }
-    }
-    return root.appendingPathComponent(".build/debug/simg").path
-}()
-
 struct FuzzProcessResult {
     var status: Int32
     var stderr: String
@@ -197,7 +184,7 @@ enum FuzzToolError: Error, CustomStringConvertible {
 /// Runs simg with output to files (no pipe to drain), killing it after a generous limit:
 /// a hang is a failure, a signal is a failure.
 func fuzzRunSimg(_ arguments: [String], in directory: String) throws -> FuzzProcessResult {
-    try fuzzRun(fuzzSimgBinary, arguments, in: directory)
+    try fuzzRun(simgBinary, arguments, in: directory)
 }
 
 func fuzzRun(_ program: String, _ arguments: [String], in directory: String? = nil) throws -> FuzzProcessResult {

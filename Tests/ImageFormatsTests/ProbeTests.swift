@@ -18,7 +18,7 @@ struct ProbeTests {
     func refusesOtherFormatsByName(format: String, options: [String]) throws {
         let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("x.\(format)")
-        try rawQemuImg(["create", "-q", "-f", format] + options + [path, "1M"])
+        try qemuImgOutput(["create", "-q", "-f", format] + options + [path, "1M"])
         let error = #expect(throws: UnsupportedFormatError.self) { try probe(path) }
         #expect(error?.format == format)
         #expect(error?.description == "'\(path)' is a \(format) image; that format is not supported yet")
@@ -28,7 +28,7 @@ struct ProbeTests {
         let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         for compat in ["0.10", "1.1"] {
             let path = scratch.file("v\(compat).qcow2")
-            try rawQemuImg(["create", "-q", "-f", "qcow2", "-o", "compat=\(compat)", path, "1M"])
+            try qemuImgOutput(["create", "-q", "-f", "qcow2", "-o", "compat=\(compat)", path, "1M"])
             #expect(try probe(path) == .qcow2)
             #expect(try probe(path, direct: true) == .qcow2)
         }
@@ -89,8 +89,8 @@ struct ProbeTests {
         let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         for format in ["vdi", "qed", "vhdx"] {
             let path = scratch.file("agree.\(format)")
-            try rawQemuImg(["create", "-q", "-f", format, path, "1M"])
-            let info = try rawQemuImg(["info", "--output=json", path])
+            try qemuImgOutput(["create", "-q", "-f", format, path, "1M"])
+            let info = try qemuImgOutput(["info", "--output=json", path])
             #expect(info.contains("\"format\": \"\(format)\""))
             #expect((#expect(throws: UnsupportedFormatError.self) { try probe(path) })?.format == format)
         }

@@ -45,10 +45,10 @@ import TestSupport
     }
 
     static func check(_ path: String, expected: [UInt8], scratch: TempDir) throws {
-        try rawQemuImg(["check", "-f", "qcow2", path])
+        try qemuImgOutput(["check", "-f", "qcow2", path])
         let raw = scratch.file("expected.raw")
         try Data(expected).write(to: URL(fileURLWithPath: raw))
-        try rawQemuImg(["compare", "-f", "qcow2", "-F", "raw", path, raw])
+        try qemuImgOutput(["compare", "-f", "qcow2", "-F", "raw", path, raw])
         // And through simg's own read path.
         let image = try QCOW2Image.open(path: path)
         defer { try? image.close() }

@@ -41,7 +41,7 @@ struct RawImageTests {
         #expect(back == data)
         try image.close()
         // qemu-img reads the same bytes.
-        try rawQemuImg(["convert", "-f", "raw", "-O", "raw", path, path + ".out"])
+        try qemuImgOutput(["convert", "-f", "raw", "-O", "raw", path, path + ".out"])
         let copy = try DiskFile.open(path + ".out", access: .readOnly)
         #expect(try copy.readBytes(count: 10000, at: 5000) == data)
         #expect(try copy.readBytes(count: 5000, at: 0).allSatisfy { $0 == 0 })
@@ -97,7 +97,7 @@ struct RawImageTests {
         #expect(try image.blockStatus(at: mib + 7, length: 10) == Extent(offset: mib + 7, length: 10, kind: .hole))
         #expect(throws: ImageError.self) { try image.blockStatus(at: 4 * mib, length: 1) }
         // qemu-img map agrees on what is data.
-        let map = try rawQemuImg(["map", "--output=json", "-f", "raw", path])
+        let map = try qemuImgOutput(["map", "--output=json", "-f", "raw", path])
         #expect(map.contains("\"start\": 1048576, \"length\": 1048576, \"depth\": 0, \"present\": true, \"zero\": true, \"data\": false"))
         try image.close()
     }
@@ -114,7 +114,7 @@ struct RawImageTests {
         #expect(info.actualSize == (try rawStat(path).allocated))
         #expect(info.dirtyFlag == false)
         #expect(info.clusterSize == nil && info.backingFilename == nil && info.formatSpecific == nil)
-        let json = try rawQemuImg(["info", "--output=json", "-f", "raw", path])
+        let json = try qemuImgOutput(["info", "--output=json", "-f", "raw", path])
         #expect(json.contains("\"virtual-size\": \(3 << 20)"))
         #expect(json.contains("\"actual-size\": \(info.actualSize!)"))
         #expect(json.contains("\"dirty-flag\": false"))
@@ -164,15 +164,15 @@ struct RawCreateTests {
             let ours = scratch.file("simg-\(size).img")
             let theirs = scratch.file("qemu-\(size).img")
             try RawCreate.create(path: ours, size: size, preallocation: preallocation)
-            try rawQemuImg(["create", "-q", "-f", "raw", "-o", "preallocation=\(preallocation)", theirs, "\(size)"])
+            try qemuImgOutput(["create", "-q", "-f", "raw", "-o", "preallocation=\(preallocation)", theirs, "\(size)"])
             let a = try rawStat(ours), b = try rawStat(theirs)
             #expect(a.size == b.size, "size \(size), \(preallocation)")
             #expect(a.allocated == b.allocated, "allocation for size \(size), \(preallocation)")
             // (Not for falloc: whether unwritten extents count as data there depends on what
             // is in the page cache, so qemu-img map of two identical files can differ.)
             if preallocation != "falloc" {
-                let map = try rawQemuImg(["map", "--output=json", "-f", "raw", ours])
-                let qemuMap = try rawQemuImg(["map", "--output=json", "-f", "raw", theirs])
+                let map = try qemuImgOutput(["map", "--output=json", "-f", "raw", ours])
+                let qemuMap = try qemuImgOutput(["map", "--output=json", "-f", "raw", theirs])
                 #expect(map == qemuMap, "qemu-img map for size \(size), \(preallocation)")
             }
         }

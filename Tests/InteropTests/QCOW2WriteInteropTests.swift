@@ -9,14 +9,9 @@ import TestSupport
 @Suite struct QCOW2WriteInteropTests {
     /// A deterministic generator (xorshift64*), so failures reproduce.
     struct Random {
-        var state: UInt64
-        init(seed: UInt64) { state = seed == 0 ? 0x9E37_79B9_7F4A_7C15 : seed }
-        mutating func next() -> UInt64 {
-            state ^= state >> 12
-            state ^= state << 25
-            state ^= state >> 27
-            return state &* 2_685_821_657_736_338_717
-        }
+        var generator: XorShift64Star
+        init(seed: UInt64) { generator = XorShift64Star(state: seed == 0 ? 0x9E37_79B9_7F4A_7C15 : seed) }
+        mutating func next() -> UInt64 { generator.next() }
         mutating func below(_ n: UInt64) -> UInt64 { n == 0 ? 0 : next() % n }
         mutating func bytes(_ count: Int) -> [UInt8] {
             var out = [UInt8](repeating: 0, count: count)

@@ -1,24 +1,8 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// Shared helpers for tests that drive the built `simg` binary and QEMU's tools.
-
-/// The repository root, found from this file's path (Tests/InteropTests/Support.swift).
-let repositoryRoot: URL = URL(fileURLWithPath: #filePath)
-    .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-
-/// The simg binary under test: $SIMG if set, else the debug build beside the tests.
-let simgBinary: String = {
-    if let path = ProcessInfo.processInfo.environment["SIMG"], !path.isEmpty { return path }
-    // The test bundle lives in the same build folder as the executable.
-    let bundleDir = Bundle.main.bundleURL
-    for candidate in [bundleDir.appendingPathComponent("simg"),
-                      bundleDir.deletingLastPathComponent().appendingPathComponent("simg"),
-                      repositoryRoot.appendingPathComponent(".build/debug/simg")] {
-        if FileManager.default.isExecutableFile(atPath: candidate.path) { return candidate.path }
-    }
-    return repositoryRoot.appendingPathComponent(".build/debug/simg").path
-}()
 
 struct ProcessResult {
     var status: Int32

@@ -120,15 +120,15 @@ import TestSupport
         #expect(target.zeroClusters == 19)
         #expect(target.compressedClusters == 21)
 
-        try cqQemuImg(["check", path])
+        try qemuImgOutput(["check", path])
         let raw = dir.file("expected.raw")
         try Data(expected).write(to: URL(fileURLWithPath: raw))
-        try cqQemuImg(["compare", "-f", "qcow2", "-F", "raw", path, raw])
+        try qemuImgOutput(["compare", "-f", "qcow2", "-F", "raw", path, raw])
         // qemu-img 7.2's human map refuses images with compressed clusters: proof they are there.
         do {
-            try cqQemuImg(["map", path])
+            try qemuImgOutput(["map", path])
             Issue.record("qemu-img map found no compressed clusters")
-        } catch let failure as CQToolFailure {
+        } catch let failure as QemuImgFailure {
             #expect(failure.description.contains("compressed clusters"))
         }
         var st = stat()
@@ -137,7 +137,7 @@ import TestSupport
         // 4 metadata clusters, an L2 table, two clusters of streams (21 x ~3.4 KiB), one raw
         // cluster: far below the 22 data clusters written.
         #expect(Int(st.st_size) <= 8 * cs)
-        let info = try cqQemuImg(["info", "--output=json", path])
+        let info = try qemuImgOutput(["info", "--output=json", path])
         #expect(info.contains("\"compression-type\": \"\(compression)\""))
     }
 
@@ -151,30 +151,6 @@ import TestSupport
         defer { try? image.close() }
         #expect(throws: ImageError.self) { _ = try QCOW2CompressedTarget(image: image, startsZeroed: true) }
     }
-}
-
-struct CQToolFailure: Error, CustomStringConvertible { var description: String }
-
-/// Runs qemu-img (a missing qemu-img fails the test) and returns stdout; nonzero exit throws.
-@discardableResult
-func cqQemuImg(_ arguments: [String]) throws -> String {
-    guard let tool = ["/usr/bin/qemu-img", "/usr/local/bin/qemu-img"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
-        throw CQToolFailure(description: "qemu-img is not installed")
-    }
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: tool)
-    process.arguments = arguments
-    let out = Pipe(), err = Pipe()
-    process.standardOutput = out
-    process.standardError = err
-    try process.run()
-    let outData = out.fileHandleForReading.readDataToEndOfFile()
-    let errData = err.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else {
-        throw CQToolFailure(description: "qemu-img \(arguments.joined(separator: " ")) exited \(process.terminationStatus): \(String(decoding: outData + errData, as: UTF8.self))")
-    }
-    return String(decoding: outData, as: UTF8.self)
 }
 
 /// The qcow2 target whose data the pipeline writes itself (asynchronously), driven by the
@@ -211,9 +187,9 @@ func cqQemuImg(_ arguments: [String]) throws -> String {
         #expect(target.asyncWrites >= 48)
         // Only the short last chunk may need `write` (O_DIRECT cannot write it as is).
         #expect(target.fallbackWrites <= (direct ? 1 : 0))
-        try cqQemuImg(["check", output])
-        try cqQemuImg(["compare", "-f", "raw", "-F", "qcow2", source, output])
-        let map = try cqQemuImg(["map", "--output=json", output])
+        try qemuImgOutput(["check", output])
+        try qemuImgOutput(["compare", "-f", "raw", "-F", "qcow2", source, output])
+        let map = try qemuImgOutput(["map", "--output=json", output])
         let dataLines = map.split(separator: "\n").filter { $0.contains("\"data\": true") }
         #expect(dataLines.count == 2, "\(map)")
         #expect(dataLines.first?.contains("\"start\": 1048576, \"length\": 50331648") == true, "\(map)")
@@ -226,14 +202,14 @@ func cqQemuImg(_ arguments: [String]) throws -> String {
         try Self.pattern(source, offset: 0, count: 3 << 20, seed: 7)
         _ = truncate(source, off_t(8 << 20))
         try ImageCreator.create(CreateRequest(format: .qcow2, path: output, size: 8 << 20), announce: { _ in })
-        try cqQemuImg(["convert", "-n", "-f", "raw", "-O", "qcow2", source, output])  // same data, allocated
+        try qemuImgOutput(["convert", "-n", "-f", "raw", "-O", "qcow2", source, output])  // same data, allocated
         try Self.pattern(source, offset: 1 << 20, count: 1 << 20, seed: 8)
         let image = try QCOW2Image.open(path: output, writable: true)
         let target = QCOW2AsyncTarget(image: image, startsZeroed: false)
         try ConvertPipeline(sources: [try ImageOpener.open(source, options: OpenOptions(format: .raw))],
                             target: target, options: ConvertOptions()).run()
         #expect(target.fallbackWrites > 0)
-        try cqQemuImg(["check", output])
-        try cqQemuImg(["compare", "-f", "raw", "-F", "qcow2", source, output])
+        try qemuImgOutput(["check", output])
+        try qemuImgOutput(["compare", "-f", "raw", "-F", "qcow2", source, output])
     }
 }

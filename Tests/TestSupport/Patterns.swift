@@ -64,3 +64,16 @@ public struct TestFileError: Error, CustomStringConvertible {
     public let path: String
     public var description: String { "cannot open \(path) for writing" }
 }
+
+/// xorshift64* (shifts 12, 25, 27, then a multiply): better low bits than plain xorshift64, for
+/// tests that draw offsets and sizes with `%`. `state` must not be zero.
+public struct XorShift64Star {
+    public var state: UInt64
+    public init(state: UInt64) { self.state = state }
+    public mutating func next() -> UInt64 {
+        state ^= state >> 12
+        state ^= state << 25
+        state ^= state >> 27
+        return state &* 2_685_821_657_736_338_717
+    }
+}
