@@ -104,7 +104,7 @@ import TestSupport
         #expect(status.kind == .compressed)
         try image.alignFileEndToSector()
         try image.close()
-        #expect(try rawStat(path).size % 512 == 0)
+        #expect(try fileSizes(path).size % 512 == 0)
         try Self.check(path, expected: expected, scratch: scratch)
     }
 

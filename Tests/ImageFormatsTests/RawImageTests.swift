@@ -111,7 +111,7 @@ struct RawImageTests {
         #expect(info.filename == path)
         #expect(info.format == "raw")
         #expect(info.virtualSize == 3 << 20)
-        #expect(info.actualSize == (try rawStat(path).allocated))
+        #expect(info.actualSize == (try fileSizes(path).allocated))
         #expect(info.dirtyFlag == false)
         #expect(info.clusterSize == nil && info.backingFilename == nil && info.formatSpecific == nil)
         let json = try qemuImgOutput(["info", "--output=json", "-f", "raw", path])
@@ -150,7 +150,7 @@ struct RawImageTests {
         let image = try RawImage.open(path: path, writable: true, direct: false)
         try image.resize(to: 3 << 20)
         #expect(image.virtualSize == 3 << 20)
-        #expect(try rawStat(path).size == 3 << 20)
+        #expect(try fileSizes(path).size == 3 << 20)
     }
 }
 
@@ -165,7 +165,7 @@ struct RawCreateTests {
             let theirs = scratch.file("qemu-\(size).img")
             try RawCreate.create(path: ours, size: size, preallocation: preallocation)
             try qemuImgOutput(["create", "-q", "-f", "raw", "-o", "preallocation=\(preallocation)", theirs, "\(size)"])
-            let a = try rawStat(ours), b = try rawStat(theirs)
+            let a = try fileSizes(ours), b = try fileSizes(theirs)
             #expect(a.size == b.size, "size \(size), \(preallocation)")
             #expect(a.allocated == b.allocated, "allocation for size \(size), \(preallocation)")
             // (Not for falloc: whether unwritten extents count as data there depends on what
@@ -183,8 +183,8 @@ struct RawCreateTests {
         let path = scratch.file("again.img")
         try RawCreate.create(path: path, size: 8 << 20, preallocation: "full")
         try RawCreate.create(path: path, size: 1 << 20)
-        #expect(try rawStat(path).size == 1 << 20)
-        #expect(try rawStat(path).allocated == 4096)
+        #expect(try fileSizes(path).size == 1 << 20)
+        #expect(try fileSizes(path).allocated == 4096)
     }
 
     @Test func unknownModeAndBadFolderAreImageErrors() throws {

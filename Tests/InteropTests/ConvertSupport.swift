@@ -5,11 +5,7 @@ import TestSupport
 /// Helpers for the convert interop tests (owned by the convert work).
 
 /// Bytes allocated on disk for `path` (st_blocks * 512).
-func convertAllocatedBytes(_ path: String) throws -> UInt64 {
-    var st = stat()
-    guard stat(path, &st) == 0 else { throw ToolError.missing(path) }
-    return UInt64(st.st_blocks) * 512
-}
+func convertAllocatedBytes(_ path: String) throws -> UInt64 { try fileSizes(path).allocated }
 
 /// Writes `count` bytes of a deterministic, non-zero, non-repeating pattern at `offset`
 /// (growing the file as needed).

@@ -53,16 +53,17 @@ public func nonZeroBytes(_ count: Int, seed: UInt8, salt: UInt32) -> [UInt8] {
 /// Writes `bytes` at `offset` of the file at `path`, creating it or growing it as needed.
 public func writeBytes(_ bytes: [UInt8], to path: String, at offset: UInt64) throws {
     if !FileManager.default.fileExists(atPath: path) { FileManager.default.createFile(atPath: path, contents: nil) }
-    guard let handle = FileHandle(forWritingAtPath: path) else { throw TestFileError(path: path) }
+    guard let handle = FileHandle(forWritingAtPath: path) else { throw TestFileError(path: path, reason: "cannot open it for writing") }
     defer { try? handle.close() }
     try handle.seek(toOffset: offset)
     handle.write(Data(bytes))
 }
 
-/// A test file could not be opened for writing.
+/// A test file could not be opened or examined; names it and why.
 public struct TestFileError: Error, CustomStringConvertible {
     public let path: String
-    public var description: String { "cannot open \(path) for writing" }
+    public let reason: String
+    public var description: String { "\(path): \(reason)" }
 }
 
 /// xorshift64* (shifts 12, 25, 27, then a multiply): better low bits than plain xorshift64, for

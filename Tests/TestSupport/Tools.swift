@@ -50,3 +50,10 @@ public func qemuImgOutput(_ arguments: [String]) throws -> String {
     }
     return String(decoding: outData, as: UTF8.self)
 }
+
+/// A file's size and the bytes allocated for it on disk (st_blocks * 512), via stat.
+public func fileSizes(_ path: String) throws -> (size: UInt64, allocated: UInt64) {
+    var st = stat()
+    guard stat(path, &st) == 0 else { throw TestFileError(path: path, reason: "stat failed: \(String(cString: strerror(errno)))") }
+    return (UInt64(st.st_size), UInt64(st.st_blocks) * 512)
+}
