@@ -25,11 +25,15 @@ let package = Package(
         // the libFuzzer target in Fuzz/ (`make fuzz`) and the regression replay in `make test`.
         .target(name: "FuzzHarness", dependencies: ["ImageFormats", "DiskIO"]),
 
-        .testTarget(name: "DiskIOTests", dependencies: ["DiskIO"]),
-        .testTarget(name: "ImageFormatsTests", dependencies: ["ImageFormats", "DiskIO"]),
-        .testTarget(name: "PipelineTests", dependencies: ["Pipeline", "ImageFormats", "DiskIO"]),
-        .testTarget(name: "SimgCLITests", dependencies: ["SimgCLI", "ImageFormats"]),
-        .testTarget(name: "InteropTests", dependencies: ["ImageFormats", "DiskIO"]),
-        .testTarget(name: "FuzzHarnessTests", dependencies: ["FuzzHarness", "ImageFormats", "DiskIO"]),
+        // Helpers the test targets share (temporary folders, ...). Only test targets depend on it,
+        // so nothing of it reaches the simg executable.
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
+
+        .testTarget(name: "DiskIOTests", dependencies: ["DiskIO", "TestSupport"]),
+        .testTarget(name: "ImageFormatsTests", dependencies: ["ImageFormats", "DiskIO", "TestSupport"]),
+        .testTarget(name: "PipelineTests", dependencies: ["Pipeline", "ImageFormats", "DiskIO", "TestSupport"]),
+        .testTarget(name: "SimgCLITests", dependencies: ["SimgCLI", "ImageFormats", "TestSupport"]),
+        .testTarget(name: "InteropTests", dependencies: ["ImageFormats", "DiskIO", "TestSupport"]),
+        .testTarget(name: "FuzzHarnessTests", dependencies: ["FuzzHarness", "ImageFormats", "DiskIO", "TestSupport"]),
     ]
 )

@@ -2,6 +2,7 @@ import CLibAIO
 @testable import DiskIO
 import Foundation
 import Testing
+import TestSupport
 
 /// No kernel completion is ever dropped: an event's request is named by the slot index in its
 /// data word (an integer, so it cannot be nil), and an event naming no request in flight makes
@@ -24,7 +25,7 @@ struct AIOEventTests {
 
     /// Events whose iocb pointer is nil still complete their requests.
     @Test func eventsWithoutAnIocbPointerStillComplete() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = folder.file("nil-obj")
         try DiskFile.create(path).write(pattern(seed: 3, count: 4 * 4096), at: 0)
         let file = try openDirect(path, access: .readOnly)
@@ -47,7 +48,7 @@ struct AIOEventTests {
     /// An event that names no request: the others complete, then waiting for the lost one
     /// throws (before, `drain` and the convert pipeline spun for ever).
     @Test func anEventForNoRequestEndsTheWaitWithAnError() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = folder.file("lost")
         try DiskFile.create(path).truncate(to: 4 * 4096)
         let file = try openDirect(path, access: .readOnly)

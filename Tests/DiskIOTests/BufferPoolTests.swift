@@ -1,6 +1,7 @@
 import DiskIO
 import Foundation
 import Testing
+import TestSupport
 
 @Suite("Aligned buffers and the buffer pool")
 struct BufferPoolTests {
@@ -16,7 +17,7 @@ struct BufferPoolTests {
     }
 
     @Test func alignedBufferForDirectFile() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = folder.file("x")
         _ = try DiskFile.create(path)
         let file = try openDirect(path)

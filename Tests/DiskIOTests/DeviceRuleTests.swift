@@ -2,6 +2,7 @@ import DiskIO
 import Foundation
 import Glibc
 import Testing
+import TestSupport
 
 /// The never-delete rule and the device rule at the DiskIO level: what `truncate`,
 /// `DiskFile.create`, `CreatedFiles`, `FileRemoval`, `reopen` and `FileIdentity` do with device
@@ -28,7 +29,7 @@ struct DeviceRuleTests {
 
     @Test("create and truncate never cut a character device; growing it is DeviceSizeError")
     func characterDeviceKeepsItsSize() throws {
-        let dir = try ScratchFolder()
+        let dir = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let null = dir.file("null")
         try node(null, S_IFCHR, rdev(1, 3))
         let file = try DiskFile.create(null)  // truncates a regular file to 0: a no-op here
@@ -43,7 +44,7 @@ struct DeviceRuleTests {
 
     @Test("CreatedFiles removes the regular file it recorded, through a link only the link")
     func removesWhatItCreated() throws {
-        let dir = try ScratchFolder()
+        let dir = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let plain = dir.file("plain.img")
         let target = dir.file("target.img"), link = dir.file("link.img")
         FileManager.default.createFile(atPath: target, contents: Data("old".utf8))
@@ -64,7 +65,7 @@ struct DeviceRuleTests {
 
     @Test("CreatedFiles never removes a device, a link to one, or a file that replaced its own")
     func neverRemovesWhatItDidNotCreate() throws {
-        let dir = try ScratchFolder()
+        let dir = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let null = dir.file("null"), link = dir.file("null-link"), block = dir.file("block")
         try node(null, S_IFCHR, rdev(1, 3))
         try node(block, S_IFBLK, rdev(7, 250))  // a loop minor nothing uses: never opened
@@ -97,7 +98,7 @@ struct DeviceRuleTests {
 
     @Test("reopen reaches the open file, not whatever its name leads to now")
     func reopenFollowsTheInode() throws {
-        let dir = try ScratchFolder()
+        let dir = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = dir.file("t.img"), moved = dir.file("moved.img")
         let file = try DiskFile.create(path)
         defer { file.close() }
@@ -119,7 +120,7 @@ struct DeviceRuleTests {
 
     @Test("two nodes of one block device are one file; of different devices, two")
     func blockDeviceIdentityIsTheDevice() throws {
-        let dir = try ScratchFolder()
+        let dir = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let a = dir.file("a"), b = dir.file("b"), c = dir.file("c")
         try node(a, S_IFBLK, rdev(7, 251))
         try node(b, S_IFBLK, rdev(7, 251))

@@ -1,11 +1,12 @@
 import DiskIO
 import Foundation
 import Testing
+import TestSupport
 
 @Suite("DiskFile")
 struct DiskFileTests {
     @Test func shortReadAtEndOfFile() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let file = try DiskFile.create(folder.file("a"))
         try file.write(pattern(seed: 1, count: 1000), at: 0)
         var buffer = [UInt8](repeating: 0xAA, count: 600)
@@ -20,7 +21,7 @@ struct DiskFileTests {
     }
 
     @Test func readExactlyFailsAtEndOfFile() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = folder.file("b")
         let file = try DiskFile.create(path)
         try file.write([UInt8](repeating: 7, count: 100), at: 0)
@@ -36,7 +37,7 @@ struct DiskFileTests {
     }
 
     @Test func punchHoleThenSeekDataAndHole() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let file = try DiskFile.create(folder.file("c"))
         let mib = 1 << 20
         try file.write([UInt8](repeating: 0x55, count: 4 * mib), at: 0)
@@ -55,7 +56,7 @@ struct DiskFileTests {
     }
 
     @Test func nextDataPastLastDataIsNil() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let file = try DiskFile.create(folder.file("d"))
         try file.write([1, 2, 3], at: 0)
         try file.truncate(to: 8 << 20)
@@ -63,7 +64,7 @@ struct DiskFileTests {
     }
 
     @Test func truncateGrowsAndShrinks() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let file = try DiskFile.create(folder.file("e"))
         try file.truncate(to: 10 << 20)
         #expect(try file.size() == 10 << 20)
@@ -75,7 +76,7 @@ struct DiskFileTests {
     }
 
     @Test func allocateAndZeroRange() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let file = try DiskFile.create(folder.file("f"))
         try file.allocate(at: 0, length: 1 << 20)
         #expect(try file.size() == 1 << 20)
@@ -125,7 +126,7 @@ struct DiskFileTests {
 
     @Test(arguments: HugeOperation.allCases)
     func offsetPastTheLargestFileOffsetIsAnError(_ operation: HugeOperation) throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = folder.file("huge")
         let file = try DiskFile.create(path)
         try file.write([UInt8](repeating: 0x33, count: 8192), at: 0)
@@ -152,7 +153,7 @@ struct DiskFileTests {
     }
 
     @Test func openMissingFileNamesIt() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = folder.file("missing")
         let error = #expect(throws: IOError.self) { try DiskFile.open(path, access: .readOnly) }
         #expect(error?.code == ENOENT)

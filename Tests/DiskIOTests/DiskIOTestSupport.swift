@@ -2,23 +2,6 @@ import DiskIO
 import Foundation
 import Testing
 
-/// A fresh folder under /var/tmp (ext4 here, so O_DIRECT, holes and fallocate all work),
-/// removed when the object goes away.
-final class ScratchFolder {
-    let path: String
-
-    init() throws {
-        var template = Array("/var/tmp/simg-diskio-XXXXXX".utf8CString)
-        let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
-        guard made != nil else { throw IOError(code: errno, operation: .create, path: "/var/tmp") }
-        path = String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }
-
-    deinit { try? FileManager.default.removeItem(atPath: path) }
-
-    func file(_ name: String) -> String { path + "/" + name }
-}
-
 /// Opens `path` with O_DIRECT, failing the test with a clear message if the file system refuses.
 func openDirect(_ path: String, access: DiskFile.Access = .readWrite) throws -> DiskFile {
     do {
@@ -26,17 +9,6 @@ func openDirect(_ path: String, access: DiskFile.Access = .readWrite) throws -> 
     } catch let error as IOError where error.code == EINVAL {
         Issue.record("the file system holding \(path) refuses O_DIRECT: \(error)")
         throw error
-    }
-}
-
-/// Deterministic test bytes: each byte depends on the seed and its position.
-func pattern(seed: UInt64, count: Int) -> [UInt8] {
-    var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1
-    return (0..<count).map { _ in
-        state ^= state << 13
-        state ^= state >> 7
-        state ^= state << 17
-        return UInt8(truncatingIfNeeded: state)
     }
 }
 

@@ -1,6 +1,7 @@
 import DiskIO
 import Glibc
 import Testing
+import TestSupport
 
 @Suite("File names as bytes")
 struct FileNameTests {
@@ -37,7 +38,7 @@ struct FileNameTests {
     /// A name that is not UTF-8 reaches open(2) whole: a file made under it opens, and the
     /// U+FFFD spelling of it does not exist.
     @Test func opensTheFileOfThoseBytes() throws {
-        let dir = try ScratchFolder()
+        let dir = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let name = dir.path + "/" + FileName.decode([0x62, 0x61, 0x64, 0xFF])
         let created = try DiskFile.create(name, lock: nil)
         created.close()

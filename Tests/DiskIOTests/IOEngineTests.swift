@@ -1,6 +1,7 @@
 import DiskIO
 import Foundation
 import Testing
+import TestSupport
 
 enum EngineKind: String, CaseIterable, CustomTestStringConvertible {
     case aioDirect, aioBuffered, threadsBuffered, threadsDirect
@@ -35,7 +36,7 @@ struct IOEngineTests {
 
     @Test(arguments: EngineKind.allCases)
     func randomWritesThenReads(kind: EngineKind) throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = folder.file("data")
         try DiskFile.create(path).truncate(to: 4 << 20)
         let file = try kind.open(path)
@@ -81,7 +82,7 @@ struct IOEngineTests {
 
     @Test(arguments: EngineKind.allCases)
     func submitAcceptsOnlyFreeSlotsAndReapsInParts(kind: EngineKind) throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = folder.file("parts")
         try DiskFile.create(path).truncate(to: 1 << 20)
         let file = try kind.open(path)
@@ -120,7 +121,7 @@ struct IOEngineTests {
 
     @Test(arguments: EngineKind.allCases)
     func readPastEndOfFileIsShort(kind: EngineKind) throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = folder.file("short")
         // 10000 bytes: the last block is partly past the end, and so not aligned for O_DIRECT.
         try DiskFile.create(path).write(pattern(seed: 9, count: 10000), at: 0)
@@ -138,7 +139,7 @@ struct IOEngineTests {
 
     @Test(arguments: EngineKind.allCases)
     func writeToReadOnlyFileFailsWithEBADF(kind: EngineKind) throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = folder.file("readonly")
         try DiskFile.create(path).truncate(to: 65536)
         let file = try kind.open(path, access: .readOnly)
@@ -163,7 +164,7 @@ struct IOEngineTests {
     }
 
     @Test func directWriteAtUnalignedOffsetFailsWithEINVAL() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = folder.file("unaligned")
         try DiskFile.create(path).truncate(to: 65536)
         let file = try openDirect(path)
@@ -194,7 +195,7 @@ struct IOEngineTests {
     }
 
     @Test func shutdownWaitsForOutstandingWrites() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = folder.file("shutdown")
         try DiskFile.create(path).truncate(to: 1 << 20)
         for kind in [EngineKind.aioDirect, .threadsBuffered] {

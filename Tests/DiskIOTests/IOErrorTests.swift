@@ -1,6 +1,7 @@
 import DiskIO
 import Foundation
 import Testing
+import TestSupport
 
 /// Callers tell failures apart by `IOError.operation`; the messages keep the words they had
 /// when the operation was a string (qemu-img interop tests compare them byte for byte).
@@ -21,7 +22,7 @@ struct IOErrorTests {
     }
 
     @Test func failuresCarryTheOperationThatFailed() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let missing = folder.file("missing")
         let open = #expect(throws: IOError.self) { try DiskFile.open(missing, access: .readOnly) }
         #expect(open?.operation == .open)

@@ -2,6 +2,7 @@ import DiskIO
 import Glibc
 import Foundation
 import Testing
+import TestSupport
 
 /// QEMU's lock bytes on open file descriptions. Two descriptions in one process conflict just
 /// as two processes do (OFD locks belong to the description, not the process), so each test
@@ -9,7 +10,7 @@ import Testing
 @Suite("ImageLock")
 struct ImageLockTests {
     /// A small file to lock in `folder` (which must outlive the test's use of it).
-    private func scratchFile(in folder: ScratchFolder) throws -> String {
+    private func scratchFile(in folder: TempDir) throws -> String {
         let path = folder.file("img")
         let file = try DiskFile.create(path, lock: nil)
         try file.write([UInt8](repeating: 0x5A, count: 4096), at: 0)
@@ -49,7 +50,7 @@ struct ImageLockTests {
     }
 
     @Test func bytesAreQemus() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = try scratchFile(in: folder)
         defer { withExtendedLifetime(folder) {} }
         let patterns: [(ImageLock, [Int])] = [
@@ -68,7 +69,7 @@ struct ImageLockTests {
     }
 
     @Test func readersShare() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = try scratchFile(in: folder)
         defer { withExtendedLifetime(folder) {} }
         let first = try DiskFile.open(path, access: .readOnly, lock: .reader)
@@ -95,7 +96,7 @@ struct ImageLockTests {
     }
 
     @Test func writerIsRefusedWhileAReaderHoldsTheImage() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = try scratchFile(in: folder)
         defer { withExtendedLifetime(folder) {} }
         let reader = try DiskFile.open(path, access: .readOnly, lock: .reader)
@@ -112,7 +113,7 @@ struct ImageLockTests {
     }
 
     @Test func readerIsRefusedWhileAWriterHoldsTheImage() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = try scratchFile(in: folder)
         defer { withExtendedLifetime(folder) {} }
         let writer = try DiskFile.open(path, access: .readWrite, lock: .writer)
@@ -128,7 +129,7 @@ struct ImageLockTests {
     }
 
     @Test func forceShareNeitherBlocksNorIsBlocked() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = try scratchFile(in: folder)
         defer { withExtendedLifetime(folder) {} }
         let writer = try DiskFile.open(path, access: .readWrite, lock: .writer)
@@ -141,7 +142,7 @@ struct ImageLockTests {
     }
 
     @Test func twoWritersConflict() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = try scratchFile(in: folder)
         defer { withExtendedLifetime(folder) {} }
         let writer = try DiskFile.open(path, access: .readWrite, lock: .writer)
@@ -154,7 +155,7 @@ struct ImageLockTests {
     }
 
     @Test func createOverAnImageInUseLeavesItIntact() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = try scratchFile(in: folder)
         defer { withExtendedLifetime(folder) {} }
         let reader = try DiskFile.open(path, access: .readOnly, lock: .reader)
@@ -167,7 +168,7 @@ struct ImageLockTests {
     }
 
     @Test func createTruncatesAndHoldsTheCreatorsLock() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = try scratchFile(in: folder)
         defer { withExtendedLifetime(folder) {} }
         let created = try DiskFile.create(path)

@@ -1,6 +1,7 @@
 @testable import DiskIO
 import Foundation
 import Testing
+import TestSupport
 
 /// A thread pool that cannot create its threads throws `ThreadStartError` (it trapped before);
 /// one that gets fewer threads than asked still works.
@@ -28,7 +29,7 @@ struct ThreadStartTests {
         defer { engine.shutdown() }
         #expect(attempts == 2)  // one thread made, the second refused: no more tried
 
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = folder.file("one-thread")
         let bytes = pattern(seed: 5, count: 16 * 4096)
         try DiskFile.create(path).write(bytes, at: 0)

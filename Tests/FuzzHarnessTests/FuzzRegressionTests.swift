@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import FuzzHarness
+import TestSupport
 
 /// Every input the fuzzer found that crashed, hung or ran out of memory is a file in
 /// Fuzz/regressions/ (committed with its fix). Each is replayed through the fuzz harness (in this
@@ -26,7 +27,7 @@ import FuzzHarness
 
     @Test(arguments: fuzzRegressionFiles().map(\.lastPathComponent))
     func simgReplay(name: String) throws {
-        let dir = try FuzzTempDir()
+        let dir = try TempDir(prefix: "simg-fuzz-test", in: .sharedMemoryIfWritable)
         defer { dir.remove() }
         // A copy in a folder of its own: relative backing and data file names resolve there
         // (to nothing), not to files beside the regressions or in the current directory.
@@ -55,7 +56,7 @@ import FuzzHarness
     /// The harness really drives the read path: a qcow2 image with data, zero and compressed
     /// clusters is opened as qcow2 and raw, walked, read and checked.
     @Test func harnessDrivesTheReadPath() throws {
-        let dir = try FuzzTempDir()
+        let dir = try TempDir(prefix: "simg-fuzz-test", in: .sharedMemoryIfWritable)
         defer { dir.remove() }
         let raw = dir.path + "/src.raw", image = dir.path + "/c.qcow2"
         try fuzzTool("qemu-img", ["create", "-q", "-f", "raw", raw, "64k"])
@@ -78,7 +79,7 @@ import FuzzHarness
     /// Names in an input never reach host files outside the harness's folder: an external data
     /// file named by an absolute path that exists is not opened (the qcow2 open is skipped).
     @Test func harnessDoesNotOpenHostDataFiles() throws {
-        let dir = try FuzzTempDir()
+        let dir = try TempDir(prefix: "simg-fuzz-test", in: .sharedMemoryIfWritable)
         defer { dir.remove() }
         let image = dir.path + "/d.qcow2"
         try fuzzTool("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "data_file=\(dir.path)/data.raw,cluster_size=4096", image, "64k"])
@@ -91,7 +92,7 @@ import FuzzHarness
     /// A backing file is followed only by a plain name (it resolves inside the harness's
     /// folder, to its 256 KiB backing.raw); an absolute name is left unopened.
     @Test func harnessFollowsOnlyPlainBackingNames() throws {
-        let dir = try FuzzTempDir()
+        let dir = try TempDir(prefix: "simg-fuzz-test", in: .sharedMemoryIfWritable)
         defer { dir.remove() }
         let base = dir.path + "/backing.raw"
         try fuzzTool("qemu-img", ["create", "-q", "-f", "raw", base, "64k"])
@@ -111,7 +112,7 @@ import FuzzHarness
 
     /// The harness's backing.qcow2 (itself over backing.raw) gives inputs a two-level chain.
     @Test func harnessOpensItsQcow2BackingChain() throws {
-        let dir = try FuzzTempDir()
+        let dir = try TempDir(prefix: "simg-fuzz-test", in: .sharedMemoryIfWritable)
         defer { dir.remove() }
         let image = dir.path + "/chain.qcow2"
         try fuzzTool("qemu-img", ["create", "-q", "-f", "qcow2", "-u", "-b", "backing.qcow2", "-F", "qcow2", image, "1M"])
@@ -160,32 +161,6 @@ func fuzzRegressionFiles() -> [URL] {
         .map { fuzzRegressionsFolder.appendingPathComponent($0) }
 }
 
-/// The simg binary under test: $SIMG if set, else the one built beside the tests.
-let fuzzSimgBinary: String = {
-    if let path = ProcessInfo.processInfo.environment["SIMG"], !path.isEmpty { return path }
-    let root = fuzzRegressionsFolder.deletingLastPathComponent().deletingLastPathComponent()
-    let bundleDir = Bundle.main.bundleURL
-    for candidate in [bundleDir.appendingPathComponent("simg"),
-                      bundleDir.deletingLastPathComponent().appendingPathComponent("simg"),
-                      root.appendingPathComponent(".build/debug/simg")] {
-        if FileManager.default.isExecutableFile(atPath: candidate.path) { return candidate.path }
-    }
-    return root.appendingPathComponent(".build/debug/simg").path
-}()
-
-/// A folder of its own, in /dev/shm when there is one: where the fuzzer ran (tmpfs takes
-/// files up to 2^63 bytes, so a repair that grows the file reaches the paths it reached there).
-struct FuzzTempDir {
-    let path: String
-    init() throws {
-        let shm = "/dev/shm"
-        let base = access(shm, W_OK) == 0 ? URL(fileURLWithPath: shm) : FileManager.default.temporaryDirectory
-        path = base.appendingPathComponent("simg-fuzz-test-\(UUID().uuidString)").path
-        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-    }
-    func remove() { try? FileManager.default.removeItem(atPath: path) }
-}
-
 struct FuzzProcessResult {
     var status: Int32
     var stderr: String
@@ -209,7 +184,7 @@ enum FuzzToolError: Error, CustomStringConvertible {
 /// Runs simg with output to files (no pipe to drain), killing it after a generous limit:
 /// a hang is a failure, a signal is a failure.
 func fuzzRunSimg(_ arguments: [String], in directory: String) throws -> FuzzProcessResult {
-    try fuzzRun(fuzzSimgBinary, arguments, in: directory)
+    try fuzzRun(simgBinary, arguments, in: directory)
 }
 
 func fuzzRun(_ program: String, _ arguments: [String], in directory: String? = nil) throws -> FuzzProcessResult {

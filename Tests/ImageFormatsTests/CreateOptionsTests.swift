@@ -2,6 +2,7 @@ import Foundation
 import Testing
 @testable import ImageFormats
 import DiskIO
+import TestSupport
 
 /// SizeParser: every rule qemu-img 7.2 applies to sizes, and every refusal.
 @Suite struct SizeParserTests {
@@ -186,7 +187,7 @@ import DiskIO
 @Suite struct CreateFailureTests {
     @Test(arguments: ImageFormat.allCases)
     func oneWordingForAFileThatCannotBeCreated(format: ImageFormat) throws {
-        let dir = try RawScratch()
+        let dir = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = dir.file("missing/x.img")
         #expect {
             try ImageCreator.create(CreateRequest(format: format, path: path, size: 1 << 20), announce: { _ in })

@@ -2,6 +2,7 @@ import DiskIO
 import Foundation
 import ImageFormats
 import Testing
+import TestSupport
 
 /// The kinds callers branch on (SimgCLI words each failure as qemu-img does) are the kinds
 /// the library's failures carry: a representative failure of each, through the public API.
@@ -18,7 +19,7 @@ struct ImageErrorKindTests {
     }
 
     @Test func aMissingBackingFileTwoLevelsDownIsOneBackingFailurePerLevel() throws {
-        let folder = try RawScratch()
+        let folder = try TempDir(prefix: "simg-raw", in: .varTmp)
         let (top, mid) = (folder.file("top.qcow2"), folder.file("mid.qcow2"))
         try create(mid, backing: folder.file("gone.qcow2"))
         try create(top, backing: mid)
@@ -32,7 +33,7 @@ struct ImageErrorKindTests {
     }
 
     @Test func aMissingDataFile() throws {
-        let folder = try RawScratch()
+        let folder = try TempDir(prefix: "simg-raw", in: .varTmp)
         let (path, data) = (folder.file("d.qcow2"), folder.file("d.raw"))
         try create(path, [CreateOption(name: "data_file", value: data)])
         try FileManager.default.removeItem(atPath: data)
@@ -42,7 +43,7 @@ struct ImageErrorKindTests {
     }
 
     @Test func anUnreadableSnapshotTable() throws {
-        let folder = try RawScratch()
+        let folder = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = folder.file("s.qcow2")
         try create(path)
         // nb_snapshots (header offset 60) one past QEMU's limit of 65536.
@@ -55,7 +56,7 @@ struct ImageErrorKindTests {
     }
 
     @Test func aLockConflict() throws {
-        let folder = try RawScratch()
+        let folder = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = folder.file("l.qcow2")
         try create(path)
         let writer = try ImageOpener.open(path, options: OpenOptions(writable: true))
@@ -66,7 +67,7 @@ struct ImageErrorKindTests {
     }
 
     @Test func createOptions() throws {
-        let folder = try RawScratch()
+        let folder = try TempDir(prefix: "simg-raw", in: .varTmp)
         let unknown = #expect(throws: ImageError.self) {
             try create(folder.file("u.qcow2"), [CreateOption(name: "foo", value: "bar")])
         }

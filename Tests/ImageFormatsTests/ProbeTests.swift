@@ -2,6 +2,7 @@ import DiskIO
 import Foundation
 import ImageFormats
 import Testing
+import TestSupport
 
 @Suite("Format probing")
 struct ProbeTests {
@@ -15,19 +16,19 @@ struct ProbeTests {
                       ("vhdx", []), ("vpc", []), ("vpc", ["-o", "subformat=fixed"]), ("qed", []),
                       ("parallels", []), ("qcow", [])])
     func refusesOtherFormatsByName(format: String, options: [String]) throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("x.\(format)")
-        try rawQemuImg(["create", "-q", "-f", format] + options + [path, "1M"])
+        try qemuImgOutput(["create", "-q", "-f", format] + options + [path, "1M"])
         let error = #expect(throws: UnsupportedFormatError.self) { try probe(path) }
         #expect(error?.format == format)
         #expect(error?.description == "'\(path)' is a \(format) image; that format is not supported yet")
     }
 
     @Test func qcow2IsRecognisedWhateverTheVersion() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         for compat in ["0.10", "1.1"] {
             let path = scratch.file("v\(compat).qcow2")
-            try rawQemuImg(["create", "-q", "-f", "qcow2", "-o", "compat=\(compat)", path, "1M"])
+            try qemuImgOutput(["create", "-q", "-f", "qcow2", "-o", "compat=\(compat)", path, "1M"])
             #expect(try probe(path) == .qcow2)
             #expect(try probe(path, direct: true) == .qcow2)
         }
@@ -37,7 +38,7 @@ struct ProbeTests {
     }
 
     @Test func everythingElseIsRaw() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let empty = scratch.file("empty")
         _ = try DiskFile.create(empty)
         #expect(try probe(empty) == .raw)
@@ -55,7 +56,7 @@ struct ProbeTests {
     }
 
     @Test func handMadeHeadersOfFormatsQemuCannotCreate() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         func make(_ name: String, _ bytes: [UInt8]) throws -> String {
             let path = scratch.file(name)
             var padded = bytes
@@ -85,11 +86,11 @@ struct ProbeTests {
 
     /// Our verdicts agree with qemu-img's own probing.
     @Test func agreesWithQemuImgInfo() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         for format in ["vdi", "qed", "vhdx"] {
             let path = scratch.file("agree.\(format)")
-            try rawQemuImg(["create", "-q", "-f", format, path, "1M"])
-            let info = try rawQemuImg(["info", "--output=json", path])
+            try qemuImgOutput(["create", "-q", "-f", format, path, "1M"])
+            let info = try qemuImgOutput(["info", "--output=json", path])
             #expect(info.contains("\"format\": \"\(format)\""))
             #expect((#expect(throws: UnsupportedFormatError.self) { try probe(path) })?.format == format)
         }

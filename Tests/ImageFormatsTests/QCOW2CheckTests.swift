@@ -2,6 +2,7 @@ import Foundation
 import Testing
 import DiskIO
 @testable import ImageFormats
+import TestSupport
 
 /// The qcow2 check on images simg makes itself (no qemu needed): refcount entry encoding,
 /// the count array, and detection and repair of leaks, raised and missing refcounts.
@@ -76,7 +77,7 @@ import DiskIO
     }
 
     @Test func cleanImageChecksClean() throws {
-        let dir = try RawScratch()
+        let dir = try TempDir(prefix: "simg-raw", in: .varTmp)
         try Self.makeImage(dir.file("a.qcow2"))
         let (r, lines) = try Self.check(dir.file("a.qcow2"))
         #expect(lines.isEmpty)
@@ -87,7 +88,7 @@ import DiskIO
     }
 
     @Test func leakFoundAndFreed() throws {
-        let dir = try RawScratch()
+        let dir = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = dir.file("a.qcow2")
         let end = try Self.makeLeakyImage(path)
         var (r, lines) = try Self.check(path)
@@ -103,7 +104,7 @@ import DiskIO
     /// check -r repairs the file it locked: renamed away and replaced by another leaky image
     /// meanwhile, the renamed file is repaired and the one now under the name is untouched.
     @Test func repairGoesToTheOpenFileNotTheName() throws {
-        let dir = try RawScratch()
+        let dir = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = dir.file("a.qcow2"), moved = dir.file("moved.qcow2")
         _ = try Self.makeLeakyImage(path)
         let leaky = try Data(contentsOf: URL(fileURLWithPath: path))
@@ -120,7 +121,7 @@ import DiskIO
     }
 
     @Test func missingRefcountNeedsRebuild() throws {
-        let dir = try RawScratch()
+        let dir = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = dir.file("a.qcow2")
         try Self.makeImage(path)
         let before = try QCOW2Image.open(path: path)

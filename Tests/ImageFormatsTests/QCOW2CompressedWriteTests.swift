@@ -2,6 +2,7 @@ import DiskIO
 import Foundation
 import Testing
 @testable import ImageFormats
+import TestSupport
 
 /// Compressed cluster writes: descriptors, packing several streams per host cluster, streams
 /// spanning host clusters, refcounts (checked by `qemu-img check`), and read-back through both
@@ -10,19 +11,8 @@ import Testing
     /// Cluster `index` of a test pattern: `ratio` of it is pseudo-random (incompressible),
     /// the rest repeated text. ratio 1 gives incompressible clusters.
     static func pattern(_ index: Int, size: Int, ratio: Double) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: size)
-        var x = UInt64(index + 1) &* 0x9E37_79B9_7F4A_7C15
-        let randomBytes = Int(Double(size) * ratio)
-        let text = Array("cluster \(index) says hello to the compressor; ".utf8)
-        for i in 0..<size {
-            if i < randomBytes {
-                x ^= x << 13; x ^= x >> 7; x ^= x << 17
-                out[i] = UInt8(truncatingIfNeeded: x)
-            } else {
-                out[i] = text[i % text.count]
-            }
-        }
-        return out
+        compressibleBytes(size: size, seed: UInt64(index + 1), randomFraction: ratio,
+                          text: "cluster \(index) says hello to the compressor; ")
     }
 
     static func create(_ path: String, size: UInt64, options: [(String, String)]) throws {
@@ -54,11 +44,11 @@ import Testing
         return expected
     }
 
-    static func check(_ path: String, expected: [UInt8], scratch: RawScratch) throws {
-        try rawQemuImg(["check", "-f", "qcow2", path])
+    static func check(_ path: String, expected: [UInt8], scratch: TempDir) throws {
+        try qemuImgOutput(["check", "-f", "qcow2", path])
         let raw = scratch.file("expected.raw")
         try Data(expected).write(to: URL(fileURLWithPath: raw))
-        try rawQemuImg(["compare", "-f", "qcow2", "-F", "raw", path, raw])
+        try qemuImgOutput(["compare", "-f", "qcow2", "-F", "raw", path, raw])
         // And through simg's own read path.
         let image = try QCOW2Image.open(path: path)
         defer { try? image.close() }
@@ -92,7 +82,7 @@ import Testing
     }
 
     static func roundTrip(_ options: [(String, String)], direct: Bool) throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("c.qcow2")
         let clusterSize = Int(options.first { $0.0 == "cluster_size" }.map { try! SizeParser.parse($0.1) } ?? 65536)
         let count = clusterSize >= 1 << 21 ? 5 : 24
@@ -114,13 +104,13 @@ import Testing
         #expect(status.kind == .compressed)
         try image.alignFileEndToSector()
         try image.close()
-        #expect(try rawStat(path).size % 512 == 0)
+        #expect(try fileSizes(path).size % 512 == 0)
         try Self.check(path, expected: expected, scratch: scratch)
     }
 
     /// Small streams share host clusters; each host cluster's refcount counts its streams.
     @Test func packsStreams() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("p.qcow2")
         try Self.create(path, size: 64 * 65536, options: [])
         let image = try QCOW2Image.open(path: path, writable: true)
@@ -150,7 +140,7 @@ import Testing
     }
 
     @Test func refusesAllocatedCluster() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("a.qcow2")
         try Self.create(path, size: 4 * 65536, options: [])
         let image = try QCOW2Image.open(path: path, writable: true)
@@ -181,7 +171,7 @@ import Testing
     }
 
     @Test func refusesExternalDataFile() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("d.qcow2")
         try Self.create(path, size: 4 * 65536, options: [("data_file", scratch.file("d.raw"))])
         let image = try QCOW2Image.open(path: path, writable: true)
@@ -197,7 +187,7 @@ import Testing
     /// qemu-img check; anything but fresh, aligned ranges is declined (nil).
     @Test(arguments: [false, true])
     func directWriteAllocation(_ extendedL2: Bool) throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("w.qcow2")
         let cs = extendedL2 ? 16384 : 4096
         // 4K clusters: one L2 table maps 2 MiB (extended 16K: 16 MiB); the run crosses two tables.
@@ -241,7 +231,7 @@ import Testing
     }
 
     @Test func directWriteAllocationDeclinesExternalData() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("x.qcow2")
         try Self.create(path, size: 1 << 20, options: [("data_file", scratch.file("x.raw"))])
         let image = try QCOW2Image.open(path: path, writable: true)

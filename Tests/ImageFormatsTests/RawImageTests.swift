@@ -2,11 +2,12 @@ import DiskIO
 import Foundation
 import ImageFormats
 import Testing
+import TestSupport
 
 @Suite("Raw images")
 struct RawImageTests {
     @Test func virtualSizeIsFileSizeRoundedToSectors() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("odd.img")
         let file = try DiskFile.create(path)
         try file.write([1, 2, 3], at: 0)
@@ -28,7 +29,7 @@ struct RawImageTests {
     }
 
     @Test func writeReadAndReadOnlyRefusal() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("rw.img")
         try RawCreate.create(path: path, size: 1 << 20)
         let image = try RawImage.open(path: path, writable: true, direct: false)
@@ -40,7 +41,7 @@ struct RawImageTests {
         #expect(back == data)
         try image.close()
         // qemu-img reads the same bytes.
-        try rawQemuImg(["convert", "-f", "raw", "-O", "raw", path, path + ".out"])
+        try qemuImgOutput(["convert", "-f", "raw", "-O", "raw", path, path + ".out"])
         let copy = try DiskFile.open(path + ".out", access: .readOnly)
         #expect(try copy.readBytes(count: 10000, at: 5000) == data)
         #expect(try copy.readBytes(count: 5000, at: 0).allSatisfy { $0 == 0 })
@@ -50,7 +51,7 @@ struct RawImageTests {
     }
 
     @Test func openMissingFileIsImageErrorWithIOErrorCause() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("missing.img")
         let error = #expect(throws: ImageError.self) { try RawImage.open(path: path, writable: false, direct: false) }
         #expect(error?.path == path)
@@ -60,7 +61,7 @@ struct RawImageTests {
     }
 
     @Test func writeZeroesDiscardAndBlockStatus() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("zero.img")
         try RawCreate.create(path: path, size: 4 << 20, preallocation: "full")
         let image = try RawImage.open(path: path, writable: true, direct: false)
@@ -96,13 +97,13 @@ struct RawImageTests {
         #expect(try image.blockStatus(at: mib + 7, length: 10) == Extent(offset: mib + 7, length: 10, kind: .hole))
         #expect(throws: ImageError.self) { try image.blockStatus(at: 4 * mib, length: 1) }
         // qemu-img map agrees on what is data.
-        let map = try rawQemuImg(["map", "--output=json", "-f", "raw", path])
+        let map = try qemuImgOutput(["map", "--output=json", "-f", "raw", path])
         #expect(map.contains("\"start\": 1048576, \"length\": 1048576, \"depth\": 0, \"present\": true, \"zero\": true, \"data\": false"))
         try image.close()
     }
 
     @Test func infoMatchesQemuImg() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("info.img")
         try RawCreate.create(path: path, size: 3 << 20)
         let image = try RawImage.open(path: path, writable: false, direct: false)
@@ -110,17 +111,17 @@ struct RawImageTests {
         #expect(info.filename == path)
         #expect(info.format == "raw")
         #expect(info.virtualSize == 3 << 20)
-        #expect(info.actualSize == (try rawStat(path).allocated))
+        #expect(info.actualSize == (try fileSizes(path).allocated))
         #expect(info.dirtyFlag == false)
         #expect(info.clusterSize == nil && info.backingFilename == nil && info.formatSpecific == nil)
-        let json = try rawQemuImg(["info", "--output=json", "-f", "raw", path])
+        let json = try qemuImgOutput(["info", "--output=json", "-f", "raw", path])
         #expect(json.contains("\"virtual-size\": \(3 << 20)"))
         #expect(json.contains("\"actual-size\": \(info.actualSize!)"))
         #expect(json.contains("\"dirty-flag\": false"))
     }
 
     @Test func directModeHandlesUnalignedRequests() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("direct.img")
         try RawCreate.create(path: path, size: 1 << 20)
         let image = try RawImage.open(path: path, writable: true, direct: true)
@@ -143,13 +144,13 @@ struct RawImageTests {
     }
 
     @Test func resizeChangesVirtualSize() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("resize.img")
         try RawCreate.create(path: path, size: 1 << 20)
         let image = try RawImage.open(path: path, writable: true, direct: false)
         try image.resize(to: 3 << 20)
         #expect(image.virtualSize == 3 << 20)
-        #expect(try rawStat(path).size == 3 << 20)
+        #expect(try fileSizes(path).size == 3 << 20)
     }
 }
 
@@ -158,36 +159,36 @@ struct RawCreateTests {
     /// simg's raw creation gives the same size and allocation as qemu-img's for each mode.
     @Test(arguments: ["off", "falloc", "full"])
     func matchesQemuImg(preallocation: String) throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         for size: UInt64 in [0, 512, 1000, 5000, 10_000_000] {
             let ours = scratch.file("simg-\(size).img")
             let theirs = scratch.file("qemu-\(size).img")
             try RawCreate.create(path: ours, size: size, preallocation: preallocation)
-            try rawQemuImg(["create", "-q", "-f", "raw", "-o", "preallocation=\(preallocation)", theirs, "\(size)"])
-            let a = try rawStat(ours), b = try rawStat(theirs)
+            try qemuImgOutput(["create", "-q", "-f", "raw", "-o", "preallocation=\(preallocation)", theirs, "\(size)"])
+            let a = try fileSizes(ours), b = try fileSizes(theirs)
             #expect(a.size == b.size, "size \(size), \(preallocation)")
             #expect(a.allocated == b.allocated, "allocation for size \(size), \(preallocation)")
             // (Not for falloc: whether unwritten extents count as data there depends on what
             // is in the page cache, so qemu-img map of two identical files can differ.)
             if preallocation != "falloc" {
-                let map = try rawQemuImg(["map", "--output=json", "-f", "raw", ours])
-                let qemuMap = try rawQemuImg(["map", "--output=json", "-f", "raw", theirs])
+                let map = try qemuImgOutput(["map", "--output=json", "-f", "raw", ours])
+                let qemuMap = try qemuImgOutput(["map", "--output=json", "-f", "raw", theirs])
                 #expect(map == qemuMap, "qemu-img map for size \(size), \(preallocation)")
             }
         }
     }
 
     @Test func replacesAnExistingFile() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("again.img")
         try RawCreate.create(path: path, size: 8 << 20, preallocation: "full")
         try RawCreate.create(path: path, size: 1 << 20)
-        #expect(try rawStat(path).size == 1 << 20)
-        #expect(try rawStat(path).allocated == 4096)
+        #expect(try fileSizes(path).size == 1 << 20)
+        #expect(try fileSizes(path).allocated == 4096)
     }
 
     @Test func unknownModeAndBadFolderAreImageErrors() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         #expect(throws: ImageError.self) { try RawCreate.create(path: scratch.file("x"), size: 1, preallocation: "metadata") }
         let error = #expect(throws: ImageError.self) {
             try RawCreate.create(path: scratch.file("no/such/dir.img"), size: 1 << 20)

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// File names are bytes: a name that is not UTF-8 reaches open(2), create and every message
 /// unchanged, exactly as qemu-img handles it.

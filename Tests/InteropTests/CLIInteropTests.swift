@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// The simg binary's command line against qemu-img's: exit codes, error messages, `-o help`,
 /// and the "Formatting ..." line of `create`.

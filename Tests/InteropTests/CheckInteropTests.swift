@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// `simg check` against `qemu-img check` on identical copies of clean and deliberately broken
 /// images: same exit status, same stdout (human and JSON), same stderr lines; after a repair
@@ -203,11 +204,8 @@ import Testing
     /// of image; whatever qemu-img makes of it, simg must make the same.
     @Test(arguments: 1...16)
     func randomDamageMatchesQemu(seed: UInt64) throws {
-        var state = seed &* 0x9E37_79B9_7F4A_7C15
-        func next() -> UInt64 {
-            state ^= state >> 12; state ^= state << 25; state ^= state >> 27
-            return state &* 2_685_821_657_736_338_717
-        }
+        var generator = XorShift64Star(state: seed &* 0x9E37_79B9_7F4A_7C15)
+        func next() -> UInt64 { generator.next() }
         let dir = try TempDir()
         let image = dir.file("img.qcow2")
         switch seed % 4 {

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// A corrupt snapshot table itself (too many entries, a bad table offset, too much extra data,
 /// incomplete version 3 entries) and bad snapshot L1 tables: `simg check` in every mode and

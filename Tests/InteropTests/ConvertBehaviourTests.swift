@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// `simg convert`: --stats (merging, zero skipping), -n, -S, progress and error cases.
 @Suite("convert behaviour") struct ConvertBehaviourTests {

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// What convert's target cache mode does to syncing, counted with strace: cache mode unsafe
 /// (convert's default) is QEMU's cache.no-flush, so no fsync, fdatasync or sync_file_range

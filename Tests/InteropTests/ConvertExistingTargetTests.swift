@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// `convert -n` into a qcow2 image that already holds data: the source's zero and unallocated
 /// ranges give the target's host clusters back, as qemu-img's zero writes with MAY_UNMAP do

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// `simg convert` against qemu-img on sources qemu-img/qemu-io made, covering the qcow2
 /// feature list: output byte-identical (raw) and as sparse, or passing check/compare (qcow2).

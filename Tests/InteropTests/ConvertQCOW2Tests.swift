@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// `simg convert -O qcow2`: compressed output (zlib, zstd), every create option, -B, -n, and
 /// the host layout of large data runs, each checked with qemu-img check / compare / map.

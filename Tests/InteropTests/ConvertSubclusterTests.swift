@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// `convert -O qcow2 -o extended_l2=on` of a sparse source: a cluster is allocated for the
 /// data it holds, but only the subclusters the source has are written; the others stay

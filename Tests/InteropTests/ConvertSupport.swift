@@ -1,29 +1,16 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// Helpers for the convert interop tests (owned by the convert work).
 
 /// Bytes allocated on disk for `path` (st_blocks * 512).
-func convertAllocatedBytes(_ path: String) throws -> UInt64 {
-    var st = stat()
-    guard stat(path, &st) == 0 else { throw ToolError.missing(path) }
-    return UInt64(st.st_blocks) * 512
-}
+func convertAllocatedBytes(_ path: String) throws -> UInt64 { try fileSizes(path).allocated }
 
 /// Writes `count` bytes of a deterministic, non-zero, non-repeating pattern at `offset`
 /// (growing the file as needed).
 func convertWritePattern(_ path: String, offset: UInt64, count: Int, seed: UInt8) throws {
-    if !FileManager.default.fileExists(atPath: path) { FileManager.default.createFile(atPath: path, contents: nil) }
-    guard let handle = FileHandle(forWritingAtPath: path) else { throw ToolError.missing(path) }
-    defer { try? handle.close() }
-    var bytes = [UInt8](repeating: 0, count: count)
-    var x = UInt32(seed) &* 2654435761 &+ 1
-    for i in 0..<count {
-        x = x &* 1103515245 &+ 12345
-        bytes[i] = UInt8(truncatingIfNeeded: x >> 16) | 1
-    }
-    try handle.seek(toOffset: offset)
-    handle.write(Data(bytes))
+    try writeBytes(nonZeroBytes(count, seed: seed, salt: 1), to: path, at: offset)
 }
 
 /// Sets the file's size (sparse growth or truncation).

@@ -2,6 +2,7 @@ import DiskIO
 import Foundation
 import ImageFormats
 import Testing
+import TestSupport
 
 /// Crash consistency: simg killed with SIGKILL at seeded random moments of `convert -O qcow2`
 /// (default path, `-t none` async path, `-c`), a safe `rebase` and `check -r all`, then the image

@@ -2,6 +2,7 @@ import DiskIO
 import Foundation
 import ImageFormats
 import Testing
+import TestSupport
 
 /// simg's `ImageCreator` against `qemu-img create`: same "Formatting" line, same
 /// `qemu-img info` facts, a clean `qemu-img check`, a similar file size, same error messages.

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Testing
+import TestSupport
 
 /// Helpers for the device tests: nodes made with mknod in the test's own folder, loop devices
 /// over files of random data, and running qemu-img and simg side by side on twin devices.

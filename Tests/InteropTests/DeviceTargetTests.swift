@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import ImageFormats
 import Testing
+import TestSupport
 
 /// Block devices as targets and sources, as qemu-img uses them: `convert` and `create` write on
 /// a device without creating or truncating anything, check its size, zero what the source has

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// A target that fills up or a write that fails half-way (issue 6): `convert`, `create` and
 /// `rebase` stop with the error, naming the file and the byte offset, exit 1, leave the sources

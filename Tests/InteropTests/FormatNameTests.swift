@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// Format names on the command line: a name QEMU does not know gets qemu-img's message in
 /// every command; a QEMU format simg does not have yet says so, the same way everywhere.

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Testing
+import TestSupport
 
 /// Backing chains that loop or go absurdly deep, and backing names too long: made cheaply by
 /// patching the name in one tiny qemu-img overlay (512-byte clusters, 1.75 KiB per file).

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// One hostile image: a template patched into something out of range, and what each command
 /// must do with it.

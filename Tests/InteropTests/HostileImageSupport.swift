@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Testing
+import TestSupport
 
 /// Support for the hostile-image suites (HostileImage*Tests.swift): a measured run of `simg`,
 /// the shared template images made once by qemu-img, and the table of expectations.

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// Tables and data the header points at: L1/L2/refcount tables beyond the end of the file or
 /// misaligned, tables at their largest, compressed descriptors past the end of the file,
@@ -187,12 +188,7 @@ import Testing
 
 /// A small deterministic generator (xorshift) for garbage bytes.
 struct HostileRandom {
-    var state: UInt64
-    init(seed: UInt64) { state = seed | 1 }
-    mutating func byte() -> UInt8 {
-        state ^= state << 13
-        state ^= state >> 7
-        state ^= state << 17
-        return UInt8(truncatingIfNeeded: state >> 32)
-    }
+    var generator: XorShift64
+    init(seed: UInt64) { generator = XorShift64(state: seed | 1) }
+    mutating func byte() -> UInt8 { UInt8(truncatingIfNeeded: generator.next() >> 32) }
 }

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// `simg info` against `qemu-img info` on images QEMU's own tools made: the JSON must be the same
 /// text byte for byte (and the same data, compared field by field for a readable failure), and

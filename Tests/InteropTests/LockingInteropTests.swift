@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// Image locks against the real QEMU tools (issue 6): while qemu-io or qemu-nbd holds an
 /// image, simg refuses to write it (and to read it consistently) with qemu-img's message and

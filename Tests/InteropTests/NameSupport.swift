@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// What a shell script printed, as bytes: file names that are not UTF-8 must be compared
 /// exactly, which Strings decoded with repair cannot do.

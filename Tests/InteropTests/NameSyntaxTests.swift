@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// QEMU's name syntax: `file:` prefixes, protocols it does not know, `json:{...}` names, and
 /// devices whose names have colons; each compared with qemu-img 7.2's output and messages.

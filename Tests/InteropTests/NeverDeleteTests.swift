@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Testing
+import TestSupport
 
 /// simg never deletes what it did not create: a failed `create` or `convert` over a character
 /// node, a block node or a symbolic link to either leaves the node (lstat kind and device

@@ -2,6 +2,7 @@ import Foundation
 import Testing
 @testable import ImageFormats
 import DiskIO
+import TestSupport
 
 /// info() against `qemu-img info`, header serialization against qemu's bytes, and refusal of
 /// broken images and backing chains.

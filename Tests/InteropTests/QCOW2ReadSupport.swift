@@ -2,6 +2,7 @@ import Foundation
 import Testing
 @testable import ImageFormats
 import DiskIO
+import TestSupport
 
 /// Helpers for the qcow2 read interop tests (owned by the qcow2-read work).
 

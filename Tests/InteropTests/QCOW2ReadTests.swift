@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import ImageFormats
+import TestSupport
 
 /// Reads qemu-made qcow2 images through the library and compares them with qemu-img.
 @Suite struct QCOW2ReadTests {

@@ -2,20 +2,16 @@ import DiskIO
 import Foundation
 import ImageFormats
 import Testing
+import TestSupport
 
 /// The qcow2 write path against QEMU: images written through simg must pass `qemu-img check`
 /// (no errors, no leaks) and convert to exactly the bytes the test expects.
 @Suite struct QCOW2WriteInteropTests {
     /// A deterministic generator (xorshift64*), so failures reproduce.
     struct Random {
-        var state: UInt64
-        init(seed: UInt64) { state = seed == 0 ? 0x9E37_79B9_7F4A_7C15 : seed }
-        mutating func next() -> UInt64 {
-            state ^= state >> 12
-            state ^= state << 25
-            state ^= state >> 27
-            return state &* 2_685_821_657_736_338_717
-        }
+        var generator: XorShift64Star
+        init(seed: UInt64) { generator = XorShift64Star(state: seed == 0 ? 0x9E37_79B9_7F4A_7C15 : seed) }
+        mutating func next() -> UInt64 { generator.next() }
         mutating func below(_ n: UInt64) -> UInt64 { n == 0 ? 0 : next() % n }
         mutating func bytes(_ count: Int) -> [UInt8] {
             var out = [UInt8](repeating: 0, count: count)

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// `simg rebase` against qemu-img: the overlay reads the same before and after, passes
 /// `qemu-img check`, names the new backing file, and gains only the clusters that differ.

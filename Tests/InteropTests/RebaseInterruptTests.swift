@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Testing
+import TestSupport
 
 /// SIGINT at every fdatasync of a rebase (strace delivers it as the call is entered): the one
 /// line simg prints must say truthfully where the overlay stands. Before the header is written it

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// SIGINT/SIGTERM during long commands (issue 6): simg stops within a second of the signal, dies
 /// of that signal (so a calling script stops too), names the image it left, and leaves no qcow2

@@ -1,24 +1,8 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// Shared helpers for tests that drive the built `simg` binary and QEMU's tools.
-
-/// The repository root, found from this file's path (Tests/InteropTests/Support.swift).
-let repositoryRoot: URL = URL(fileURLWithPath: #filePath)
-    .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-
-/// The simg binary under test: $SIMG if set, else the debug build beside the tests.
-let simgBinary: String = {
-    if let path = ProcessInfo.processInfo.environment["SIMG"], !path.isEmpty { return path }
-    // The test bundle lives in the same build folder as the executable.
-    let bundleDir = Bundle.main.bundleURL
-    for candidate in [bundleDir.appendingPathComponent("simg"),
-                      bundleDir.deletingLastPathComponent().appendingPathComponent("simg"),
-                      repositoryRoot.appendingPathComponent(".build/debug/simg")] {
-        if FileManager.default.isExecutableFile(atPath: candidate.path) { return candidate.path }
-    }
-    return repositoryRoot.appendingPathComponent(".build/debug/simg").path
-}()
 
 struct ProcessResult {
     var status: Int32
@@ -125,18 +109,6 @@ func which(_ tool: String) -> String? {
         if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
     }
     return nil
-}
-
-/// A fresh temporary folder, removed when the value is deinitialised.
-final class TempDir {
-    let path: String
-    init() throws {
-        let base = FileManager.default.temporaryDirectory.appendingPathComponent("simg-test-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: base, withIntermediateDirectories: true)
-        path = base.path
-    }
-    func file(_ name: String) -> String { "\(path)/\(name)" }
-    deinit { try? FileManager.default.removeItem(atPath: path) }
 }
 
 /// Parses JSON output into a dictionary for field-by-field comparison.

@@ -3,24 +3,14 @@ import Foundation
 import ImageFormats
 import Testing
 @testable import Pipeline
+import TestSupport
 
 /// The parallel compressor (order, padding, incompressible clusters) and the compressing
 /// qcow2 target end to end (checked by qemu-img check and compare).
 @Suite struct CompressPoolTests {
     static func cluster(_ index: Int, size: Int, randomFraction: Double) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: size)
-        var x = UInt64(index + 7) &* 0x9E37_79B9_7F4A_7C15
-        let random = Int(Double(size) * randomFraction)
-        let text = Array("pool test cluster \(index) ".utf8)
-        for i in 0..<size {
-            if i < random {
-                x ^= x << 13; x ^= x >> 7; x ^= x << 17
-                out[i] = UInt8(truncatingIfNeeded: x)
-            } else {
-                out[i] = text[i % text.count]
-            }
-        }
-        return out
+        compressibleBytes(size: size, seed: UInt64(index + 7), randomFraction: randomFraction,
+                          text: "pool test cluster \(index) ")
     }
 
     @Test(arguments: [(QCOW2Compression.zlib, 1), (.zlib, 3), (.zstd, 4)])
@@ -94,7 +84,7 @@ import Testing
     /// zero clusters stay unallocated, and the file is much smaller than the data.
     @Test(arguments: ["zlib", "zstd"])
     func compressedTarget(_ compression: String) throws {
-        let dir = try CQTemp()
+        let dir = try TempDir(prefix: "simg-cq")
         let path = dir.file("out.qcow2")
         let cs = 65536
         let size = 40 * cs + 12_800
@@ -130,15 +120,15 @@ import Testing
         #expect(target.zeroClusters == 19)
         #expect(target.compressedClusters == 21)
 
-        try cqQemuImg(["check", path])
+        try qemuImgOutput(["check", path])
         let raw = dir.file("expected.raw")
         try Data(expected).write(to: URL(fileURLWithPath: raw))
-        try cqQemuImg(["compare", "-f", "qcow2", "-F", "raw", path, raw])
+        try qemuImgOutput(["compare", "-f", "qcow2", "-F", "raw", path, raw])
         // qemu-img 7.2's human map refuses images with compressed clusters: proof they are there.
         do {
-            try cqQemuImg(["map", path])
+            try qemuImgOutput(["map", path])
             Issue.record("qemu-img map found no compressed clusters")
-        } catch let failure as CQToolFailure {
+        } catch let failure as QemuImgFailure {
             #expect(failure.description.contains("compressed clusters"))
         }
         var st = stat()
@@ -147,12 +137,12 @@ import Testing
         // 4 metadata clusters, an L2 table, two clusters of streams (21 x ~3.4 KiB), one raw
         // cluster: far below the 22 data clusters written.
         #expect(Int(st.st_size) <= 8 * cs)
-        let info = try cqQemuImg(["info", "--output=json", path])
+        let info = try qemuImgOutput(["info", "--output=json", path])
         #expect(info.contains("\"compression-type\": \"\(compression)\""))
     }
 
     @Test func refusesExternalDataFile() throws {
-        let dir = try CQTemp()
+        let dir = try TempDir(prefix: "simg-cq")
         let path = dir.file("d.qcow2")
         try ImageCreator.create(CreateRequest(format: .qcow2, path: path, size: 1 << 20,
                                               options: [CreateOption(name: "data_file", value: dir.file("d.raw"))]),
@@ -163,57 +153,12 @@ import Testing
     }
 }
 
-/// A temporary folder for these tests.
-final class CQTemp {
-    let path: String
-    init() throws {
-        path = NSTemporaryDirectory() + "simg-cq-" + UUID().uuidString
-        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-    }
-    func file(_ name: String) -> String { path + "/" + name }
-    deinit { try? FileManager.default.removeItem(atPath: path) }
-}
-
-struct CQToolFailure: Error, CustomStringConvertible { var description: String }
-
-/// Runs qemu-img (a missing qemu-img fails the test) and returns stdout; nonzero exit throws.
-@discardableResult
-func cqQemuImg(_ arguments: [String]) throws -> String {
-    guard let tool = ["/usr/bin/qemu-img", "/usr/local/bin/qemu-img"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
-        throw CQToolFailure(description: "qemu-img is not installed")
-    }
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: tool)
-    process.arguments = arguments
-    let out = Pipe(), err = Pipe()
-    process.standardOutput = out
-    process.standardError = err
-    try process.run()
-    let outData = out.fileHandleForReading.readDataToEndOfFile()
-    let errData = err.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else {
-        throw CQToolFailure(description: "qemu-img \(arguments.joined(separator: " ")) exited \(process.terminationStatus): \(String(decoding: outData + errData, as: UTF8.self))")
-    }
-    return String(decoding: outData, as: UTF8.self)
-}
-
 /// The qcow2 target whose data the pipeline writes itself (asynchronously), driven by the
 /// real pipeline.
 @Suite struct QCOW2AsyncTargetTests {
     /// Writes `count` pseudo-random bytes at `offset` of a raw file (growing it).
     static func pattern(_ path: String, offset: UInt64, count: Int, seed: UInt64) throws {
-        var bytes = [UInt8](repeating: 0, count: count)
-        var x = seed &* 0x9E37_79B9_7F4A_7C15 | 1
-        for i in 0..<count {
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17
-            bytes[i] = UInt8(truncatingIfNeeded: x) | 1
-        }
-        if !FileManager.default.fileExists(atPath: path) { FileManager.default.createFile(atPath: path, contents: nil) }
-        let handle = try #require(FileHandle(forWritingAtPath: path))
-        defer { try? handle.close() }
-        try handle.seek(toOffset: offset)
-        handle.write(Data(bytes))
+        try writeBytes(TestSupport.pattern(seed: seed, count: count, nonZero: true), to: path, at: offset)
     }
 
     static func convert(_ source: String, to output: String, direct: Bool) throws -> QCOW2AsyncTarget {
@@ -231,7 +176,7 @@ func cqQemuImg(_ arguments: [String]) throws -> String {
     /// host-contiguous extent, check and compare clean; buffered and O_DIRECT.
     @Test(arguments: [false, true])
     func freshTarget(_ direct: Bool) throws {
-        let dir = try CQTemp()
+        let dir = try TempDir(prefix: "simg-cq")
         let source = dir.file("s.raw"), output = dir.file("o.qcow2")
         try Self.pattern(source, offset: 1 << 20, count: 48 << 20, seed: 5)
         try Self.pattern(source, offset: (60 << 20) + 4096, count: 70_000, seed: 6)
@@ -242,9 +187,9 @@ func cqQemuImg(_ arguments: [String]) throws -> String {
         #expect(target.asyncWrites >= 48)
         // Only the short last chunk may need `write` (O_DIRECT cannot write it as is).
         #expect(target.fallbackWrites <= (direct ? 1 : 0))
-        try cqQemuImg(["check", output])
-        try cqQemuImg(["compare", "-f", "raw", "-F", "qcow2", source, output])
-        let map = try cqQemuImg(["map", "--output=json", output])
+        try qemuImgOutput(["check", output])
+        try qemuImgOutput(["compare", "-f", "raw", "-F", "qcow2", source, output])
+        let map = try qemuImgOutput(["map", "--output=json", output])
         let dataLines = map.split(separator: "\n").filter { $0.contains("\"data\": true") }
         #expect(dataLines.count == 2, "\(map)")
         #expect(dataLines.first?.contains("\"start\": 1048576, \"length\": 50331648") == true, "\(map)")
@@ -252,19 +197,19 @@ func cqQemuImg(_ arguments: [String]) throws -> String {
 
     /// Into an image that already has data (-n): falls back to QCOW2Image.write.
     @Test func existingTarget() throws {
-        let dir = try CQTemp()
+        let dir = try TempDir(prefix: "simg-cq")
         let source = dir.file("s.raw"), output = dir.file("o.qcow2")
         try Self.pattern(source, offset: 0, count: 3 << 20, seed: 7)
         _ = truncate(source, off_t(8 << 20))
         try ImageCreator.create(CreateRequest(format: .qcow2, path: output, size: 8 << 20), announce: { _ in })
-        try cqQemuImg(["convert", "-n", "-f", "raw", "-O", "qcow2", source, output])  // same data, allocated
+        try qemuImgOutput(["convert", "-n", "-f", "raw", "-O", "qcow2", source, output])  // same data, allocated
         try Self.pattern(source, offset: 1 << 20, count: 1 << 20, seed: 8)
         let image = try QCOW2Image.open(path: output, writable: true)
         let target = QCOW2AsyncTarget(image: image, startsZeroed: false)
         try ConvertPipeline(sources: [try ImageOpener.open(source, options: OpenOptions(format: .raw))],
                             target: target, options: ConvertOptions()).run()
         #expect(target.fallbackWrites > 0)
-        try cqQemuImg(["check", output])
-        try cqQemuImg(["compare", "-f", "raw", "-F", "qcow2", source, output])
+        try qemuImgOutput(["check", output])
+        try qemuImgOutput(["compare", "-f", "raw", "-F", "qcow2", source, output])
     }
 }

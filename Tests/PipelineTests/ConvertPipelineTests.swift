@@ -3,11 +3,12 @@ import Glibc
 import ImageFormats
 import Testing
 @testable import Pipeline
+import TestSupport
 
 @Suite("convert pipeline") struct ConvertPipelineTests {
     /// A raw file: 64 data pieces of 4 KiB separated by 4 KiB holes, then 256 KiB of written
     /// zeros, then 100 KiB of data, in 2 MiB.
-    func fragmentedRaw(_ dir: PipelineTempDir) throws -> (path: String, expected: [UInt8]) {
+    func fragmentedRaw(_ dir: TempDir) throws -> (path: String, expected: [UInt8]) {
         var pieces: [(offset: UInt64, bytes: [UInt8])] = []
         for i in 0..<64 { pieces.append((UInt64(i) * 8192, pipelinePattern(4096, seed: UInt8(i)))) }
         pieces.append((1 << 20, [UInt8](repeating: 0, count: 256 << 10)))
@@ -31,7 +32,7 @@ import Testing
     @Test("adjacent data extents of one file are read with one request; holes are not written",
           arguments: [false, true])
     func mergesAndSkips(direct: Bool) throws {
-        let dir = try PipelineTempDir()
+        let dir = try TempDir(prefix: "simg-pipeline")
         let (path, expected) = try fragmentedRaw(dir)
         let target = MemoryTarget(size: 2 << 20)
         let stats = try convert(path, into: target, direct: direct)
@@ -54,7 +55,7 @@ import Testing
 
     @Test("a target that does not read as zeros gets the zero ranges zeroed")
     func zeroesExistingTarget() throws {
-        let dir = try PipelineTempDir()
+        let dir = try TempDir(prefix: "simg-pipeline")
         let (path, expected) = try fragmentedRaw(dir)
         let target = MemoryTarget(size: 2 << 20, startsZeroed: false, fill: 0xee)
         let stats = try convert(path, into: target)
@@ -66,7 +67,7 @@ import Testing
 
     @Test("-S 0 writes everything; a larger -S leaves fewer, larger zero ranges")
     func sparseSize() throws {
-        let dir = try PipelineTempDir()
+        let dir = try TempDir(prefix: "simg-pipeline")
         let (path, expected) = try fragmentedRaw(dir)
         let full = MemoryTarget(size: 2 << 20)
         let stats = try convert(path, into: full) { $0.sparseSize = 0 }
@@ -83,7 +84,7 @@ import Testing
 
     @Test("writes start on the target's granularity and come in guest order")
     func granularityAndOrder() throws {
-        let dir = try PipelineTempDir()
+        let dir = try TempDir(prefix: "simg-pipeline")
         let (path, expected) = try fragmentedRaw(dir)
         let target = MemoryTarget(size: 2 << 20, granularity: 65536)
         _ = try convert(path, into: target) {
@@ -102,7 +103,7 @@ import Testing
 
     @Test("small buffers and a shallow queue still copy everything", arguments: [1, 2, 7])
     func smallQueue(depth: Int) throws {
-        let dir = try PipelineTempDir()
+        let dir = try TempDir(prefix: "simg-pipeline")
         let data = pipelinePattern(3_000_000, seed: 5)
         let path = dir.file("dense.raw")
         try pipelineFile(path, size: 3_000_320, pieces: [(0, data)])
@@ -118,7 +119,7 @@ import Testing
 
     @Test("a source file shorter than its data extents reports the file and offset")
     func truncatedRead() throws {
-        let dir = try PipelineTempDir()
+        let dir = try TempDir(prefix: "simg-pipeline")
         try pipelineFile(dir.file("short"), size: 64 << 10, pieces: [(0, pipelinePattern(64 << 10, seed: 1))])
         let file = try DiskFile.open(dir.file("short"), access: .readOnly)
         let image = FakeImage(path: "img", size: 1 << 20, dataFile: file,
@@ -138,7 +139,7 @@ import Testing
 
     @Test("compressed and host-less extents are read through the image")
     func readsThroughImage() throws {
-        let dir = try PipelineTempDir()
+        let dir = try TempDir(prefix: "simg-pipeline")
         try pipelineFile(dir.file("f"), size: 4096, pieces: [])
         let image = FakeImage(path: "img", size: 256 << 10, dataFile: try DiskFile.open(dir.file("f"), access: .readOnly),
                               extents: [Extent(offset: 0, length: 128 << 10, kind: .compressed),
@@ -167,7 +168,7 @@ import Testing
 @Suite("convert pipeline errors") struct ConvertPipelineErrorTests {
     @Test("a write failing in flight (ENOSPC on /dev/full) names the target and the byte")
     func asyncWriteFailure() throws {
-        let dir = try PipelineTempDir()
+        let dir = try TempDir(prefix: "simg-pipeline")
         let path = dir.file("data.raw")
         try pipelineFile(path, size: 1 << 20, pieces: [(0, pipelinePattern(1 << 20, seed: 3))])
         let source = try RawImage.open(path: path, writable: false, direct: false)
@@ -208,7 +209,7 @@ import Testing
             func finish() throws { Issue.record("finished after an error") }
             func abandon() { abandoned = true }
         }
-        let dir = try PipelineTempDir()
+        let dir = try TempDir(prefix: "simg-pipeline")
         let path = dir.file("data.raw")
         try pipelineFile(path, size: 1 << 20, pieces: [(0, pipelinePattern(1 << 20, seed: 4))])
         let source = try RawImage.open(path: path, writable: false, direct: false)

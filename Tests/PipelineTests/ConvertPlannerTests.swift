@@ -2,11 +2,12 @@ import DiskIO
 import ImageFormats
 import Testing
 @testable import Pipeline
+import TestSupport
 
 @Suite("convert planner") struct ConvertPlannerTests {
     let k: UInt64 = 1024
 
-    func chain(_ dir: PipelineTempDir) throws -> (top: FakeImage, base: FakeImage) {
+    func chain(_ dir: TempDir) throws -> (top: FakeImage, base: FakeImage) {
         try pipelineFile(dir.file("top"), size: 4096, pieces: [])
         try pipelineFile(dir.file("base"), size: 4096, pieces: [])
         let base = FakeImage(path: "base", size: 256 * k, dataFile: try DiskFile.open(dir.file("base"), access: .readOnly),
@@ -23,7 +24,7 @@ import Testing
 
     @Test("backing ranges are resolved in the backing image; zero and hole are zeros; compressed is read")
     func flattensChain() throws {
-        let dir = try PipelineTempDir()
+        let dir = try TempDir(prefix: "simg-pipeline")
         let (top, _) = try chain(dir)
         let planner = try ConvertPlanner(sources: [top])
         #expect(planner.totalSize == 256 * k)
@@ -49,7 +50,7 @@ import Testing
 
     @Test("asking inside a known piece does not query the image again")
     func cachesPieces() throws {
-        let dir = try PipelineTempDir()
+        let dir = try TempDir(prefix: "simg-pipeline")
         let (top, _) = try chain(dir)
         let planner = try ConvertPlanner(sources: [top])
         _ = try planner.piece(at: 0)
@@ -62,7 +63,7 @@ import Testing
 
     @Test("-B: unallocated top ranges are kept for the target's backing file, resolved on request")
     func keepsBacking() throws {
-        let dir = try PipelineTempDir()
+        let dir = try TempDir(prefix: "simg-pipeline")
         let (top, _) = try chain(dir)
         let planner = try ConvertPlanner(sources: [top], keepBacking: true)
         #expect(try planner.piece(at: 64 * k) == SourcePiece(offset: 64 * k, length: 128 * k, kind: .keep))
@@ -75,7 +76,7 @@ import Testing
 
     @Test("several sources are laid end to end")
     func concatenates() throws {
-        let dir = try PipelineTempDir()
+        let dir = try TempDir(prefix: "simg-pipeline")
         let (top, base) = try chain(dir)
         let planner = try ConvertPlanner(sources: [base, top])
         #expect(planner.totalSize == 512 * k)
@@ -89,7 +90,7 @@ import Testing
 
     @Test("a layer answering with an empty extent is an error, not a hang")
     func badBlockStatus() throws {
-        let dir = try PipelineTempDir()
+        let dir = try TempDir(prefix: "simg-pipeline")
         try pipelineFile(dir.file("bad"), size: 4096, pieces: [])
         let bad = FakeImage(path: "bad", size: 64 * k, dataFile: try DiskFile.open(dir.file("bad"), access: .readOnly),
                             extents: [Extent(offset: 0, length: 64 * k, kind: .hole)])

@@ -2,26 +2,10 @@ import DiskIO
 import Foundation
 import ImageFormats
 @testable import Pipeline
+import TestSupport
 
-/// A temporary folder removed when the value goes away.
-final class PipelineTempDir {
-    let path: String
-    init() throws {
-        path = FileManager.default.temporaryDirectory.appendingPathComponent("simg-pipeline-\(UUID().uuidString)").path
-        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-    }
-    func file(_ name: String) -> String { "\(path)/\(name)" }
-    deinit { try? FileManager.default.removeItem(atPath: path) }
-}
-
-/// Deterministic non-zero bytes.
-func pipelinePattern(_ count: Int, seed: UInt8) -> [UInt8] {
-    var x = UInt32(seed) &* 2654435761 &+ 7
-    return (0..<count).map { _ in
-        x = x &* 1103515245 &+ 12345
-        return UInt8(truncatingIfNeeded: x >> 16) | 1
-    }
-}
+/// Deterministic non-zero bytes (the pipeline tests' salt of the shared generator).
+func pipelinePattern(_ count: Int, seed: UInt8) -> [UInt8] { nonZeroBytes(count, seed: seed, salt: 7) }
 
 /// Creates a sparse file of `size` bytes with `pieces` written into it.
 func pipelineFile(_ path: String, size: UInt64, pieces: [(offset: UInt64, bytes: [UInt8])]) throws {

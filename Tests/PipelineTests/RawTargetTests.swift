@@ -4,6 +4,7 @@ import Glibc
 import ImageFormats
 @testable import Pipeline
 import Testing
+import TestSupport
 
 @Suite("raw target")
 struct RawTargetTests {
@@ -11,7 +12,7 @@ struct RawTargetTests {
     /// It must reach the file the target opened even after that file was renamed and another
     /// took its name (opening the name again would write into the newcomer).
     @Test func unalignedTailReachesTheOpenedFile() throws {
-        let dir = try PipelineTempDir()
+        let dir = try TempDir(prefix: "simg-pipeline")
         let path = dir.file("out.raw"), moved = dir.file("moved.raw")
         let size: UInt64 = (1 << 20) + 100
         try pipelineFile(path, size: size, pieces: [])
@@ -37,7 +38,7 @@ struct RawTargetTests {
 
     /// A device is never "fresh": its old bytes are there, so zeros must be written.
     @Test func deviceTargetDoesNotStartZeroed() throws {
-        let dir = try PipelineTempDir()
+        let dir = try TempDir(prefix: "simg-pipeline")
         let null = dir.file("null")
         #expect(mknod(null, S_IFCHR | 0o600, dev_t((1 << 8) | 3)) == 0, "mknod: \(String(cString: strerror(errno)))")
         let target = try RawTarget(path: null, direct: false, startsZeroed: true)

@@ -3,6 +3,7 @@ import Foundation
 import Testing
 @testable import ImageFormats
 @testable import SimgCLI
+import TestSupport
 
 /// A format plugs in with a driver alone: "reversed", a test-only raw format that stores the
 /// guest disk back to front, registered from here (for this test's task only), is created,
@@ -80,9 +81,9 @@ import Testing
     }
 
     @Test func aFormatPlugsInThroughItsDriverAlone() throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("simg-plugin-\(UUID().uuidString)").path
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let folder = try TempDir(prefix: "simg-plugin")
+        defer { folder.remove() }
+        let dir = folder.path
         var bytes = [UInt8](repeating: 0, count: 1 << 20)
         for i in 0..<(64 << 10) { bytes[i] = UInt8(truncatingIfNeeded: i &* 31 &+ 7) }
         for i in (512 << 10)..<(600 << 10) { bytes[i] = UInt8(truncatingIfNeeded: i >> 3) }
