@@ -82,7 +82,7 @@ struct ImageLockTests {
     /// Closing a locked file releases its locks at once even while another descriptor shares
     /// its description (as a child another thread forks does until it execs): here a dup.
     @Test func closingReleasesLocksASharedDescriptionStillHolds() throws {
-        let folder = try ScratchFolder()
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
         let path = try scratchFile(in: folder)
         defer { withExtendedLifetime(folder) {} }
         let writer = try DiskFile.open(path, access: .readWrite, lock: .writer)

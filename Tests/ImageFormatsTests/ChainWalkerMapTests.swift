@@ -2,12 +2,13 @@ import DiskIO
 import Foundation
 import ImageFormats
 import Testing
+import TestSupport
 
 /// Runs a QEMU tool from /usr/bin (a missing tool fails the test) and returns stdout.
 private func qemuTool(_ name: String, _ arguments: [String]) throws -> Data {
     let path = "/usr/bin/" + name
     guard FileManager.default.isExecutableFile(atPath: path) else {
-        throw RawToolFailure(description: "\(name) is not installed (make test installs qemu-utils)")
+        throw QemuImgFailure(description: "\(name) is not installed (make test installs qemu-utils)")
     }
     let process = Process()
     process.executableURL = URL(fileURLWithPath: path)
@@ -19,7 +20,7 @@ private func qemuTool(_ name: String, _ arguments: [String]) throws -> Data {
     let data = out.fileHandleForReading.readDataToEndOfFile()
     process.waitUntilExit()
     guard process.terminationStatus == 0 else {
-        throw RawToolFailure(description: "\(name) \(arguments.joined(separator: " ")) exited \(process.terminationStatus)")
+        throw QemuImgFailure(description: "\(name) \(arguments.joined(separator: " ")) exited \(process.terminationStatus)")
     }
     return data
 }
@@ -34,11 +35,11 @@ private struct MapLine: Equatable, CustomStringConvertible {
 struct ChainWalkerMapTests {
     @Test("a qcow2 chain with a shorter backing file walks to qemu-img map's ranges and depths")
     func matchesQemuMap() throws {
-        let scratch = try RawScratch()
+        let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let base = scratch.file("base.qcow2"), top = scratch.file("top.qcow2")
-        try rawQemuImg(["create", "-q", "-f", "qcow2", base, "1M"])
+        try qemuImgOutput(["create", "-q", "-f", "qcow2", base, "1M"])
         _ = try qemuTool("qemu-io", ["-c", "write -P 1 0 64k", "-c", "write -z 256k 64k", base])
-        try rawQemuImg(["create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top, "4M"])
+        try qemuImgOutput(["create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top, "4M"])
         _ = try qemuTool("qemu-io", ["-c", "write -P 2 512k 64k", "-c", "write -z 768k 64k", "-c", "write -P 3 2M 64k", top])
 
         let json = try qemuTool("qemu-img", ["map", "--output=json", top])

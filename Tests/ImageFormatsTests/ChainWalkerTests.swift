@@ -1,6 +1,7 @@
 import DiskIO
 import ImageFormats
 import Testing
+import TestSupport
 
 /// A made-up layer: block status from a list of extents (split at `length` as a real image
 /// splits at the range asked), recording what it was asked. Never read.
@@ -52,11 +53,11 @@ final class ChainFakeImage: DiskImage {
 
 /// A chain's fakes share one scratch file as their data file (nothing is read).
 final class ChainFixture {
-    let scratch: RawScratch
+    let scratch: TempDir
     let file: DiskFile
 
     init() throws {
-        scratch = try RawScratch()
+        scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         file = try DiskFile.create(scratch.file("data"))
     }
 

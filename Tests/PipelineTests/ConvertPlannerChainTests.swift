@@ -1,6 +1,7 @@
 import DiskIO
 import ImageFormats
 import Testing
+import TestSupport
 @testable import Pipeline
 
 /// The planner's pieces and block-status calls over a three-layer chain with a shorter middle
@@ -10,7 +11,7 @@ import Testing
     let k: UInt64 = 1024
 
     /// top (64k) → mid (40k) → base (64k).
-    func chain(_ dir: PipelineTempDir) throws -> [FakeImage] {
+    func chain(_ dir: TempDir) throws -> [FakeImage] {
         try pipelineFile(dir.file("data"), size: 4096, pieces: [])
         let file = try DiskFile.open(dir.file("data"), access: .readOnly)
         // Kinds laid end to end (offsets in KiB), each up to the next one's start.
@@ -30,7 +31,7 @@ import Testing
     }
 
     func transcript(keepBacking: Bool, resolvingKeep: Bool) throws -> String {
-        let dir = try PipelineTempDir()
+        let dir = try TempDir(prefix: "simg-pipeline")
         let images = try chain(dir)
         let planner = try ConvertPlanner(sources: [images[0]], keepBacking: keepBacking)
         var lines: [String] = []

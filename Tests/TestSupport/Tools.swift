@@ -22,6 +22,8 @@ public let simgBinary: String = {
 /// qemu-img is missing or failed; says which command and what it wrote.
 public struct QemuImgFailure: Error, CustomStringConvertible {
     public var description: String
+
+    public init(description: String) { self.description = description }
 }
 
 /// Runs qemu-img (which must be installed: a missing tool fails the test) and returns its
