@@ -6,7 +6,7 @@ import ImageFormats
 ///
 /// The caller (one thread: the pipeline's) `submit`s clusters; each is copied into a slot of a
 /// fixed ring (input and output memory allocated once), compressed by one of `threads`
-/// workers (each with its own `QCOW2ClusterCompressor`), and passed to `sink` on the caller's
+/// workers (each with its own `ClusterCompressor`, the image's), and passed to `sink` on the caller's
 /// thread, in the order submitted (deterministic output whatever the thread timing). Nothing
 /// is allocated per cluster.
 ///
@@ -38,14 +38,16 @@ public final class CompressPool {
         return max(1, min(64, n > 0 ? n : 1))
     }
 
-    public init(codec: QCOW2Compression, clusterSize: Int, threads: Int = CompressPool.defaultThreads) throws {
+    /// `makeCompressor` is called once per worker (an image's `makeClusterCompressor`).
+    public init(clusterSize: Int, threads: Int = CompressPool.defaultThreads,
+                makeCompressor: () throws -> any ClusterCompressor) throws {
         self.clusterSize = clusterSize
         self.threads = max(1, threads)
         // Enough slots to keep every worker busy while the caller writes; about 8 MiB (more
         // only where one slot per worker plus one needs it: 2 MiB clusters).
         let byMemory = max(1, (8 << 20) / (2 * clusterSize))
         depth = max(self.threads + 1, min(4 * self.threads, byMemory))
-        shared = try Shared(codec: codec, clusterSize: clusterSize, depth: depth, threads: self.threads)
+        shared = try Shared(clusterSize: clusterSize, depth: depth, threads: self.threads, makeCompressor: makeCompressor)
         for index in 0..<self.threads {
             try startWorker(index)
         }
@@ -163,7 +165,7 @@ public final class CompressPool {
         let depth: Int
         let lock = ConditionLock()
         private let memory: AlignedBuffer
-        private let compressors: [QCOW2ClusterCompressor]
+        private let compressors: [any ClusterCompressor]
         // Per slot, under `lock`: guest offset, bytes submitted, stream length (-1: does not
         // fit), and whether compression finished.
         let guest: UnsafeMutablePointer<UInt64>
@@ -178,11 +180,11 @@ public final class CompressPool {
         /// Workers started and not yet returned, under `lock` (for tests: 0 once the pool is gone).
         var liveWorkers = 0
 
-        init(codec: QCOW2Compression, clusterSize: Int, depth: Int, threads: Int) throws {
+        init(clusterSize: Int, depth: Int, threads: Int, makeCompressor: () throws -> any ClusterCompressor) throws {
             self.clusterSize = clusterSize
             self.depth = depth
             memory = try AlignedBuffer(byteCount: 2 * clusterSize * depth)
-            compressors = try (0..<threads).map { _ in try QCOW2ClusterCompressor(codec: codec, clusterSize: clusterSize) }
+            compressors = try (0..<threads).map { _ in try makeCompressor() }
             guest = .allocate(capacity: depth)
             valid = .allocate(capacity: depth)
             length = .allocate(capacity: depth)

@@ -1,42 +1,31 @@
 import DiskIO
 import ImageFormats
 
-/// Opens the output of a convert as the fastest target its format has: raw and qcow2 their
-/// own (copy-free async writes, parallel compression), any other format `ImageTarget`.
+/// Opens the output of a convert: the image through `ImageOpener` (its format's driver, the
+/// writer's lock taken before anything is written), as a `CompressedTarget` for `-c`, else
+/// as an `ImageTarget`, which uses whatever write capabilities the image has.
 public enum ConvertTargetOpener {
     /// `startsZeroed`: created now or --target-is-zero (`assumeZero`). A lock conflict is an
-    /// `ImageLockError`; other failures are the opener's ImageError/IOError.
+    /// ImageError of kind `.lockConflict`; other failures are the opener's ImageError/IOError.
+    /// `compress` only for a format with `.compressedWrites` (the caller checks).
     public static func open(_ path: String, format: ImageFormat, direct: Bool, startsZeroed: Bool,
                             assumeZero: Bool, compress: Bool, sparse: UInt64) throws -> any ConvertTarget {
-        switch format {
-        case .raw:
-            let target = try RawTarget(path: path, direct: direct, startsZeroed: startsZeroed, assumeZero: assumeZero)
-            // RawTarget opens the file itself (only reading its size so far): the writer's
-            // lock is taken before anything is written, as for a qcow2 target.
-            do {
-                try target.image.file.lock(.writer)
-            } catch {
-                target.abandon()
-                throw error
-            }
-            return target
-        case .qcow2:
-            let opened = try ImageOpener.open(path, options: OpenOptions(format: .qcow2, writable: true, direct: direct))
-            guard let image = opened as? QCOW2Image else {
-                try? opened.close()
-                throw ImageError(path: path, message: "Image is not in qcow2 format")
-            }
-            if compress {
-                // -S 0 compresses all-zero clusters too, as qemu-img does without sparse detection.
-                return try QCOW2CompressedTarget(image: image, startsZeroed: startsZeroed,
-                                                 compressZeroClusters: sparse == 0)
-            }
-            // Fresh chunks are written by the pipeline itself, straight from its buffers.
-            return QCOW2AsyncTarget(image: image, startsZeroed: startsZeroed)
-        default:
-            // Any other format: through its image's own writes.
-            let opened = try ImageOpener.open(path, options: OpenOptions(format: format, writable: true, direct: direct))
+        let opened = try ImageOpener.open(path, options: OpenOptions(format: format, writable: true, direct: direct))
+        guard compress else {
+            // Fresh chunks are written by the pipeline itself where the image lets it.
             return ImageTarget(image: opened, startsZeroed: startsZeroed, assumeZero: assumeZero)
+        }
+        guard let image = opened as? any CompressedClusterWrites else {
+            try? opened.close()
+            throw ImageError(path: path, message: "Compression is not supported for this image")
+        }
+        do {
+            // -S 0 compresses all-zero clusters too, as qemu-img does without sparse detection.
+            return try CompressedTarget(image: image, startsZeroed: startsZeroed, assumeZero: assumeZero,
+                                        compressZeroClusters: sparse == 0)
+        } catch {
+            try? image.close()
+            throw error
         }
     }
 }

@@ -247,7 +247,7 @@ enum ConvertCommand {
     }
 
     /// `startsZeroed`: created now or --target-is-zero (`assumeZero`); a raw target on a
-    /// device starts zeroed only when the user says so (RawTarget).
+    /// device starts zeroed only when the user says so (Pipeline's TargetZeroes).
     static func openTarget(_ path: String, format: ImageFormat, direct: Bool, startsZeroed: Bool,
                            assumeZero: Bool, compress: Bool, sparse: UInt64) throws -> any ConvertTarget {
         do {

@@ -16,7 +16,7 @@ import TestSupport
     @Test(arguments: [(QCOW2Compression.zlib, 1), (.zlib, 3), (.zstd, 4)])
     func resultsInOrder(_ codec: QCOW2Compression, _ threads: Int) throws {
         let cs = 65536
-        let pool = try CompressPool(codec: codec, clusterSize: cs, threads: threads)
+        let pool = try CompressPool(clusterSize: cs, threads: threads) { try QCOW2ClusterCompressor(codec: codec, clusterSize: cs) }
         defer { pool.stop() }
         let count = 3 * pool.depth + 5
         var inputs: [[UInt8]] = []
@@ -64,7 +64,7 @@ import TestSupport
         weak var gone: CompressPool?
         let shared: CompressPool.Shared
         do {
-            let pool = try CompressPool(codec: .zlib, clusterSize: 65536, threads: threads)
+            let pool = try CompressPool(clusterSize: 65536, threads: threads) { try QCOW2ClusterCompressor(codec: .zlib, clusterSize: 65536) }
             gone = pool
             shared = pool.shared
             #expect(shared.lock.withLock { shared.liveWorkers } == threads)
@@ -104,7 +104,7 @@ import TestSupport
             }
         }
         let image = try QCOW2Image.open(path: path, writable: true)
-        let target = try QCOW2CompressedTarget(image: image, startsZeroed: true, threads: 2)
+        let target = try CompressedTarget(image: image, startsZeroed: true, threads: 2)
         // Chunks of 3 clusters, as a pipeline with a small buffer would send them.
         var offset = 0
         try expected.withUnsafeBytes { all in
@@ -149,23 +149,23 @@ import TestSupport
                                 announce: { _ in })
         let image = try QCOW2Image.open(path: path, writable: true)
         defer { try? image.close() }
-        #expect(throws: ImageError.self) { _ = try QCOW2CompressedTarget(image: image, startsZeroed: true) }
+        #expect(throws: ImageError.self) { _ = try CompressedTarget(image: image, startsZeroed: true) }
     }
 }
 
-/// The qcow2 target whose data the pipeline writes itself (asynchronously), driven by the
-/// real pipeline.
+/// A qcow2 image as `ImageTarget`, whose data the pipeline writes itself (asynchronously,
+/// through the image's reserved direct writes), driven by the real pipeline.
 @Suite struct QCOW2AsyncTargetTests {
     /// Writes `count` pseudo-random bytes at `offset` of a raw file (growing it).
     static func pattern(_ path: String, offset: UInt64, count: Int, seed: UInt64) throws {
         try writeBytes(TestSupport.pattern(seed: seed, count: count, nonZero: true), to: path, at: offset)
     }
 
-    static func convert(_ source: String, to output: String, direct: Bool) throws -> QCOW2AsyncTarget {
+    static func convert(_ source: String, to output: String, direct: Bool) throws -> ImageTarget {
         let src = try ImageOpener.open(source, options: OpenOptions(format: .raw))
         defer { try? src.close() }
         let image = try QCOW2Image.open(path: output, writable: true, direct: direct)
-        let target = QCOW2AsyncTarget(image: image, startsZeroed: true)
+        let target = ImageTarget(image: image, startsZeroed: true)
         var options = ConvertOptions()
         options.bufferSize = 1 << 20
         try ConvertPipeline(sources: [src], target: target, options: options).run()
@@ -205,7 +205,7 @@ import TestSupport
         try qemuImgOutput(["convert", "-n", "-f", "raw", "-O", "qcow2", source, output])  // same data, allocated
         try Self.pattern(source, offset: 1 << 20, count: 1 << 20, seed: 8)
         let image = try QCOW2Image.open(path: output, writable: true)
-        let target = QCOW2AsyncTarget(image: image, startsZeroed: false)
+        let target = ImageTarget(image: image, startsZeroed: false)
         try ConvertPipeline(sources: [try ImageOpener.open(source, options: OpenOptions(format: .raw))],
                             target: target, options: ConvertOptions()).run()
         #expect(target.fallbackWrites > 0)

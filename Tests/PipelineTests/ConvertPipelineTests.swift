@@ -173,7 +173,7 @@ import TestSupport
         try pipelineFile(path, size: 1 << 20, pieces: [(0, pipelinePattern(1 << 20, seed: 3))])
         let source = try RawImage.open(path: path, writable: false, direct: false)
         defer { try? source.close() }
-        let target = try RawTarget(path: "/dev/full", direct: false, startsZeroed: true)
+        let target = ImageTarget(image: try RawImage.open(path: "/dev/full", writable: true, direct: false), startsZeroed: true)
         var options = ConvertOptions()
         options.bufferSize = 256 << 10
         do {

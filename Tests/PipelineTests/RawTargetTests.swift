@@ -16,7 +16,7 @@ struct RawTargetTests {
         let path = dir.file("out.raw"), moved = dir.file("moved.raw")
         let size: UInt64 = (1 << 20) + 100
         try pipelineFile(path, size: size, pieces: [])
-        let target = try RawTarget(path: path, direct: true, startsZeroed: false)
+        let target = ImageTarget(image: try RawImage.open(path: path, writable: true, direct: true), startsZeroed: false)
         #expect(target.isDirect)
         #expect(rename(path, moved) == 0)
         try pipelineFile(path, size: size, pieces: [])
@@ -41,12 +41,13 @@ struct RawTargetTests {
         let dir = try TempDir(prefix: "simg-pipeline")
         let null = dir.file("null")
         #expect(mknod(null, S_IFCHR | 0o600, dev_t((1 << 8) | 3)) == 0, "mknod: \(String(cString: strerror(errno)))")
-        let target = try RawTarget(path: null, direct: false, startsZeroed: true)
-        #expect(!target.startsZeroed)
+        let target = ImageTarget(image: try RawImage.open(path: null, writable: true, direct: false), startsZeroed: true)
         #expect(!target.readsAsZero(at: 0, length: 512))
+        #expect(!target.readsAsZero(at: 1 << 20, length: 512))
         target.abandon()
-        let assumed = try RawTarget(path: null, direct: false, startsZeroed: true, assumeZero: true)
-        #expect(assumed.startsZeroed)  // --target-is-zero: the user says so
+        let assumed = ImageTarget(image: try RawImage.open(path: null, writable: true, direct: false),
+                                  startsZeroed: true, assumeZero: true)
+        #expect(assumed.readsAsZero(at: 0, length: 512))  // --target-is-zero: the user says so
         assumed.abandon()
         var status = stat()
         #expect(lstat(null, &status) == 0 && status.st_mode & S_IFMT == S_IFCHR)

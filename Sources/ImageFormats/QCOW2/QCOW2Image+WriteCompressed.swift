@@ -33,18 +33,9 @@ final class QCOW2CompressedArea {
     }
 }
 
-/// One compressed cluster for `QCOW2Image.writeCompressedClusters`.
-public struct QCOW2CompressedCluster: @unchecked Sendable {
-    // @unchecked Sendable: a plain pointer; the caller keeps the bytes alive and unchanged
-    // for the duration of the call (the usual buffer contract).
-    public var guestOffset: UInt64
-    public var data: UnsafeRawBufferPointer
-
-    public init(guestOffset: UInt64, data: UnsafeRawBufferPointer) {
-        self.guestOffset = guestOffset
-        self.data = data
-    }
-}
+/// One compressed cluster for `QCOW2Image.writeCompressedClusters` (the format-neutral
+/// `CompressedCluster` of WriteCapabilities.swift).
+public typealias QCOW2CompressedCluster = CompressedCluster
 
 /// Compressed cluster writes (QEMU's qcow2_co_pwritev_compressed_part and qcow2_alloc_bytes).
 ///

@@ -23,8 +23,13 @@ public final class RawImage: DiskImage {
     public var backing: (any DiskImage)? { nil }
     public var dataFile: DiskFile { file }
     private var isClosed = false
-    /// Bounce buffer for O_DIRECT requests the caller did not align; allocated on first use.
+    /// Bounce buffer for O_DIRECT reads the caller did not align; allocated on first use.
     private var bounce: AlignedBuffer?
+    /// A buffered descriptor of the same file for O_DIRECT writes the caller did not align
+    /// (opened on first use).
+    private var tailFile: DiskFile?
+    /// The file's end as opened (resize moves it): O_DIRECT writes are never rounded past it.
+    var fileEnd: UInt64
 
     init(path: String, file: DiskFile, writable: Bool, offset: UInt64 = 0, size: UInt64? = nil) throws {
         self.path = path
@@ -32,6 +37,7 @@ public final class RawImage: DiskImage {
         self.isWritable = writable
         self.displayName = path
         let fileSize = try file.size()
+        fileEnd = fileSize
         // QEMU's raw_apply_options checks, with its words.
         guard offset <= fileSize else {
             throw ImageError(path: path, message: "Offset (\(offset)) cannot be greater than size of the containing file (\(fileSize))")
@@ -105,11 +111,35 @@ public final class RawImage: DiskImage {
         try checkWritable()
         try checkRange(offset, UInt64(data.count), "write")
         guard data.count > 0 else { return }
-        if file.isDirect && !isAligned(data.baseAddress!, windowOffset + offset, data.count) {
-            try bouncedWrite(data, at: windowOffset + offset)
-        } else {
-            try file.write(data, at: windowOffset + offset)
+        let host = windowOffset + offset
+        guard file.isDirect else {
+            try file.write(data, at: host)
+            return
         }
+        let unit = UInt64(file.dioAlignment().offset)
+        let alignedLength = UInt64(data.count) / unit * unit
+        if host % unit == 0 && alignedLength > 0, let pointer = data.baseAddress,
+           Int(bitPattern: pointer) % DiskFile.pageSize == 0 {
+            // Sound: alignedLength <= data.count.
+            try file.write(UnsafeRawBufferPointer(start: pointer, count: Int(alignedLength)), at: host)
+            if alignedLength == UInt64(data.count) { return }
+            // The unaligned tail (say the last bytes of a file whose size is no multiple of
+            // the unit) through the page cache: an aligned write would grow the file.
+            // Sound: alignedLength < data.count, so the rebased slice is inside `data`.
+            try buffered().write(UnsafeRawBufferPointer(rebasing: data[Int(alignedLength)...]), at: host + alignedLength)
+            return
+        }
+        try buffered().write(data, at: host)
+    }
+
+    /// The same open file without O_DIRECT (a new description of the same inode, never the
+    /// name opened again: a rename in between must not redirect the writes).
+    private func buffered() throws -> DiskFile {
+        if let tailFile { return tailFile }
+        let reopened = try file.reopen(direct: false)
+        reopened.ignoresFlushes = file.ignoresFlushes
+        tailFile = reopened
+        return reopened
     }
 
     public func writeZeroes(at offset: UInt64, length: UInt64) throws {
@@ -168,13 +198,18 @@ public final class RawImage: DiskImage {
         return Extent(offset: offset, length: stop - start, kind: .data(hostOffset: start))
     }
 
+    /// Cache mode unsafe: nothing to do (not even the pending-signal check of a sync).
     public func flush() throws {
-        guard isWritable, !isClosed else { return }
+        guard isWritable, !isClosed, !file.ignoresFlushes else { return }
         try file.sync()
+        if let tailFile { try tailFile.sync() }
     }
 
     public func close() throws {
         guard !isClosed else { return }
+        // The buffered descriptor's writes are the same inode's: the file's sync covers them.
+        tailFile?.close()
+        tailFile = nil
         defer {
             file.close()
             isClosed = true
@@ -196,6 +231,7 @@ public final class RawImage: DiskImage {
             throw ImageError(path: path, message: "The image size is too large for file format 'raw'")
         }
         try file.truncate(to: windowOffset + newSize)
+        fileEnd = windowOffset + newSize
         virtualSize = RawImage.sectorRoundUp(newSize)
     }
 
@@ -260,35 +296,12 @@ public final class RawImage: DiskImage {
         return done
     }
 
-    /// O_DIRECT write of an unaligned request: read-modify-write whole aligned blocks.
-    private func bouncedWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        let (bounce, unit) = try bounceBuffer()
-        var done = 0
-        while done < data.count {
-            let position = offset + UInt64(done)
-            let start = position - position % unit
-            let skip = Int(position - start)
-            let want = min(data.count - done, bounce.count - skip)
-            let span = Int((UInt64(skip + want) + unit - 1) / unit * unit)
-            let chunk = bounce.prefix(span)
-            if skip != 0 || want != span {
-                // Partial blocks at the edges keep their current contents (zeros past EOF).
-                let got = try file.read(into: chunk, at: start)
-                if got < span { memset(bounce.baseAddress + got, 0, span - got) }
-            }
-            // Sound: skip + want <= span <= bounce.count and done + want <= data.count.
-            memcpy(bounce.baseAddress + skip, data.baseAddress! + done, want)
-            try file.write(UnsafeRawBufferPointer(chunk), at: start)
-            done += want
-        }
-    }
-
     private func writeZeroBuffers(at offset: UInt64, length: UInt64) throws {
         let zeros = try ZeroBuffer.get()
         var done: UInt64 = 0
         while done < length {
             let n = Int(min(UInt64(zeros.count), length - done))
-            // Direct files get aligned pieces; an unaligned tail goes through the bounce path.
+            // Direct files get aligned pieces; an unaligned tail goes through the buffered file.
             try write(UnsafeRawBufferPointer(zeros.prefix(n)), at: offset + done)
             done += UInt64(n)
         }

@@ -1,17 +1,28 @@
 import DiskIO
 import ImageFormats
 
-/// The qcow2 output of `convert -c`: every data cluster is compressed (on all cores, through
-/// `CompressPool`) and written with `QCOW2Image.writeCompressedClusters`, in guest order.
+/// The output of `convert -c`, over an image with `CompressedClusterWrites` (qcow2): every
+/// data cluster is compressed (on all cores, through `CompressPool`, each worker with the
+/// image's compressor) and written with `writeCompressedClusters`, in guest order.
 ///
 /// As qemu-img: clusters that are all zeros are never compressed (skipped where the target
 /// reads as zeros already, else zeroed); a cluster whose stream would not be shorter than
-/// the cluster is stored uncompressed; the codec is the image's compression_type. Images
-/// with an external data file are refused (QEMU cannot compress into them either).
-public final class QCOW2CompressedTarget: QCOW2Target {
+/// the cluster is stored uncompressed; the codec is the image's (qcow2: compression_type).
+/// Images that cannot take compressed clusters say so (`checkCompressedWrites`: a qcow2
+/// image with an external data file, which QEMU cannot compress into either).
+public final class CompressedTarget: ConvertTarget {
+    public let image: any CompressedClusterWrites
+    public var path: String { image.path }
+    public var virtualSize: UInt64 { image.virtualSize }
+    /// Each cluster is compressed whole.
+    public var writeGranularity: Int { image.clusterSize }
+    public var isDirect: Bool { image.file.isDirect }
+    public var writesAsynchronously: Bool { false }
+    private let unmapping: (any UnmappingZeroWrites)?
+    private let zeroes: TargetZeroes
     private let pool: CompressPool
     /// Compressed streams waiting to be written in one batch (pointers into `batchBytes`).
-    private var batch: [QCOW2CompressedCluster] = []
+    private var batch: [CompressedCluster] = []
     private var batchBytes: AlignedBuffer
     private var batchUsed = 0
     /// Streams per batch at most (bounded by `batchBytes`, about 1 MiB, at least 2 clusters).
@@ -25,25 +36,30 @@ public final class QCOW2CompressedTarget: QCOW2Target {
     public private(set) var uncompressedClusters = 0
     public private(set) var zeroClusters = 0
 
-    public init(image: QCOW2Image, startsZeroed: Bool, threads: Int = CompressPool.defaultThreads,
-                compressZeroClusters: Bool = false) throws {
-        if image.qcow2Header.hasDataFile {
-            throw ImageError(path: image.path, message: "Compression is not supported for images with an external data file")
-        }
-        pool = try CompressPool(codec: image.compressionCodec, clusterSize: image.clusterSize, threads: threads)
+    public init(image: any CompressedClusterWrites, startsZeroed: Bool, assumeZero: Bool = false,
+                threads: Int = CompressPool.defaultThreads, compressZeroClusters: Bool = false) throws {
+        try image.checkCompressedWrites()
+        self.image = image
+        pool = try CompressPool(clusterSize: image.clusterSize, threads: threads, makeCompressor: image.makeClusterCompressor)
         batchBytes = try AlignedBuffer(byteCount: max(2 * image.clusterSize, 1 << 20))
         batchLimit = max(64, batchBytes.count / 512)
         self.compressZeroClusters = compressZeroClusters
         batch.reserveCapacity(batchLimit)
-        // Each cluster is compressed whole.
-        super.init(image: image, startsZeroed: startsZeroed, wholeClusters: true)
+        unmapping = image as? any UnmappingZeroWrites
+        zeroes = TargetZeroes(image: image, startsZeroed: startsZeroed, assumeZero: assumeZero)
     }
 
     deinit {
         pool.stop()
     }
 
-    public override func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+    public func readsAsZero(at offset: UInt64, length: UInt64) -> Bool {
+        zeroes.readsAsZero(at: offset, length: length)
+    }
+
+    public func asyncDestination(forWriteAt offset: UInt64, length: Int) throws -> (file: DiskFile, offset: UInt64)? { nil }
+
+    public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         let cs = UInt64(image.clusterSize)
         guard offset % cs == 0 else {
             throw ImageError(path: path, message: "compressed write at guest offset \(offset) does not start at a cluster boundary")
@@ -61,7 +77,7 @@ public final class QCOW2CompressedTarget: QCOW2Target {
                 zeroClusters += 1
                 if !readsAsZero(at: guest, length: UInt64(n)) {
                     try flushBatch()
-                    try image.writeZeroes(at: guest, length: UInt64(n), mayUnmap: true)
+                    try writeZeroes(at: guest, length: UInt64(n))
                 }
             } else {
                 try pool.submit(guestOffset: guest, cluster, sink: take)
@@ -70,17 +86,36 @@ public final class QCOW2CompressedTarget: QCOW2Target {
         }
     }
 
-    public override func finish() throws {
+    /// The source's zeros: host space the target held there is given back where the image
+    /// can (`UnmappingZeroWrites`), as qemu-img convert's zero writes may unmap.
+    public func writeZeroes(at offset: UInt64, length: UInt64) throws {
+        if let unmapping {
+            try unmapping.writeZeroes(at: offset, length: length, mayUnmap: true)
+        } else {
+            try image.writeZeroes(at: offset, length: length)
+        }
+    }
+
+    public func finish() throws {
         try pool.drain(take)
         try flushBatch()
         stopPool()
-        try image.alignFileEndToSector()
-        try super.finish()
+        try image.finishCompressedWrites()
+        try image.flush()
+        try image.close()
     }
 
-    public override func abandon() {
+    public func abandon() {
         stopPool()
-        super.abandon()
+        try? image.close()
+    }
+
+    public var ignoresFlushes: Bool {
+        get { image.file.ignoresFlushes }
+        set {
+            image.file.ignoresFlushes = newValue
+            image.dataFile.ignoresFlushes = newValue
+        }
     }
 
     private func stopPool() {
@@ -99,7 +134,7 @@ public final class QCOW2CompressedTarget: QCOW2Target {
             // cluster, and the buffer holds at least two).
             let room = UnsafeMutableRawBufferPointer(start: batchBytes.baseAddress + at, count: stream.count)
             room.copyMemory(from: stream)
-            batch.append(QCOW2CompressedCluster(guestOffset: guest, data: UnsafeRawBufferPointer(room)))
+            batch.append(CompressedCluster(guestOffset: guest, data: UnsafeRawBufferPointer(room)))
             batchUsed += stream.count
             compressedClusters += 1
         case .uncompressed(let bytes):
