@@ -8,29 +8,32 @@ import Glibc
 /// threads as long as they do not write overlapping ranges.
 public final class DiskFile: @unchecked Sendable {
     // @unchecked Sendable: the mutable state is `fd`, which changes only in close() (callers
-    // must not close a file other threads still use, as with any fd), and `ignoresFlushes`,
-    // set before the file is shared and only read by `sync`, on the thread that owns the file.
+    // must not close a file other threads still use, as with any fd).
 
     public enum Access: Sendable { case readOnly, readWrite }
 
     public let path: String
     public let access: Access
-    /// Opened with O_DIRECT: buffers, offsets and lengths must be aligned (see `dioAlignment`).
-    public let isDirect: Bool
+    /// The cache mode the file was opened with: O_DIRECT (`isDirect`) and whether `sync`
+    /// syncs (`ignoresFlushes`) follow from it.
+    public let cache: CacheMode
+    /// Opened with O_DIRECT (cache mode none or directsync): buffers, offsets and lengths
+    /// must be aligned (see `dioAlignment`).
+    public var isDirect: Bool { cache.direct }
     public private(set) var fd: Int32
     /// Cache mode unsafe (QEMU's cache.no-flush): `sync` does not call fdatasync. Everything
     /// that orders writes (waiting for one to complete before issuing the next) is unchanged,
     /// so what a kill leaves is the same; only durability against power loss is given up.
-    public var ignoresFlushes = false
+    public var ignoresFlushes: Bool { !cache.flushes }
 
     /// `dioAlignment()`, asked once at open (one statx) rather than on every aligned write.
     private let alignment: (memory: Int, offset: Int)
 
-    private init(fd: Int32, path: String, access: Access, isDirect: Bool) {
+    private init(fd: Int32, path: String, access: Access, cache: CacheMode) {
         self.fd = fd
         self.path = path
         self.access = access
-        self.isDirect = isDirect
+        self.cache = cache
         alignment = DiskFile.queryDIOAlignment(fd)
     }
 
@@ -38,9 +41,11 @@ public final class DiskFile: @unchecked Sendable {
         if fd >= 0 { _ = Glibc.close(fd) }
     }
 
-    /// Opens an existing file.
+    /// Opens an existing file; `cache` (by default writeback: buffered, synced on flush) says
+    /// whether with O_DIRECT and whether `sync` syncs.
     /// The corresponding C function is open.
-    public static func open(_ path: String, access: Access, direct: Bool = false) throws -> DiskFile {
+    public static func open(_ path: String, access: Access, cache: CacheMode = .writeback) throws -> DiskFile {
+        let direct = cache.direct
         // O_CLOEXEC: a child process (a test runner's qemu-img, anything spawned) must not
         // inherit the descriptor, or it would keep the file's image locks alive after we close it.
         var flags = (access == .readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC
@@ -53,7 +58,7 @@ public final class DiskFile: @unchecked Sendable {
             }
             throw IOError(code: -fd, operation: .open, path: path)
         }
-        return DiskFile(fd: fd, path: path, access: access, isDirect: direct)
+        return DiskFile(fd: fd, path: path, access: access, cache: cache)
     }
 
     /// Creates a file for writing (mode 0644). With `exclusive`, fails if it already exists;
@@ -65,14 +70,14 @@ public final class DiskFile: @unchecked Sendable {
     /// and only then cut to zero. So creating over an image another process (QEMU, qemu-nbd,
     /// or simg) has open fails with an `ImageLockError` and leaves the file as it was.
     /// The lock lasts as long as the returned file stays open.
-    public static func create(_ path: String, exclusive: Bool = false, direct: Bool = false,
+    public static func create(_ path: String, exclusive: Bool = false, cache: CacheMode = .writeback,
                               lock: ImageLock? = .creator) throws -> DiskFile {
         var flags = O_RDWR | O_CREAT | O_CLOEXEC  // O_CLOEXEC: see open
         if exclusive { flags |= O_EXCL }
-        if direct { flags |= simg_o_direct() }
+        if cache.direct { flags |= simg_o_direct() }
         let fd = FileName.withCString(path) { simg_open($0, flags, 0o644) }
         if fd < 0 { throw IOError(code: -fd, operation: .create, path: path) }
-        let file = DiskFile(fd: fd, path: path, access: .readWrite, isDirect: direct)
+        let file = DiskFile(fd: fd, path: path, access: .readWrite, cache: cache)
         do {
             if let lock { try file.lock(lock) }
             if !exclusive { try file.truncate(to: 0) }
@@ -85,8 +90,8 @@ public final class DiskFile: @unchecked Sendable {
 
     /// Opens an existing file and takes `lock` on it (see ImageLock); a conflict throws
     /// `ImageLockError` and leaves nothing open.
-    public static func open(_ path: String, access: Access, direct: Bool = false, lock: ImageLock) throws -> DiskFile {
-        let file = try open(path, access: access, direct: direct)
+    public static func open(_ path: String, access: Access, cache: CacheMode = .writeback, lock: ImageLock) throws -> DiskFile {
+        let file = try open(path, access: access, cache: cache)
         do {
             try file.lock(lock)
         } catch {
@@ -96,19 +101,20 @@ public final class DiskFile: @unchecked Sendable {
         return file
     }
 
-    /// A second open file description of this very file, with or without O_DIRECT. It is
+    /// A second open file description of this very file, in cache mode `cache` (with or
+    /// without O_DIRECT; `cache.buffered` for the same flushes without it). It is
     /// opened through /proc/self/fd/N, which leads to the open inode itself: a rename, or a
     /// new file under the old name since this one was opened, cannot redirect it (opening
     /// `path` again could). Messages still name `path`. Locks are not carried over: they belong
     /// to this description, which must stay open meanwhile. `access` defaults to this file's;
     /// a read-write reopen of a file opened read-only is checked by the kernel as an open.
-    public func reopen(access newAccess: Access? = nil, direct: Bool) throws -> DiskFile {
+    public func reopen(access newAccess: Access? = nil, cache: CacheMode) throws -> DiskFile {
         let access = newAccess ?? self.access
         var flags = (access == .readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC  // O_CLOEXEC: see open
-        if direct { flags |= simg_o_direct() }
+        if cache.direct { flags |= simg_o_direct() }
         let reopened = simg_open("/proc/self/fd/\(fd)", flags, 0)
         if reopened < 0 { throw IOError(code: -reopened, operation: .reopen, path: path) }
-        return DiskFile(fd: reopened, path: path, access: access, isDirect: direct)
+        return DiskFile(fd: reopened, path: path, access: access, cache: cache)
     }
 
     /// Set by `lock`: this description holds QEMU lock bytes.

@@ -55,10 +55,12 @@ public struct CreateRequest: Sendable {
     public var backingFormat: String?
     /// `-u`: do not open the backing file.
     public var unsafeBacking: Bool
-    /// The create step of `convert -t unsafe` (QEMU's cache.no-flush): the new files are never
-    /// synced. The header still goes last, after everything else has been written, so a kill
-    /// leaves the same as with syncs; only power loss is no longer waited out.
-    public var ignoresFlushes = false
+    /// The cache mode of the new files' flushes (they are written through the page cache
+    /// whatever the mode: `cache.buffered`). convert's create step takes its `-t`; with unsafe
+    /// (QEMU's cache.no-flush) the new files are never synced. The header still goes last,
+    /// after everything else has been written, so a kill leaves the same as with syncs; only
+    /// power loss is no longer waited out.
+    public var cache: CacheMode = .writeback
 
     public init(format: ImageFormat, path: String, size: UInt64? = nil, options: [CreateOption] = [],
                 backingFile: String? = nil, backingFormat: String? = nil, unsafeBacking: Bool = false) {

@@ -29,8 +29,8 @@ struct FormatCreateJob {
     var onDevice: Bool
     /// Every file the driver creates is recorded here; a failure removes exactly those.
     var created: CreatedFiles
-    /// Cache mode unsafe: nothing is synced.
-    var ignoresFlushes: Bool
+    /// The cache mode of the new files (`CreateRequest.cache`): unsafe syncs nothing.
+    var cache: CacheMode
 }
 
 /// A format driver: its name, how it recognises, opens and creates images, and what else it
@@ -45,7 +45,7 @@ protocol FormatDriver: Sendable {
     /// magic. raw never claims a file: it is what no driver claims.
     func probe(header: [UInt8]) -> Int
     /// Opens one image (not its backing file) at `location`.
-    func open(location: ImageLocation, writable: Bool, direct: Bool) throws -> any DiskImage
+    func open(location: ImageLocation, writable: Bool, cache: CacheMode) throws -> any DiskImage
     /// The format's `-o` options, in QEMU's order, before the protocol's.
     var createOptions: [CreateOptionSpec] { get }
     /// Writes a new image; errors are ImageErrors about `job.path`.

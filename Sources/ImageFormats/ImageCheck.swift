@@ -79,7 +79,7 @@ public enum ImageChecker {
         guard supportsCheck(format) else {
             throw ImageError(path: path, message: "This image format does not support checks")
         }
-        let own = try file.reopen(access: repair == .none ? .readOnly : .readWrite, direct: false)
+        let own = try file.reopen(access: repair == .none ? .readOnly : .readWrite, cache: .writeback)
         defer { own.close() }
         return try format.driver.check(file: own, path: path, repair: repair, report: report,
                                        reportError: reportError)

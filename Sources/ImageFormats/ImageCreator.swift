@@ -115,7 +115,7 @@ public enum ImageCreator {
         // those: not a file whose lock refused us (another process has it open), not a device.
         let created = CreatedFiles()
         let job = FormatCreateJob(path: path, size: size, options: options, onDevice: targetProtocol == .hostDevice,
-                                  created: created, ignoresFlushes: request.ignoresFlushes)
+                                  created: created, cache: request.cache)
         do {
             try request.format.driver.create(job)
         } catch let error as InterruptedError {

@@ -6,18 +6,19 @@ public struct OpenOptions: Sendable {
     /// The format; nil probes the file.
     public var format: ImageFormat?
     public var writable: Bool
-    /// O_DIRECT (cache mode none).
-    public var direct: Bool
+    /// The cache mode every file of the image and its chain is opened with (O_DIRECT for
+    /// none and directsync; unsafe never syncs).
+    public var cache: CacheMode
     /// Open the backing chain (read-only) too.
     public var openBacking: Bool
     /// Which of QEMU's image locks to take (see `ImageLocking`).
     public var locking: ImageLocking
 
-    public init(format: ImageFormat? = nil, writable: Bool = false, direct: Bool = false, openBacking: Bool = true,
+    public init(format: ImageFormat? = nil, writable: Bool = false, cache: CacheMode = .writeback, openBacking: Bool = true,
                 locking: ImageLocking = .standard) {
         self.format = format
         self.writable = writable
-        self.direct = direct
+        self.cache = cache
         self.openBacking = openBacking
         self.locking = locking
     }
@@ -92,7 +93,7 @@ public enum ImageOpener {
         if options.writable && options.locking == .forceShare {
             throw ImageError(path: path, message: "force-share=on can only be used with read-only images")
         }
-        let top = try openOne(path, format: options.format, writable: options.writable, direct: options.direct)
+        let top = try openOne(path, format: options.format, writable: options.writable, cache: options.cache)
         do {
             try lock(top, options.locking, writable: options.writable)
         } catch {
@@ -101,7 +102,7 @@ public enum ImageOpener {
         }
         guard options.openBacking else { return top }
         do {
-            try openChain(of: top, direct: options.direct, locking: options.locking.backing)
+            try openChain(of: top, cache: options.cache, locking: options.locking.backing)
         } catch {
             try? top.close()
             throw error
@@ -111,7 +112,7 @@ public enum ImageOpener {
 
     /// Opens one image without its backing file. `path` is a name in QEMU's syntax
     /// (ImageName: `file:`, `json:{...}`, devices); `format` (-f) wins over a json: driver.
-    public static func openOne(_ path: String, format: ImageFormat?, writable: Bool, direct: Bool) throws -> any DiskImage {
+    public static func openOne(_ path: String, format: ImageFormat?, writable: Bool, cache: CacheMode) throws -> any DiskImage {
         let location = try ImageName.parse(path)
         try checkProtocolDriver(location)
         var chosen = format ?? location.format.flatMap(ImageFormat.init(rawValue:))
@@ -126,7 +127,7 @@ public enum ImageOpener {
             chosen = try ImageProbe.probe(path: location.path, file: probeFile)
         }
         let driver = (chosen ?? .raw).driver
-        let image = try driver.open(location: location, writable: writable, direct: direct)
+        let image = try driver.open(location: location, writable: writable, cache: cache)
         // As in QEMU, options the format does not take are refused once it has opened (a
         // file that is not of the format says that first).
         if !driver.capabilities.contains(.windows), let option = location.rawOptions.first {
@@ -194,7 +195,7 @@ public enum ImageOpener {
         return false
     }
 
-    private static func openChain(of top: any DiskImage, direct: Bool, locking: ImageLocking) throws {
+    private static func openChain(of top: any DiskImage, cache: CacheMode, locking: ImageLocking) throws {
         var seen: [FileIdentity: String] = [:]
         seen[try FileIdentity(of: mainFile(of: top))] = top.path
         var current: (any DiskImage)? = top
@@ -216,7 +217,7 @@ public enum ImageOpener {
             }
             let backing: any DiskImage
             do {
-                backing = try openOne(full, format: format, writable: false, direct: direct)
+                backing = try openOne(full, format: format, writable: false, cache: cache)
             } catch {
                 throw nested(ImageError(.backingFileOpen, path: image.path, message: "Could not open backing file '\(full)' of '\(image.path)'", cause: error),
                              from: top, to: image)

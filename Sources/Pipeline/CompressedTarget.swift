@@ -110,14 +110,6 @@ public final class CompressedTarget: ConvertTarget {
         try? image.close()
     }
 
-    public var ignoresFlushes: Bool {
-        get { image.file.ignoresFlushes }
-        set {
-            image.file.ignoresFlushes = newValue
-            image.dataFile.ignoresFlushes = newValue
-        }
-    }
-
     private func stopPool() {
         guard !stopped else { return }
         stopped = true

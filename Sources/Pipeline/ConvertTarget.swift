@@ -66,10 +66,6 @@ public protocol ConvertTarget: AnyObject {
     func finish() throws
     /// Closes without flushing metadata obligations beyond what is safe (after an error).
     func abandon()
-    /// Cache mode unsafe (QEMU's cache.no-flush; convert's default): nothing is ever synced to
-    /// stable storage (no fdatasync, also not between metadata writes). Write order, which is
-    /// what survives a kill, stays as it is. Set before the first write.
-    var ignoresFlushes: Bool { get set }
 }
 
 extension ConvertTarget {

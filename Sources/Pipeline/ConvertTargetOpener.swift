@@ -7,10 +7,13 @@ import ImageFormats
 public enum ConvertTargetOpener {
     /// `startsZeroed`: created now or --target-is-zero (`assumeZero`). A lock conflict is an
     /// ImageError of kind `.lockConflict`; other failures are the opener's ImageError/IOError.
-    /// `compress` only for a format with `.compressedWrites` (the caller checks).
-    public static func open(_ path: String, format: ImageFormat, direct: Bool, startsZeroed: Bool,
+    /// `compress` only for a format with `.compressedWrites` (the caller checks). `cache`: the
+    /// target's cache mode (`-t`), for every file of the image (unsafe, convert's default and
+    /// QEMU's cache.no-flush: nothing is ever synced, also not between metadata writes; write
+    /// order, which is what survives a kill, stays as it is).
+    public static func open(_ path: String, format: ImageFormat, cache: CacheMode, startsZeroed: Bool,
                             assumeZero: Bool, compress: Bool, sparse: UInt64) throws -> any ConvertTarget {
-        let opened = try ImageOpener.open(path, options: OpenOptions(format: format, writable: true, direct: direct))
+        let opened = try ImageOpener.open(path, options: OpenOptions(format: format, writable: true, cache: cache))
         guard compress else {
             // Fresh chunks are written by the pipeline itself where the image lets it.
             return ImageTarget(image: opened, startsZeroed: startsZeroed, assumeZero: assumeZero)

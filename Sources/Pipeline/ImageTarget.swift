@@ -93,14 +93,6 @@ public final class ImageTarget: ConvertTarget {
         inFlight.removeAll()
         try? image.close()
     }
-
-    public var ignoresFlushes: Bool {
-        get { image.file.ignoresFlushes }
-        set {
-            image.file.ignoresFlushes = newValue
-            image.dataFile.ignoresFlushes = newValue
-        }
-    }
 }
 
 /// Which ranges of a target already read as zeros, so that zeros there need not be written.

@@ -13,7 +13,7 @@ enum Backend {
         let top: any DiskImage
         do {
             top = try ImageOpener.open(path, options: OpenOptions(format: format, writable: false,
-                                                                  direct: false, openBacking: chain,
+                                                                  cache: .writeback, openBacking: chain,
                                                                   locking: forceShare ? .none : .inspect))
         } catch {
             throw CLIError(openFailure(error, path: path))

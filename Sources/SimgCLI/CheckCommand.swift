@@ -113,7 +113,7 @@ enum CheckCommand {
                            locking: ImageLocking) throws -> (ImageFormat, LockHolder) {
         do {
             let image = try ImageOpener.open(path, options: OpenOptions(format: format, writable: false,
-                                                                        direct: false, openBacking: true,
+                                                                        cache: .writeback, openBacking: true,
                                                                         locking: locking))
             return (image.format, LockHolder(image: image))
         } catch let error as ImageError where error.path == path && error.cause == nil

@@ -63,8 +63,7 @@ enum ConvertCommand {
             options.sparseSize = value
         }
         let targetCache = try Backend.cacheMode(scan, "cache", default: .unsafe, source: false)
-        let targetDirect = targetCache.direct
-        let sourceDirect = try Backend.cacheMode(scan, "source-cache", default: .writeback, source: true).direct
+        let sourceCache = try Backend.cacheMode(scan, "source-cache", default: .writeback, source: true)
         if scan.has("copy-offload") {
             if compress { throw CLIError("Cannot enable copy offloading when -c is used") }
             if scan.has("sparse-size") { throw CLIError("Cannot enable copy offloading when -S is used") }
@@ -122,7 +121,7 @@ enum ConvertCommand {
             do {
                 // -U: the sources share everything, as with qemu-img (the target never does).
                 sources.append(try ImageOpener.open(path, options: OpenOptions(format: sourceFormat, writable: false,
-                                                                               direct: sourceDirect,
+                                                                               cache: sourceCache,
                                                                                locking: scan.has("force-share") ? .forceShare : .standard)))
             } catch {
                 // qemu-img convert opens each source with its chain as one block graph: a
@@ -152,7 +151,7 @@ enum ConvertCommand {
                                         backingFile: scan.last("backing"), backingFormat: scan.last("backing-format"),
                                         unsafeBacking: false)
             // -t unsafe covers the create step too: no sync at all, only the write order.
-            request.ignoresFlushes = !targetCache.flushes
+            request.cache = targetCache
             do {
                 try Backend.create(request, announce: { _ in }, warn: { console.error("warning: " + $0) })
             } catch let error as ImageError where error.path == output {
@@ -173,12 +172,11 @@ enum ConvertCommand {
             }
         }
 
-        let target = try openTarget(output, format: outputFormat, direct: targetDirect,
+        // Cache mode unsafe ignores flushes (QEMU's cache.no-flush): no sync at all.
+        let target = try openTarget(output, format: outputFormat, cache: targetCache,
                                     startsZeroed: !noCreate || targetIsZero, assumeZero: targetIsZero,
                                     compress: compress,
                                     sparse: options.sparseSize)
-        // Cache mode unsafe ignores flushes (QEMU's cache.no-flush): no sync at all.
-        target.ignoresFlushes = !targetCache.flushes
         if noCreate && target.virtualSize < totalSize {
             target.abandon()
             throw CLIError("output file is smaller than input file")
@@ -248,10 +246,10 @@ enum ConvertCommand {
 
     /// `startsZeroed`: created now or --target-is-zero (`assumeZero`); a raw target on a
     /// device starts zeroed only when the user says so (Pipeline's TargetZeroes).
-    static func openTarget(_ path: String, format: ImageFormat, direct: Bool, startsZeroed: Bool,
+    static func openTarget(_ path: String, format: ImageFormat, cache: CacheMode, startsZeroed: Bool,
                            assumeZero: Bool, compress: Bool, sparse: UInt64) throws -> any ConvertTarget {
         do {
-            return try ConvertTargetOpener.open(path, format: format, direct: direct, startsZeroed: startsZeroed,
+            return try ConvertTargetOpener.open(path, format: format, cache: cache, startsZeroed: startsZeroed,
                                                 assumeZero: assumeZero, compress: compress, sparse: sparse)
         } catch let lock as ImageLockError {
             throw CLIError("Could not open '\(path)': \(lock)")

@@ -64,7 +64,7 @@ enum RebaseCommand {
         let overlay: any DiskImage
         do {
             overlay = try ImageOpener.open(filename, options: OpenOptions(format: format, writable: true,
-                                                                          direct: false, openBacking: !unsafe))
+                                                                          cache: .writeback, openBacking: !unsafe))
         } catch {
             throw CLIError(CheckCommand.openFailure(error, path: filename))
         }
@@ -83,7 +83,7 @@ enum RebaseCommand {
                 // As qemu-img rebase: -U shares the new backing file (the overlay and its old
                 // chain keep their locks).
                 newBacking = try ImageOpener.open(resolved, options: OpenOptions(format: backingFormat, writable: false,
-                                                                                 direct: false, openBacking: true,
+                                                                                 cache: .writeback, openBacking: true,
                                                                                  locking: scan.has("force-share") ? .forceShare : .standard))
             } catch where ImageOpener.failedOnLock(error)
                         && chain(from: resolved, opened: nil, format: backingFormat, contains: filename) {
@@ -163,7 +163,7 @@ enum RebaseCommand {
         if opened == nil {
             // Only looking, at files this process may hold for writing (the overlay): no locks.
             probe = try? ImageOpener.open(path, options: OpenOptions(format: format, writable: false,
-                                                                     direct: false, openBacking: true, locking: .none))
+                                                                     cache: .writeback, openBacking: true, locking: .none))
         }
         defer { try? probe?.close() }
         var layer = opened ?? probe

@@ -105,7 +105,7 @@ struct DeviceRuleTests {
         try file.write([UInt8](repeating: 1, count: 8192), at: 0)
         #expect(rename(path, moved) == 0)
         FileManager.default.createFile(atPath: path, contents: Data(count: 8192))
-        let again = try file.reopen(direct: false)
+        let again = try file.reopen(cache: .writeback)
         defer { again.close() }
         #expect(again.path == path)  // messages still name the file as given
         try again.write([9, 9, 9], at: 100)
@@ -113,7 +113,7 @@ struct DeviceRuleTests {
         let movedBytes = try DiskFile.open(moved, access: .readOnly).readBytes(count: 3, at: 100)
         #expect(movedBytes == [9, 9, 9])
         #expect(FileManager.default.contents(atPath: path) == Data(count: 8192))
-        let direct = try file.reopen(direct: true)
+        let direct = try file.reopen(cache: .none)
         defer { direct.close() }
         #expect(direct.isDirect)
     }

@@ -5,7 +5,7 @@ import Testing
 /// Opens `path` with O_DIRECT, failing the test with a clear message if the file system refuses.
 func openDirect(_ path: String, access: DiskFile.Access = .readWrite) throws -> DiskFile {
     do {
-        return try DiskFile.open(path, access: access, direct: true)
+        return try DiskFile.open(path, access: access, cache: .none)
     } catch let error as IOError where error.code == EINVAL {
         Issue.record("the file system holding \(path) refuses O_DIRECT: \(error)")
         throw error

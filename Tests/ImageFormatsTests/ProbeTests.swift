@@ -7,7 +7,7 @@ import TestSupport
 @Suite("Format probing")
 struct ProbeTests {
     func probe(_ path: String, direct: Bool = false) throws -> ImageFormat {
-        let file = try DiskFile.open(path, access: .readOnly, direct: direct)
+        let file = try DiskFile.open(path, access: .readOnly, cache: direct ? .none : .writeback)
         return try ImageProbe.probe(path: path, file: file)
     }
 

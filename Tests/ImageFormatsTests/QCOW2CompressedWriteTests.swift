@@ -87,7 +87,7 @@ import TestSupport
         let clusterSize = Int(options.first { $0.0 == "cluster_size" }.map { try! SizeParser.parse($0.1) } ?? 65536)
         let count = clusterSize >= 1 << 21 ? 5 : 24
         try Self.create(path, size: UInt64(count * clusterSize), options: options)
-        let image = try QCOW2Image.open(path: path, writable: true, direct: direct)
+        let image = try QCOW2Image.open(path: path, writable: true, cache: direct ? .none : .writeback)
         // Mixed: well compressible, half random (streams cross host clusters), incompressible,
         // and holes.
         var clusters: [[UInt8]?] = []

@@ -12,7 +12,7 @@ struct RawImageTests {
         let file = try DiskFile.create(path)
         try file.write([1, 2, 3], at: 0)
         try file.truncate(to: 1000)
-        let image = try RawImage.open(path: path, writable: false, direct: false)
+        let image = try RawImage.open(path: path, writable: false, cache: .writeback)
         #expect(image.format == .raw)
         #expect(image.virtualSize == 1024)  // as qemu-img info reports it
         #expect(image.backing == nil)
@@ -32,7 +32,7 @@ struct RawImageTests {
         let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("rw.img")
         try RawCreate.create(path: path, size: 1 << 20)
-        let image = try RawImage.open(path: path, writable: true, direct: false)
+        let image = try RawImage.open(path: path, writable: true, cache: .writeback)
         let data = (0..<10000).map { UInt8(truncatingIfNeeded: $0 * 7) }
         try data.withUnsafeBytes { try image.write($0, at: 5000) }
         try image.flush()
@@ -46,14 +46,14 @@ struct RawImageTests {
         #expect(try copy.readBytes(count: 10000, at: 5000) == data)
         #expect(try copy.readBytes(count: 5000, at: 0).allSatisfy { $0 == 0 })
 
-        let readOnly = try RawImage.open(path: path, writable: false, direct: false)
+        let readOnly = try RawImage.open(path: path, writable: false, cache: .writeback)
         #expect(throws: ImageError.self) { try data.withUnsafeBytes { try readOnly.write($0, at: 0) } }
     }
 
     @Test func openMissingFileIsImageErrorWithIOErrorCause() throws {
         let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("missing.img")
-        let error = #expect(throws: ImageError.self) { try RawImage.open(path: path, writable: false, direct: false) }
+        let error = #expect(throws: ImageError.self) { try RawImage.open(path: path, writable: false, cache: .writeback) }
         #expect(error?.path == path)
         let cause = error?.cause as? IOError
         #expect(cause?.code == ENOENT)
@@ -64,7 +64,7 @@ struct RawImageTests {
         let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("zero.img")
         try RawCreate.create(path: path, size: 4 << 20, preallocation: "full")
-        let image = try RawImage.open(path: path, writable: true, direct: false)
+        let image = try RawImage.open(path: path, writable: true, cache: .writeback)
         let mib: UInt64 = 1 << 20
         let ones = [UInt8](repeating: 0xFF, count: Int(mib))
         for i in 0..<4 { try ones.withUnsafeBytes { try image.write($0, at: UInt64(i) * mib) } }
@@ -106,7 +106,7 @@ struct RawImageTests {
         let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("info.img")
         try RawCreate.create(path: path, size: 3 << 20)
-        let image = try RawImage.open(path: path, writable: false, direct: false)
+        let image = try RawImage.open(path: path, writable: false, cache: .writeback)
         let info = try image.info()
         #expect(info.filename == path)
         #expect(info.format == "raw")
@@ -124,7 +124,7 @@ struct RawImageTests {
         let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("direct.img")
         try RawCreate.create(path: path, size: 1 << 20)
-        let image = try RawImage.open(path: path, writable: true, direct: true)
+        let image = try RawImage.open(path: path, writable: true, cache: .none)
         #expect(image.dataFile.isDirect)
         let data = (0..<3000).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 5) }
         try data.withUnsafeBytes { try image.write($0, at: 777) }  // unaligned everything
@@ -147,7 +147,7 @@ struct RawImageTests {
         let scratch = try TempDir(prefix: "simg-raw", in: .varTmp)
         let path = scratch.file("resize.img")
         try RawCreate.create(path: path, size: 1 << 20)
-        let image = try RawImage.open(path: path, writable: true, direct: false)
+        let image = try RawImage.open(path: path, writable: true, cache: .writeback)
         try image.resize(to: 3 << 20)
         #expect(image.virtualSize == 3 << 20)
         #expect(try fileSizes(path).size == 3 << 20)

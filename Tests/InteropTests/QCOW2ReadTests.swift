@@ -303,8 +303,8 @@ import TestSupport
         let top = dir.file("top.qcow2")
         try qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-b", "base.qcow2", "-F", "qcow2", top)
         try qemuIO("-c", "write -P 3 1000 3000", "-c", "write -z 200k 8k", top)
-        try expectSameContentAsQemu(top, in: dir, options: OpenOptions(direct: true))
-        let image = try ImageOpener.open(top, options: OpenOptions(direct: true))
+        try expectSameContentAsQemu(top, in: dir, options: OpenOptions(cache: .none))
+        let image = try ImageOpener.open(top, options: OpenOptions(cache: .none))
         defer { try? image.close() }
         #expect(image.dataFile.isDirect)
     }

@@ -164,7 +164,7 @@ import TestSupport
     static func convert(_ source: String, to output: String, direct: Bool) throws -> ImageTarget {
         let src = try ImageOpener.open(source, options: OpenOptions(format: .raw))
         defer { try? src.close() }
-        let image = try QCOW2Image.open(path: output, writable: true, direct: direct)
+        let image = try QCOW2Image.open(path: output, writable: true, cache: direct ? .none : .writeback)
         let target = ImageTarget(image: image, startsZeroed: true)
         var options = ConvertOptions()
         options.bufferSize = 1 << 20

@@ -22,7 +22,7 @@ import TestSupport
 
     func convert(_ path: String, into target: MemoryTarget, _ configure: (inout ConvertOptions) -> Void = { _ in },
                  direct: Bool = false) throws -> ConvertStats {
-        let source = try RawImage.open(path: path, writable: false, direct: direct)
+        let source = try RawImage.open(path: path, writable: false, cache: direct ? .none : .writeback)
         defer { try? source.close() }
         var options = ConvertOptions()
         configure(&options)
@@ -171,9 +171,9 @@ import TestSupport
         let dir = try TempDir(prefix: "simg-pipeline")
         let path = dir.file("data.raw")
         try pipelineFile(path, size: 1 << 20, pieces: [(0, pipelinePattern(1 << 20, seed: 3))])
-        let source = try RawImage.open(path: path, writable: false, direct: false)
+        let source = try RawImage.open(path: path, writable: false, cache: .writeback)
         defer { try? source.close() }
-        let target = ImageTarget(image: try RawImage.open(path: "/dev/full", writable: true, direct: false), startsZeroed: true)
+        let target = ImageTarget(image: try RawImage.open(path: "/dev/full", writable: true, cache: .writeback), startsZeroed: true)
         var options = ConvertOptions()
         options.bufferSize = 256 << 10
         do {
@@ -196,7 +196,6 @@ import TestSupport
             let writeGranularity = 1
             var isDirect: Bool { false }
             var writesAsynchronously: Bool { false }
-            var ignoresFlushes = false
             var abandoned = false
             var writes = 0
             func readsAsZero(at offset: UInt64, length: UInt64) -> Bool { true }
@@ -212,7 +211,7 @@ import TestSupport
         let dir = try TempDir(prefix: "simg-pipeline")
         let path = dir.file("data.raw")
         try pipelineFile(path, size: 1 << 20, pieces: [(0, pipelinePattern(1 << 20, seed: 4))])
-        let source = try RawImage.open(path: path, writable: false, direct: false)
+        let source = try RawImage.open(path: path, writable: false, cache: .writeback)
         defer { try? source.close() }
         let target = FailingTarget()
         var options = ConvertOptions()

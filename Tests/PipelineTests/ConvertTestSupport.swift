@@ -68,7 +68,6 @@ final class MemoryTarget: ConvertTarget {
     let writeGranularity: Int
     var isDirect: Bool { false }
     var writesAsynchronously: Bool { false }
-    var ignoresFlushes = false
     let startsZeroed: Bool
     var bytes: [UInt8]
     var writes: [(offset: UInt64, length: Int)] = []

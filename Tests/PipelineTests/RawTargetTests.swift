@@ -16,7 +16,7 @@ struct RawTargetTests {
         let path = dir.file("out.raw"), moved = dir.file("moved.raw")
         let size: UInt64 = (1 << 20) + 100
         try pipelineFile(path, size: size, pieces: [])
-        let target = ImageTarget(image: try RawImage.open(path: path, writable: true, direct: true), startsZeroed: false)
+        let target = ImageTarget(image: try RawImage.open(path: path, writable: true, cache: .none), startsZeroed: false)
         #expect(target.isDirect)
         #expect(rename(path, moved) == 0)
         try pipelineFile(path, size: size, pieces: [])
@@ -41,11 +41,11 @@ struct RawTargetTests {
         let dir = try TempDir(prefix: "simg-pipeline")
         let null = dir.file("null")
         #expect(mknod(null, S_IFCHR | 0o600, dev_t((1 << 8) | 3)) == 0, "mknod: \(String(cString: strerror(errno)))")
-        let target = ImageTarget(image: try RawImage.open(path: null, writable: true, direct: false), startsZeroed: true)
+        let target = ImageTarget(image: try RawImage.open(path: null, writable: true, cache: .writeback), startsZeroed: true)
         #expect(!target.readsAsZero(at: 0, length: 512))
         #expect(!target.readsAsZero(at: 1 << 20, length: 512))
         target.abandon()
-        let assumed = ImageTarget(image: try RawImage.open(path: null, writable: true, direct: false),
+        let assumed = ImageTarget(image: try RawImage.open(path: null, writable: true, cache: .writeback),
                                   startsZeroed: true, assumeZero: true)
         #expect(assumed.readsAsZero(at: 0, length: 512))  // --target-is-zero: the user says so
         assumed.abandon()

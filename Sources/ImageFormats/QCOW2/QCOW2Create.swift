@@ -19,9 +19,9 @@ struct QCOW2CreateParameters: Equatable {
     /// current directory, as QEMU 7.2 does).
     var dataFile: String?
     var dataFileRaw = false
-    /// Cache mode unsafe (convert's create step): no fdatasync on the new files; the header
-    /// is still written last.
-    var ignoresFlushes = false
+    /// The new files' cache mode (written buffered in any mode): unsafe (convert's create
+    /// step) syncs nothing; the header is still written last.
+    var cache: CacheMode = .writeback
 }
 
 enum QCOW2Create {
@@ -68,12 +68,11 @@ enum QCOW2Create {
 
         let file: DiskFile
         do {
-            file = try DiskFile.create(p.path)
+            file = try DiskFile.create(p.path, cache: p.cache.buffered)
         } catch {
             throw ImageError(path: p.path, message: "Could not create the image file", cause: error)
         }
         defer { file.close() }
-        file.ignoresFlushes = p.ignoresFlushes
         created?.record(file)
         // The data file is created before anything is written, as QEMU creates both files
         // first: one that cannot be created (or is a device too small) then leaves nothing
@@ -81,11 +80,10 @@ enum QCOW2Create {
         var data: DiskFile?
         if let dataName = p.dataFile {
             do {
-                data = try DiskFile.create(dataName)
+                data = try DiskFile.create(dataName, cache: p.cache.buffered)
             } catch {
                 throw ImageError(path: p.path, message: "Could not create data file '\(dataName)'", cause: error)
             }
-            data?.ignoresFlushes = p.ignoresFlushes
             created?.record(data!)
         }
         defer { data?.close() }

@@ -12,8 +12,8 @@ struct QCOW2Driver: FormatDriver {
         return QCOW2BE.u32(header, 4) == 1 ? 0 : 100
     }
 
-    func open(location: ImageLocation, writable: Bool, direct: Bool) throws -> any DiskImage {
-        try QCOW2Image.open(location: location, writable: writable, direct: direct)
+    func open(location: ImageLocation, writable: Bool, cache: CacheMode) throws -> any DiskImage {
+        try QCOW2Image.open(location: location, writable: writable, cache: cache)
     }
 
     var createOptions: [CreateOptionSpec] { CreateOptionTables.qcow2 }
@@ -21,7 +21,7 @@ struct QCOW2Driver: FormatDriver {
     func create(_ job: FormatCreateJob) throws {
         do {
             var parameters = try Self.parameters(path: job.path, size: job.size, options: job.options)
-            parameters.ignoresFlushes = job.ignoresFlushes
+            parameters.cache = job.cache
             let layout: QCOW2Layout
             do {
                 layout = try QCOW2Create.layout(for: parameters)

@@ -47,16 +47,6 @@ public final class QCOW2Image: DiskImage {
     let compression: QCOW2Compression
     /// For the write helper's refcount/allocator state.
     var writeState: AnyObject?
-    /// Cache mode unsafe (QEMU's cache.no-flush, convert's default target mode): no fdatasync
-    /// on the image or its data file, anywhere in the write path (`DiskFile.ignoresFlushes`).
-    /// The order of the metadata writes, which is what makes a kill harmless, is unchanged.
-    public var ignoresFlushes: Bool {
-        get { file.ignoresFlushes }
-        set {
-            file.ignoresFlushes = newValue
-            dataFile.ignoresFlushes = newValue
-        }
-    }
     /// Which cluster `clusterBuffer` holds decompressed, keyed by guest cluster and descriptor
     /// (so a remapped cluster never hits a stale entry); nil when none.
     private var decompressedKey: (cluster: UInt64, descriptor: QCOW2CompressedDescriptor)?
@@ -89,16 +79,21 @@ public final class QCOW2Image: DiskImage {
     /// Opens a qcow2 image (without its backing file: see `ImageOpener`).
     /// The external data file, if any, is opened by the name stored in the image, relative to
     /// the current directory as QEMU 7.2 does (not to the image's folder).
-    public static func open(path: String, writable: Bool = false, direct: Bool = false) throws -> QCOW2Image {
-        try open(location: ImageLocation(name: path, path: path), writable: writable, direct: direct)
+    ///
+    /// `cache`: the image file's and the data file's cache mode (O_DIRECT for none and
+    /// directsync; unsafe, QEMU's cache.no-flush and convert's default target mode, never
+    /// syncs, anywhere in the write path; the order of the metadata writes, which is what
+    /// makes a kill harmless, is unchanged).
+    public static func open(path: String, writable: Bool = false, cache: CacheMode = .writeback) throws -> QCOW2Image {
+        try open(location: ImageLocation(name: path, path: path), writable: writable, cache: cache)
     }
 
     /// Opens the file `location` names; errors name the image by the name it was given
     /// (`location.name`), system-call errors the file.
-    public static func open(location: ImageLocation, writable: Bool = false, direct: Bool = false) throws -> QCOW2Image {
-        let file = try DiskFile.open(location.path, access: writable ? .readWrite : .readOnly, direct: direct)
+    public static func open(location: ImageLocation, writable: Bool = false, cache: CacheMode = .writeback) throws -> QCOW2Image {
+        let file = try DiskFile.open(location.path, access: writable ? .readWrite : .readOnly, cache: cache)
         do {
-            let image = try open(path: location.name, file: file, writable: writable, direct: direct)
+            let image = try open(path: location.name, file: file, writable: writable)
             image.displayName = location.displayName
             return image
         } catch {
@@ -108,8 +103,9 @@ public final class QCOW2Image: DiskImage {
     }
 
     /// Opens a qcow2 image on an already open file. On success the image owns `file` (closes
-    /// it in `close()`); on failure the caller still owns it.
-    public static func open(path: String, file: DiskFile, writable: Bool, direct: Bool = false) throws -> QCOW2Image {
+    /// it in `close()`); on failure the caller still owns it. An external data file is opened
+    /// in the image file's cache mode.
+    public static func open(path: String, file: DiskFile, writable: Bool) throws -> QCOW2Image {
         let fileSize = try file.size()
         // The first 112 bytes tell the cluster size; the header is the whole first cluster.
         let start = try file.qcow2ReadBytes(count: 112, at: 0)
@@ -131,7 +127,7 @@ public final class QCOW2Image: DiskImage {
         var dataFile = file
         if header.hasDataFile, let name = header.dataFileName {
             do {
-                dataFile = try DiskFile.open(name, access: writable ? .readWrite : .readOnly, direct: direct)
+                dataFile = try DiskFile.open(name, access: writable ? .readWrite : .readOnly, cache: file.cache)
             } catch {
                 throw ImageError(.dataFileOpen, path: path, message: "Could not open data file '\(name)'", cause: error)
             }

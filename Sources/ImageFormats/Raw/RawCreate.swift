@@ -11,9 +11,10 @@ public enum RawCreate {
     ///
     /// On a block or character device nothing is created or cut (see `createOnDevice`).
     /// `created` records the file for the caller's cleanup when it is a regular file.
-    /// `ignoresFlushes`: cache mode unsafe, the file is never synced (`DiskFile.ignoresFlushes`).
+    /// `cache`: the file's flushes (written through the page cache in any mode; unsafe never
+    /// syncs, `DiskFile.ignoresFlushes`).
     public static func create(path: String, size: UInt64, preallocation: String = "off",
-                              created: CreatedFiles? = nil, ignoresFlushes: Bool = false) throws {
+                              created: CreatedFiles? = nil, cache: CacheMode = .writeback) throws {
         let mode = preallocation.isEmpty ? "off" : preallocation
         // "metadata" reaches a device, which refuses it in QEMU's words for devices.
         guard ["off", "falloc", "full"].contains(mode) || (mode == "metadata" && FileKind(path: path)?.isDevice == true) else {
@@ -25,12 +26,11 @@ public enum RawCreate {
         }
         let file: DiskFile
         do {
-            file = try DiskFile.create(path)
+            file = try DiskFile.create(path, cache: cache.buffered)
         } catch {
             throw ImageError(path: path, message: "Could not create the image file", cause: error)
         }
         defer { file.close() }
-        file.ignoresFlushes = ignoresFlushes
         created?.record(file)
         if try file.kind().isDevice {
             try createOnDevice(file, size: size, preallocation: mode)

@@ -7,8 +7,8 @@ struct RawDriver: FormatDriver {
 
     func probe(header: [UInt8]) -> Int { 0 }
 
-    func open(location: ImageLocation, writable: Bool, direct: Bool) throws -> any DiskImage {
-        try RawImage.open(location: location, writable: writable, direct: direct)
+    func open(location: ImageLocation, writable: Bool, cache: CacheMode) throws -> any DiskImage {
+        try RawImage.open(location: location, writable: writable, cache: cache)
     }
 
     var createOptions: [CreateOptionSpec] { [CreateOptionTables.size] }
@@ -31,6 +31,6 @@ struct RawDriver: FormatDriver {
         }
         // A failed preallocation leaves the file empty rather than removed, as qemu-img does.
         try RawCreate.create(path: path, size: job.size, preallocation: mode, created: job.created,
-                             ignoresFlushes: job.ignoresFlushes)
+                             cache: job.cache)
     }
 }

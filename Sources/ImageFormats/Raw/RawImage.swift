@@ -56,16 +56,16 @@ public final class RawImage: DiskImage {
 
     /// Opens `path` as a raw image. Failure to open the file is an ImageError naming the file
     /// whose `cause` is the IOError ("Could not open 'x': No such file or directory").
-    public static func open(path: String, writable: Bool, direct: Bool) throws -> RawImage {
-        try open(location: ImageLocation(name: path, path: path), writable: writable, direct: direct)
+    public static func open(path: String, writable: Bool, cache: CacheMode) throws -> RawImage {
+        try open(location: ImageLocation(name: path, path: path), writable: writable, cache: cache)
     }
 
     /// Opens the file `location` names, as the window it describes; errors name the image by
     /// the name it was given (`location.name`), system-call errors the file.
-    public static func open(location: ImageLocation, writable: Bool, direct: Bool) throws -> RawImage {
+    public static func open(location: ImageLocation, writable: Bool, cache: CacheMode) throws -> RawImage {
         let file: DiskFile
         do {
-            file = try DiskFile.open(location.path, access: writable ? .readWrite : .readOnly, direct: direct)
+            file = try DiskFile.open(location.path, access: writable ? .readWrite : .readOnly, cache: cache)
         } catch {
             throw ImageError(path: location.name, message: "could not open the image file", cause: error)
         }
@@ -136,8 +136,7 @@ public final class RawImage: DiskImage {
     /// name opened again: a rename in between must not redirect the writes).
     private func buffered() throws -> DiskFile {
         if let tailFile { return tailFile }
-        let reopened = try file.reopen(direct: false)
-        reopened.ignoresFlushes = file.ignoresFlushes
+        let reopened = try file.reopen(cache: file.cache.buffered)
         tailFile = reopened
         return reopened
     }
