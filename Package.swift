@@ -25,9 +25,9 @@ let package = Package(
         // the libFuzzer target in Fuzz/ (`make fuzz`) and the regression replay in `make test`.
         .target(name: "FuzzHarness", dependencies: ["ImageFormats", "DiskIO"]),
 
-        // Helpers the test targets share (temporary folders, ...). Only test targets depend on it,
-        // so nothing of it reaches the simg executable.
-        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        // Helpers the test targets share (temporary folders, program runners, a fake image, ...).
+        // Only test targets depend on it, so nothing of it reaches the simg executable.
+        .target(name: "TestSupport", dependencies: ["ImageFormats", "DiskIO"], path: "Tests/TestSupport"),
 
         .testTarget(name: "DiskIOTests", dependencies: ["DiskIO", "TestSupport"]),
         .testTarget(name: "ImageFormatsTests", dependencies: ["ImageFormats", "DiskIO", "TestSupport"]),

@@ -18,8 +18,8 @@ enum CheckCommand {
             "  '-U' (force share) checks an image another process has open for writing (no -r)",
             "  '-q' prints no summary: only the exit status tells the result",
         ],
-        options: [.value("f", "format"), .value("r", "repair"), .value("T", "cache"),
-                  OptionSpec(short: "U", long: "force-share", key: "force-share"), .long("output", takesValue: true)],
+        options: [CommandSupport.formatOption, .value("r", "repair"), .value("T", "cache"),
+                  CommandSupport.forceShareOption, CommandSupport.outputOption],
         modifiesImages: { $0.has("repair") },
         run: run)
 
@@ -36,18 +36,12 @@ enum CheckCommand {
         guard scan.operands.count == 1, let filename = scan.operands.first else {
             throw CLIError.usage("Expecting one image file name")
         }
-        let output = scan.last("output") ?? "human"
-        guard output == "human" || output == "json" else {
-            throw CLIError("--output must be used with human or json as argument.")
-        }
+        let output = try CommandSupport.outputFormat(scan)
         // Accepted and checked as qemu-img does; check reads through the page cache whatever it is.
-        _ = try Backend.cacheMode(scan, "cache", default: .writeback, source: true)
-        var format: ImageFormat?
-        if let name = scan.last("format") {
-            do { format = try ImageFormat(named: name) } catch { throw CLIError("Could not open '\(filename)': \(error)") }
-        }
+        _ = try CommandSupport.cacheMode(scan, "cache", default: .writeback, source: true)
+        let format = try CommandSupport.format(scan, opening: filename)
         let quiet = scan.has("quiet")
-        let forceShare = scan.has("force-share")
+        let forceShare = CommandSupport.forceShare(scan)
         if forceShare && repair != .none {
             // qemu-img opens for repair read-write, which force share cannot be.
             throw CLIError("Could not open '\(filename)': force-share=on can only be used with read-only images")
@@ -77,7 +71,7 @@ enum CheckCommand {
             if let message = f.message { console.error(message) }
         }
         if failure == nil && (result.corruptionsFixed != 0 || result.leaksFixed != 0) {
-            if output == "human" && !quiet {
+            if output == .human && !quiet {
                 console.out("The following inconsistencies were found and repaired:\n\n"
                             + "    \(result.leaksFixed) leaked clusters\n"
                             + "    \(result.corruptionsFixed) corruptions\n\n"
@@ -95,7 +89,7 @@ enum CheckCommand {
             result.corruptionsFixed = fixed.corruptionsFixed
         }
         if failure == nil && !quiet {
-            console.out(output == "json" ? jsonText(result, filename: filename, format: opened) : humanText(result))
+            console.out(output == .json ? jsonText(result, filename: filename, format: opened) : humanText(result))
         }
         if let failure {
             throw CLIError("Check failed: \(String(cString: strerror(failure)))")
@@ -123,7 +117,7 @@ enum CheckCommand {
             // opened in this case.) The file alone then holds the locks.
             return (.qcow2, try lockFile(path, locking))
         } catch {
-            throw CLIError(openFailure(error, path: path))
+            throw CLIError(CommandSupport.openFailure(error, path: path, wording: .wholeChain))
         }
     }
 
@@ -155,47 +149,10 @@ enum CheckCommand {
             let file = try lock.map { try DiskFile.open(ImageName.filePath(of: path), access: .readOnly, lock: $0) }
                 ?? DiskFile.open(ImageName.filePath(of: path), access: .readOnly)
             return LockHolder(file: file)
-        } catch let error as ImageLockError {
-            throw CLIError("Could not open '\(path)': \(error)")
         } catch {
-            throw CLIError(openFailure(error, path: path))
+            // A lock conflict (ImageLockError) reads "Could not open 'PATH': LOCK ERROR" too.
+            throw CLIError(CommandSupport.openFailure(error, path: path, wording: .wholeChain))
         }
-    }
-
-    /// qemu-img check opens the whole chain as one block graph, so a failure below the top
-    /// reads "Could not open 'TOP': Could not open backing file: ... REASON" (one "Could not
-    /// open backing file" per level), and a missing data file "Could not open 'TOP': Could not
-    /// open 'DATA': strerror".
-    static func openFailure(_ error: any Error, path: String) -> String {
-        let (name, reason) = openFailureParts(error, path: path)
-        return "Could not open '\(name)': \(reason)"
-    }
-
-    /// The NAME and REASON of `openFailure`'s "Could not open 'NAME': REASON".
-    static func openFailureParts(_ error: any Error, path: String) -> (name: String, reason: String) {
-        var levels = 0
-        var current: any Error = error
-        var last: ImageError?
-        while let image = current as? ImageError, let cause = image.cause {
-            if image.kind == .backingFileOpen {
-                levels += 1
-            } else if image.kind != .dataFileOpen {
-                break
-            }
-            last = image
-            current = cause
-        }
-        guard last != nil else { return Backend.openFailureParts(error, path: path) }
-        var reason: String
-        if let io = current as? IOError, io.operation == .open {
-            reason = "\(io)"
-        } else if let image = current as? ImageError {
-            reason = image.cause == nil ? image.message : "\(image.message): \(image.cause!)"
-        } else {
-            reason = "\(current)"
-        }
-        reason = String(repeating: "Could not open backing file: ", count: levels) + reason
-        return (path, reason)
     }
 
     /// qemu-img's dump_human_image_check.

@@ -23,12 +23,12 @@ enum ConvertCommand {
             "  '-U' (force share) reads sources another process has open for writing",
         ],
         options: [
-            .flag("U", "force-share"), .flag("c", "compress"), .flag("p", "progress"),
-            .flag("n", "no-create"), .value("f", "format"), .value("t", "cache"),
+            CommandSupport.forceShareOption, .flag("c", "compress"), .flag("p", "progress"),
+            .flag("n", "no-create"), CommandSupport.formatOption, .value("t", "cache"),
             .value("T", "source-cache"), .value("O", "output-format"), .value("B", "backing"),
             .value("F", "backing-format"), .value("o", "options"), .value("S", "sparse-size"),
             .value("m", "coroutines"), .flag("W", "out-of-order"), .flag("C", "copy-offload"),
-            .long("target-is-zero"), .long("stats"), .long("force-share"),
+            .long("target-is-zero"), .long("stats"),
             // Tuning (not in qemu-img): request size, buffers in flight, I/O threads.
             .long("buffer-size", takesValue: true), .long("queue-depth", takesValue: true),
             .long("io-threads", takesValue: true),
@@ -62,8 +62,8 @@ enum ConvertCommand {
             }
             options.sparseSize = value
         }
-        let targetCache = try Backend.cacheMode(scan, "cache", default: .unsafe, source: false)
-        let sourceCache = try Backend.cacheMode(scan, "source-cache", default: .writeback, source: true)
+        let targetCache = try CommandSupport.cacheMode(scan, "cache", default: .unsafe, source: false)
+        let sourceCache = try CommandSupport.cacheMode(scan, "source-cache", default: .writeback, source: true)
         if scan.has("copy-offload") {
             if compress { throw CLIError("Cannot enable copy offloading when -c is used") }
             if scan.has("sparse-size") { throw CLIError("Cannot enable copy offloading when -S is used") }
@@ -72,8 +72,7 @@ enum ConvertCommand {
         try applyTuning(scan, to: &options)
 
         if let optionText, OptionList.wantsHelp(optionText) {
-            let format: ImageFormat
-            do { format = try ImageFormat(named: outputFormatName, creating: true) } catch { throw CLIError("\(error)") }
+            let format = try CommandSupport.creatableFormat(outputFormatName)
             console.out(CreateCommand.optionHelp(for: format, filename: scan.operands.count > 1 ? scan.operands.last : nil))
             return 0
         }
@@ -82,17 +81,9 @@ enum ConvertCommand {
         let output = scan.operands[scan.operands.count - 1]
         if noCreate && optionText != nil { throw CLIError("-o has no effect when skipping image creation") }
 
-        var sourceFormat: ImageFormat?
-        if let name = scan.last("format") {
-            // As qemu-img, which fails opening the first source with it.
-            do { sourceFormat = try ImageFormat(named: name) } catch {
-                throw CLIError("Could not open '\(sourcePaths[0])': \(error)")
-            }
-        }
-        let outputFormat: ImageFormat
-        do { outputFormat = try ImageFormat(named: outputFormatName, creating: true) } catch {
-            throw CLIError("\(error)")
-        }
+        // As qemu-img, which fails opening the first source with it.
+        let sourceFormat = try CommandSupport.format(scan, opening: sourcePaths[0])
+        let outputFormat = try CommandSupport.creatableFormat(outputFormatName)
         let createOptions = (optionText.map(OptionList.parse) ?? []).filter { $0.name != "size" }
         let backingFile = scan.last("backing") ?? createOptions.last(where: { $0.name == "backing_file" })?.value
         let backingFormat = scan.last("backing-format") ?? createOptions.last(where: { $0.name == "backing_fmt" })?.value
@@ -118,17 +109,14 @@ enum ConvertCommand {
         var sources: [any DiskImage] = []
         defer { for source in sources { try? source.close() } }
         for path in sourcePaths {
-            do {
-                // -U: the sources share everything, as with qemu-img (the target never does).
-                sources.append(try ImageOpener.open(path, options: OpenOptions(format: sourceFormat, writable: false,
-                                                                               cache: sourceCache,
-                                                                               locking: scan.has("force-share") ? .forceShare : .standard)))
-            } catch {
-                // qemu-img convert opens each source with its chain as one block graph: a
-                // failure below the top (a backing file in use or missing, a data file) reads
-                // "Could not open 'TOP': Could not open backing file: ...", as in check.
-                throw CLIError(CheckCommand.openFailure(error, path: path))
-            }
+            // -U: the sources share everything, as with qemu-img (the target never does).
+            // qemu-img convert opens each source with its chain as one block graph: a failure
+            // below the top (a backing file in use or missing, a data file) reads "Could not
+            // open 'TOP': Could not open backing file: ...", as in check.
+            sources.append(try CommandSupport.open(path, OpenOptions(format: sourceFormat, writable: false,
+                                                                     cache: sourceCache,
+                                                                     locking: CommandSupport.readLocking(scan)),
+                                                   wording: .wholeChain))
         }
         // Before anything is created: sizes from qcow2 headers can add up past 2^64 - 1.
         let totalSize = try ConvertPlanner.totalSize(of: sources)
@@ -251,10 +239,9 @@ enum ConvertCommand {
         do {
             return try ConvertTargetOpener.open(path, format: format, cache: cache, startsZeroed: startsZeroed,
                                                 assumeZero: assumeZero, compress: compress, sparse: sparse)
-        } catch let lock as ImageLockError {
-            throw CLIError("Could not open '\(path)': \(lock)")
         } catch {
-            throw CLIError(Backend.openFailure(error, path: path))
+            // A lock conflict (ImageLockError) reads "Could not open 'PATH': LOCK ERROR" too.
+            throw CLIError(CommandSupport.openFailure(error, path: path, wording: .deepestImage))
         }
     }
 }

@@ -16,7 +16,7 @@ enum CreateCommand {
             "    '-o help' lists the format's options",
             "  '-q' does not print the \"Formatting ...\" line",
         ],
-        options: [.value("f", "format"), .value("b", "backing"), .value("F", "backing-format"),
+        options: [CommandSupport.formatOption, .value("b", "backing"), .value("F", "backing-format"),
                   .flag("u", "unsafe"), .value("o", "options")],
         modifiesImages: { _ in true },
         run: run)
@@ -27,8 +27,7 @@ enum CreateCommand {
         let filename = scan.operands.first
 
         if let options, OptionList.wantsHelp(options) {
-            let format: ImageFormat
-            do { format = try ImageFormat(named: formatName, creating: true) } catch { throw CLIError("\(error)") }
+            let format = try CommandSupport.creatableFormat(formatName)
             console.out(optionHelp(for: format, filename: filename))
             return 0
         }
@@ -41,8 +40,7 @@ enum CreateCommand {
         if scan.operands.count > 2 {
             throw CLIError.usage("Unexpected argument: \(scan.operands[2])")
         }
-        let format: ImageFormat
-        do { format = try ImageFormat(named: formatName, creating: true) } catch { throw CLIError("\(filename): \(error)") }
+        let format = try CommandSupport.creatableFormat(formatName, prefix: "\(filename): ")
 
         let request = CreateRequest(
             format: format, path: filename, size: size,

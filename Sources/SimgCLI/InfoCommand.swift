@@ -14,8 +14,8 @@ enum InfoCommand {
             "       writing, which is otherwise refused; what it shows may be inconsistent",
             "  '-q' prints nothing: only the exit status tells whether the image could be read",
         ],
-        options: [.value("f", "format"), OptionSpec(short: "U", long: "force-share", key: "force-share"),
-                  .long("output", takesValue: true), .long("backing-chain")],
+        options: [CommandSupport.formatOption, CommandSupport.forceShareOption,
+                  CommandSupport.outputOption, .long("backing-chain")],
         modifiesImages: { _ in false },
         run: run)
 
@@ -23,19 +23,13 @@ enum InfoCommand {
         guard scan.operands.count == 1, let filename = scan.operands.first else {
             throw CLIError.usage("Expecting one image file name")
         }
-        let output = scan.last("output") ?? "human"
-        guard output == "human" || output == "json" else {
-            throw CLIError("--output must be used with human or json as argument.")
-        }
-        var format: ImageFormat?
-        if let name = scan.last("format") {
-            do { format = try ImageFormat(named: name) } catch { throw CLIError("Could not open '\(filename)': \(error)") }
-        }
+        let output = try CommandSupport.outputFormat(scan)
+        let format = try CommandSupport.format(scan, opening: filename)
         let chain = scan.has("backing-chain")
         let infos = try Backend.infos(path: filename, format: format, chain: chain,
-                                      forceShare: scan.has("force-share"))
+                                      forceShare: CommandSupport.forceShare(scan))
         if scan.has("quiet") { return 0 }
-        console.out(output == "json" ? InfoReport.jsonText(infos, chain: chain) : InfoReport.humanText(infos))
+        console.out(output == .json ? InfoReport.jsonText(infos, chain: chain) : InfoReport.humanText(infos))
         return 0
     }
 }

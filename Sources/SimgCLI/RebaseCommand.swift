@@ -23,9 +23,9 @@ enum RebaseCommand {
             "  '-p' shows progress; '-q' prints nothing but errors",
             "  '-U' (force share) reads the new backing file even if another process writes it",
         ],
-        options: [.value("f", "format"), .value("F", "backing-format"), .value("b", "backing"),
+        options: [CommandSupport.formatOption, .value("F", "backing-format"), .value("b", "backing"),
                   .value("t", "cache"), .value("T", "source-cache"), .flag("u", "unsafe"),
-                  .flag("p", "progress"), OptionSpec(short: "U", long: "force-share", key: "force-share")],
+                  .flag("p", "progress"), CommandSupport.forceShareOption],
         modifiesImages: { _ in true },
         run: run)
 
@@ -40,8 +40,8 @@ enum RebaseCommand {
             throw CLIError.usage("Must specify backing file (-b) or use unsafe mode (-u)")
         }
         // Accepted and checked as qemu-img does; rebase reads and writes through the page cache.
-        _ = try Backend.cacheMode(scan, "cache", default: .writeback, source: false)
-        _ = try Backend.cacheMode(scan, "source-cache", default: .writeback, source: true)
+        _ = try CommandSupport.cacheMode(scan, "cache", default: .writeback, source: false)
+        _ = try CommandSupport.cacheMode(scan, "source-cache", default: .writeback, source: true)
         // The format stored with the new name; the one it is opened with, if simg has it.
         let backingFormatName = scan.last("backing-format")
         var backingFormat: ImageFormat?
@@ -55,19 +55,12 @@ enum RebaseCommand {
                 }
             }
         }
-        var format: ImageFormat?
-        if let name = scan.last("format") {
-            do { format = try ImageFormat(named: name) } catch { throw CLIError("Could not open '\(filename)': \(error)") }
-        }
+        let format = try CommandSupport.format(scan, opening: filename)
 
         // The overlay, writable; in safe mode with its old chain (read-only) to compare against.
-        let overlay: any DiskImage
-        do {
-            overlay = try ImageOpener.open(filename, options: OpenOptions(format: format, writable: true,
-                                                                          cache: .writeback, openBacking: !unsafe))
-        } catch {
-            throw CLIError(CheckCommand.openFailure(error, path: filename))
-        }
+        let overlay = try CommandSupport.open(filename, OpenOptions(format: format, writable: true,
+                                                                    cache: .writeback, openBacking: !unsafe),
+                                              wording: .wholeChain)
         var newBacking: (any DiskImage)?
         // Set when the new backing file could not be locked because its chain reaches the
         // overlay, which this process holds for writing: a loop, refused as such below.
@@ -84,20 +77,20 @@ enum RebaseCommand {
                 // chain keep their locks).
                 newBacking = try ImageOpener.open(resolved, options: OpenOptions(format: backingFormat, writable: false,
                                                                                  cache: .writeback, openBacking: true,
-                                                                                 locking: scan.has("force-share") ? .forceShare : .standard))
+                                                                                 locking: CommandSupport.readLocking(scan)))
             } catch where ImageOpener.failedOnLock(error)
                         && chain(from: resolved, opened: nil, format: backingFormat, contains: filename) {
                 newChainHasOverlay = true
             } catch {
                 // qemu names the file as given, then the open(2) failure once, with the resolved name.
-                var reason = CheckCommand.openFailure(error, path: resolved)
+                var reason = CommandSupport.openFailure(error, path: resolved, wording: .wholeChain)
                 // A name that does not even parse: only why ("Unknown protocol 'c'").
                 if (try? ImageName.parse(resolved)) == nil { reason = Backend.nameProblem(resolved) }
                 if let io = error as? IOError, io.operation == .open { reason = "\(io)" }
                 // A lock conflict is QEMU's own error, without the "Could not open '\(resolved)'"
                 // qemu-img's image opener adds: "... new backing file 'x': Failed to get shared ...".
                 if ImageOpener.failedOnLock(error) {
-                    let parts = CheckCommand.openFailureParts(error, path: resolved)
+                    let parts = CommandSupport.openFailureParts(error, path: resolved, wording: .wholeChain)
                     if parts.name == resolved { reason = parts.reason }
                 }
                 throw CLIError("Could not open new backing file '\(newName)': \(reason)")

@@ -220,9 +220,7 @@ func fuzzRun(_ program: String, _ arguments: [String], in directory: String? = n
 
 /// Runs qemu-img or qemu-io, which must succeed (and must be installed: the test fails otherwise).
 func fuzzTool(_ tool: String, _ arguments: [String]) throws {
-    let found = (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin").split(separator: ":")
-        .map { "\($0)/\(tool)" }.first { FileManager.default.isExecutableFile(atPath: $0) }
-    guard let path = found else { throw FuzzToolError.missing(tool) }
+    guard let path = which(tool) else { throw FuzzToolError.missing(tool) }
     let result = try fuzzRun(path, arguments)
     guard result.status == 0 else { throw FuzzToolError.failed("\(tool) \(arguments.joined(separator: " "))", result.stderr) }
 }

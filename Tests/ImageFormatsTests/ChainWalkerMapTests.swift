@@ -10,19 +10,11 @@ private func qemuTool(_ name: String, _ arguments: [String]) throws -> Data {
     guard FileManager.default.isExecutableFile(atPath: path) else {
         throw QemuImgFailure(description: "\(name) is not installed (make test installs qemu-utils)")
     }
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: path)
-    process.arguments = arguments
-    let out = Pipe()
-    process.standardOutput = out
-    process.standardError = FileHandle.nullDevice
-    try process.run()
-    let data = out.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else {
-        throw QemuImgFailure(description: "\(name) \(arguments.joined(separator: " ")) exited \(process.terminationStatus)")
+    let result = try run(path, arguments)
+    guard result.status == 0 else {
+        throw QemuImgFailure(description: "\(name) \(arguments.joined(separator: " ")) exited \(result.status)")
     }
-    return data
+    return result.stdoutData
 }
 
 /// One line of qemu-img map's JSON, or a walked range put the same way.

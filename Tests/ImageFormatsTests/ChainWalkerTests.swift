@@ -3,53 +3,8 @@ import ImageFormats
 import Testing
 import TestSupport
 
-/// A made-up layer: block status from a list of extents (split at `length` as a real image
-/// splits at the range asked), recording what it was asked. Never read.
-final class ChainFakeImage: DiskImage {
-    let path: String
-    var format: ImageFormat { .qcow2 }
-    let virtualSize: UInt64
-    var isWritable: Bool { false }
-    var backing: (any DiskImage)?
-    let dataFile: DiskFile
-    var file: DiskFile { dataFile }
-    let extents: [Extent]
-    var asked: [(offset: UInt64, length: UInt64)] = []
-    /// When set, block status answers with this length (to test bad answers).
-    var reportedLength: UInt64?
-
-    init(_ path: String, size: UInt64, file: DiskFile, _ extents: [(UInt64, Extent.Kind)], backing: (any DiskImage)? = nil) {
-        self.path = path
-        virtualSize = size
-        dataFile = file
-        self.backing = backing
-        // Lay the kinds end to end, each up to the next one's start.
-        var made: [Extent] = []
-        for (index, (start, kind)) in extents.enumerated() {
-            let end = index + 1 < extents.count ? extents[index + 1].0 : size
-            made.append(Extent(offset: start, length: end - start, kind: kind))
-        }
-        self.extents = made
-    }
-
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {}
-    func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {}
-    func writeZeroes(at offset: UInt64, length: UInt64) throws {}
-    func discard(at offset: UInt64, length: UInt64) throws {}
-    func blockStatus(at offset: UInt64, length: UInt64) throws -> Extent {
-        asked.append((offset, length))
-        guard let extent = extents.first(where: { $0.offset <= offset && offset < $0.end }) else {
-            throw ImageError(path: path, message: "no extent at \(offset)")
-        }
-        let delta = offset - extent.offset
-        var kind = extent.kind
-        if case .data(let host?) = kind { kind = .data(hostOffset: host + delta) }
-        return Extent(offset: offset, length: reportedLength ?? min(extent.length - delta, length), kind: kind)
-    }
-    func flush() throws {}
-    func close() throws {}
-    func info() throws -> ImageInfo { ImageInfo(filename: path, format: "qcow2", virtualSize: virtualSize) }
-}
+// The made-up layers are TestSupport's FakeImage (its extents laid end to end, the
+// questions it was asked in `asked`).
 
 /// A chain's fakes share one scratch file as their data file (nothing is read).
 final class ChainFixture {
@@ -83,11 +38,11 @@ struct ChainWalkerTests {
     @Test("each range is answered by the layer that holds it, with its depth")
     func depthAndLayer() throws {
         let fixture = try ChainFixture()
-        let base = ChainFakeImage("base", size: 8 * k, file: fixture.file,
+        let base = FakeImage("base", size: 8 * k, file: fixture.file,
                                   [(0, .data(hostOffset: 100 * k)), (2 * k, .hole), (6 * k, .compressed)])
-        let mid = ChainFakeImage("mid", size: 8 * k, file: fixture.file,
+        let mid = FakeImage("mid", size: 8 * k, file: fixture.file,
                                  [(0, .backing), (1 * k, .zero), (3 * k, .backing)], backing: base)
-        let top = ChainFakeImage("top", size: 8 * k, file: fixture.file,
+        let top = FakeImage("top", size: 8 * k, file: fixture.file,
                                  [(0, .backing), (4 * k, .data(hostOffset: nil)), (5 * k, .backing)], backing: mid)
         let walker = ChainWalker(top: top)
         let seen = try walker.extents(from: 0, length: 8 * k).map(Seen.init)
@@ -108,8 +63,8 @@ struct ChainWalkerTests {
     @Test("past the end of a shorter backing file reads as zeros at the depth of the layer above")
     func shorterBacking() throws {
         let fixture = try ChainFixture()
-        let base = ChainFakeImage("base", size: 3 * k, file: fixture.file, [(0, .data(hostOffset: 0)), (2 * k, .hole)])
-        let top = ChainFakeImage("top", size: 8 * k, file: fixture.file, [(0, .backing)], backing: base)
+        let base = FakeImage("base", size: 3 * k, file: fixture.file, [(0, .data(hostOffset: 0)), (2 * k, .hole)])
+        let top = FakeImage("top", size: 8 * k, file: fixture.file, [(0, .backing)], backing: base)
         let walker = ChainWalker(top: top)
         let seen = try walker.extents(from: 0, length: 8 * k).map(Seen.init)
         #expect(seen == [
@@ -125,8 +80,8 @@ struct ChainWalkerTests {
     @Test("adjacent answers merge only with the same layer, depth, kind and host contiguity")
     func merging() throws {
         let fixture = try ChainFixture()
-        let base = ChainFakeImage("base", size: 8 * k, file: fixture.file, [(0, .hole), (6 * k, .zero)])
-        let top = ChainFakeImage("top", size: 8 * k, file: fixture.file, [
+        let base = FakeImage("base", size: 8 * k, file: fixture.file, [(0, .hole), (6 * k, .zero)])
+        let top = FakeImage("top", size: 8 * k, file: fixture.file, [
             (0, .data(hostOffset: 10 * k)), (1 * k, .data(hostOffset: 11 * k)), // contiguous: one
             (2 * k, .data(hostOffset: 50 * k)),                                  // host jump: new
             (3 * k, .backing), (4 * k, .backing),                               // base hole twice: one
@@ -152,8 +107,8 @@ struct ChainWalkerTests {
     @Test("a range from part-way through is clipped to the range asked")
     func partialRange() throws {
         let fixture = try ChainFixture()
-        let base = ChainFakeImage("base", size: 8 * k, file: fixture.file, [(0, .data(hostOffset: 0))])
-        let top = ChainFakeImage("top", size: 8 * k, file: fixture.file, [(0, .backing)], backing: base)
+        let base = FakeImage("base", size: 8 * k, file: fixture.file, [(0, .data(hostOffset: 0))])
+        let top = FakeImage("top", size: 8 * k, file: fixture.file, [(0, .backing)], backing: base)
         let seen = try ChainWalker(top: top).extents(from: 3 * k, length: 2 * k).map(Seen.init)
         #expect(seen == [Seen(3 * k, 2 * k, .data(hostOffset: 3 * k), depth: 1, "base")])
         #expect(base.asked.map(\.length) == [2 * k])
@@ -162,8 +117,8 @@ struct ChainWalkerTests {
     @Test("maxDepth stops the walk: ranges below come back as .backing without a layer")
     func maxDepth() throws {
         let fixture = try ChainFixture()
-        let base = ChainFakeImage("base", size: 4 * k, file: fixture.file, [(0, .data(hostOffset: 0))])
-        let top = ChainFakeImage("top", size: 4 * k, file: fixture.file,
+        let base = FakeImage("base", size: 4 * k, file: fixture.file, [(0, .data(hostOffset: 0))])
+        let top = FakeImage("top", size: 4 * k, file: fixture.file,
                                  [(0, .backing), (2 * k, .zero)], backing: base)
         let walker = ChainWalker(top: top)
         let seen = try walker.extents(from: 0, length: 4 * k, maxDepth: 0).map(Seen.init)
@@ -175,9 +130,9 @@ struct ChainWalkerTests {
     func badAnswers() throws {
         let fixture = try ChainFixture()
         for bad: UInt64 in [0, 5 * k] {
-            let base = ChainFakeImage("base.qcow2", size: 4 * k, file: fixture.file, [(0, .data(hostOffset: 0))])
+            let base = FakeImage("base.qcow2", size: 4 * k, file: fixture.file, [(0, .data(hostOffset: 0))])
             base.reportedLength = bad
-            let top = ChainFakeImage("top", size: 4 * k, file: fixture.file, [(0, .backing)], backing: base)
+            let top = FakeImage("top", size: 4 * k, file: fixture.file, [(0, .backing)], backing: base)
             let error = #expect(throws: ImageError.self) { try ChainWalker(top: top).extents(from: 0, length: 4 * k) }
             #expect(error?.path == "base.qcow2")
         }

@@ -339,17 +339,6 @@ func crashNow() -> Double {
     return Double(t.tv_sec) + Double(t.tv_nsec) / 1e9
 }
 
-func crashSpawn(_ arguments: [String]) throws -> Process {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: simgBinary)
-    process.arguments = arguments
-    process.standardInput = FileHandle.nullDevice
-    process.standardOutput = FileHandle.nullDevice
-    process.standardError = FileHandle.nullDevice
-    try process.run()
-    return process
-}
-
 /// Measures two uninterrupted runs (which must succeed and verify), then `kills` times:
 /// prepare, start, SIGKILL after a seeded random delay within that run's duration, verify.
 func crashDrive(name: String, kills: Int, seed: UInt64, arguments: [String],
@@ -362,7 +351,7 @@ func crashDrive(name: String, kills: Int, seed: UInt64, arguments: [String],
     for _ in 0..<2 {
         try prepare()
         let start = crashNow()
-        let full = try crashSpawn(arguments)
+        let full = try startProgram(simgBinary, arguments)
         full.waitUntilExit()
         figures.runSeconds = min(figures.runSeconds, crashNow() - start)
         #expect(full.terminationReason == .exit && expectStatus.contains(full.terminationStatus),
@@ -379,7 +368,7 @@ func crashDrive(name: String, kills: Int, seed: UInt64, arguments: [String],
         // Every other kill in the last 40% of the run, where metadata is written back.
         let delay = k % 2 == 0 ? random.next() % span : span * 6 / 10 + random.next() % (span * 4 / 10 + 1)
         let started = crashNow()
-        let process = try crashSpawn(arguments)
+        let process = try startProgram(simgBinary, arguments)
         // The kill timer; it also notices a run that ends before it (then later kill moments
         // are drawn over that shorter duration, so most kills land whatever the load).
         let deadline = started + Double(delay) / 1e6

@@ -147,9 +147,10 @@ func hostileCatching<T>(_ body: () throws -> T) -> Result<T, HostileSetupError> 
     }
 }
 
-/// Spawns `program` with posix_spawn (stdin /dev/null, stdout and stderr to files), waits
-/// for it and returns its exit status (-1 if a signal ended it) and both outputs. Used instead
-/// of Foundation's Process, which crashed under the parallel load of these suites.
+/// Spawns `program` with posix_spawn (stdin /dev/null, stdout and stderr to files:
+/// `spawnWithFiles`), waits for it and returns its exit status (-1 if a signal ended it) and
+/// both outputs. Used instead of Foundation's Process, which crashed under the parallel load
+/// of these suites.
 func hostileSpawn(_ program: String, _ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
     let base = FileManager.default.temporaryDirectory.appendingPathComponent("simg-hostile-\(UUID().uuidString)").path
     let outFile = base + ".out", errFile = base + ".err"
@@ -157,17 +158,12 @@ func hostileSpawn(_ program: String, _ arguments: [String]) throws -> (status: I
         try? FileManager.default.removeItem(atPath: outFile)
         try? FileManager.default.removeItem(atPath: errFile)
     }
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-    posix_spawn_file_actions_addopen(&actions, 1, outFile, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-    posix_spawn_file_actions_addopen(&actions, 2, errFile, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-    let argv: [UnsafeMutablePointer<CChar>?] = ([program] + arguments).map { strdup($0) } + [nil]
-    defer { for p in argv { free(p) } }
-    var pid: pid_t = 0
-    let rc = posix_spawnp(&pid, program, &actions, nil, argv, environ)
-    guard rc == 0 else { throw HostileSetupError("posix_spawn \(program): \(String(cString: strerror(rc)))") }
+    let pid: pid_t
+    do {
+        pid = try spawnWithFiles(program, arguments, stdout: outFile, stderr: errFile, searchPath: true)
+    } catch {
+        throw HostileSetupError("posix_spawn \(program): \(error.reason)")
+    }
     var status: Int32 = 0
     while waitpid(pid, &status, 0) < 0 {
         guard errno == EINTR else { throw HostileSetupError("waitpid: \(String(cString: strerror(errno)))") }

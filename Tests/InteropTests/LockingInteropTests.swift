@@ -269,12 +269,7 @@ final class LockHelperProcess {
 
     init(_ program: String, _ arguments: [String], in directory: String, holding path: String,
          bytes: [Int], stopWhenHolding: Bool = false) throws {
-        if program.contains("/") {
-            process.executableURL = URL(fileURLWithPath: program)
-        } else {
-            guard let found = which(program) else { throw ToolError.missing(program) }
-            process.executableURL = URL(fileURLWithPath: found)
-        }
+        process.executableURL = try executableURL(program)
         process.arguments = arguments
         process.currentDirectoryURL = URL(fileURLWithPath: directory)
         process.standardInput = input

@@ -278,10 +278,7 @@ struct RebaseInteropTests {
             let ov = dir.file("ov-\(delay).qcow2")
             _ = try qemuImg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", ov)
             let before = try raw(ov, dir)
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: simgBinary)
-            process.arguments = ["rebase", "-b", "new.qcow2", "-F", "qcow2", ov]
-            try process.run()
+            let process = try startProgram(simgBinary, ["rebase", "-b", "new.qcow2", "-F", "qcow2", ov])
             usleep(useconds_t(delay))
             kill(process.processIdentifier, SIGKILL)
             process.waitUntilExit()

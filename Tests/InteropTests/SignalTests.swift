@@ -178,12 +178,6 @@ final class SignalChild {
         let tag = UUID().uuidString.prefix(8)
         stdoutPath = dir.file("child-\(tag).out")
         stderrPath = dir.file("child-\(tag).err")
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, stdoutPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        posix_spawn_file_actions_addopen(&actions, 2, stderrPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
         // The test runner's threads may block or ignore signals; the child starts clean.
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
@@ -197,12 +191,11 @@ final class SignalChild {
         posix_spawnattr_setsigdefault(&attributes, &defaults)
         posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
 
-        let argv: [UnsafeMutablePointer<CChar>?] = ([program] + arguments).map { strdup($0) } + [nil]
-        defer { for arg in argv { free(arg) } }
-        var child: pid_t = 0
-        let r = posix_spawn(&child, program, &actions, &attributes, argv, environ)
-        guard r == 0 else { throw ToolError.missing("\(program) (posix_spawn: \(String(cString: strerror(r))))") }
-        pid = child
+        do {
+            pid = try spawnWithFiles(program, arguments, stdout: stdoutPath, stderr: stderrPath, attributes: &attributes)
+        } catch {
+            throw ToolError.missing("\(program) (posix_spawn: \(error.reason))")
+        }
     }
 
     deinit { reap() }

@@ -16,10 +16,7 @@ import TestSupport
         let file = try DiskFile.open(dir.file("data"), access: .readOnly)
         // Kinds laid end to end (offsets in KiB), each up to the next one's start.
         func extents(_ list: [(UInt64, Extent.Kind)], size: UInt64) -> [Extent] {
-            list.enumerated().map { index, item in
-                let end = index + 1 < list.count ? list[index + 1].0 * k : size
-                return Extent(offset: item.0 * k, length: end - item.0 * k, kind: item.1)
-            }
+            FakeImage.laidEndToEnd(list, size: size, unit: k)
         }
         let base = FakeImage(path: "base", size: 64 * k, dataFile: file, extents: extents(
             [(0, .data(hostOffset: 0)), (8, .hole), (16, .compressed), (24, .data(hostOffset: 100 * k)), (48, .zero)], size: 64 * k))

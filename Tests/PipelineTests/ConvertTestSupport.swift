@@ -15,51 +15,7 @@ func pipelineFile(_ path: String, size: UInt64, pieces: [(offset: UInt64, bytes:
     file.close()
 }
 
-/// A made-up image: block status from a list of extents, data from a closure.
-final class FakeImage: DiskImage {
-    let path: String
-    var format: ImageFormat { .qcow2 }
-    let virtualSize: UInt64
-    var isWritable: Bool { false }
-    var backing: (any DiskImage)?
-    let dataFile: DiskFile
-    var file: DiskFile { dataFile }
-    var extents: [Extent]
-    let content: (UInt64) -> UInt8
-    var blockStatusCalls = 0
-    /// When set, block status answers with this length (to test bad answers).
-    var reportedLength: UInt64?
-
-    init(path: String, size: UInt64, dataFile: DiskFile, extents: [Extent], backing: (any DiskImage)? = nil,
-         content: @escaping (UInt64) -> UInt8 = { _ in 0 }) {
-        self.path = path
-        virtualSize = size
-        self.dataFile = dataFile
-        self.extents = extents
-        self.backing = backing
-        self.content = content
-    }
-
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        for i in 0..<buffer.count { buffer[i] = content(offset + UInt64(i)) }
-    }
-    func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {}
-    func writeZeroes(at offset: UInt64, length: UInt64) throws {}
-    func discard(at offset: UInt64, length: UInt64) throws {}
-    func blockStatus(at offset: UInt64, length: UInt64) throws -> Extent {
-        blockStatusCalls += 1
-        guard let extent = extents.first(where: { $0.offset <= offset && offset < $0.end }) else {
-            throw ImageError(path: path, message: "no extent at \(offset)")
-        }
-        let delta = offset - extent.offset
-        var kind = extent.kind
-        if case .data(let host?) = kind { kind = .data(hostOffset: host + delta) }
-        return Extent(offset: offset, length: reportedLength ?? min(extent.length - delta, length), kind: kind)
-    }
-    func flush() throws {}
-    func close() throws {}
-    func info() throws -> ImageInfo { ImageInfo(filename: path, format: "qcow2", virtualSize: virtualSize) }
-}
+// The made-up source image, FakeImage, is TestSupport's.
 
 /// A target in memory that records what the pipeline asked of it.
 final class MemoryTarget: ConvertTarget {

@@ -75,11 +75,7 @@ import TestSupport
         }
     }
 
-    private func simg(_ arguments: String...) -> (status: Int32, out: String, err: String) {
-        var out = "", err = ""
-        let status = SimgCLI.run(arguments, console: Console(out: { out += $0 }, err: { err += $0 }))
-        return (status, out, err)
-    }
+    private func simg(_ arguments: String...) -> (status: Int32, out: String, err: String) { runInProcess(arguments) }
 
     @Test func aFormatPlugsInThroughItsDriverAlone() throws {
         let folder = try TempDir(prefix: "simg-plugin")

@@ -2,17 +2,7 @@ import Testing
 @testable import SimgCLI
 
 /// Runs simg in-process and captures what it prints.
-private final class Captured {
-    var out = ""
-    var err = ""
-}
-
-private func simg(_ arguments: String...) -> (status: Int32, out: String, err: String) {
-    let captured = Captured()
-    let console = Console(out: { captured.out += $0 }, err: { captured.err += $0 })
-    let status = SimgCLI.run(arguments, console: console)
-    return (status, captured.out, captured.err)
-}
+private func simg(_ arguments: String...) -> (status: Int32, out: String, err: String) { runInProcess(arguments) }
 
 private let tryHelp = "Try 'simg --help' for more information\n"
 
@@ -36,11 +26,10 @@ private let tryHelp = "Try 'simg --help' for more information\n"
 
     @Test func commandHelp() {
         for arguments in [["info", "--help"], ["info", "-h"], ["info", "x", "--he", "-z"], ["create", "-qh"]] {
-            let captured = Captured()
-            let status = SimgCLI.run(arguments, console: Console(out: { captured.out += $0 }, err: { captured.err += $0 }))
-            #expect(status == 0)
-            #expect(captured.out.hasPrefix("usage: simg \(arguments[0]) [-q] [-f fmt]"))
-            #expect(captured.err.isEmpty)
+            let r = runInProcess(arguments)
+            #expect(r.status == 0)
+            #expect(r.out.hasPrefix("usage: simg \(arguments[0]) [-q] [-f fmt]"))
+            #expect(r.err.isEmpty)
         }
     }
 

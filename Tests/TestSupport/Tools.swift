@@ -1,6 +1,6 @@
 import Foundation
 
-// Finding and running the programs tests drive: the built simg and QEMU's qemu-img.
+// Finding the programs tests drive (the built simg, QEMU's qemu-img); Programs.swift runs them.
 
 /// The repository root, found from this file's path (Tests/TestSupport/Tools.swift).
 public let repositoryRoot: URL = URL(fileURLWithPath: #filePath)
@@ -34,23 +34,12 @@ public func qemuImgOutput(_ arguments: [String]) throws -> String {
     guard let tool = candidates.first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
         throw QemuImgFailure(description: "qemu-img is not installed (make test installs qemu-utils)")
     }
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: tool)
-    process.arguments = arguments
-    let out = Pipe(), err = Pipe()
-    process.standardOutput = out
-    process.standardError = err
-    try process.run()
-    // Both pipes drained before waiting; qemu-img writes little to stderr, so reading stdout
-    // first cannot block on a full stderr pipe.
-    let outData = out.fileHandleForReading.readDataToEndOfFile()
-    let errData = err.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else {
-        throw QemuImgFailure(description: "qemu-img \(arguments.joined(separator: " ")) exited \(process.terminationStatus): "
-                             + String(decoding: outData + errData, as: UTF8.self))
+    let result = try run(tool, arguments)
+    guard result.status == 0 else {
+        throw QemuImgFailure(description: "qemu-img \(arguments.joined(separator: " ")) exited \(result.status): "
+                             + result.stdout + result.stderr)
     }
-    return String(decoding: outData, as: UTF8.self)
+    return result.stdout
 }
 
 /// A file's size and the bytes allocated for it on disk (st_blocks * 512), via stat.

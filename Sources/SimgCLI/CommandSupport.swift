@@ -1,0 +1,168 @@
+import DiskIO
+import ImageFormats
+
+/// The option handling every command shares, worded as qemu-img words it: `-f` (a format by
+/// name), `-t`/`-T` (cache modes), `-U` (force share), `--output=human|json`, and opening an
+/// image with qemu-img's "Could not open" sentences. A command uses these instead of parsing
+/// the options itself, so the same mistake reads the same in every command.
+///
+/// What the protocol drivers require of a file (no directory, no FIFO; a regular file for
+/// `file:`, a device for `host_device:`) is not checked here: ImageOpener checks it for every
+/// image it opens and ConvertTargetOpener for convert's target
+/// (`ImageOpener.checkProtocolDriver`), so opening through `open` below includes it.
+enum CommandSupport {
+    // MARK: Option table entries
+
+    /// `-f fmt`: the image's format instead of probing it.
+    static let formatOption = OptionSpec.value("f", "format")
+    /// `-U` / `--force-share`.
+    static let forceShareOption = OptionSpec(short: "U", long: "force-share", key: "force-share")
+    /// `--output=human|json`.
+    static let outputOption = OptionSpec.long("output", takesValue: true)
+
+    // MARK: -f
+
+    /// The format named by option `key` (`-f`), nil to probe. qemu-img fails opening `image`
+    /// with it: "Could not open 'IMAGE': Unknown driver 'x'" (or simg's "not supported yet").
+    static func format(_ scan: ScanResult, _ key: String = "format", opening image: String) throws(CLIError) -> ImageFormat? {
+        guard let name = scan.last(key) else { return nil }
+        do { return try ImageFormat(named: name) } catch { throw CLIError("Could not open '\(image)': \(error)") }
+    }
+
+    /// A format to create (`create -f`, `convert -O`): `prefix` goes before the error
+    /// ("FILE: " in create, nothing where qemu-img names no file).
+    static func creatableFormat(_ name: String, prefix: String = "") throws(CLIError) -> ImageFormat {
+        do { return try ImageFormat(named: name, creating: true) } catch { throw CLIError("\(prefix)\(error)") }
+    }
+
+    // MARK: -t / -T
+
+    /// The cache mode given as option `key` (the last one wins), or `default`; qemu-img's error
+    /// for a name it does not know, worded for a target (-t) or a source (-T) option.
+    static func cacheMode(_ scan: ScanResult, _ key: String, default fallback: CacheMode, source: Bool) throws(CLIError) -> CacheMode {
+        guard let name = scan.last(key) else { return fallback }
+        guard let mode = CacheMode(name: name) else {
+            throw CLIError(source ? "Invalid source cache option: \(name)" : "Invalid cache option: \(name)")
+        }
+        return mode
+    }
+
+    // MARK: -U
+
+    /// Whether `-U` (force share) was given.
+    static func forceShare(_ scan: ScanResult) -> Bool { scan.has("force-share") }
+
+    /// The locks a read-only open of a source takes: QEMU's reader locks, or with -U none that
+    /// refuse anyone (`.forceShare`).
+    static func readLocking(_ scan: ScanResult) -> ImageLocking {
+        forceShare(scan) ? .forceShare : .standard
+    }
+
+    // MARK: --output
+
+    /// `--output`'s two layouts.
+    enum OutputFormat: String {
+        case human, json
+    }
+
+    /// `--output` (human by default), refused with qemu-img's words otherwise.
+    static func outputFormat(_ scan: ScanResult) throws(CLIError) -> OutputFormat {
+        let name = scan.last("output") ?? "human"
+        guard let output = OutputFormat(rawValue: name) else {
+            throw CLIError("--output must be used with human or json as argument.")
+        }
+        return output
+    }
+
+    // MARK: Opening
+
+    /// Which image qemu-img's "Could not open 'NAME': REASON" names.
+    enum OpenWording {
+        /// Each image opened on its own (info, convert's target): NAME is the deepest image
+        /// that failed, maybe a backing file some levels down.
+        case deepestImage
+        /// The image and its backing chain opened as one block graph (check, convert's
+        /// sources, rebase): a failure below the top still names the top, with one "Could not
+        /// open backing file: " per level.
+        case wholeChain
+    }
+
+    /// Opens `path` with `options` (ImageOpener: the name's syntax, the protocol driver's
+    /// checks, the chain, the locks), a failure worded as qemu-img words it.
+    static func open(_ path: String, _ options: OpenOptions, wording: OpenWording) throws(CLIError) -> any DiskImage {
+        do {
+            return try ImageOpener.open(path, options: options)
+        } catch {
+            throw CLIError(openFailure(error, path: path, wording: wording))
+        }
+    }
+
+    /// qemu-img's sentence for a failed open of `path`: "Could not open 'NAME': REASON".
+    /// A lock conflict from DiskIO (`ImageLockError`) reads "Could not open 'PATH': LOCK ERROR".
+    static func openFailure(_ error: any Error, path: String, wording: OpenWording) -> String {
+        let (name, reason) = openFailureParts(error, path: path, wording: wording)
+        return "Could not open '\(name)': \(reason)"
+    }
+
+    /// The NAME and REASON of `openFailure`'s sentence, for callers that word it differently.
+    static func openFailureParts(_ error: any Error, path: String, wording: OpenWording) -> (name: String, reason: String) {
+        switch wording {
+        case .deepestImage: return deepestFailure(error, path: path)
+        case .wholeChain: return chainFailure(error, path: path)
+        }
+    }
+
+    /// qemu-img says "Could not open 'NAME': REASON" about the deepest failure only: NAME is the
+    /// image that failed (maybe a backing file some levels down) and a failed open(2) reads
+    /// "Could not open 'NAME': strerror" itself. The library nests one ImageError per chain
+    /// level, so the sentence comes from the innermost error.
+    private static func deepestFailure(_ error: any Error, path: String) -> (name: String, reason: String) {
+        var innermost: ImageError?
+        var current: any Error = error
+        while let image = current as? ImageError {
+            innermost = image
+            guard let cause = image.cause else { return (image.path, image.message) }
+            current = cause
+        }
+        if let io = current as? IOError, io.operation == .open {
+            // A missing external data file: qemu-img names the image, then the data file.
+            if let innermost, innermost.kind == .dataFileOpen { return (innermost.path, "\(io)") }
+            // The name the file was asked for by (`file:x`, a json: name), else the file's.
+            let asked = innermost?.path ?? path
+            return (ImageName.filePath(of: asked) == io.path ? asked : io.path, "\(io)")
+        }
+        guard let innermost else { return (path, "\(current)") }
+        return (innermost.path, "\(innermost.message): \(current)")
+    }
+
+    /// qemu-img check (and convert, rebase) opens the whole chain as one block graph, so a
+    /// failure below the top reads "Could not open 'TOP': Could not open backing file: ...
+    /// REASON" (one "Could not open backing file" per level), and a missing data file "Could
+    /// not open 'TOP': Could not open 'DATA': strerror". A failure of the top image itself
+    /// reads as `deepestFailure` words it.
+    private static func chainFailure(_ error: any Error, path: String) -> (name: String, reason: String) {
+        var levels = 0
+        var current: any Error = error
+        var last: ImageError?
+        while let image = current as? ImageError, let cause = image.cause {
+            if image.kind == .backingFileOpen {
+                levels += 1
+            } else if image.kind != .dataFileOpen {
+                break
+            }
+            last = image
+            current = cause
+        }
+        guard last != nil else { return deepestFailure(error, path: path) }
+        var reason: String
+        if let io = current as? IOError, io.operation == .open {
+            reason = "\(io)"
+        } else if let image = current as? ImageError {
+            reason = image.cause == nil ? image.message : "\(image.message): \(image.cause!)"
+        } else {
+            reason = "\(current)"
+        }
+        reason = String(repeating: "Could not open backing file: ", count: levels) + reason
+        return (path, reason)
+    }
+}
