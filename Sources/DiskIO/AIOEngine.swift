@@ -36,7 +36,10 @@ public final class AIOEngine: IOEngine {
 
     private struct Slot {
         var kind: IORequest.Kind = .read
-        var file: DiskFile?
+        /// Kept so the endpoint outlives its requests; `fd` is its descriptor (-1 for an endpoint
+        /// that is not a file: the kernel then rejects the iocb, EBADF, as a failed request).
+        var endpoint: (any BlockEndpoint)?
+        var fd: Int32 = -1
         var offset: UInt64 = 0
         var buffer: UnsafeMutableRawPointer?
         var length = 0
@@ -85,6 +88,8 @@ public final class AIOEngine: IOEngine {
         ready.deallocate()
     }
 
+    public var kind: IOEngineKind { .linuxAIO }
+
     public func submit(_ requests: UnsafeBufferPointer<IORequest>) throws -> Int {
         precondition(!isShutDown, "I/O engine used after shutdown")
         let accepted = min(requests.count, queueDepth - outstanding)
@@ -94,7 +99,8 @@ public final class AIOEngine: IOEngine {
             // A free slot exists: outstanding < queueDepth and every busy slot is outstanding.
             freeSlotCount -= 1
             let index = freeSlotStack[freeSlotCount]
-            slots[index] = Slot(kind: request.kind, file: request.file, offset: request.offset,
+            slots[index] = Slot(kind: request.kind, endpoint: request.endpoint,
+                                fd: (request.endpoint as? any FileEndpoint)?.fd ?? -1, offset: request.offset,
                                 buffer: request.buffer, length: request.length, done: 0, tag: request.tag)
             prepare(index)
         }
@@ -164,7 +170,7 @@ public final class AIOEngine: IOEngine {
     /// Fills slot `index`'s iocb for the part of its request not yet done and queues it.
     private func prepare(_ index: Int) {
         let slot = slots[index]
-        let fd = slot.file?.fd ?? -1
+        let fd = slot.fd
         // Sound: done <= length, so buffer + done stays inside the caller's buffer.
         let buffer = slot.buffer.map { $0 + slot.done }
         let offset = Int64(bitPattern: slot.offset &+ UInt64(slot.done))
@@ -298,7 +304,7 @@ public final class AIOEngine: IOEngine {
         let index = obj - iocbs
         let slot = slots[index]
         let error = IOError(code: code, operation: slot.kind == .read ? .read : .write,
-                            path: slot.file?.path ?? "", offset: slot.offset + UInt64(slot.done), detail: detail)
+                            path: slot.endpoint?.name ?? "", offset: slot.offset + UInt64(slot.done), detail: detail)
         complete(index, .failure(error))
     }
 

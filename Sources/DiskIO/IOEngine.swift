@@ -10,35 +10,36 @@ public struct IORequest: @unchecked Sendable {
     public enum Kind: Sendable { case read, write }
 
     public var kind: Kind
-    public var file: DiskFile
+    /// Where the request goes (a `DiskFile` today; Linux AIO needs a `FileEndpoint`).
+    public var endpoint: any BlockEndpoint
     public var offset: UInt64
     public var buffer: UnsafeMutableRawPointer
     public var length: Int
     /// The caller's name for the request, returned with its completion.
     public var tag: UInt64
 
-    public init(kind: Kind, file: DiskFile, offset: UInt64, buffer: UnsafeMutableRawPointer,
+    public init(kind: Kind, endpoint: any BlockEndpoint, offset: UInt64, buffer: UnsafeMutableRawPointer,
                 length: Int, tag: UInt64) {
         self.kind = kind
-        self.file = file
+        self.endpoint = endpoint
         self.offset = offset
         self.buffer = buffer
         self.length = length
         self.tag = tag
     }
 
-    public static func read(_ file: DiskFile, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+    public static func read(_ endpoint: any BlockEndpoint, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
                             tag: UInt64) -> IORequest {
         // Sound: an empty buffer's base may be nil; any non-nil pointer works for length 0.
-        IORequest(kind: .read, file: file, offset: offset,
+        IORequest(kind: .read, endpoint: endpoint, offset: offset,
                   buffer: buffer.baseAddress ?? UnsafeMutableRawPointer(bitPattern: 1)!,
                   length: buffer.count, tag: tag)
     }
 
-    public static func write(_ file: DiskFile, at offset: UInt64, from buffer: UnsafeRawBufferPointer,
+    public static func write(_ endpoint: any BlockEndpoint, at offset: UInt64, from buffer: UnsafeRawBufferPointer,
                              tag: UInt64) -> IORequest {
         // Sound: the engine never writes through the pointer of a write request.
-        IORequest(kind: .write, file: file, offset: offset,
+        IORequest(kind: .write, endpoint: endpoint, offset: offset,
                   buffer: UnsafeMutableRawPointer(mutating: buffer.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!),
                   length: buffer.count, tag: tag)
     }
@@ -69,6 +70,9 @@ public struct IOCompletion: Sendable {
 /// An engine is driven by one thread (submit and reap from the same thread); the work itself
 /// may run on other threads or in the kernel.
 public protocol IOEngine: AnyObject {
+    /// Which engine this is (`--stats` names it; the pipeline shares one engine between reads
+    /// and writes when their endpoints prefer the same kind).
+    var kind: IOEngineKind { get }
     /// The most requests that may be outstanding (accepted but not yet reaped).
     var queueDepth: Int { get }
     /// Requests accepted and not yet reaped.
@@ -104,14 +108,26 @@ extension IOEngine {
     }
 }
 
-/// Picks the engine for the files a copy touches.
+extension IOEngineKind {
+    /// The name `convert --stats` reports.
+    public var statsName: String {
+        switch self {
+        case .linuxAIO: return "linux-aio"
+        case .threadPool: return "thread-pool"
+        }
+    }
+}
+
+/// Picks the engine for the endpoints a copy touches.
 public enum IOEngines {
-    /// Linux AIO when every file is O_DIRECT (`direct`; it is only truly asynchronous there),
-    /// a thread pool for buffered files, and the thread pool too when the kernel refuses an
-    /// AIO context (EAGAIN when aio-max-nr is used up, ENOSYS without AIO support). Throws
+    /// The engine every endpoint prefers (`BlockEndpoint.preferredEngine`): Linux AIO when
+    /// they all prefer it (O_DIRECT files: it is only truly asynchronous there), else a thread
+    /// pool, which serves any endpoint; the thread pool too when the kernel refuses an AIO
+    /// context (EAGAIN when aio-max-nr is used up, ENOSYS without AIO support). Throws
     /// `ThreadStartError` when the thread pool cannot start a single thread.
-    public static func make(direct: Bool, queueDepth: Int = 32, threads: Int = 4) throws -> any IOEngine {
-        if direct, let engine = try? AIOEngine(queueDepth: queueDepth) { return engine }
+    public static func make(for endpoints: [any BlockEndpoint], queueDepth: Int = 32, threads: Int = 4) throws -> any IOEngine {
+        let aio = !endpoints.isEmpty && endpoints.allSatisfy { $0.preferredEngine == .linuxAIO }
+        if aio, let engine = try? AIOEngine(queueDepth: queueDepth) { return engine }
         return try ThreadPoolEngine(queueDepth: queueDepth, threads: threads)
     }
 }

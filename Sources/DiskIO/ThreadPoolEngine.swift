@@ -51,6 +51,8 @@ public final class ThreadPoolEngine: IOEngine {
 
     deinit { shutdown() }
 
+    public var kind: IOEngineKind { .threadPool }
+
     public func submit(_ requests: UnsafeBufferPointer<IORequest>) throws -> Int {
         precondition(!isShutDown, "I/O engine used after shutdown")
         let accepted = min(requests.count, queueDepth - outstanding)
@@ -193,11 +195,11 @@ private final class WorkQueue: @unchecked Sendable {
             switch request.kind {
             case .read:
                 // Sound: the caller guarantees buffer..<buffer+length is valid until reaped.
-                let n = try request.file.read(into: UnsafeMutableRawBufferPointer(start: request.buffer, count: request.length),
+                let n = try request.endpoint.read(into: UnsafeMutableRawBufferPointer(start: request.buffer, count: request.length),
                                               at: request.offset)
                 return .success(n)
             case .write:
-                try request.file.write(UnsafeRawBufferPointer(start: request.buffer, count: request.length),
+                try request.endpoint.write(UnsafeRawBufferPointer(start: request.buffer, count: request.length),
                                        at: request.offset)
                 return .success(request.length)
             }
@@ -205,7 +207,7 @@ private final class WorkQueue: @unchecked Sendable {
             return .failure(error)
         } catch {
             return .failure(IOError(code: EIO, operation: request.kind == .read ? .read : .write,
-                                    path: request.file.path, offset: request.offset, detail: "\(error)"))
+                                    path: request.endpoint.name, offset: request.offset, detail: "\(error)"))
         }
     }
 }

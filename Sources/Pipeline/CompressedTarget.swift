@@ -57,7 +57,7 @@ public final class CompressedTarget: ConvertTarget {
         zeroes.readsAsZero(at: offset, length: length)
     }
 
-    public func asyncDestination(forWriteAt offset: UInt64, length: Int) throws -> (file: DiskFile, offset: UInt64)? { nil }
+    public func asyncDestination(forWriteAt offset: UInt64, length: Int) throws -> (endpoint: any BlockEndpoint, offset: UInt64)? { nil }
 
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         let cs = UInt64(image.clusterSize)

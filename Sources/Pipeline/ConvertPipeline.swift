@@ -65,12 +65,13 @@ public final class ConvertPipeline {
         }
         pool = try BufferPool(count: depth, bufferSize: Int(chunkSize) + ConvertPipeline.slack)
 
-        // Linux AIO only pays off when every file it touches is O_DIRECT.
-        var allDirect = true
+        // Reads go to every layer's data file: the engine all of them prefer (Linux AIO only
+        // pays off when every one is O_DIRECT).
+        var readEndpoints: [any BlockEndpoint] = []
         for source in sources {
             var layer: (any DiskImage)? = source
             while let image = layer {
-                if !image.dataFile.isDirect { allDirect = false }
+                readEndpoints.append(image.dataFile)
                 layer = image.backing
             }
         }
@@ -79,17 +80,19 @@ public final class ConvertPipeline {
         // with a message naming the target, before anything is read or written.
         let threads = max(1, options.ioThreads)
         do {
-            engine = try IOEngines.make(direct: allDirect, queueDepth: engineDepth, threads: threads)
-            if !target.writesAsynchronously || target.isDirect == (engine is AIOEngine) {
+            engine = try IOEngines.make(for: readEndpoints, queueDepth: engineDepth, threads: threads)
+            let writeEndpoints = target.writeEndpoint.map { [$0] } ?? []
+            let writeKind = target.writeEndpoint?.preferredEngine ?? .threadPool
+            if !target.writesAsynchronously || writeKind == engine.kind {
                 writeEngine = engine
             } else {
-                writeEngine = try IOEngines.make(direct: target.isDirect, queueDepth: engineDepth, threads: threads)
+                writeEngine = try IOEngines.make(for: writeEndpoints, queueDepth: engineDepth, threads: threads)
             }
         } catch {
             throw ImageError(path: target.path, message: "cannot start the copy", cause: error)
         }
-        let readName = engine is AIOEngine ? "linux-aio" : "thread-pool"
-        let writeName = writeEngine is AIOEngine ? "linux-aio" : "thread-pool"
+        let readName = engine.kind.statsName
+        let writeName = writeEngine.kind.statsName
         stats.readEngine = readName
         stats.writeEngine = target.writesAsynchronously ? writeName : "synchronous"
         stats.engine = writeEngine === engine || readName == writeName ? readName : "mixed"
@@ -302,8 +305,7 @@ public final class ConvertPipeline {
     /// offset, buffer position and length are aligned (a length ending at the end of the file
     /// may be rounded up: the read just comes back short).
     private func directReadPossible(_ op: ReadOp) throws -> Bool {
-        let file = planner.files[op.file]
-        guard file.isDirect else { return true }
+        guard planner.files[op.file].isDirect else { return true }
         let unit = alignment(of: op.file)
         guard op.host % unit == 0, UInt64(op.position) % max(unit, UInt64(DiskFile.pageSize)) == 0 else { return false }
         if UInt64(op.length) % unit == 0 { return true }
@@ -312,8 +314,8 @@ public final class ConvertPipeline {
 
     private func alignment(of file: Int) -> UInt64 {
         if let known = fileAlignments[file] { return known }
-        let files = planner.files
-        let value = files[file].isDirect ? UInt64(max(files[file].dioAlignment().offset, 1)) : 1
+        let endpoint = planner.files[file]
+        let value = endpoint.isDirect ? UInt64(max(endpoint.ioAlignment.offset, 1)) : 1
         fileAlignments[file] = value
         return value
     }
@@ -406,8 +408,8 @@ public final class ConvertPipeline {
             if firstError == nil {
                 let file = planner.files[op.file]
                 firstError = ConvertError(.reading, byte: chunkOffset + UInt64(op.position) + UInt64(count),
-                                          path: file.path,
-                                          cause: IOError(code: EIO, operation: .read, path: file.path,
+                                          path: file.name,
+                                          cause: IOError(code: EIO, operation: .read, path: file.name,
                                                          offset: op.host + UInt64(count),
                                                          detail: "unexpected end of file (the image is truncated)"))
             }
@@ -416,7 +418,7 @@ public final class ConvertPipeline {
                 firstError = ConvertError(.reading,
                                           byte: ConvertError.failingByte(chunkOffset + UInt64(op.position),
                                                                          host: op.host, length: op.length, error: error),
-                                          path: planner.files[op.file].path, cause: error)
+                                          path: planner.files[op.file].name, cause: error)
             }
         }
         chunks[slot].pendingReads -= 1
@@ -491,7 +493,7 @@ public final class ConvertPipeline {
         if let destination = try target.asyncDestination(forWriteAt: offset, length: length) {
             // Sound: start..<stop lies within the chunk, inside the buffer, which stays
             // out of the pool until this write completes.
-            let request = IORequest.write(destination.file, at: destination.offset,
+            let request = IORequest.write(destination.endpoint, at: destination.offset,
                                           from: UnsafeRawBufferPointer(start: base + start, count: length),
                                           tag: RequestContext.write(slot: slot, position: start).tag)
             chunks[slot].pendingWrites += 1

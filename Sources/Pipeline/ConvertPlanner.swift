@@ -36,7 +36,7 @@ public final class ConvertPlanner {
     /// Every image met (sources and their backing layers), indexed by `SourcePiece` kinds.
     public private(set) var images: [any DiskImage] = []
     /// Every data file met, indexed by `SourcePiece.Kind.data(file:)`.
-    public private(set) var files: [DiskFile] = []
+    public private(set) var files: [any BlockEndpoint] = []
     /// Where each source starts in the output.
     public let starts: [UInt64]
     public let totalSize: UInt64
@@ -147,7 +147,7 @@ public final class ConvertPlanner {
         return images.count - 1
     }
 
-    private func fileIndex(_ file: DiskFile) -> Int {
+    private func fileIndex(_ file: any BlockEndpoint) -> Int {
         if let index = files.firstIndex(where: { $0 === file }) { return index }
         files.append(file)
         return files.count - 1

@@ -44,6 +44,9 @@ public protocol ConvertTarget: AnyObject {
     var placementGranularity: Int { get }
     /// Whether the target's file is opened with O_DIRECT (the pipeline then prefers Linux AIO).
     var isDirect: Bool { get }
+    /// Where `asyncDestination`'s places are, for a target that `writesAsynchronously` (the
+    /// pipeline sets up the write engine this endpoint prefers); nil for one that never does.
+    var writeEndpoint: (any BlockEndpoint)? { get }
     /// Whether `asyncDestination(forWriteAt:length:)` may return a place (the pipeline then
     /// sets up an engine for the writes, Linux AIO when `isDirect`).
     var writesAsynchronously: Bool { get }
@@ -54,7 +57,7 @@ public protocol ConvertTarget: AnyObject {
     /// offset in it; async through its write engine; the buffer is page-aligned, and so are
     /// offset and length where `isDirect` unless nil is returned), or nil when the pipeline
     /// must call `write`.
-    func asyncDestination(forWriteAt offset: UInt64, length: Int) throws -> (file: DiskFile, offset: UInt64)?
+    func asyncDestination(forWriteAt offset: UInt64, length: Int) throws -> (endpoint: any BlockEndpoint, offset: UInt64)?
     /// The asynchronous write of the range `asyncDestination(forWriteAt: offset, ...)` placed
     /// has completed successfully. Not called for failed writes.
     func asyncWriteCompleted(at offset: UInt64) throws
@@ -72,4 +75,5 @@ extension ConvertTarget {
     /// Targets whose async places need no follow-up (raw: the same offset, nothing to map).
     public func asyncWriteCompleted(at offset: UInt64) throws {}
     public var placementGranularity: Int { writeGranularity }
+    public var writeEndpoint: (any BlockEndpoint)? { nil }
 }

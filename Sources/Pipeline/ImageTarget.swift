@@ -24,6 +24,8 @@ public final class ImageTarget: ConvertTarget {
     public let placementGranularity: Int
     public var isDirect: Bool { image.file.isDirect }
     public var writesAsynchronously: Bool { direct != nil }
+    /// Reserved places are in the image's data file.
+    public var writeEndpoint: (any BlockEndpoint)? { direct == nil ? nil : image.dataFile }
     private let direct: (any ReservedDirectWrites)?
     private let unmapping: (any UnmappingZeroWrites)?
     private let zeroes: TargetZeroes
@@ -52,7 +54,7 @@ public final class ImageTarget: ConvertTarget {
         zeroes.readsAsZero(at: offset, length: length)
     }
 
-    public func asyncDestination(forWriteAt offset: UInt64, length: Int) throws -> (file: DiskFile, offset: UInt64)? {
+    public func asyncDestination(forWriteAt offset: UInt64, length: Int) throws -> (endpoint: any BlockEndpoint, offset: UInt64)? {
         guard let direct, inFlight[offset] == nil,
               let reservation = try direct.reserveDirectWrite(at: offset, length: length) else { return nil }
         if reservation.needsCompletion { inFlight[offset] = reservation }

@@ -174,7 +174,7 @@ struct IOEngineTests {
         // A write at a file offset off the O_DIRECT offset alignment (512 or more) is refused.
         // (Misaligned reads are not a reliable test: ext4 serves reads of holes without
         // checking, and newer kernels accept some misaligned buffers.)
-        let request = IORequest(kind: .write, file: file, offset: 1, buffer: buffer.baseAddress, length: 4096, tag: 5)
+        let request = IORequest(kind: .write, endpoint: file, offset: 1, buffer: buffer.baseAddress, length: 4096, tag: 5)
         try drive(engine, [request]) { log.record($0) }
         guard case .failure(let error)? = log.results[5] else {
             Issue.record("unaligned O_DIRECT write did not fail")
@@ -185,13 +185,69 @@ struct IOEngineTests {
         #expect(error.offset == 1)
     }
 
-    @Test func factoryPicksAIOForDirectFiles() throws {
-        let direct = try IOEngines.make(direct: true, queueDepth: 4)
+    @Test func factoryPicksTheEngineTheEndpointsPrefer() throws {
+        let folder = try TempDir(prefix: "simg-diskio", in: .varTmp)
+        let path = folder.file("engines")
+        try DiskFile.create(path).truncate(to: 1 << 20)
+        let directFile = try DiskFile.open(path, access: .readOnly, cache: .none)
+        let bufferedFile = try DiskFile.open(path, access: .readOnly)
+        #expect(directFile.preferredEngine == .linuxAIO)
+        #expect(bufferedFile.preferredEngine == .threadPool)
+        let direct = try IOEngines.make(for: [directFile], queueDepth: 4)
         defer { direct.shutdown() }
-        let buffered = try IOEngines.make(direct: false, queueDepth: 4)
+        let buffered = try IOEngines.make(for: [bufferedFile], queueDepth: 4)
         defer { buffered.shutdown() }
-        #expect(direct is AIOEngine)
-        #expect(buffered is ThreadPoolEngine)
+        // One buffered endpoint among direct ones: io_submit would block on it.
+        let mixed = try IOEngines.make(for: [directFile, bufferedFile], queueDepth: 4)
+        defer { mixed.shutdown() }
+        #expect(direct is AIOEngine && direct.kind == .linuxAIO)
+        #expect(buffered is ThreadPoolEngine && buffered.kind == .threadPool)
+        #expect(mixed is ThreadPoolEngine)
+    }
+
+    /// An endpoint that is no file (as an NBD connection will be): the thread pool serves it
+    /// through its own read and write; Linux AIO, which needs a descriptor, fails the request.
+    @Test func enginesServeEndpointsThatAreNotFiles() throws {
+        final class MemoryEndpoint: BlockEndpoint, @unchecked Sendable {
+            // @unchecked Sendable: the test writes and reads disjoint bytes from one engine.
+            var bytes = [UInt8](repeating: 0, count: 8192)
+            var name: String { "memory" }
+            var isDirect: Bool { false }
+            var ioAlignment: (memory: Int, offset: Int) { (1, 1) }
+            var preferredEngine: IOEngineKind { .threadPool }
+            func size() throws -> UInt64 { UInt64(bytes.count) }
+            func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
+                let n = min(buffer.count, bytes.count - Int(offset))
+                bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)..<(Int(offset) + n)])) }
+                return n
+            }
+            func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+                bytes.replaceSubrange(Int(offset)..<(Int(offset) + buffer.count), with: buffer)
+            }
+            func sync() throws {}
+        }
+        let endpoint = MemoryEndpoint()
+        let engine = try IOEngines.make(for: [endpoint], queueDepth: 4)
+        defer { engine.shutdown() }
+        #expect(engine.kind == .threadPool)
+        let data = [UInt8](repeating: 0xA5, count: 4096)
+        try data.withUnsafeBytes { source in
+            #expect(try engine.submit(.write(endpoint, at: 4096, from: source, tag: 1)))
+            var results: [UInt64: Int] = [:]
+            try engine.drain { results[$0.tag] = try $0.get() }
+            #expect(results == [1: 4096])
+        }
+        #expect(Array(endpoint.bytes[4096...]) == data)
+        #expect(endpoint.bytes[0..<4096].allSatisfy { $0 == 0 })
+
+        let aio = try AIOEngine(queueDepth: 4)
+        defer { aio.shutdown() }
+        let buffer = try AlignedBuffer(byteCount: 4096)
+        #expect(try aio.submit(.read(endpoint, at: 0, into: buffer.bytes, tag: 2)))
+        var failure: IOError?
+        try aio.drain { if case .failure(let error) = $0.result { failure = error } }
+        #expect(failure?.code == EBADF)
+        #expect(failure?.path == "memory")
     }
 
     @Test func shutdownWaitsForOutstandingWrites() throws {

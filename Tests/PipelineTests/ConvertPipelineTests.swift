@@ -199,7 +199,7 @@ import TestSupport
             var abandoned = false
             var writes = 0
             func readsAsZero(at offset: UInt64, length: UInt64) -> Bool { true }
-            func asyncDestination(forWriteAt offset: UInt64, length: Int) -> (file: DiskFile, offset: UInt64)? { nil }
+            func asyncDestination(forWriteAt offset: UInt64, length: Int) -> (endpoint: any BlockEndpoint, offset: UInt64)? { nil }
             func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
                 writes += 1
                 if offset >= 512 << 10 { throw IOError(code: EIO, operation: .write, path: "failing", offset: offset) }

@@ -38,7 +38,7 @@ final class MemoryTarget: ConvertTarget {
     }
 
     func readsAsZero(at offset: UInt64, length: UInt64) -> Bool { startsZeroed }
-    func asyncDestination(forWriteAt offset: UInt64, length: Int) -> (file: DiskFile, offset: UInt64)? { nil }
+    func asyncDestination(forWriteAt offset: UInt64, length: Int) -> (endpoint: any BlockEndpoint, offset: UInt64)? { nil }
     func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         writes.append((offset, data.count))
         for i in 0..<data.count { bytes[Int(offset) + i] = data[i] }
