@@ -48,6 +48,8 @@ extension DiskImage {
     public var backingReference: BackingReference? { nil }
     public func attachBacking(_ image: any DiskImage) {}
     public func changeBackingFile(name: String?, format: String?) throws { throw BackingChangeError(code: ENOTSUP) }
+    /// Formats of one file: just `file`.
+    public var files: [DiskFile] { [file] }
     /// Formats that do not allocate: QEMU's default cluster size.
     public var clusterSize: Int { 65536 }
 }
@@ -127,6 +129,9 @@ public protocol DiskImage: AnyObject {
     var file: DiskFile { get }
     /// The file guest data lives in (the image file itself, or a qcow2 external data file).
     var dataFile: DiskFile { get }
+    /// Every file the image consists of, `file` first, each once (a qcow2 image: also its
+    /// external data file): what is locked, and what "this image has that file open" means.
+    var files: [DiskFile] { get }
 
     /// Fills `buffer` with guest data starting at `offset`; ranges past `virtualSize` are an error.
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws

@@ -160,7 +160,8 @@ public enum ImageOpener {
         }
     }
 
-    /// Takes the locks of one opened image: its file, and a qcow2 image's external data file.
+    /// Takes the locks of one opened image: its file, and its other files (`files`: a qcow2
+    /// image's external data file).
     ///
     /// The locks are taken once the image is open (its header read) rather than before: the
     /// open itself only reads, exactly as QEMU's probe reads the header before it locks, and
@@ -171,8 +172,9 @@ public enum ImageOpener {
         let main = mainFile(of: image)
         do {
             if let lock = locking.top(image, writable: writable) { try main.lock(lock) }
-            if image.dataFile !== main, let lock = locking.dataFile(writable: writable) {
-                try image.dataFile.lock(lock)
+            // The image's other files (a qcow2 external data file) are locked as data files.
+            if let lock = locking.dataFile(writable: writable) {
+                for other in image.files where other !== main { try other.lock(lock) }
             }
         } catch let error as ImageLockError {
             throw ImageError(.lockConflict, path: image.path, message: error.description)

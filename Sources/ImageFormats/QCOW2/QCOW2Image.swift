@@ -26,6 +26,8 @@ public final class QCOW2Image: DiskImage {
     public let file: DiskFile
     /// Where guest clusters live: the external data file, or `file`.
     public let dataFile: DiskFile
+    /// The qcow2 file, and its external data file when there is one.
+    public var files: [DiskFile] { dataFile === file ? [file] : [file, dataFile] }
     public let isWritable: Bool
     public var format: ImageFormat { .qcow2 }
     /// The header's size rounded down to whole 512-byte sectors, as QEMU sees it.
