@@ -67,9 +67,25 @@ import TestSupport
         try expectBlockStatusMatchesQemu(img)
         let image = try ImageOpener.open(img)
         defer { try? image.close() }
-        #expect(try image.blockStatus(at: 0, length: 64 << 10).kind == .compressed)
-        // The 1 MiB of compressible data is one extent of compressed clusters.
-        #expect(try image.blockStatus(at: 0, length: 3 << 20) == Extent(offset: 0, length: 1 << 20, kind: .compressed))
+        // Each compressed cluster's extent carries its L2 descriptor: offset, and the bytes up
+        // to the end of the last sector it counts.
+        let qcow2 = try #require(image as? QCOW2Image)
+        var descriptors: [QCOW2CompressedDescriptor] = []
+        for cluster in 0..<16 {
+            let guest = UInt64(cluster) << 16
+            let entry = try qcow2.l2Mapping(guest: guest).entry
+            #expect(entry.isCompressed)
+            let d = entry.compressedDescriptor(clusterBits: 16)
+            descriptors.append(d)
+            #expect(try image.blockStatus(at: guest, length: 64 << 10).kind
+                    == .compressed(hostOffset: d.hostOffset, length: Int(d.byteLength)))
+        }
+        // The 1 MiB of compressible data is one extent of compressed clusters (qemu-img packs
+        // them back to back): from the first one's bytes to the end of the last one's.
+        let first = descriptors[0].hostOffset
+        let end = descriptors.map { $0.hostOffset + $0.byteLength }.max()!
+        #expect(try image.blockStatus(at: 0, length: 3 << 20)
+                == Extent(offset: 0, length: 1 << 20, kind: .compressed(hostOffset: first, length: Int(end - first))))
         #expect(try image.info().formatSpecific?.data["compression-type"]?.stringValue == type)
         // Small reads inside one compressed cluster.
         var small = [UInt8](repeating: 0, count: 10)

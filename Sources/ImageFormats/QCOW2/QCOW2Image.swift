@@ -242,13 +242,25 @@ public final class QCOW2Image: DiskImage {
         }
         let limit = min(length, virtualSize - offset)
         var run = try lookup(at: offset, maxLength: limit)
+        // The compressed bytes of the run so far (`lookup` gives one compressed cluster a run).
+        var compressed: Extent.Kind?
+        if case .compressed(let d) = run.kind {
+            compressed = .compressed(hostOffset: d.hostOffset, length: Int(d.byteLength))
+        }
         // Keep merging across L2 tables while the kind continues.
         while run.length < limit {
             let next = try lookup(at: offset + run.length, maxLength: limit - run.length)
             switch (run.kind, next.kind) {
-            case (.unallocated, .unallocated), (.zero, .zero), (.compressed, .compressed):
-                // Consecutive compressed clusters make one extent (callers read them through
-                // read(into:at:), which looks up each cluster's descriptor).
+            case (.unallocated, .unallocated), (.zero, .zero):
+                run.length += next.length
+                continue
+            case (.compressed, .compressed(let d)):
+                // Consecutive compressed clusters make one extent while they are packed one
+                // after another on the host (callers read them through read(into:at:), which
+                // looks up each cluster's descriptor).
+                guard let joined = compressed?.joiningCompressed(
+                    .compressed(hostOffset: d.hostOffset, length: Int(d.byteLength))) else { break }
+                compressed = joined
                 run.length += next.length
                 continue
             case (.normal(let a), .normal(let b)) where b == a + run.length:
@@ -263,7 +275,7 @@ public final class QCOW2Image: DiskImage {
         var extentLength = run.length
         switch run.kind {
         case .normal(let host): kind = .data(hostOffset: host)
-        case .compressed: kind = .compressed
+        case .compressed(let d): kind = compressed ?? .compressed(hostOffset: d.hostOffset, length: Int(d.byteLength))
         case .zero: kind = .zero
         case .unallocated:
             if let backing {
