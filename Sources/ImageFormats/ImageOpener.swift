@@ -114,19 +114,41 @@ public enum ImageOpener {
     public static func openOne(_ path: String, format: ImageFormat?, writable: Bool, direct: Bool) throws -> any DiskImage {
         let location = try ImageName.parse(path)
         try checkProtocolDriver(location)
-        var chosen = format ?? location.format.flatMap(ImageFormat.init(rawValue:))
-        if chosen == nil {
-            let probeFile: DiskFile
+        let given = format ?? location.format.flatMap(ImageFormat.init(rawValue:))
+        // One open: the file is probed from the descriptor the driver then gets, header and all.
+        let image: any DiskImage
+        let driver: any FormatDriver
+        if let file = try? DiskFile.open(location.path, access: writable ? .readWrite : .readOnly, direct: direct) {
             do {
-                probeFile = try DiskFile.open(location.path, access: .readOnly)
+                var header: [UInt8]?
+                if let given {
+                    driver = given.driver
+                } else {
+                    let probed = try ImageProbe.probeWithHeader(path: location.path, file: file)
+                    driver = probed.format.driver
+                    header = probed.header
+                }
+                image = try driver.open(file: file, location: location, header: header, writable: writable, direct: direct)
             } catch {
-                throw ImageError(path: path, message: "could not open the image file", cause: error)
+                file.close()
+                throw error
             }
-            defer { probeFile.close() }
-            chosen = try ImageProbe.probe(path: location.path, file: probeFile)
+        } else {
+            // The open failed: fail as the probe's read-only open, or the driver's own, words it.
+            var chosen = given
+            if chosen == nil {
+                let probeFile: DiskFile
+                do {
+                    probeFile = try DiskFile.open(location.path, access: .readOnly)
+                } catch {
+                    throw ImageError(path: path, message: "could not open the image file", cause: error)
+                }
+                defer { probeFile.close() }
+                chosen = try ImageProbe.probe(path: location.path, file: probeFile)
+            }
+            driver = (chosen ?? .raw).driver
+            image = try driver.open(location: location, writable: writable, direct: direct)
         }
-        let driver = (chosen ?? .raw).driver
-        let image = try driver.open(location: location, writable: writable, direct: direct)
         // As in QEMU, options the format does not take are refused once it has opened (a
         // file that is not of the format says that first).
         if !driver.capabilities.contains(.windows), let option = location.rawOptions.first {

@@ -28,10 +28,16 @@ public enum ImageProbe {
     /// recognised. Formats simg knows but does not support throw `UnsupportedFormatError`.
     /// Read errors are thrown as IOError.
     public static func probe(path: String, file: DiskFile) throws -> ImageFormat {
+        try probeWithHeader(path: path, file: file).format
+    }
+
+    /// `probe`, with the header it read (the first `headerSize` bytes, zero-padded; nil for an
+    /// empty file), which the opener hands to the driver so it is not read twice.
+    static func probeWithHeader(path: String, file: DiskFile) throws -> (format: ImageFormat, header: [UInt8]?) {
         let size = try file.size()
-        if size == 0 { return .raw }
+        if size == 0 { return (.raw, nil) }
         let header = try readBytes(file, at: 0, count: headerSize, fileSize: size)
-        if let driver = FormatRegistry.probe(header: header) { return ImageFormat(driver: driver) }
+        if let driver = FormatRegistry.probe(header: header) { return (ImageFormat(driver: driver), header) }
         if let name = recognise(header: header, path: path) {
             throw UnsupportedFormatError(path: path, format: name)
         }
@@ -42,7 +48,7 @@ public enum ImageProbe {
                 throw UnsupportedFormatError(path: path, format: "vpc")
             }
         }
-        return .raw
+        return (.raw, header)
     }
 
     /// The QEMU format name for a header (the first 512 bytes, zero-padded), or nil.

@@ -61,9 +61,8 @@ import TestSupport
         var name: String { "reversed" }
         var capabilities: FormatCapabilities { [] }
         func probe(header: [UInt8]) -> Int { 0 }
-        func open(location: ImageLocation, writable: Bool, direct: Bool) throws -> any DiskImage {
-            let file = try DiskFile.open(location.path, access: writable ? .readWrite : .readOnly)
-            return try ReversedImage(path: location.name, file: file, writable: writable)
+        func open(file: DiskFile, location: ImageLocation, header: [UInt8]?, writable: Bool, direct: Bool) throws -> any DiskImage {
+            try ReversedImage(path: location.name, file: file, writable: writable)
         }
         var createOptions: [CreateOptionSpec] { [CreateOptionTables.size] }
         func create(_ job: FormatCreateJob) throws {

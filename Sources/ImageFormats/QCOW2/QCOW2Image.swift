@@ -100,26 +100,45 @@ public final class QCOW2Image: DiskImage {
     public static func open(location: ImageLocation, writable: Bool = false, direct: Bool = false) throws -> QCOW2Image {
         let file = try DiskFile.open(location.path, access: writable ? .readWrite : .readOnly, direct: direct)
         do {
-            let image = try open(path: location.name, file: file, writable: writable, direct: direct)
-            image.displayName = location.displayName
-            return image
+            return try open(file: file, location: location, header: nil, writable: writable, direct: direct)
         } catch {
             file.close()
             throw error
         }
     }
 
+    /// Opens the image on `file`, already open as `location.path`; `header`, the file's first
+    /// bytes as the probe read them (zero-padded), is not read again. On success the image
+    /// owns `file`; on failure the caller still owns it.
+    static func open(file: DiskFile, location: ImageLocation, header: [UInt8]?, writable: Bool,
+                     direct: Bool) throws -> QCOW2Image {
+        let image = try open(path: location.name, file: file, writable: writable, direct: direct, header: header)
+        image.displayName = location.displayName
+        return image
+    }
+
     /// Opens a qcow2 image on an already open file. On success the image owns `file` (closes
-    /// it in `close()`); on failure the caller still owns it.
-    public static func open(path: String, file: DiskFile, writable: Bool, direct: Bool = false) throws -> QCOW2Image {
+    /// it in `close()`); on failure the caller still owns it. `header`: the file's first bytes,
+    /// zero-padded past its end, if the caller has read them already.
+    public static func open(path: String, file: DiskFile, writable: Bool, direct: Bool = false,
+                            header: [UInt8]? = nil) throws -> QCOW2Image {
         let fileSize = try file.size()
+        let known = header ?? []
         // The first 112 bytes tell the cluster size; the header is the whole first cluster.
-        let start = try file.qcow2ReadBytes(count: 112, at: 0)
+        let start = known.count >= 112 ? Array(known.prefix(112)) : try file.qcow2ReadBytes(count: 112, at: 0)
         let bits = QCOW2BE.u32(start, 20)
         var bytes = start
         if QCOW2BE.u32(start, 0) == QCOW2Header.magic,
            (QCOW2Header.minClusterBits...QCOW2Header.maxClusterBits).contains(bits) {
-            bytes = try file.qcow2ReadBytes(count: 1 << Int(bits), at: 0)
+            let clusterSize = 1 << Int(bits)
+            if known.count >= clusterSize {
+                bytes = Array(known.prefix(clusterSize))
+            } else if known.count >= 112 {
+                // Only the rest of the cluster is read.
+                bytes = known + (try file.qcow2ReadBytes(count: clusterSize - known.count, at: UInt64(known.count)))
+            } else {
+                bytes = try file.qcow2ReadBytes(count: clusterSize, at: 0)
+            }
         }
         let header = try QCOW2Header.parse(bytes, fileSize: fileSize, path: path)
         if writable && header.isCorrupt {

@@ -64,14 +64,20 @@ public final class RawImage: DiskImage {
             throw ImageError(path: location.name, message: "could not open the image file", cause: error)
         }
         do {
-            let image = try RawImage(path: location.name, file: file, writable: writable,
-                                     offset: location.rawOffset, size: location.rawSize)
-            image.displayName = location.displayName
-            return image
+            return try open(file: file, location: location, writable: writable)
         } catch {
             file.close()
             throw error
         }
+    }
+
+    /// The window `location` describes of `file`, already open as `location.path`. On
+    /// success the image owns `file`; on failure the caller still owns it.
+    static func open(file: DiskFile, location: ImageLocation, writable: Bool) throws -> RawImage {
+        let image = try RawImage(path: location.name, file: file, writable: writable,
+                                 offset: location.rawOffset, size: location.rawSize)
+        image.displayName = location.displayName
+        return image
     }
 
     /// Wraps a file the caller has already opened (e.g. after probing it).
