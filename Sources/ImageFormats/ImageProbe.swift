@@ -136,18 +136,11 @@ public enum ImageProbe {
         return UInt32(b[i + 3]) << 24 | UInt32(b[i + 2]) << 16 | UInt32(b[i + 1]) << 8 | UInt32(b[i])
     }
 
-    /// Reads `count` bytes at `offset`, zero-padded past the end of the file. Goes through an
-    /// aligned buffer covering whole aligned blocks, so it also works on O_DIRECT files.
+    /// Reads `count` bytes at `offset`, zero-padded past the end of the file; on an O_DIRECT
+    /// file through DiskIO's bounce (`readUnaligned`).
     private static func readBytes(_ file: DiskFile, at offset: UInt64, count: Int, fileSize: UInt64) throws -> [UInt8] {
-        let unit = UInt64(max(file.dioAlignment().memory, file.dioAlignment().offset))
-        let start = offset - offset % unit
-        let skip = Int(offset - start)
-        let span = (UInt64(skip + count) + unit - 1) / unit * unit
-        let buffer = try AlignedBuffer(byteCount: Int(span), alignment: Int(unit))
-        let got = try file.read(into: buffer.prefix(Int(span)), at: start)
         var bytes = [UInt8](repeating: 0, count: count)
-        let useful = max(0, min(got - skip, count))
-        for i in 0..<useful { bytes[i] = buffer.bytes[skip + i] }
+        _ = try bytes.withUnsafeMutableBytes { try file.readUnaligned(into: $0, at: offset) }
         return bytes
     }
 }

@@ -95,10 +95,10 @@ public final class RawImage: DiskImage {
         try checkRange(offset, UInt64(buffer.count), "read")
         guard buffer.count > 0 else { return }
         let n: Int
-        if file.isDirect && !isAligned(buffer.baseAddress!, windowOffset + offset, buffer.count) {
-            n = try bouncedRead(into: buffer, at: windowOffset + offset)
-        } else {
+        if file.takesAsIs(buffer.baseAddress, count: buffer.count, offset: windowOffset + offset) {
             n = try file.read(into: buffer, at: windowOffset + offset)
+        } else {
+            n = try file.readUnaligned(into: buffer, at: windowOffset + offset, bounce: try bounceBuffer())
         }
         // Past the end of the file but inside the last sector: zeros.
         if n < buffer.count {
@@ -111,10 +111,10 @@ public final class RawImage: DiskImage {
         try checkWritable()
         try checkRange(offset, UInt64(data.count), "write")
         guard data.count > 0 else { return }
-        if file.isDirect && !isAligned(data.baseAddress!, windowOffset + offset, data.count) {
-            try bouncedWrite(data, at: windowOffset + offset)
-        } else {
+        if file.takesAsIs(data.baseAddress, count: data.count, offset: windowOffset + offset) {
             try file.write(data, at: windowOffset + offset)
+        } else {
+            try file.writeUnaligned(data, at: windowOffset + offset, bounce: try bounceBuffer())
         }
     }
 
@@ -230,63 +230,14 @@ public final class RawImage: DiskImage {
         error.code == EOPNOTSUPP || error.code == ENOSYS || error.code == ENOTTY
     }
 
-    private func isAligned(_ pointer: UnsafeRawPointer, _ offset: UInt64, _ count: Int) -> Bool {
+    /// The bounce buffer unaligned O_DIRECT requests go through (DiskIO's readUnaligned and
+    /// writeUnaligned), made once: 1 MiB, aligned for the file.
+    private func bounceBuffer() throws -> AlignedBuffer {
+        if let bounce { return bounce }
         let dio = file.dioAlignment()
-        return Int(bitPattern: pointer) % dio.memory == 0
-            && offset % UInt64(dio.offset) == 0 && count % dio.offset == 0
-    }
-
-    private func bounceBuffer() throws -> (buffer: AlignedBuffer, unit: UInt64) {
-        let dio = file.dioAlignment()
-        let unit = UInt64(max(dio.memory, dio.offset))
-        if let bounce { return (bounce, unit) }
-        let made = try AlignedBuffer(byteCount: 1 << 20, alignment: Int(unit))
+        let made = try AlignedBuffer(byteCount: 1 << 20, alignment: max(dio.memory, dio.offset))
         bounce = made
-        return (made, unit)
-    }
-
-    /// O_DIRECT read of an unaligned request: read whole aligned blocks into the bounce
-    /// buffer and copy out the wanted part. Returns the bytes that came from the file.
-    private func bouncedRead(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
-        let (bounce, unit) = try bounceBuffer()
-        var done = 0
-        while done < buffer.count {
-            let position = offset + UInt64(done)
-            let start = position - position % unit
-            let skip = Int(position - start)
-            let want = min(buffer.count - done, bounce.count - skip)
-            let span = Int((UInt64(skip + want) + unit - 1) / unit * unit)
-            let got = try file.read(into: bounce.prefix(span), at: start)
-            let useful = max(0, min(got - skip, want))
-            // Sound: skip + useful <= got <= span <= bounce.count, done + useful <= buffer.count.
-            if useful > 0 { memcpy(buffer.baseAddress! + done, bounce.baseAddress + skip, useful) }
-            done += useful
-            if useful < want { break }  // end of file
-        }
-        return done
-    }
-
-    /// O_DIRECT write of an unaligned request: read-modify-write whole aligned blocks.
-    private func bouncedWrite(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        let (bounce, unit) = try bounceBuffer()
-        var done = 0
-        while done < data.count {
-            let position = offset + UInt64(done)
-            let start = position - position % unit
-            let skip = Int(position - start)
-            let want = min(data.count - done, bounce.count - skip)
-            let span = Int((UInt64(skip + want) + unit - 1) / unit * unit)
-            let chunk = bounce.prefix(span)
-            if skip != 0 || want != span {
-                // Partial blocks at the edges keep their current contents (zeros past EOF).
-                let got = try file.read(into: chunk, at: start)
-                if got < span { memset(bounce.baseAddress + got, 0, span - got) }
-            }
-            // Sound: skip + want <= span <= bounce.count and done + want <= data.count.
-            memcpy(bounce.baseAddress + skip, data.baseAddress! + done, want)
-            try file.write(UnsafeRawBufferPointer(chunk), at: start)
-            done += want
-        }
+        return made
     }
 
     private func writeZeroBuffers(at offset: UInt64, length: UInt64) throws {
