@@ -33,12 +33,15 @@ public struct ChainExtent {
     public var readsAsZero: Bool { kind == .zero || kind == .hole }
 
     /// True when `next` (starting at `end`) continues this range: same layer, depth and kind,
-    /// and for data with a host offset, contiguous on the host.
+    /// and for data with a host offset, contiguous on the host; compressed clusters packed one
+    /// after another (`Extent.Kind.joiningCompressed`).
     public func continues(into next: ChainExtent) -> Bool {
         guard next.offset == end, next.depth == depth, next.layer === layer else { return false }
         switch (kind, next.kind) {
         case (.data(let host?), .data(let nextHost?)):
             return host.addingReportingOverflow(length) == (nextHost, false)
+        case (.compressed, .compressed):
+            return kind.joiningCompressed(next.kind) != nil
         default:
             return kind == next.kind
         }
@@ -111,6 +114,7 @@ public final class ChainWalker {
             cursor = next.end
             if var merged = pending, merged.continues(into: next) {
                 merged.length += next.length
+                if let joined = merged.kind.joiningCompressed(next.kind) { merged.kind = joined }
                 pending = merged
             } else {
                 if let pending { try body(pending) }

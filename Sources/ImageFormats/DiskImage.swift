@@ -48,6 +48,8 @@ extension DiskImage {
     public var backingReference: BackingReference? { nil }
     public func attachBacking(_ image: any DiskImage) {}
     public func changeBackingFile(name: String?, format: String?) throws { throw BackingChangeError(code: ENOTSUP) }
+    /// Formats of one file: just `file`.
+    public var files: [DiskFile] { [file] }
     /// Formats that do not allocate: QEMU's default cluster size.
     public var clusterSize: Int { 65536 }
 }
@@ -72,7 +74,11 @@ public struct Extent: Equatable, Sendable {
         /// `DiskImage.dataFile` (contiguous for the whole extent), nil if not directly readable.
         case data(hostOffset: UInt64?)
         /// Allocated compressed clusters in this layer: read them through `DiskImage.read`.
-        case compressed
+        /// `hostOffset ..< hostOffset + length` in `DiskImage.file` holds their compressed bytes:
+        /// for one cluster exactly what its descriptor says (qcow2: the L2 entry's offset, up to
+        /// the end of the last sector it counts), for several the clusters packed in guest order
+        /// one after another as QEMU writes them (see `joiningCompressed`).
+        case compressed(hostOffset: UInt64, length: Int)
         /// Reads as zeros, recorded in this layer (a qcow2 zero cluster; shadows any backing file).
         case zero
         /// Not allocated in this layer; reads come from the backing file.
@@ -96,6 +102,20 @@ public struct Extent: Equatable, Sendable {
 
     /// True when the range reads as zeros without consulting another layer.
     public var readsAsZero: Bool { kind == .zero || kind == .hole }
+}
+
+extension Extent.Kind {
+    /// Two compressed ranges, `next` guest-adjacent after this one, as one: when `next`'s
+    /// bytes start inside this one's host range or right at its end (clusters packed in guest
+    /// order), the range from this one's start to the later of both ends; nil otherwise (and for
+    /// any other kinds), so a compressed extent's host range always holds all its clusters.
+    public func joiningCompressed(_ next: Extent.Kind) -> Extent.Kind? {
+        guard case .compressed(let host, let length) = self,
+              case .compressed(let nextHost, let nextLength) = next else { return nil }
+        let end = host + UInt64(length)
+        guard nextHost >= host, nextHost <= end else { return nil }
+        return .compressed(hostOffset: host, length: Int(max(end, nextHost + UInt64(nextLength)) - host))
+    }
 }
 
 /// A disk image of some format, opened for reading or for reading and writing.
@@ -127,6 +147,9 @@ public protocol DiskImage: AnyObject {
     var file: DiskFile { get }
     /// The file guest data lives in (the image file itself, or a qcow2 external data file).
     var dataFile: DiskFile { get }
+    /// Every file the image consists of, `file` first, each once (a qcow2 image: also its
+    /// external data file): what is locked, and what "this image has that file open" means.
+    var files: [DiskFile] { get }
 
     /// Fills `buffer` with guest data starting at `offset`; ranges past `virtualSize` are an error.
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws

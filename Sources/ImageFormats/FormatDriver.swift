@@ -44,8 +44,16 @@ protocol FormatDriver: Sendable {
     /// starts an image of its format, as QEMU's probe scores: 0 for not at all, 100 for a
     /// magic. raw never claims a file: it is what no driver claims.
     func probe(header: [UInt8]) -> Int
-    /// Opens one image (not its backing file) at `location`.
-    func open(location: ImageLocation, writable: Bool, cache: CacheMode) throws -> any DiskImage
+    /// Opens one image (not its backing file) on `file`, the file `location` names, which the
+    /// opener has opened once with the access and cache mode asked for (and probed from; the
+    /// image opens any other file it consists of with `file.cache` too).
+    /// `header` is the file's first bytes as the probe read them (up to 512, zero-padded past
+    /// the end of the file), nil when there was no probe. On success the image owns `file`;
+    /// on failure the caller still owns it and closes it.
+    func open(file: DiskFile, location: ImageLocation, header: [UInt8]?, writable: Bool) throws -> any DiskImage
+    /// What a failure to open the file `location` names (an IOError) is thrown as: by default
+    /// an ImageError "could not open the image file" naming the image, with the IOError as cause.
+    func openFailure(_ error: any Error, location: ImageLocation) -> any Error
     /// The format's `-o` options, in QEMU's order, before the protocol's.
     var createOptions: [CreateOptionSpec] { get }
     /// Writes a new image; errors are ImageErrors about `job.path`.
@@ -56,6 +64,27 @@ protocol FormatDriver: Sendable {
 }
 
 extension FormatDriver {
+    func openFailure(_ error: any Error, location: ImageLocation) -> any Error {
+        ImageError(path: location.name, message: "could not open the image file", cause: error)
+    }
+
+    /// Opens the file `location` names itself (failures as `openFailure` words them), then
+    /// the image on it: for an image opened without the opener's probe.
+    func open(location: ImageLocation, writable: Bool, cache: CacheMode) throws -> any DiskImage {
+        let file: DiskFile
+        do {
+            file = try DiskFile.open(location.path, access: writable ? .readWrite : .readOnly, cache: cache)
+        } catch {
+            throw openFailure(error, location: location)
+        }
+        do {
+            return try open(file: file, location: location, header: nil, writable: writable)
+        } catch {
+            file.close()
+            throw error
+        }
+    }
+
     func check(file: DiskFile, path: String, repair: CheckRepair, report: @escaping (String) -> Void,
                reportError: @escaping (String) -> Void) throws -> ImageCheckResult {
         throw ImageError(path: path, message: "This image format does not support checks")

@@ -15,7 +15,8 @@ public struct ImageInfo: Sendable, Equatable {
     public var fullBackingFilename: String?
     public var backingFilenameFormat: String?
     public var snapshots: [SnapshotInfo]
-    public var formatSpecific: QCOW2SpecificInfo?
+    /// The format's own section ("Format specific information"), as neutral data.
+    public var formatSpecific: FormatSpecificInfo?
 
     public init(filename: String, format: String, virtualSize: UInt64) {
         self.filename = filename
@@ -45,40 +46,5 @@ public struct SnapshotInfo: Sendable, Equatable {
         self.dateNanoseconds = dateNanoseconds
         self.vmClockNanoseconds = vmClockNanoseconds
         self.icount = icount
-    }
-}
-
-/// qemu-img's "Format specific information" for qcow2 (`format-specific.data` in JSON).
-public struct QCOW2SpecificInfo: Sendable, Equatable {
-    /// "0.10" or "1.1".
-    public var compat: String
-    /// "zlib" or "zstd"; nil for version 2 images (qemu-img prints it for v3 only? see CLI).
-    public var compressionType: String?
-    public var lazyRefcounts: Bool?
-    public var refcountBits: Int
-    public var corrupt: Bool?
-    public var extendedL2: Bool?
-    /// External data file name, and whether it is raw (data-file-raw).
-    public var dataFile: String?
-    public var dataFileRaw: Bool?
-    /// Names of persistent dirty bitmaps (qemu-img shows their name, granularity and flags).
-    public var bitmaps: [BitmapInfo]?
-
-    public init(compat: String, refcountBits: Int) {
-        self.compat = compat
-        self.refcountBits = refcountBits
-    }
-}
-
-public struct BitmapInfo: Sendable, Equatable {
-    public var name: String
-    public var granularity: UInt64
-    /// "in-use", "auto"
-    public var flags: [String]
-
-    public init(name: String, granularity: UInt64, flags: [String]) {
-        self.name = name
-        self.granularity = granularity
-        self.flags = flags
     }
 }

@@ -115,19 +115,41 @@ public enum ImageOpener {
     public static func openOne(_ path: String, format: ImageFormat?, writable: Bool, cache: CacheMode) throws -> any DiskImage {
         let location = try ImageName.parse(path)
         try checkProtocolDriver(location)
-        var chosen = format ?? location.format.flatMap(ImageFormat.init(rawValue:))
-        if chosen == nil {
-            let probeFile: DiskFile
+        let given = format ?? location.format.flatMap(ImageFormat.init(rawValue:))
+        // One open: the file is probed from the descriptor the driver then gets, header and all.
+        let image: any DiskImage
+        let driver: any FormatDriver
+        if let file = try? DiskFile.open(location.path, access: writable ? .readWrite : .readOnly, cache: cache) {
             do {
-                probeFile = try DiskFile.open(location.path, access: .readOnly)
+                var header: [UInt8]?
+                if let given {
+                    driver = given.driver
+                } else {
+                    let probed = try ImageProbe.probeWithHeader(path: location.path, file: file)
+                    driver = probed.format.driver
+                    header = probed.header
+                }
+                image = try driver.open(file: file, location: location, header: header, writable: writable)
             } catch {
-                throw ImageError(path: path, message: "could not open the image file", cause: error)
+                file.close()
+                throw error
             }
-            defer { probeFile.close() }
-            chosen = try ImageProbe.probe(path: location.path, file: probeFile)
+        } else {
+            // The open failed: fail as the probe's read-only open, or the driver's own, words it.
+            var chosen = given
+            if chosen == nil {
+                let probeFile: DiskFile
+                do {
+                    probeFile = try DiskFile.open(location.path, access: .readOnly)
+                } catch {
+                    throw ImageError(path: path, message: "could not open the image file", cause: error)
+                }
+                defer { probeFile.close() }
+                chosen = try ImageProbe.probe(path: location.path, file: probeFile)
+            }
+            driver = (chosen ?? .raw).driver
+            image = try driver.open(location: location, writable: writable, cache: cache)
         }
-        let driver = (chosen ?? .raw).driver
-        let image = try driver.open(location: location, writable: writable, cache: cache)
         // As in QEMU, options the format does not take are refused once it has opened (a
         // file that is not of the format says that first).
         if !driver.capabilities.contains(.windows), let option = location.rawOptions.first {
@@ -161,7 +183,8 @@ public enum ImageOpener {
         }
     }
 
-    /// Takes the locks of one opened image: its file, and a qcow2 image's external data file.
+    /// Takes the locks of one opened image: its file, and its other files (`files`: a qcow2
+    /// image's external data file).
     ///
     /// The locks are taken once the image is open (its header read) rather than before: the
     /// open itself only reads, exactly as QEMU's probe reads the header before it locks, and
@@ -172,8 +195,9 @@ public enum ImageOpener {
         let main = mainFile(of: image)
         do {
             if let lock = locking.top(image, writable: writable) { try main.lock(lock) }
-            if image.dataFile !== main, let lock = locking.dataFile(writable: writable) {
-                try image.dataFile.lock(lock)
+            // The image's other files (a qcow2 external data file) are locked as data files.
+            if let lock = locking.dataFile(writable: writable) {
+                for other in image.files where other !== main { try other.lock(lock) }
             }
         } catch let error as ImageLockError {
             throw ImageError(.lockConflict, path: image.path, message: error.description)

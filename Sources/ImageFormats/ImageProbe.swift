@@ -28,10 +28,16 @@ public enum ImageProbe {
     /// recognised. Formats simg knows but does not support throw `UnsupportedFormatError`.
     /// Read errors are thrown as IOError.
     public static func probe(path: String, file: DiskFile) throws -> ImageFormat {
+        try probeWithHeader(path: path, file: file).format
+    }
+
+    /// `probe`, with the header it read (the first `headerSize` bytes, zero-padded; nil for an
+    /// empty file), which the opener hands to the driver so it is not read twice.
+    static func probeWithHeader(path: String, file: DiskFile) throws -> (format: ImageFormat, header: [UInt8]?) {
         let size = try file.size()
-        if size == 0 { return .raw }
+        if size == 0 { return (.raw, nil) }
         let header = try readBytes(file, at: 0, count: headerSize, fileSize: size)
-        if let driver = FormatRegistry.probe(header: header) { return ImageFormat(driver: driver) }
+        if let driver = FormatRegistry.probe(header: header) { return (ImageFormat(driver: driver), header) }
         if let name = recognise(header: header, path: path) {
             throw UnsupportedFormatError(path: path, format: name)
         }
@@ -42,7 +48,7 @@ public enum ImageProbe {
                 throw UnsupportedFormatError(path: path, format: "vpc")
             }
         }
-        return .raw
+        return (.raw, header)
     }
 
     /// The QEMU format name for a header (the first 512 bytes, zero-padded), or nil.
@@ -130,18 +136,11 @@ public enum ImageProbe {
         return UInt32(b[i + 3]) << 24 | UInt32(b[i + 2]) << 16 | UInt32(b[i + 1]) << 8 | UInt32(b[i])
     }
 
-    /// Reads `count` bytes at `offset`, zero-padded past the end of the file. Goes through an
-    /// aligned buffer covering whole aligned blocks, so it also works on O_DIRECT files.
+    /// Reads `count` bytes at `offset`, zero-padded past the end of the file; on an O_DIRECT
+    /// file through DiskIO's bounce (`readUnaligned`).
     private static func readBytes(_ file: DiskFile, at offset: UInt64, count: Int, fileSize: UInt64) throws -> [UInt8] {
-        let unit = UInt64(max(file.dioAlignment().memory, file.dioAlignment().offset))
-        let start = offset - offset % unit
-        let skip = Int(offset - start)
-        let span = (UInt64(skip + count) + unit - 1) / unit * unit
-        let buffer = try AlignedBuffer(byteCount: Int(span), alignment: Int(unit))
-        let got = try file.read(into: buffer.prefix(Int(span)), at: start)
         var bytes = [UInt8](repeating: 0, count: count)
-        let useful = max(0, min(got - skip, count))
-        for i in 0..<useful { bytes[i] = buffer.bytes[skip + i] }
+        _ = try bytes.withUnsafeMutableBytes { try file.readUnaligned(into: $0, at: offset) }
         return bytes
     }
 }

@@ -196,8 +196,7 @@ enum ConvertCommand {
         for source in sources {
             var layer: (any DiskImage)? = source
             while let image = layer {
-                let files = [image.dataFile, image.file]
-                if files.contains(where: { (try? FileIdentity(of: $0)) == target }) { return true }
+                if image.files.contains(where: { (try? FileIdentity(of: $0)) == target }) { return true }
                 layer = image.backing
             }
         }

@@ -22,8 +22,8 @@ public enum InfoReport {
         if let format = info.backingFilenameFormat { object["backing-filename-format"] = .string(format) }
         if !info.snapshots.isEmpty { object["snapshots"] = .array(info.snapshots.map { .object(json($0)) }) }
         if let specific = info.formatSpecific {
-            object["format-specific"] = .object(JSONObject([("type", .string(info.format)),
-                                                            ("data", .object(json(specific)))]))
+            object["format-specific"] = .object(JSONObject([("type", .string(specific.type)),
+                                                            ("data", .object(json(specific.data)))]))
         }
         return object
     }
@@ -41,26 +41,22 @@ public enum InfoReport {
         return object
     }
 
-    static func json(_ specific: QCOW2SpecificInfo) -> JSONObject {
-        var data = JSONObject()
-        data["compat"] = .string(specific.compat)
-        if let file = specific.dataFile { data["data-file"] = .string(file) }
-        if let raw = specific.dataFileRaw { data["data-file-raw"] = .bool(raw) }
-        if let extended = specific.extendedL2 { data["extended-l2"] = .bool(extended) }
-        if let lazy = specific.lazyRefcounts { data["lazy-refcounts"] = .bool(lazy) }
-        if let corrupt = specific.corrupt { data["corrupt"] = .bool(corrupt) }
-        data["refcount-bits"] = .int(Int64(specific.refcountBits))
-        if let bitmaps = specific.bitmaps, !bitmaps.isEmpty {
-            data["bitmaps"] = .array(bitmaps.map { bitmap in
-                .object(JSONObject([("name", .string(bitmap.name)),
-                                    ("granularity", .uint(bitmap.granularity)),
-                                    ("flags", .array(bitmap.flags.map { .string($0) }))]))
-            })
+    /// A format's neutral data as JSON, members in the order the format added them.
+    static func json(_ object: InfoObject) -> JSONObject {
+        var result = JSONObject()
+        for member in object.members { result[member.key] = json(member.value) }
+        return result
+    }
+
+    static func json(_ value: InfoValue) -> JSONValue {
+        switch value {
+        case .string(let s): return .string(s)
+        case .int(let n): return .int(n)
+        case .uint(let n): return .uint(n)
+        case .bool(let b): return .bool(b)
+        case .list(let items): return .array(items.map { json($0) })
+        case .object(let object): return .object(json(object))
         }
-        // qemu-img 7.2 reports the compression type of every qcow2 image, version 2 included
-        // (where it can only be zlib).
-        data["compression-type"] = .string(specific.compressionType ?? "zlib")
-        return data
     }
 
     /// `--output=json`: one object, or for `--backing-chain` an array of them. Ends in a newline.
@@ -100,7 +96,7 @@ public enum InfoReport {
         }
         if let specific = info.formatSpecific {
             text += "Format specific information:\n"
-            text += dump(.object(json(specific)), level: 1)
+            text += dump(.object(json(specific.data)), level: 1)
         }
         return text
     }

@@ -35,11 +35,28 @@ private let k: UInt64 = 4096
 
 @Suite("ChainWalker")
 struct ChainWalkerTests {
+    @Test("walk joins compressed clusters only while they are packed one after another")
+    func compressedRuns() throws {
+        let fixture = try ChainFixture()
+        let image = FakeImage("c", size: 4 * k, file: fixture.file, [
+            (0, .compressed(hostOffset: 100 * k, length: 3000)),
+            (1 * k, .compressed(hostOffset: 100 * k + 2500, length: 2000)),  // starts inside the first
+            (2 * k, .compressed(hostOffset: 900 * k, length: 1000)),  // elsewhere
+            (3 * k, .hole),
+        ])
+        let seen = try ChainWalker(top: image).extents(from: 0, length: 4 * k).map(Seen.init)
+        #expect(seen == [
+            Seen(0, 2 * k, .compressed(hostOffset: 100 * k, length: 4500), depth: 0, "c"),
+            Seen(2 * k, 1 * k, .compressed(hostOffset: 900 * k, length: 1000), depth: 0, "c"),
+            Seen(3 * k, 1 * k, .hole, depth: 0, "-"),
+        ])
+    }
+
     @Test("each range is answered by the layer that holds it, with its depth")
     func depthAndLayer() throws {
         let fixture = try ChainFixture()
         let base = FakeImage("base", size: 8 * k, file: fixture.file,
-                                  [(0, .data(hostOffset: 100 * k)), (2 * k, .hole), (6 * k, .compressed)])
+                                  [(0, .data(hostOffset: 100 * k)), (2 * k, .hole), (6 * k, .compressed(hostOffset: 200 * k, length: 3000))])
         let mid = FakeImage("mid", size: 8 * k, file: fixture.file,
                                  [(0, .backing), (1 * k, .zero), (3 * k, .backing)], backing: base)
         let top = FakeImage("top", size: 8 * k, file: fixture.file,
@@ -52,7 +69,7 @@ struct ChainWalkerTests {
             Seen(3 * k, 1 * k, .hole, depth: 2, "-"),
             Seen(4 * k, 1 * k, .data(hostOffset: nil), depth: 0, "top"),
             Seen(5 * k, 1 * k, .hole, depth: 2, "-"),
-            Seen(6 * k, 2 * k, .compressed, depth: 2, "base"),
+            Seen(6 * k, 2 * k, .compressed(hostOffset: 200 * k, length: 3000), depth: 2, "base"),
         ])
         // The layer is the image itself, not just one with the same name.
         let first = try walker.extent(at: 0, length: 8 * k)

@@ -101,7 +101,9 @@ import TestSupport
         }
         let expected = try Self.fill(image, clusters)
         let status = try image.blockStatus(at: 0, length: UInt64(clusterSize))
-        #expect(status.kind == .compressed)
+        let d = try image.l2Mapping(guest: 0).entry
+            .compressedDescriptor(clusterBits: UInt32(clusterSize.trailingZeroBitCount))
+        #expect(status.kind == .compressed(hostOffset: d.hostOffset, length: Int(d.byteLength)))
         try image.alignFileEndToSector()
         try image.close()
         #expect(try fileSizes(path).size % 512 == 0)
@@ -130,7 +132,15 @@ import TestSupport
             for c in first...last { hostClusters[c, default: 0] += 1 }
             let length = try #require(clusters[k]!.withUnsafeBytes { compressor.compress($0)?.count })
             lastEnd = d.hostOffset + UInt64(length)
+            // The cluster's extent is its descriptor.
+            #expect(try image.blockStatus(at: UInt64(k) * 65536, length: 65536).kind
+                    == .compressed(hostOffset: d.hostOffset, length: Int(d.byteLength)))
         }
+        // Packed back to back, the 64 clusters are one extent holding all their bytes.
+        let firstHost = try image.l2Mapping(guest: 0).entry.compressedDescriptor(clusterBits: 16).hostOffset
+        let lastD = try image.l2Mapping(guest: 63 * 65536).entry.compressedDescriptor(clusterBits: 16)
+        #expect(try image.blockStatus(at: 0, length: 64 * 65536) == Extent(offset: 0, length: 64 * 65536,
+                kind: .compressed(hostOffset: firstHost, length: Int(lastD.hostOffset + lastD.byteLength - firstHost))))
         #expect(hostClusters.count == 1)
         for (cluster, streams) in hostClusters {
             #expect(try state.refcounts.refcount(ofCluster: cluster) == streams)

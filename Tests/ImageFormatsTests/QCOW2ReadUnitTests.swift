@@ -103,7 +103,7 @@ import DiskIO
         #expect(try Self.extents(image) == [
             Extent(offset: 0, length: 2 * c, kind: .data(hostOffset: 0x40000)),
             Extent(offset: 2 * c, length: 2 * c, kind: .zero),
-            Extent(offset: 4 * c, length: c, kind: .compressed),
+            Extent(offset: 4 * c, length: c, kind: .compressed(hostOffset: 0x70010, length: Int(desc.byteLength))),
             Extent(offset: 5 * c, length: c, kind: .hole),
             Extent(offset: 6 * c, length: c, kind: .data(hostOffset: 0x90000)),
             Extent(offset: 7 * c, length: 9 * c, kind: .hole),

@@ -114,6 +114,7 @@ struct RawImageTests {
         #expect(info.actualSize == (try fileSizes(path).allocated))
         #expect(info.dirtyFlag == false)
         #expect(info.clusterSize == nil && info.backingFilename == nil && info.formatSpecific == nil)
+        #expect(image.files.count == 1 && image.files[0] === image.file)
         let json = try qemuImgOutput(["info", "--output=json", "-f", "raw", path])
         #expect(json.contains("\"virtual-size\": \(3 << 20)"))
         #expect(json.contains("\"actual-size\": \(info.actualSize!)"))

@@ -35,20 +35,25 @@ import TestSupport
             #expect(a.icount == num(b["icount"]), sourceLocation: sourceLocation)
         }
         let fs = (q["format-specific"] as? [String: Any])?["data"] as? [String: Any] ?? [:]
-        let s = try #require(i.formatSpecific, sourceLocation: sourceLocation)
-        #expect(s.compat == fs["compat"] as? String, sourceLocation: sourceLocation)
-        #expect(s.compressionType == fs["compression-type"] as? String, sourceLocation: sourceLocation)
-        #expect(s.lazyRefcounts == fs["lazy-refcounts"] as? Bool, sourceLocation: sourceLocation)
-        #expect(UInt64(s.refcountBits) == num(fs["refcount-bits"]), sourceLocation: sourceLocation)
-        #expect(s.corrupt == fs["corrupt"] as? Bool, sourceLocation: sourceLocation)
-        #expect(s.extendedL2 == fs["extended-l2"] as? Bool, sourceLocation: sourceLocation)
-        #expect(s.dataFile == fs["data-file"] as? String, sourceLocation: sourceLocation)
-        #expect(s.dataFileRaw == fs["data-file-raw"] as? Bool, sourceLocation: sourceLocation)
+        let specific = try #require(i.formatSpecific, sourceLocation: sourceLocation)
+        #expect(specific.type == "qcow2", sourceLocation: sourceLocation)
+        let s = specific.data
+        #expect(s["compat"]?.stringValue == fs["compat"] as? String, sourceLocation: sourceLocation)
+        #expect(s["compression-type"]?.stringValue == fs["compression-type"] as? String, sourceLocation: sourceLocation)
+        #expect(s["lazy-refcounts"]?.boolValue == fs["lazy-refcounts"] as? Bool, sourceLocation: sourceLocation)
+        #expect((s["refcount-bits"]?.intValue).map(UInt64.init) == num(fs["refcount-bits"]), sourceLocation: sourceLocation)
+        #expect(s["corrupt"]?.boolValue == fs["corrupt"] as? Bool, sourceLocation: sourceLocation)
+        #expect(s["extended-l2"]?.boolValue == fs["extended-l2"] as? Bool, sourceLocation: sourceLocation)
+        #expect(s["data-file"]?.stringValue == fs["data-file"] as? String, sourceLocation: sourceLocation)
+        #expect(s["data-file-raw"]?.boolValue == fs["data-file-raw"] as? Bool, sourceLocation: sourceLocation)
         let qb = (fs["bitmaps"] as? [[String: Any]]) ?? []
-        #expect((s.bitmaps ?? []).count == qb.count, sourceLocation: sourceLocation)
-        for (a, b) in zip(s.bitmaps ?? [], qb) {
-            #expect(a.name == b["name"] as? String && a.granularity == num(b["granularity"]), sourceLocation: sourceLocation)
-            #expect(a.flags == (b["flags"] as? [String] ?? []), sourceLocation: sourceLocation)
+        let bitmaps = (s["bitmaps"]?.listValue ?? []).compactMap(\.objectValue)
+        #expect(bitmaps.count == qb.count, sourceLocation: sourceLocation)
+        for (a, b) in zip(bitmaps, qb) {
+            #expect(a["name"]?.stringValue == b["name"] as? String, sourceLocation: sourceLocation)
+            #expect((a["granularity"]?.intValue).map(UInt64.init) == num(b["granularity"]), sourceLocation: sourceLocation)
+            let flags = (a["flags"]?.listValue ?? []).compactMap(\.stringValue)
+            #expect(flags == (b["flags"] as? [String] ?? []), sourceLocation: sourceLocation)
         }
     }
 
@@ -115,8 +120,8 @@ import TestSupport
         try qemuImg("bitmap", "--add", "-g", "128k", img, "bm0")
         try qemuImg("bitmap", "--add", "--disable", img, "other")
         try expectInfoMatchesQemu(img)
-        let bitmaps = try ImageOpener.open(img).info().formatSpecific?.bitmaps
-        #expect(bitmaps?.map(\.name) == ["bm0", "other"])
+        let bitmaps = try ImageOpener.open(img).info().formatSpecific?.data["bitmaps"]?.listValue
+        #expect(bitmaps?.map { $0.objectValue?["name"]?.stringValue } == ["bm0", "other"])
     }
 
     @Test func serializedHeaderMatchesQemuBytes() throws {

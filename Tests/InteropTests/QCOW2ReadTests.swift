@@ -34,7 +34,7 @@ import TestSupport
         try Self.scribble(img, v3: true, size: 2 << 20)
         try expectSameContentAsQemu(img, in: dir)
         let info = try ImageOpener.open(img).info()
-        #expect(info.formatSpecific?.refcountBits == bits)
+        #expect(info.formatSpecific?.data["refcount-bits"]?.intValue == Int64(bits))
     }
 
     @Test func zeroClustersPlainAndAllocated() throws {
@@ -67,10 +67,26 @@ import TestSupport
         try expectBlockStatusMatchesQemu(img)
         let image = try ImageOpener.open(img)
         defer { try? image.close() }
-        #expect(try image.blockStatus(at: 0, length: 64 << 10).kind == .compressed)
-        // The 1 MiB of compressible data is one extent of compressed clusters.
-        #expect(try image.blockStatus(at: 0, length: 3 << 20) == Extent(offset: 0, length: 1 << 20, kind: .compressed))
-        #expect(try image.info().formatSpecific?.compressionType == type)
+        // Each compressed cluster's extent carries its L2 descriptor: offset, and the bytes up
+        // to the end of the last sector it counts.
+        let qcow2 = try #require(image as? QCOW2Image)
+        var descriptors: [QCOW2CompressedDescriptor] = []
+        for cluster in 0..<16 {
+            let guest = UInt64(cluster) << 16
+            let entry = try qcow2.l2Mapping(guest: guest).entry
+            #expect(entry.isCompressed)
+            let d = entry.compressedDescriptor(clusterBits: 16)
+            descriptors.append(d)
+            #expect(try image.blockStatus(at: guest, length: 64 << 10).kind
+                    == .compressed(hostOffset: d.hostOffset, length: Int(d.byteLength)))
+        }
+        // The 1 MiB of compressible data is one extent of compressed clusters (qemu-img packs
+        // them back to back): from the first one's bytes to the end of the last one's.
+        let first = descriptors[0].hostOffset
+        let end = descriptors.map { $0.hostOffset + $0.byteLength }.max()!
+        #expect(try image.blockStatus(at: 0, length: 3 << 20)
+                == Extent(offset: 0, length: 1 << 20, kind: .compressed(hostOffset: first, length: Int(end - first))))
+        #expect(try image.info().formatSpecific?.data["compression-type"]?.stringValue == type)
         // Small reads inside one compressed cluster.
         var small = [UInt8](repeating: 0, count: 10)
         try small.withUnsafeMutableBytes { try image.read(into: $0, at: 1100 * 1024 + 7) }
@@ -109,7 +125,7 @@ import TestSupport
         #expect(first.kind == .data(hostOffset: try hostOf(image, 0)) && first.length == 4096)
         #expect(try image.blockStatus(at: 4096, length: 2048).kind == .backing)
         #expect(try image.blockStatus(at: 72 << 10, length: 4096).kind == .zero)
-        #expect(try image.info().formatSpecific?.extendedL2 == true)
+        #expect(try image.info().formatSpecific?.data["extended-l2"] == .bool(true))
 
         // Same without a backing file: unallocated subclusters are holes.
         let alone = dir.file("alone.qcow2")
@@ -137,9 +153,11 @@ import TestSupport
         let image = try ImageOpener.open(img)
         defer { try? image.close() }
         #expect(image.dataFile.path == data)
+        // Both files are the image's: the qcow2 file first, then its data file.
+        #expect(image.files.count == 2 && image.files[0] === image.file && image.files[1] === image.dataFile)
         #expect(try image.blockStatus(at: 1 << 20, length: 4096).kind == .data(hostOffset: 1 << 20))
-        let specific = try image.info().formatSpecific
-        #expect(specific?.dataFile == data && specific?.dataFileRaw == raw)
+        let specific = try image.info().formatSpecific?.data
+        #expect(specific?["data-file"]?.stringValue == data && specific?["data-file-raw"] == .bool(raw))
     }
 
     @Test func internalSnapshots() throws {
@@ -166,7 +184,11 @@ import TestSupport
         try qemuImg("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", img, "2M")
         try qemuIO("-c", "write -P 9 4k 300k", img)
         try expectSameContentAsQemu(img, in: dir)
-        #expect(try ImageOpener.open(img).info().formatSpecific?.lazyRefcounts == true)
+        #expect(try ImageOpener.open(img).info().formatSpecific?.data["lazy-refcounts"] == .bool(true))
+        // Without a data file, a qcow2 image is one file.
+        let image = try ImageOpener.open(img)
+        defer { try? image.close() }
+        #expect(image.files.count == 1 && image.files[0] === image.file)
     }
 
     @Test func backingChainOfThree() throws {

@@ -142,7 +142,7 @@ import TestSupport
         let dir = try TempDir(prefix: "simg-pipeline")
         try pipelineFile(dir.file("f"), size: 4096, pieces: [])
         let image = FakeImage(path: "img", size: 256 << 10, dataFile: try DiskFile.open(dir.file("f"), access: .readOnly),
-                              extents: [Extent(offset: 0, length: 128 << 10, kind: .compressed),
+                              extents: [Extent(offset: 0, length: 128 << 10, kind: .compressed(hostOffset: 0, length: 4096)),
                                         Extent(offset: 128 << 10, length: 128 << 10, kind: .data(hostOffset: nil))],
                               content: { UInt8(truncatingIfNeeded: $0 / 4096 + 1) })
         let target = MemoryTarget(size: 256 << 10)

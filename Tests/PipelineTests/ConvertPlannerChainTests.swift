@@ -19,7 +19,7 @@ import TestSupport
             FakeImage.laidEndToEnd(list, size: size, unit: k)
         }
         let base = FakeImage(path: "base", size: 64 * k, dataFile: file, extents: extents(
-            [(0, .data(hostOffset: 0)), (8, .hole), (16, .compressed), (24, .data(hostOffset: 100 * k)), (48, .zero)], size: 64 * k))
+            [(0, .data(hostOffset: 0)), (8, .hole), (16, .compressed(hostOffset: 200 * k, length: 5000)), (24, .data(hostOffset: 100 * k)), (48, .zero)], size: 64 * k))
         let mid = FakeImage(path: "mid", size: 40 * k, dataFile: file, extents: extents(
             [(0, .backing), (4, .zero), (12, .backing), (28, .data(hostOffset: nil)), (32, .backing)], size: 40 * k), backing: base)
         let top = FakeImage(path: "top", size: 64 * k, dataFile: file, extents: extents(

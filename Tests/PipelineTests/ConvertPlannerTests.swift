@@ -17,7 +17,7 @@ import TestSupport
                             extents: [Extent(offset: 0, length: 64 * k, kind: .data(hostOffset: 1 << 20)),
                                       Extent(offset: 64 * k, length: 128 * k, kind: .backing),
                                       Extent(offset: 192 * k, length: 32 * k, kind: .zero),
-                                      Extent(offset: 224 * k, length: 32 * k, kind: .compressed)],
+                                      Extent(offset: 224 * k, length: 32 * k, kind: .compressed(hostOffset: 2 << 20, length: 9000))],
                             backing: base)
         return (top, base)
     }

@@ -61,10 +61,9 @@ import TestSupport
         var name: String { "reversed" }
         var capabilities: FormatCapabilities { [] }
         func probe(header: [UInt8]) -> Int { 0 }
-        func open(location: ImageLocation, writable: Bool, cache: CacheMode) throws -> any DiskImage {
-            // The mode's flushes, through the page cache: this image's reads are not aligned.
-            let file = try DiskFile.open(location.path, access: writable ? .readWrite : .readOnly, cache: cache.buffered)
-            return try ReversedImage(path: location.name, file: file, writable: writable)
+        func open(file: DiskFile, location: ImageLocation, header: [UInt8]?, writable: Bool) throws -> any DiskImage {
+            // Convert opens it buffered (writeback source, unsafe target): its reads need no alignment.
+            try ReversedImage(path: location.name, file: file, writable: writable)
         }
         var createOptions: [CreateOptionSpec] { [CreateOptionTables.size] }
         func create(_ job: FormatCreateJob) throws {

@@ -16,7 +16,7 @@ import Testing
         specific.extendedL2 = true
         specific.dataFile = "d.raw"
         specific.dataFileRaw = true
-        info.formatSpecific = specific
+        info.formatSpecific = specific.neutral
         return info
     }
 
@@ -87,7 +87,7 @@ import Testing
         ]
         var specific = QCOW2SpecificInfo(compat: "0.10", refcountBits: 16)
         specific.compressionType = nil  // qemu-img still says zlib
-        info.formatSpecific = specific
+        info.formatSpecific = specific.neutral
         return info
     }
 
@@ -212,7 +212,7 @@ import Testing
         specific.extendedL2 = false
         specific.bitmaps = [BitmapInfo(name: "bm1", granularity: 65536, flags: ["auto"]),
                             BitmapInfo(name: "bm2", granularity: 131072, flags: [])]
-        info.formatSpecific = specific
+        info.formatSpecific = specific.neutral
         #expect(InfoReport.human(info).hasSuffix("""
             Format specific information:
                 compat: 1.1

@@ -12,9 +12,12 @@ struct QCOW2Driver: FormatDriver {
         return QCOW2BE.u32(header, 4) == 1 ? 0 : 100
     }
 
-    func open(location: ImageLocation, writable: Bool, cache: CacheMode) throws -> any DiskImage {
-        try QCOW2Image.open(location: location, writable: writable, cache: cache)
+    func open(file: DiskFile, location: ImageLocation, header: [UInt8]?, writable: Bool) throws -> any DiskImage {
+        try QCOW2Image.open(file: file, location: location, header: header, writable: writable)
     }
+
+    /// qcow2 throws the IOError itself (the CLI words it "Could not open 'FILE': REASON").
+    func openFailure(_ error: any Error, location: ImageLocation) -> any Error { error }
 
     var createOptions: [CreateOptionSpec] { CreateOptionTables.qcow2 }
 

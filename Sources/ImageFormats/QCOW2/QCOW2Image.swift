@@ -26,6 +26,8 @@ public final class QCOW2Image: DiskImage {
     public let file: DiskFile
     /// Where guest clusters live: the external data file, or `file`.
     public let dataFile: DiskFile
+    /// The qcow2 file, and its external data file when there is one.
+    public var files: [DiskFile] { dataFile === file ? [file] : [file, dataFile] }
     public let isWritable: Bool
     public var format: ImageFormat { .qcow2 }
     /// The header's size rounded down to whole 512-byte sectors, as QEMU sees it.
@@ -93,27 +95,44 @@ public final class QCOW2Image: DiskImage {
     public static func open(location: ImageLocation, writable: Bool = false, cache: CacheMode = .writeback) throws -> QCOW2Image {
         let file = try DiskFile.open(location.path, access: writable ? .readWrite : .readOnly, cache: cache)
         do {
-            let image = try open(path: location.name, file: file, writable: writable)
-            image.displayName = location.displayName
-            return image
+            return try open(file: file, location: location, header: nil, writable: writable)
         } catch {
             file.close()
             throw error
         }
     }
 
+    /// Opens the image on `file`, already open as `location.path`; `header`, the file's first
+    /// bytes as the probe read them (zero-padded), is not read again. On success the image
+    /// owns `file`; on failure the caller still owns it.
+    static func open(file: DiskFile, location: ImageLocation, header: [UInt8]?, writable: Bool) throws -> QCOW2Image {
+        let image = try open(path: location.name, file: file, writable: writable, header: header)
+        image.displayName = location.displayName
+        return image
+    }
+
     /// Opens a qcow2 image on an already open file. On success the image owns `file` (closes
     /// it in `close()`); on failure the caller still owns it. An external data file is opened
-    /// in the image file's cache mode.
-    public static func open(path: String, file: DiskFile, writable: Bool) throws -> QCOW2Image {
+    /// in the image file's cache mode. `header`: the file's first bytes, zero-padded past its
+    /// end, if the caller has read them already.
+    public static func open(path: String, file: DiskFile, writable: Bool, header: [UInt8]? = nil) throws -> QCOW2Image {
         let fileSize = try file.size()
+        let known = header ?? []
         // The first 112 bytes tell the cluster size; the header is the whole first cluster.
-        let start = try file.qcow2ReadBytes(count: 112, at: 0)
+        let start = known.count >= 112 ? Array(known.prefix(112)) : try file.qcow2ReadBytes(count: 112, at: 0)
         let bits = QCOW2BE.u32(start, 20)
         var bytes = start
         if QCOW2BE.u32(start, 0) == QCOW2Header.magic,
            (QCOW2Header.minClusterBits...QCOW2Header.maxClusterBits).contains(bits) {
-            bytes = try file.qcow2ReadBytes(count: 1 << Int(bits), at: 0)
+            let clusterSize = 1 << Int(bits)
+            if known.count >= clusterSize {
+                bytes = Array(known.prefix(clusterSize))
+            } else if known.count >= 112 {
+                // Only the rest of the cluster is read.
+                bytes = known + (try file.qcow2ReadBytes(count: clusterSize - known.count, at: UInt64(known.count)))
+            } else {
+                bytes = try file.qcow2ReadBytes(count: clusterSize, at: 0)
+            }
         }
         let header = try QCOW2Header.parse(bytes, fileSize: fileSize, path: path)
         if writable && header.isCorrupt {
@@ -236,13 +255,25 @@ public final class QCOW2Image: DiskImage {
         }
         let limit = min(length, virtualSize - offset)
         var run = try lookup(at: offset, maxLength: limit)
+        // The compressed bytes of the run so far (`lookup` gives one compressed cluster a run).
+        var compressed: Extent.Kind?
+        if case .compressed(let d) = run.kind {
+            compressed = .compressed(hostOffset: d.hostOffset, length: Int(d.byteLength))
+        }
         // Keep merging across L2 tables while the kind continues.
         while run.length < limit {
             let next = try lookup(at: offset + run.length, maxLength: limit - run.length)
             switch (run.kind, next.kind) {
-            case (.unallocated, .unallocated), (.zero, .zero), (.compressed, .compressed):
-                // Consecutive compressed clusters make one extent (callers read them through
-                // read(into:at:), which looks up each cluster's descriptor).
+            case (.unallocated, .unallocated), (.zero, .zero):
+                run.length += next.length
+                continue
+            case (.compressed, .compressed(let d)):
+                // Consecutive compressed clusters make one extent while they are packed one
+                // after another on the host (callers read them through read(into:at:), which
+                // looks up each cluster's descriptor).
+                guard let joined = compressed?.joiningCompressed(
+                    .compressed(hostOffset: d.hostOffset, length: Int(d.byteLength))) else { break }
+                compressed = joined
                 run.length += next.length
                 continue
             case (.normal(let a), .normal(let b)) where b == a + run.length:
@@ -257,7 +288,7 @@ public final class QCOW2Image: DiskImage {
         var extentLength = run.length
         switch run.kind {
         case .normal(let host): kind = .data(hostOffset: host)
-        case .compressed: kind = .compressed
+        case .compressed(let d): kind = compressed ?? .compressed(hostOffset: d.hostOffset, length: Int(d.byteLength))
         case .zero: kind = .zero
         case .unallocated:
             if let backing {

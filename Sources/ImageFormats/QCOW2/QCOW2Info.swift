@@ -29,7 +29,7 @@ extension QCOW2Image {
             let bitmaps = try readBitmapDirectory()
             if !bitmaps.isEmpty { specific.bitmaps = bitmaps }
         }
-        info.formatSpecific = specific
+        info.formatSpecific = specific.neutral
         return info
     }
 

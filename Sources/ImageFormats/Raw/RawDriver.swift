@@ -7,8 +7,8 @@ struct RawDriver: FormatDriver {
 
     func probe(header: [UInt8]) -> Int { 0 }
 
-    func open(location: ImageLocation, writable: Bool, cache: CacheMode) throws -> any DiskImage {
-        try RawImage.open(location: location, writable: writable, cache: cache)
+    func open(file: DiskFile, location: ImageLocation, header: [UInt8]?, writable: Bool) throws -> any DiskImage {
+        try RawImage.open(file: file, location: location, writable: writable)
     }
 
     var createOptions: [CreateOptionSpec] { [CreateOptionTables.size] }

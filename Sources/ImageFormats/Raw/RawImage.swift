@@ -70,14 +70,20 @@ public final class RawImage: DiskImage {
             throw ImageError(path: location.name, message: "could not open the image file", cause: error)
         }
         do {
-            let image = try RawImage(path: location.name, file: file, writable: writable,
-                                     offset: location.rawOffset, size: location.rawSize)
-            image.displayName = location.displayName
-            return image
+            return try open(file: file, location: location, writable: writable)
         } catch {
             file.close()
             throw error
         }
+    }
+
+    /// The window `location` describes of `file`, already open as `location.path`. On
+    /// success the image owns `file`; on failure the caller still owns it.
+    static func open(file: DiskFile, location: ImageLocation, writable: Bool) throws -> RawImage {
+        let image = try RawImage(path: location.name, file: file, writable: writable,
+                                 offset: location.rawOffset, size: location.rawSize)
+        image.displayName = location.displayName
+        return image
     }
 
     /// Wraps a file the caller has already opened (e.g. after probing it).
@@ -95,10 +101,10 @@ public final class RawImage: DiskImage {
         try checkRange(offset, UInt64(buffer.count), "read")
         guard buffer.count > 0 else { return }
         let n: Int
-        if file.isDirect && !isAligned(buffer.baseAddress!, windowOffset + offset, buffer.count) {
-            n = try bouncedRead(into: buffer, at: windowOffset + offset)
-        } else {
+        if file.takesAsIs(buffer.baseAddress, count: buffer.count, offset: windowOffset + offset) {
             n = try file.read(into: buffer, at: windowOffset + offset)
+        } else {
+            n = try file.readUnaligned(into: buffer, at: windowOffset + offset, bounce: try bounceBuffer())
         }
         // Past the end of the file but inside the last sector: zeros.
         if n < buffer.count {
@@ -259,40 +265,15 @@ public final class RawImage: DiskImage {
         error.code == EOPNOTSUPP || error.code == ENOSYS || error.code == ENOTTY
     }
 
-    private func isAligned(_ pointer: UnsafeRawPointer, _ offset: UInt64, _ count: Int) -> Bool {
+    /// The bounce buffer unaligned O_DIRECT reads go through (DiskIO's readUnaligned; writes
+    /// send their unaligned tail through the buffered descriptor instead, which never grows
+    /// the file), made once: 1 MiB, aligned for the file.
+    private func bounceBuffer() throws -> AlignedBuffer {
+        if let bounce { return bounce }
         let dio = file.dioAlignment()
-        return Int(bitPattern: pointer) % dio.memory == 0
-            && offset % UInt64(dio.offset) == 0 && count % dio.offset == 0
-    }
-
-    private func bounceBuffer() throws -> (buffer: AlignedBuffer, unit: UInt64) {
-        let dio = file.dioAlignment()
-        let unit = UInt64(max(dio.memory, dio.offset))
-        if let bounce { return (bounce, unit) }
-        let made = try AlignedBuffer(byteCount: 1 << 20, alignment: Int(unit))
+        let made = try AlignedBuffer(byteCount: 1 << 20, alignment: max(dio.memory, dio.offset))
         bounce = made
-        return (made, unit)
-    }
-
-    /// O_DIRECT read of an unaligned request: read whole aligned blocks into the bounce
-    /// buffer and copy out the wanted part. Returns the bytes that came from the file.
-    private func bouncedRead(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
-        let (bounce, unit) = try bounceBuffer()
-        var done = 0
-        while done < buffer.count {
-            let position = offset + UInt64(done)
-            let start = position - position % unit
-            let skip = Int(position - start)
-            let want = min(buffer.count - done, bounce.count - skip)
-            let span = Int((UInt64(skip + want) + unit - 1) / unit * unit)
-            let got = try file.read(into: bounce.prefix(span), at: start)
-            let useful = max(0, min(got - skip, want))
-            // Sound: skip + useful <= got <= span <= bounce.count, done + useful <= buffer.count.
-            if useful > 0 { memcpy(buffer.baseAddress! + done, bounce.baseAddress + skip, useful) }
-            done += useful
-            if useful < want { break }  // end of file
-        }
-        return done
+        return made
     }
 
     private func writeZeroBuffers(at offset: UInt64, length: UInt64) throws {
