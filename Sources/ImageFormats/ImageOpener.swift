@@ -51,7 +51,9 @@ public enum ImageLocking: Sendable {
         case .forceShare: return .forceShare
         case .writer: return .writer
         case .none: return nil
-        case .inspect: return image.format == .qcow2 ? .inspector : nil
+        // qemu-img check takes the inspector's lock on an image it can check; on one it
+        // cannot (raw) it stops before taking any.
+        case .inspect: return image.format.capabilities.contains(.check) ? .inspector : nil
         }
     }
 

@@ -114,8 +114,15 @@ enum CheckCommand {
                     && error.kind == .snapshotTable {
             // qemu-img check opens the image without reading its snapshot table; the check
             // then reads it and reports what it cannot read. (The backing chain is not
-            // opened in this case.) The file alone then holds the locks.
-            return (.qcow2, try lockFile(path, locking))
+            // opened in this case.) The file alone then holds the locks; its format is the
+            // one asked for or the one its header says.
+            let holder = try lockFile(path, locking)
+            do {
+                return (try format ?? ImageProbe.probe(path: path, file: holder.lockedFile), holder)
+            } catch {
+                holder.close()
+                throw CLIError(CommandSupport.openFailure(error, path: path, wording: .wholeChain))
+            }
         } catch {
             throw CLIError(CommandSupport.openFailure(error, path: path, wording: .wholeChain))
         }
