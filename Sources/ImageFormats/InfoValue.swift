@@ -39,20 +39,22 @@ public indirect enum InfoValue: Sendable, Equatable {
     }
 }
 
-/// Key → value members in the order they were added, which must be QEMU's QAPI visit order:
-/// qemu-img's JSON and human output list keys by hash bucket, and keys that share a bucket
-/// come out in reverse order of addition (see SimgCLI's `JSONObject.qemuOrder`).
-public struct InfoObject: Sendable, Equatable {
-    public private(set) var members: [(key: String, value: InfoValue)] = []
+/// Key → value members in the order they were added, as a QDict is built (setting a key
+/// again replaces its value in place, as qdict_put does). For `info` data that order must be
+/// QEMU's QAPI visit order: qemu-img lists keys by hash bucket, and keys that share a bucket
+/// come out in reverse order of addition (SimgCLI's `JSONObject.qemuOrder`). SimgCLI's JSON
+/// objects are the same type over its `JSONValue`.
+public struct OrderedMembers<Value: Equatable & Sendable>: Sendable, Equatable {
+    public private(set) var members: [(key: String, value: Value)] = []
 
     public init() {}
 
-    public init(_ members: [(String, InfoValue)]) {
+    public init(_ members: [(String, Value)]) {
         for (key, value) in members { self[key] = value }
     }
 
     /// Setting an existing key replaces its value in place; nil removes it.
-    public subscript(key: String) -> InfoValue? {
+    public subscript(key: String) -> Value? {
         get { members.first { $0.key == key }?.value }
         set {
             if let at = members.firstIndex(where: { $0.key == key }) {
@@ -63,11 +65,14 @@ public struct InfoObject: Sendable, Equatable {
         }
     }
 
-    public static func == (a: InfoObject, b: InfoObject) -> Bool {
+    public static func == (a: OrderedMembers, b: OrderedMembers) -> Bool {
         a.members.count == b.members.count
             && zip(a.members, b.members).allSatisfy { $0.key == $1.key && $0.value == $1.value }
     }
 }
+
+/// A format's `info` object: members in QEMU's QAPI visit order.
+public typealias InfoObject = OrderedMembers<InfoValue>
 
 /// One format's section of `info`: QEMU's ImageInfoSpecific, a union tagged by `type` (the
 /// format's name, "qcow2") whose `data` is that format's object.

@@ -53,6 +53,18 @@ public protocol UnmappingZeroWrites: DiskImage {
     func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool) throws
 }
 
+extension DiskImage {
+    /// Zeros as qemu-img convert writes them: host space given back where the image can
+    /// (`UnmappingZeroWrites`), else the image's own `writeZeroes`.
+    public func writeZeroesUnmapping(at offset: UInt64, length: UInt64) throws {
+        if let unmapping = self as? any UnmappingZeroWrites {
+            try unmapping.writeZeroes(at: offset, length: length, mayUnmap: true)
+        } else {
+            try writeZeroes(at: offset, length: length)
+        }
+    }
+}
+
 /// Images that allocate guest space (qcow2): on a device, a fresh image's unallocated ranges
 /// read as zeros, its allocated ones whatever the device held.
 public protocol AllocatingImage: DiskImage {

@@ -18,7 +18,6 @@ public final class CompressedTarget: ConvertTarget {
     public var writeGranularity: Int { image.clusterSize }
     public var isDirect: Bool { image.file.isDirect }
     public var writesAsynchronously: Bool { false }
-    private let unmapping: (any UnmappingZeroWrites)?
     private let zeroes: TargetZeroes
     private let pool: CompressPool
     /// Compressed streams waiting to be written in one batch (pointers into `batchBytes`).
@@ -45,7 +44,6 @@ public final class CompressedTarget: ConvertTarget {
         batchLimit = max(64, batchBytes.count / 512)
         self.compressZeroClusters = compressZeroClusters
         batch.reserveCapacity(batchLimit)
-        unmapping = image as? any UnmappingZeroWrites
         zeroes = TargetZeroes(image: image, startsZeroed: startsZeroed, assumeZero: assumeZero)
     }
 
@@ -89,11 +87,7 @@ public final class CompressedTarget: ConvertTarget {
     /// The source's zeros: host space the target held there is given back where the image
     /// can (`UnmappingZeroWrites`), as qemu-img convert's zero writes may unmap.
     public func writeZeroes(at offset: UInt64, length: UInt64) throws {
-        if let unmapping {
-            try unmapping.writeZeroes(at: offset, length: length, mayUnmap: true)
-        } else {
-            try image.writeZeroes(at: offset, length: length)
-        }
+        try image.writeZeroesUnmapping(at: offset, length: length)
     }
 
     public func finish() throws {

@@ -27,7 +27,6 @@ public final class ImageTarget: ConvertTarget {
     /// Reserved places are in the image's data file.
     public var writeEndpoint: (any BlockEndpoint)? { direct == nil ? nil : image.dataFile }
     private let direct: (any ReservedDirectWrites)?
-    private let unmapping: (any UnmappingZeroWrites)?
     private let zeroes: TargetZeroes
     /// Reservations whose data write has not been reported complete, by guest offset (at most
     /// the writes in flight, as long as the pipeline reports completions).
@@ -46,7 +45,6 @@ public final class ImageTarget: ConvertTarget {
         writeGranularity = units?.writeGranularity ?? 512
         placementGranularity = units?.placementGranularity ?? writeGranularity
         direct = image as? any ReservedDirectWrites
-        unmapping = image as? any UnmappingZeroWrites
         zeroes = TargetZeroes(image: image, startsZeroed: startsZeroed, assumeZero: assumeZero)
     }
 
@@ -73,11 +71,7 @@ public final class ImageTarget: ConvertTarget {
     }
 
     public func writeZeroes(at offset: UInt64, length: UInt64) throws {
-        if let unmapping {
-            try unmapping.writeZeroes(at: offset, length: length, mayUnmap: true)
-        } else {
-            try image.writeZeroes(at: offset, length: length)
-        }
+        try image.writeZeroesUnmapping(at: offset, length: length)
     }
 
     public func finish() throws {

@@ -14,37 +14,14 @@ public indirect enum JSONValue: Equatable, Sendable {
     case object(JSONObject)
 }
 
-/// Members in the order they were added (QEMU's visit order).
-public struct JSONObject: Equatable, Sendable {
-    public private(set) var members: [(key: String, value: JSONValue)] = []
+/// Members in the order they were added (QEMU's visit order): ImageFormats' ordered members.
+public typealias JSONObject = OrderedMembers<JSONValue>
 
-    public init() {}
-
-    public init(_ members: [(String, JSONValue)]) {
-        for (key, value) in members { self[key] = value }
-    }
-
-    /// Setting an existing key replaces its value in place, like qdict_put.
-    public subscript(key: String) -> JSONValue? {
-        get { members.first { $0.key == key }?.value }
-        set {
-            if let at = members.firstIndex(where: { $0.key == key }) {
-                if let newValue { members[at].value = newValue } else { members.remove(at: at) }
-            } else if let newValue {
-                members.append((key, newValue))
-            }
-        }
-    }
-
-    public static func == (a: JSONObject, b: JSONObject) -> Bool {
-        a.members.count == b.members.count
-            && zip(a.members, b.members).allSatisfy { $0.key == $1.key && $0.value == $1.value }
-    }
-
+extension OrderedMembers where Value == JSONValue {
     /// The order qemu's qdict_first/qdict_next walk: by hash bucket (512 buckets), and within a
     /// bucket the most recently added key first (each bucket is a list with inserts at its head).
     public var qemuOrder: [(key: String, value: JSONValue)] {
-        let numbered = members.enumerated().map { (bucket: JSONObject.bucket(of: $0.element.key), added: $0.offset, member: $0.element) }
+        let numbered = members.enumerated().map { (bucket: QEMUJSON.bucket(of: $0.element.key), added: $0.offset, member: $0.element) }
         return numbered.sorted { a, b in
             a.bucket != b.bucket ? a.bucket < b.bucket : a.added > b.added
         }.map { $0.member }
