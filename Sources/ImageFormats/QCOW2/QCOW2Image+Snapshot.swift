@@ -56,11 +56,11 @@ extension QCOW2Image: SnapshottingImage {
     }
 
     public func applySnapshot(_ idOrName: String) throws {
+        // QEMU refuses snapshots with an external data file (-ENOTSUP) before looking.
+        if header.hasDataFile { throw SnapshotFailure(code: ENOTSUP) }
         guard let target = snapshots.first(where: { $0.id == idOrName }) ?? snapshots.first(where: { $0.name == idOrName }) else {
             throw SnapshotFailure(code: ENOENT)
         }
-        // QEMU refuses snapshots with an external data file (-ENOTSUP).
-        if header.hasDataFile { throw SnapshotFailure(code: ENOTSUP) }
         try checkSnapshotWritable(create: false)
         if let size = target.diskSize, size != virtualSize {
             // qemu-img 7.2 resizes the image to the snapshot's size first; simg does not yet.

@@ -46,9 +46,6 @@ final class QCOW2MetadataSwitch {
 
     var clusterSize: UInt64 { UInt64(1) << bits }
 
-    /// A refusal worded with the errno QEMU returns for it.
-    struct Failure: Error { var code: Int32; var message: String }
-
     // MARK: - Refcounts of the new image
 
     /// The refcount `cluster` will have after the switch.
@@ -78,12 +75,12 @@ final class QCOW2MetadataSwitch {
                         let (sum, overflow) = value.addingReportingOverflow(UInt64(delta))
                         // QEMU's update_refcount: -EINVAL when a refcount would overflow.
                         guard !overflow, sum <= maxValue else {
-                            throw Failure(code: EINVAL, message: "refcount of cluster \(c) would exceed \(maxValue)")
+                            throw SnapshotFailure(code: EINVAL)
                         }
                         new = sum
                     } else {
                         guard value >= delta.magnitude else {
-                            throw Failure(code: EINVAL, message: "Image is corrupt: refcount of cluster \(c) would drop below zero")
+                            throw ImageError(path: self.path, message: "Image is corrupt: refcount of cluster \(c) would drop below zero")
                         }
                         new = value - delta.magnitude
                     }
@@ -164,7 +161,7 @@ final class QCOW2MetadataSwitch {
                 cluster += 1
             }
         }
-        guard start + count < (UInt64(1) << (56 - bits)) else { throw Failure(code: EFBIG, message: "image too large") }
+        guard start + count < (UInt64(1) << (56 - bits)) else { throw SnapshotFailure(code: EFBIG) }
         hint = start + count
         return start
     }
