@@ -156,20 +156,35 @@ extension QCOW2Image: SnapshottingImage {
         for (i, l1Entry) in entries.enumerated() where l1Entry & qcow2OffsetMask != 0 {
             try Interruption.check()
             let (offset, words) = try readL2(l1Entry, index: i)
+            // Clusters one after another on the host (preallocated images: every entry) are
+            // changed as one run.
+            var run: (first: UInt64, count: UInt64)?
+            func flushRun() throws {
+                if let r = run { try sw.adjust(cluster: r.first, count: r.count, by: delta) }
+                run = nil
+            }
             var k = 0
             while k < words.count {
                 let entry = QCOW2L2Entry(raw: words[k])
                 if entry.isCompressed {
+                    try flushRun()
                     let d = entry.compressedDescriptor(clusterBits: UInt32(bits))
                     try sw.adjust(range: d.hostOffset, length: d.byteLength, by: delta)
                 } else if entry.hostOffset != 0 {
                     guard entry.hostOffset & UInt64(clusterSize - 1) == 0 else {
                         throw ImageError(path: path, message: "Image is corrupt: cluster allocation offset \(QCOW2BE.hex(entry.hostOffset)) unaligned (L2 offset: \(QCOW2BE.hex(offset)), L2 index: \(k / stride))")
                     }
-                    try sw.adjust(cluster: entry.hostOffset >> UInt64(bits), by: delta)
+                    let cluster = entry.hostOffset >> UInt64(bits)
+                    if let r = run, r.first + r.count == cluster {
+                        run = (r.first, r.count + 1)
+                    } else {
+                        try flushRun()
+                        run = (cluster, 1)
+                    }
                 }
                 k += stride
             }
+            try flushRun()
             try sw.adjust(cluster: offset >> UInt64(bits), by: delta)
         }
     }

@@ -48,17 +48,34 @@ final class QCOW2MetadataSwitch {
 
     // MARK: - Refcounts of the new image
 
+    /// The block `refcount(ofCluster:)` read last (one lookup per block, not per cluster, for
+    /// a walk over a table's entries); dropped whenever a refcount changes.
+    private var lastRead: (index: Int, words: [UInt64])?
+    /// Runs of clusters whose refcount dropped to 0 (their space is given back after the
+    /// switch, as QEMU's pass-discard-snapshot does).
+    private(set) var freed: [(cluster: UInt64, count: UInt64)] = []
+
     /// The refcount `cluster` will have after the switch.
     func refcount(ofCluster cluster: UInt64) throws -> UInt64 {
         let index = Int(cluster / perBlock)
-        if index < shadow.count, shadow[index] != 0 {
-            return QCOW2TableCache.refcount(in: try blocks.table(at: shadow[index]), index: Int(cluster % perBlock), order: order)
+        if let last = lastRead, last.index == index {
+            return QCOW2TableCache.refcount(in: last.words, index: Int(cluster % perBlock), order: order)
         }
-        return try old.refcount(ofCluster: cluster)
+        var words: [UInt64]
+        if index < shadow.count, shadow[index] != 0 {
+            words = try blocks.table(at: shadow[index])
+        } else {
+            let block = index < old.table.count ? old.table[index] & qcow2OffsetMask : 0
+            if block == 0 { return 0 }
+            words = try old.blocks.table(at: block)
+        }
+        lastRead = (index, words)
+        return QCOW2TableCache.refcount(in: words, index: Int(cluster % perBlock), order: order)
     }
 
     /// Adds `delta` to the new refcount of `count` clusters from `cluster`.
     func adjust(cluster first: UInt64, count: UInt64 = 1, by delta: Int64) throws {
+        lastRead = nil
         var cluster = first
         let end = first + count
         while cluster < end {
@@ -66,6 +83,7 @@ final class QCOW2MetadataSwitch {
             let stop = min(end, (cluster / perBlock + 1) * perBlock)
             let order = self.order, maxValue = old.maxRefcount, perBlock = self.perBlock
             let start = cluster
+            var dropped: [(cluster: UInt64, count: UInt64)] = []
             try blocks.update(at: block) { words in
                 for c in start..<stop {
                     let at = Int(c % perBlock)
@@ -83,9 +101,15 @@ final class QCOW2MetadataSwitch {
                             throw ImageError(path: self.path, message: "Image is corrupt: refcount of cluster \(c) would drop below zero")
                         }
                         new = value - delta.magnitude
+                        if new == 0 {
+                            if let l = dropped.last, l.cluster + l.count == c { dropped[dropped.count - 1].count += 1 } else { dropped.append((c, 1)) }
+                        }
                     }
                     QCOW2TableCache.setRefcount(in: &words, index: at, order: order, value: new)
                 }
+            }
+            for d in dropped {
+                if let l = freed.last, l.cluster + l.count == d.cluster { freed[freed.count - 1].count += d.count } else { freed.append(d) }
             }
             cluster = stop
         }
@@ -215,6 +239,18 @@ final class QCOW2MetadataSwitch {
         header.nbSnapshots = fields.nbSnapshots
         header.snapshotsOffset = fields.snapshotsOffset
         try file.sync()
+        // Nothing references the freed clusters now, on disk either: give their space back
+        // (best effort, as QEMU's discard). Only clusters still at 0 (never reused here).
+        for run in freed {
+            var c = run.cluster
+            while c < run.cluster + run.count {
+                guard try refcount(ofCluster: c) == 0 else { c += 1; continue }
+                var end = c + 1
+                while end < run.cluster + run.count, try refcount(ofCluster: end) == 0 { end += 1 }
+                try? file.punchHole(at: c << bits, length: (end - c) << bits)
+                c = end
+            }
+        }
     }
 
     /// After a refusal before the switch: the image is unchanged; space added past its old
