@@ -207,3 +207,30 @@ struct SnapshotInteropTests {
         }
     }
 }
+
+extension SnapshotInteropTests {
+    /// A malformed snapshot table (the damage check detects): every write action is refused
+    /// before anything is written, where qemu-img refuses too or not.
+    @Test(arguments: CheckSnapshotTableTests.TableDamage.allCases)
+    func brokenTableIsRefusedBeforeWriting(_ d: CheckSnapshotTableTests.TableDamage) throws {
+        let dir = try TempDir()
+        let image = dir.file("img.qcow2")
+        let table = try CheckSnapshotTableTests.makeSnapshotImage(image, content: dir.file("before.raw"))
+        try CheckSnapshotTableTests.damage(d, image, table: table)
+        let pristine = dir.file("pristine.qcow2")
+        try FileManager.default.copyItem(atPath: image, toPath: pristine)
+        for args in [["-c", "x"], ["-d", "s1"], ["-a", "s1"], ["-a", "1"]] {
+            let r = try simg(["snapshot"] + args + [image])
+            let q = try qemuImgResult(["snapshot"] + args + [try copy(pristine, dir)])
+            #expect(r.status == 1, "\(d) \(args): simg exited \(r.status); qemu-img \(q.status) \(q.stderr)")
+            #expect(try filesEqual(image, pristine), "\(d) \(args) changed the file")
+        }
+    }
+
+    private func copy(_ path: String, _ dir: TempDir) throws -> String {
+        let target = dir.file("qemu-copy.qcow2")
+        try? FileManager.default.removeItem(atPath: target)
+        try FileManager.default.copyItem(atPath: path, toPath: target)
+        return target
+    }
+}

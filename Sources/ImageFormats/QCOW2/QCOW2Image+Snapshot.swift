@@ -118,6 +118,11 @@ extension QCOW2Image: SnapshottingImage {
             throw ImageError(path: path, message: "the image is marked dirty (lazy refcounts were not written back); repair it with 'qemu-img check -r all' first")
         }
         let fileSize = try file.size()
+        // Version 3 entries carry at least the VM state size and the disk size; one without is
+        // what check calls incomplete (QEMU would carry it on, read with shifted names).
+        if header.version >= 3, let i = snapshots.firstIndex(where: { $0.extraData.count < 16 }) {
+            throw SnapshotFailure(code: EINVAL, message: "Image is corrupt: snapshot table entry \(i) is incomplete; repair it with 'qemu-img check -r all'")
+        }
         for s in snapshots {
             try validateL1(offset: s.l1TableOffset, size: s.l1Size, fileSize: fileSize)
         }
