@@ -59,7 +59,7 @@ final class QCOW2MetadataSwitch {
     func refcount(ofCluster cluster: UInt64) throws -> UInt64 {
         let index = Int(cluster / perBlock)
         if let last = lastRead, last.index == index {
-            return QCOW2TableCache.refcount(in: last.words, index: Int(cluster % perBlock), order: order)
+            return Self.get(last.words, index: Int(cluster % perBlock), order: order)
         }
         var words: [UInt64]
         if index < shadow.count, shadow[index] != 0 {
@@ -70,7 +70,7 @@ final class QCOW2MetadataSwitch {
             words = try old.blocks.table(at: block)
         }
         lastRead = (index, words)
-        return QCOW2TableCache.refcount(in: words, index: Int(cluster % perBlock), order: order)
+        return Self.get(words, index: Int(cluster % perBlock), order: order)
     }
 
     /// Adds `delta` to the new refcount of `count` clusters from `cluster`.
@@ -87,7 +87,7 @@ final class QCOW2MetadataSwitch {
             try blocks.update(at: block) { words in
                 for c in start..<stop {
                     let at = Int(c % perBlock)
-                    let value = QCOW2TableCache.refcount(in: words, index: at, order: order)
+                    let value = Self.get(words, index: at, order: order)
                     let new: UInt64
                     if delta >= 0 {
                         let (sum, overflow) = value.addingReportingOverflow(UInt64(delta))
@@ -105,7 +105,7 @@ final class QCOW2MetadataSwitch {
                             if let l = dropped.last, l.cluster + l.count == c { dropped[dropped.count - 1].count += 1 } else { dropped.append((c, 1)) }
                         }
                     }
-                    QCOW2TableCache.setRefcount(in: &words, index: at, order: order, value: new)
+                    Self.set(&words, index: at, order: order, value: new)
                 }
             }
             for d in dropped {
@@ -136,6 +136,24 @@ final class QCOW2MetadataSwitch {
         try adjust(cluster: cluster, by: 1)
         if oldBlock != 0 { try adjust(cluster: oldBlock >> bits, by: -1) }
         return cluster << bits
+    }
+
+    /// QCOW2TableCache's refcount accessors, with the default 16-bit width inlined (a walk
+    /// over a large image changes millions of entries).
+    @inline(__always)
+    static func get(_ words: [UInt64], index: Int, order: Int) -> UInt64 {
+        if order == 4 { return (words[index >> 2] >> UInt64((3 - (index & 3)) * 16)) & 0xffff }
+        return QCOW2TableCache.refcount(in: words, index: index, order: order)
+    }
+
+    @inline(__always)
+    static func set(_ words: inout [UInt64], index: Int, order: Int, value: UInt64) {
+        if order == 4 {
+            let shift = UInt64((3 - (index & 3)) * 16)
+            words[index >> 2] = (words[index >> 2] & ~(0xffff << shift)) | ((value & 0xffff) << shift)
+            return
+        }
+        QCOW2TableCache.setRefcount(in: &words, index: index, order: order, value: value)
     }
 
     // MARK: - Allocation
@@ -175,7 +193,7 @@ final class QCOW2MetadataSwitch {
             let words = try old.blocks.table(at: block)
             var at = Int(cluster % perBlock)
             while at < Int(perBlock) && length < count {
-                if QCOW2TableCache.refcount(in: words, index: at, order: order) == 0 {
+                if Self.get(words, index: at, order: order) == 0 {
                     if length == 0 { start = cluster }
                     length += 1
                 } else {
