@@ -141,29 +141,9 @@ extension QCOW2Checker {
 
     private struct SnapshotTableWriteFailure: Error { var code: Int32 }
 
-    /// The table as QEMU writes it: every entry with the 24 known bytes of extra data (VM
-    /// state size, disk size, instruction count) followed by whatever else it kept.
+    /// The table as QEMU writes it (QCOW2Snapshot.serializedTable).
     func serializedSnapshotTable() -> [UInt8] {
-        var table: [UInt8] = []
-        for s in snapshots {
-            table += [UInt8](repeating: 0, count: (8 - table.count % 8) % 8)
-            let unknown = s.extraData.count > 24 ? Array(s.extraData[24...]) : []
-            let idBytes = Array(FileName.bytes(of: s.id).prefix(0xffff)), nameBytes = Array(FileName.bytes(of: s.name).prefix(0xffff))
-            QCOW2BE.append64(&table, s.l1TableOffset)
-            QCOW2BE.append32(&table, s.l1Size)
-            QCOW2BE.append16(&table, UInt16(idBytes.count))
-            QCOW2BE.append16(&table, UInt16(nameBytes.count))
-            QCOW2BE.append32(&table, s.dateSeconds)
-            QCOW2BE.append32(&table, s.dateNanoseconds)
-            QCOW2BE.append64(&table, s.vmClockNanoseconds)
-            QCOW2BE.append32(&table, s.vmStateSize <= 0xffff_ffff ? UInt32(s.vmStateSize) : 0)
-            QCOW2BE.append32(&table, UInt32(24 + unknown.count))
-            QCOW2BE.append64(&table, s.vmStateSize)
-            QCOW2BE.append64(&table, s.diskSize ?? (header.size & ~511))
-            QCOW2BE.append64(&table, s.icount ?? .max)
-            table += unknown + idBytes + nameBytes
-        }
-        return table
+        QCOW2Snapshot.serializedTable(snapshots, diskSize: header.size & ~511)
     }
 
     /// QEMU's qcow2_write_snapshots: the new table goes into free clusters (first fit of

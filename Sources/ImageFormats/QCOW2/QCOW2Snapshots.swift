@@ -101,6 +101,32 @@ extension QCOW2Snapshot {
             + "You can force-remove all \(overhanging) overhanging snapshots with qemu-img check -r all"
     }
 
+    /// The table as QEMU writes it: every entry with the 24 known bytes of extra data (VM
+    /// state size, disk size, instruction count) followed by whatever else it kept;
+    /// `diskSize` for entries that stored none.
+    static func serializedTable(_ snapshots: [QCOW2Snapshot], diskSize: UInt64) -> [UInt8] {
+        var table: [UInt8] = []
+        for s in snapshots {
+            table += [UInt8](repeating: 0, count: (8 - table.count % 8) % 8)
+            let unknown = s.extraData.count > 24 ? Array(s.extraData[24...]) : []
+            let idBytes = Array(FileName.bytes(of: s.id).prefix(0xffff)), nameBytes = Array(FileName.bytes(of: s.name).prefix(0xffff))
+            QCOW2BE.append64(&table, s.l1TableOffset)
+            QCOW2BE.append32(&table, s.l1Size)
+            QCOW2BE.append16(&table, UInt16(idBytes.count))
+            QCOW2BE.append16(&table, UInt16(nameBytes.count))
+            QCOW2BE.append32(&table, s.dateSeconds)
+            QCOW2BE.append32(&table, s.dateNanoseconds)
+            QCOW2BE.append64(&table, s.vmClockNanoseconds)
+            QCOW2BE.append32(&table, s.vmStateSize <= 0xffff_ffff ? UInt32(s.vmStateSize) : 0)
+            QCOW2BE.append32(&table, UInt32(24 + unknown.count))
+            QCOW2BE.append64(&table, s.vmStateSize)
+            QCOW2BE.append64(&table, s.diskSize ?? diskSize)
+            QCOW2BE.append64(&table, s.icount ?? .max)
+            table += unknown + idBytes + nameBytes
+        }
+        return table
+    }
+
     /// The entry as stored in a snapshot table (padded to 8 bytes).
     public func serialized() -> [UInt8] {
         var b: [UInt8] = []

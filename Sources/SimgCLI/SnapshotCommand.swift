@@ -1,0 +1,106 @@
+import DiskIO
+import Glibc
+import ImageFormats
+
+/// `simg snapshot [-q] [-U] [-l | -a snapshot | -c snapshot | -d snapshot] filename` with
+/// qemu-img 7.2's contract: `-l` lists the table (even with -q; nothing when there are no
+/// snapshots), `-c` creates, `-a` applies (by ID, then by name), `-d` deletes (by name only, as
+/// 7.2 does); no action opens the image read-write and does nothing. The image is opened
+/// without its backing chain, as qemu-img does.
+enum SnapshotCommand {
+    static let command = Command(
+        name: "snapshot",
+        synopsis: "snapshot [-q] [-U] [-l | -a snapshot | -c snapshot | -d snapshot] filename",
+        details: [
+            "Lists, creates, applies or deletes internal snapshots (qcow2).",
+            "  '-l' lists the snapshots (printed even with -q)",
+            "  '-c' creates a snapshot of the current state; '-d' deletes the first snapshot with",
+            "       that name; '-a' makes the image's current state the snapshot's (by ID, then name)",
+            "  '-U' (force share) lists the snapshots of an image another process has open (-l only)",
+            "  '-q' prints nothing but errors",
+        ],
+        options: [.flag("l", "list"), .value("a", "apply"), .value("c", "create"), .value("d", "delete"),
+                  CommandSupport.forceShareOption],
+        modifiesImages: { scan in !scan.has("list") },
+        run: run)
+
+    enum Action { case list, apply(String), create(String), delete(String) }
+
+    static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        var action: Action?
+        for option in scan.options {
+            let next: Action
+            switch option.key {
+            case "list": next = .list
+            case "apply": next = .apply(option.value ?? "")
+            case "create": next = .create(option.value ?? "")
+            case "delete": next = .delete(option.value ?? "")
+            default: continue
+            }
+            if action != nil { throw CLIError.usage("Cannot mix '-l', '-a', '-c', '-d'") }
+            action = next
+        }
+        guard scan.operands.count == 1, let filename = scan.operands.first else {
+            throw CLIError.usage("Expecting one image file name")
+        }
+        let listing: Bool
+        if case .list = action { listing = true } else { listing = false }
+        if CommandSupport.forceShare(scan) && !listing {
+            // Every other action (and none) opens the image read-write.
+            throw CLIError("Could not open '\(filename)': force-share=on can only be used with read-only images")
+        }
+        let image = try CommandSupport.open(filename, OpenOptions(writable: !listing, cache: .writeback, openBacking: false,
+                                                                  locking: CommandSupport.readLocking(scan)),
+                                            wording: .deepestImage)
+        defer { try? image.close() }
+        let snapshotting = image as? any SnapshottingImage
+        switch action {
+        case nil:
+            break
+        case .list:
+            let list = snapshotting?.snapshotList ?? []
+            if !list.isEmpty {
+                // Printed with -q too, as qemu-img does.
+                var text = "Snapshot list:\n" + InfoReport.snapshotHeader + "\n"
+                for snapshot in list { text += InfoReport.snapshotRow(snapshot) + "\n" }
+                console.out(text)
+            }
+        case .create(let name):
+            guard let snapshotting else { throw failure("create", name, SnapshotFailure(code: ENOTSUP)) }
+            var now = timespec()
+            clock_gettime(CLOCK_REALTIME, &now)
+            // qemu-img keeps microseconds, and at most 255 bytes of the name.
+            let stored = FileName.decode(FileName.bytes(of: name).prefix(255))
+            do {
+                try snapshotting.createSnapshot(name: stored, dateSeconds: UInt32(truncatingIfNeeded: now.tv_sec),
+                                                dateNanoseconds: UInt32(now.tv_nsec / 1000 * 1000))
+            } catch { throw failure("create", name, error) }
+        case .apply(let name):
+            guard let snapshotting else {
+                throw CLIError("Could not apply snapshot '\(name)': Block driver does not support snapshots")
+            }
+            do { try snapshotting.applySnapshot(name) } catch { throw failure("apply", name, error) }
+        case .delete(let name):
+            guard let snapshotting else { throw failure("delete", name, SnapshotFailure(code: ENOENT, message: "snapshot not found")) }
+            do { try snapshotting.deleteSnapshot(named: name) } catch { throw failure("delete", name, error) }
+        }
+        try image.close()
+        return 0
+    }
+
+    /// qemu-img's wording per action: create prints the errno ("-95 (Operation not supported)"),
+    /// apply prefixes "Failed to load snapshot: ", delete QEMU's own sentence.
+    static func failure(_ verb: String, _ name: String, _ error: any Error) -> CLIError {
+        let head = "Could not \(verb) snapshot '\(name)': "
+        if error is InterruptedError { return CLIError("\(error)") }
+        guard let f = error as? SnapshotFailure else { return CLIError(head + "\(error)") }
+        switch verb {
+        case "create":
+            return CLIError(head + (f.message ?? "-\(f.code) (\(String(cString: strerror(f.code))))"))
+        case "apply":
+            return CLIError(head + (f.message ?? "Failed to load snapshot: \(String(cString: strerror(f.code)))"))
+        default:
+            return CLIError(head + f.description)
+        }
+    }
+}
