@@ -8,9 +8,10 @@ import Glibc
 ///   `l1_size` and `l1_table_offset`, synced; only then is the old table freed. Then the size.
 /// - shrink: the clusters past the new end are dropped from the L2 table holding the end (the
 ///   table written before their refcounts are lowered), the L1 entries past the new L1 size
-///   are zeroed on disk and synced before their L2 tables (and, for tables only this L1 uses,
-///   the clusters they map) are freed; `l1_size` stays as QEMU leaves it; the file is cut
-///   after the last cluster in use; then the size.
+///   are zeroed on disk and synced before their L2 tables (and the references through them
+///   to the clusters they map) are freed; `l1_size` stays as QEMU leaves it; refcount blocks
+///   describing only free clusters are dropped (table written first); the file is cut after
+///   the last cluster in use; then the size.
 /// The size field is one 8-byte write, synced: a kill at any write leaves the old size or
 /// the new, and at worst leaked clusters.
 extension QCOW2Image: ResizableImage {
@@ -95,24 +96,25 @@ extension QCOW2Image: ResizableImage {
         // 1. The table holding the new end keeps its entries up to it.
         if l1Entries > 0, start < UInt64(l1Entries) * bytesPerL2 {
             let index = l1Entries - 1
-            if QCOW2L1Entry(raw: l1[index]).l2Offset != 0 {
-                let stop = min(UInt64(l1Entries) * bytesPerL2, (virtualSize + cs - 1) / cs * cs)
-                var guest = start
-                while guest < stop {
-                    let (entry, bitmap) = try l2Mapping(guest: guest)
-                    if entry.raw != 0 || bitmap != 0 {
-                        let table = try writableL2(l1Index: index, state)
-                        try setL2Entry(table: table, guest: guest, QCOW2L2Entry(raw: 0))
-                        try release(entry, state, discard: true)
-                    }
-                    guest += cs
+            // QEMU's discard makes this table writable first whatever it holds: a missing one
+            // is allocated (empty), one shared with a snapshot copied. Doing the same keeps
+            // the file laid out as qemu-img leaves it.
+            let table = try writableL2(l1Index: index, state)
+            let stop = min(UInt64(l1Entries) * bytesPerL2, (virtualSize + cs - 1) / cs * cs)
+            var guest = start
+            while guest < stop {
+                let (entry, bitmap) = try l2Mapping(guest: guest)
+                if entry.raw != 0 || bitmap != 0 {
+                    try setL2Entry(table: table, guest: guest, QCOW2L2Entry(raw: 0))
+                    try release(entry, state, discard: true)
                 }
+                guest += cs
             }
         }
         // The table is written (and the L1 entry if it was copied) before the frees.
         try flush()
         // 2. The L1 entries past the new end: zeroed on disk first, then their tables freed.
-        guard l1Entries < l1.count else { return try truncateTail() }
+        guard l1Entries < l1.count else { return try finishShrink(state) }
         let dropped = (l1Entries..<l1.count).filter { QCOW2L1Entry(raw: l1[$0]).l2Offset != 0 }
         if !dropped.isEmpty {
             let zeros = [UInt8](repeating: 0, count: (l1.count - l1Entries) * 8)
@@ -123,20 +125,26 @@ extension QCOW2Image: ResizableImage {
                 try Interruption.check(image: path, outcome: "was not resized (clusters past the new end may be leaked)")
                 let table = QCOW2L1Entry(raw: l1[index]).l2Offset
                 l1[index] = 0
-                // A table only this L1 uses takes its clusters' references with it; a table
-                // shared with a snapshot only loses ours.
-                if try state.refcounts.refcount(ofCluster: table >> bits) == 1 {
-                    let words = try tableCache.table(at: table)
-                    let step = header.hasExtendedL2 ? 2 : 1
-                    for i in stride(from: 0, to: words.count, by: step) where words[i] != 0 {
-                        try release(QCOW2L2Entry(raw: words[i]), state, discard: true)
-                    }
+                // Every cluster the table maps loses the reference that went through this L1,
+                // also when the table itself is shared with a snapshot (a data cluster's
+                // refcount counts each L1 that reaches it, as a copy of the table would).
+                let words = try tableCache.table(at: table)
+                let step = header.hasExtendedL2 ? 2 : 1
+                for i in stride(from: 0, to: words.count, by: step) where words[i] != 0 {
+                    try release(QCOW2L2Entry(raw: words[i]), state, discard: true)
                 }
                 tableCache.forget(table)
                 try deferFree(cluster: table >> bits, count: 1, state, discard: true)
             }
             try flush()
         }
+        try finishShrink(state)
+    }
+
+    /// 3. Refcount blocks left describing only free clusters go (QEMU does this too), then
+    /// the file is cut.
+    private func finishShrink(_ state: QCOW2WriteState) throws {
+        try state.refcounts.dropUnusedBlocks()
         try truncateTail()
     }
 
