@@ -28,8 +28,10 @@ extension QCOW2Image: ResizableImage {
         if header.hasDataFile {
             throw ResizeError("simg cannot resize a qcow2 image with an external data file yet")
         }
-        if preallocation != .off {
-            throw ResizeError("simg does not support --preallocation=\(preallocation.rawValue) for qcow2 images yet")
+        // falloc and full (QEMU lays the new data out contiguously after fresh refcount
+        // structures) are not done by simg yet; metadata only without extended L2 entries.
+        if preallocation == .falloc || preallocation == .full || (preallocation == .metadata && header.hasExtendedL2) {
+            throw ResizeError("simg does not support --preallocation=\(preallocation.rawValue) for this qcow2 image yet")
         }
         let state = try writer()
         let bytesPerL2 = header.bytesPerL2Table
@@ -37,8 +39,11 @@ extension QCOW2Image: ResizableImage {
         do {
             if newSize < virtualSize {
                 try shrinkClusters(to: newSize, l1Entries: Int(neededL1), state)
-            } else if neededL1 > UInt64(l1.count) {
-                try growL1(to: neededL1, state)
+            } else {
+                if neededL1 > UInt64(l1.count) { try growL1(to: neededL1, state) }
+                if preallocation == .metadata && newSize > virtualSize {
+                    try preallocateMetadata(from: virtualSize, to: newSize, state)
+                }
             }
             var bytes = [UInt8](repeating: 0, count: 8)
             QCOW2BE.put64(&bytes, 0, newSize)
@@ -84,6 +89,44 @@ extension QCOW2Image: ResizableImage {
             try state.refcounts.flush()
             try file.sync()
         }
+    }
+
+    /// QEMU's preallocate_co for the new range: per L2 table, the table (allocated or made
+    /// writable first), then one run of host clusters for its unallocated guest clusters,
+    /// mapped as data (they read as zeros: the file is extended over them, sparse). The
+    /// refcounts are raised before any table maps them (the write path's order); the size
+    /// changes only afterwards, so a kill leaves the old size with at worst extra mappings
+    /// past it that nothing reads.
+    private func preallocateMetadata(from oldSize: UInt64, to newSize: UInt64, _ state: QCOW2WriteState) throws {
+        let cs = UInt64(clusterSize)
+        let bytesPerL2 = header.bytesPerL2Table
+        var guest = oldSize / cs * cs
+        let end = (newSize + cs - 1) / cs * cs
+        var fileEnd: UInt64 = 0
+        while guest < end {
+            try Interruption.check(image: path, outcome: "was not resized (its size is unchanged)")
+            let index = Int(guest / bytesPerL2)
+            let tableEnd = min(end, UInt64(index + 1) * bytesPerL2)
+            let table = try writableL2(l1Index: index, state)
+            // The guest clusters of this table without a host cluster, in order.
+            var missing: [UInt64] = []
+            var g = guest
+            while g < tableEnd {
+                if try l2Entry(guest: g).hostOffset == 0 { missing.append(g) }
+                g += cs
+            }
+            if !missing.isEmpty {
+                let (host, _) = try state.refcounts.allocate(count: UInt64(missing.count))
+                for (j, g) in missing.enumerated() {
+                    try setL2Entry(table: table, guest: g, .standard(hostOffset: host + UInt64(j) * cs, copied: true))
+                }
+                fileEnd = host + UInt64(missing.count) * cs
+            }
+            guest = tableEnd
+        }
+        // The file covers every mapped cluster (QEMU extends it to the last allocation).
+        if fileEnd > (try file.size()) { try file.truncate(to: fileEnd) }
+        try flush()
     }
 
     /// Drops every cluster past `newSize` and the L2 tables past `l1Entries`, then cuts the file
