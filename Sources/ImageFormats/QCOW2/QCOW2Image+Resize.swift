@@ -33,6 +33,12 @@ extension QCOW2Image: ResizableImage {
         if preallocation == .falloc || preallocation == .full || (preallocation == .metadata && header.hasExtendedL2) {
             throw ResizeError("simg does not support --preallocation=\(preallocation.rawValue) for this qcow2 image yet")
         }
+        // QEMU's block layer asks for the new area to read as zeros when a backing file
+        // would show through it (bdrv_co_truncate's BDRV_REQ_ZERO_WRITE); v2 has no zero flag.
+        let zeroNewArea = newSize > virtualSize && (backing?.virtualSize ?? 0) > virtualSize
+        if zeroNewArea && header.version < 3 {
+            throw ResizeError("Failed to zero out new clusters: Operation not supported")
+        }
         let state = try writer()
         let bytesPerL2 = header.bytesPerL2Table
         let neededL1 = (newSize + bytesPerL2 - 1) / bytesPerL2
@@ -44,6 +50,7 @@ extension QCOW2Image: ResizableImage {
                 if preallocation == .metadata && newSize > virtualSize {
                     try preallocateMetadata(from: virtualSize, to: newSize, state)
                 }
+                if zeroNewArea { try zeroNewClusters(from: virtualSize, to: newSize) }
             }
             var bytes = [UInt8](repeating: 0, count: 8)
             QCOW2BE.put64(&bytes, 0, newSize)
@@ -89,6 +96,22 @@ extension QCOW2Image: ResizableImage {
             try state.refcounts.flush()
             try file.sync()
         }
+    }
+
+    /// Makes [oldSize, newSize) read as zeros rather than the backing file's data: zero
+    /// clusters (a cluster whose old part holds data gets the rest zeroed), written and synced
+    /// while the header still has the old size. The size in memory is the new one meanwhile
+    /// (the zero writes are range-checked against it) and goes back on failure.
+    private func zeroNewClusters(from oldSize: UInt64, to newSize: UInt64) throws {
+        header.size = newSize
+        do {
+            try writeZeroes(at: oldSize, length: newSize - oldSize, mayUnmap: false)
+            try flush()
+        } catch {
+            header.size = oldSize
+            throw error
+        }
+        header.size = oldSize
     }
 
     /// QEMU's preallocate_co for the new range: per L2 table, the table (allocated or made
