@@ -182,10 +182,10 @@ struct ResizeInteropTests {
     @Test func lockedImage() throws {
         let dir = try TempDir()
         try qemuImg("create", "-q", "-f", "qcow2", dir.file("a.qcow2"), "64M")
-        let holder = try startProgram(try #require(which("qemu-io")), ["-c", "sleep 3000", dir.file("a.qcow2")])
+        let holder = try startProgram(try #require(which("qemu-io")), ["-c", "sleep 10000", dir.file("a.qcow2")])
         defer { holder.terminate(); holder.waitUntilExit() }
         var expected = try run("qemu-img", ["resize", dir.file("a.qcow2"), "1G"])
-        for _ in 0..<50 where !expected.stderr.contains("lock") {
+        for _ in 0..<400 where !expected.stderr.contains("lock") {
             usleep(50_000)
             expected = try run("qemu-img", ["resize", dir.file("a.qcow2"), "1G"])
         }

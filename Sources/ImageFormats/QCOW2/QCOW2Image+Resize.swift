@@ -5,7 +5,8 @@ import Glibc
 /// - grow: when the L1 table does not reach the new end, a new one of exactly the entries the
 ///   size needs (qcow2_grow_l1_table with exact_size) is allocated (refcounts written and
 ///   synced), written and synced; then one 12-byte write inside the first sector switches
-///   `l1_size` and `l1_table_offset`, synced; only then is the old table freed. Then the size.
+///   `l1_size` and `l1_table_offset`, synced; only then is the old table freed (its refcount
+///   block written by the flush after the size). Then the size.
 /// - shrink: the clusters past the new end are dropped from the L2 table holding the end (the
 ///   table written before their refcounts are lowered), the L1 entries past the new L1 size
 ///   are zeroed on disk and synced before their L2 tables (and the references through them
@@ -68,7 +69,9 @@ extension QCOW2Image: ResizableImage {
         guard entries <= UInt64(Int32.max) / 8, entries * 8 <= QCOW2Header.maxL1Bytes else {
             throw ResizeError("Failed to grow the L1 table: \(String(cString: strerror(EFBIG)))")
         }
-        try flush()
+        // Anything pending goes first (a sync less when nothing is).
+        if state.l1Dirty != nil || !state.pendingFrees.isEmpty || tableCache.dirtyCount > 0
+            || state.refcounts.blocks.dirtyCount > 0 { try flush() }
         let cs = UInt64(clusterSize)
         let bytes = entries * 8
         let (offset, _) = try state.refcounts.allocate(count: (bytes + cs - 1) / cs)
@@ -91,11 +94,9 @@ extension QCOW2Image: ResizableImage {
         header.l1Size = UInt32(entries)
         header.l1TableOffset = offset
         l1 = table
-        if oldBytes > 0 {
-            try state.refcounts.free(offset: oldOffset, count: (oldBytes + cs - 1) / cs)
-            try state.refcounts.flush()
-            try file.sync()
-        }
+        // Nothing points at the old table on disk any more: its refcounts are lowered in the
+        // cache and written by the flush after the size (a kill before leaks it, no more).
+        if oldBytes > 0 { try state.refcounts.free(offset: oldOffset, count: (oldBytes + cs - 1) / cs) }
     }
 
     /// Makes [oldSize, newSize) read as zeros rather than the backing file's data: zero
