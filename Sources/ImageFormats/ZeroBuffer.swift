@@ -16,11 +16,12 @@ enum ZeroBuffer {
 
     /// Writes `length` zero bytes into `file` at `offset` (full preallocation of the new image
     /// `image`). Stops with InterruptedError between writes once SIGINT/SIGTERM is pending.
-    static func write(to file: DiskFile, at offset: UInt64, length: UInt64, image: String) throws {
+    static func write(to file: DiskFile, at offset: UInt64, length: UInt64, image: String,
+                      outcome: String = newImageOutcome) throws {
         let zeros = try get()
         var done: UInt64 = 0
         while done < length {
-            try Interruption.check(image: image, outcome: newImageOutcome)
+            try Interruption.check(image: image, outcome: outcome)
             let n = Int(min(UInt64(size), length - done))
             try file.write(UnsafeRawBufferPointer(zeros.prefix(n)), at: offset + done)
             done += UInt64(n)
@@ -30,10 +31,11 @@ enum ZeroBuffer {
     /// fallocate in pieces of `allocateStep` (falloc preallocation of the new image `image`), so
     /// that SIGINT/SIGTERM is noticed between them: on tmpfs a gigabyte takes a fraction of a
     /// second, one call for a terabyte would not return for minutes.
-    static func allocate(in file: DiskFile, at offset: UInt64, length: UInt64, image: String) throws {
+    static func allocate(in file: DiskFile, at offset: UInt64, length: UInt64, image: String,
+                         outcome: String = newImageOutcome) throws {
         var done: UInt64 = 0
         while done < length {
-            try Interruption.check(image: image, outcome: newImageOutcome)
+            try Interruption.check(image: image, outcome: outcome)
             let n = min(allocateStep, length - done)
             try file.allocate(at: offset + done, length: n)
             done += n

@@ -72,7 +72,14 @@ public enum SimgCLI {
         guard let name = global.operands.first else { throw CLIError.usage("Not enough arguments") }
         guard let command = Commands.named(name) else { throw CLIError.usage("Command not found: \(name)") }
 
-        let scan = try ArgumentScanner(command.options).scan(Array(global.operands.dropFirst()))
+        var words = Array(global.operands.dropFirst())
+        var lastOperand: String?
+        if command.lastArgumentIsOperand && !(words.count == 1 && (words[0] == "-h" || words[0] == "--help")) {
+            guard words.count >= 2 else { throw CLIError.usage("Not enough arguments") }
+            lastOperand = words.removeLast()
+        }
+        var scan = try ArgumentScanner(command.options).scan(words)
+        if let lastOperand { scan.operands.append(lastOperand) }
         if scan.has("help") {
             console.out(command.usage)
             return 0

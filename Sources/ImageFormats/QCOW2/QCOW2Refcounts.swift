@@ -279,6 +279,40 @@ final class QCOW2Refcounts {
         try file.qcow2Write(QCOW2BE.bytes([table[index]]), at: tableOffset + UInt64(index) * 8)
     }
 
+    /// Drops the refcount blocks whose clusters are all free (QEMU's qcow2_shrink_reftable,
+    /// after a shrink; a block's own entry does not count). The whole table is written with
+    /// their entries zeroed and synced before anything else: only then is a block counted in
+    /// another block freed there, and every dropped block's space punched.
+    func dropUnusedBlocks() throws {
+        try flush()
+        var newTable = table
+        var dropped: [(index: Int, block: UInt64)] = []
+        for (i, entry) in table.enumerated() where entry & qcow2OffsetMask != 0 {
+            let block = entry & qcow2OffsetMask
+            var words = try blocks.table(at: block)
+            let cluster = block >> clusterBits
+            if cluster / perBlock == UInt64(i) {
+                QCOW2TableCache.setRefcount(in: &words, index: Int(cluster % perBlock), order: order, value: 0)
+            }
+            if words.allSatisfy({ $0 == 0 }) {
+                newTable[i] = 0
+                dropped.append((i, block))
+            }
+        }
+        guard !dropped.isEmpty else { return }
+        try file.qcow2Write(QCOW2BE.bytes(newTable), at: tableOffset)
+        try file.sync()
+        table = newTable
+        for d in dropped { blocks.forget(d.block) }
+        for d in dropped {
+            let cluster = d.block >> clusterBits
+            if cluster / perBlock != UInt64(d.index) { try adjust(cluster: cluster, by: -1) }
+        }
+        try flush()
+        try file.sync()
+        for d in dropped { try? file.punchHole(at: d.block, length: clusterSize) }
+    }
+
     /// Writes every dirty refcount block.
     func flush() throws {
         try blocks.flush()

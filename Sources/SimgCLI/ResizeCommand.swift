@@ -1,0 +1,98 @@
+import DiskIO
+import ImageFormats
+
+/// `simg resize [-q] [-f fmt] [--preallocation=PREALLOC] [--shrink] filename [+|-]size` with
+/// qemu-img 7.2's contract. As in qemu-img the size is the last argument, taken before the
+/// options are scanned (`Command.lastArgumentIsOperand`), so `-1G` is a size, not an option.
+/// qemu-img resize takes no `-U`.
+enum ResizeCommand {
+    static let command = Command(
+        name: "resize",
+        synopsis: "resize [-q] [-f fmt] [--preallocation=PREALLOC] [--shrink] filename [+ | -]size",
+        details: [
+            "Changes the disk image as if it had been created with that size.",
+            "  'size' is the new size, or with '+' or '-' the change (k, M, G, T, P or E suffixes);",
+            "         it is always the last argument, so '-1G' works",
+            "  '--shrink' is required to make an image smaller (data past the new end is lost)",
+            "  '--preallocation' (off, falloc, full; qcow2 also metadata) only when growing",
+            "  '-f' names the image's format instead of probing it",
+            "  '-q' prints nothing but errors",
+        ],
+        options: [CommandSupport.formatOption, .long("preallocation", takesValue: true), .long("shrink"),
+                  .long("object", takesValue: true), .long("image-opts")],
+        lastArgumentIsOperand: true,
+        modifiesImages: { _ in true },
+        run: run)
+
+    static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        if scan.has("object") { throw CLIError("simg does not support --object") }
+        if scan.has("image-opts") { throw CLIError("simg does not support --image-opts") }
+        var preallocation = ResizePreallocation.off
+        if let name = scan.last("preallocation") {
+            guard let mode = ResizePreallocation(rawValue: name) else {
+                throw CLIError("Invalid preallocation mode '\(name)'")
+            }
+            preallocation = mode
+        }
+        // The size was taken off the end before scanning: exactly one file name must remain.
+        guard scan.operands.count == 2 else { throw CLIError.usage("Expecting image file name and size") }
+        let filename = scan.operands[0]
+        var sizeText = Substring(scan.operands[1])
+        var sign: Int64 = 0
+        if sizeText.first == "+" { sign = 1; sizeText = sizeText.dropFirst() }
+        else if sizeText.first == "-" { sign = -1; sizeText = sizeText.dropFirst() }
+        let amount: UInt64
+        do {
+            let parsed = try Backend.parseSize(String(sizeText))
+            if parsed.hexSuffix { console.error("warning: " + SizeParser.hexSuffixWarning(String(sizeText))) }
+            amount = parsed.value
+        } catch SizeParser.Error.outOfRange {
+            throw CLIError("Value '\(sizeText)' is out of range for parameter 'size'")
+        } catch {
+            throw CLIError("""
+                Parameter 'size' expects a non-negative number below 2^64
+                Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-
+                and exabytes, respectively.
+                """)
+        }
+        let format = try CommandSupport.format(scan, opening: filename)
+        let image = try CommandSupport.open(filename, OpenOptions(format: format, writable: true, cache: .writeback,
+                                                                  openBacking: true),
+                                            wording: .wholeChain)
+        defer { try? image.close() }
+        guard let resizable = image as? any ResizableImage else {
+            throw CLIError("Image format driver does not support resize")
+        }
+        if format == nil && resizable.warnsWhenProbedForWriting {
+            console.err("""
+                WARNING: Image format was not specified for '\(filename)' and probing guessed \(image.format.rawValue).
+                         Automatically detecting the format is dangerous for \(image.format.rawValue) images, write operations on block 0 will be restricted.
+                         Specify the '\(image.format.rawValue)' format explicitly to remove the restrictions.
+
+                """)
+        }
+        // qemu-img's int64 arithmetic (blk_getlength + n * relative), wrapping as C does.
+        let current = Int64(bitPattern: image.virtualSize)
+        let n = Int64(bitPattern: amount)
+        let total = sign == 0 ? n : current &+ (n &* sign)
+        guard total > 0 else { throw CLIError("New image size must be positive") }
+        if total <= current && preallocation != .off {
+            throw CLIError("Preallocation can only be used for growing images")
+        }
+        if total < current && !scan.has("shrink") {
+            console.error("Use the --shrink option to perform a shrink operation.")
+            console.error("warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.")
+            return 1
+        }
+        do {
+            try resizable.resize(to: UInt64(total), preallocation: preallocation)
+            try image.flush()
+        } catch let error as ResizeError {
+            throw CLIError(error.message)
+        } catch let error as InterruptedError {
+            throw error.naming(filename, outcome: "was not resized (its size is unchanged)")
+        }
+        if !scan.has("quiet") { console.out("Image resized.\n") }
+        return 0
+    }
+}
