@@ -33,7 +33,7 @@ public struct Command: Sendable {
 }
 
 public enum Commands {
-    public static let all: [Command] = [CheckCommand.command, ConvertCommand.command, CreateCommand.command, InfoCommand.command, RebaseCommand.command]
+    public static let all: [Command] = [CheckCommand.command, ConvertCommand.command, CreateCommand.command, InfoCommand.command, RebaseCommand.command, CommitCommand.command]
 
     public static func named(_ name: String) -> Command? { all.first { $0.name == name } }
 }
