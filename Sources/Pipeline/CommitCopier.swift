@@ -16,7 +16,8 @@ public struct CommitStats: Sendable, Equatable {
 /// `write`/`writeZeroes`, so any format works as a base. Zeros a layer records become zeros
 /// in the base (never the base's old data); ranges no layer above the base allocates are
 /// left alone. Runs of data (from any layers) are gathered into one large buffer and
-/// written with one call.
+/// written with one call, on a writer thread (`WriteBehind`) while the next run is read into
+/// the other buffer; the base is only touched by that thread until the copy returns.
 ///
 /// Nothing here changes the top: until it is emptied, the chain reads as before whatever
 /// the base holds of it (a kill leaves the base partly updated, the top's view intact).
@@ -28,9 +29,14 @@ public enum CommitCopier {
                             bufferSize: Int = 8 << 20, rateLimit: UInt64 = 0,
                             progress: ((UInt64, UInt64) -> Void)? = nil) throws -> CommitStats {
         precondition(baseDepth >= 1)
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096)
-        defer { buffer.deallocate() }
-        var run = Run(base: base, buffer: buffer, rate: RateLimiter(rate: rateLimit))
+        let buffers = (0..<2).map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096) }
+        let writer = try WriteBehind()
+        defer {
+            // Every write has ended before the buffers go (and before the caller uses the base).
+            writer.finish()
+            for buffer in buffers { buffer.deallocate() }
+        }
+        var run = Run(base: base, buffers: buffers, writer: writer, rate: RateLimiter(rate: rateLimit))
         let size = top.virtualSize
         let walker = ChainWalker(top: top)
         let unmapping = base as? any UnmappingZeroWrites
@@ -46,11 +52,13 @@ public enum CommitCopier {
                 // Recorded zeros (or a layer above the base that ends before here): the base
                 // must read zeros too; qemu's commit zero writes may unmap.
                 try run.write()
-                try writing(base, at: extent.offset) {
-                    if let unmapping {
-                        try unmapping.writeZeroes(at: extent.offset, length: extent.length, mayUnmap: true)
-                    } else {
-                        try base.writeZeroes(at: extent.offset, length: extent.length)
+                try writer.submit {
+                    try writing(base, at: extent.offset) {
+                        if let unmapping {
+                            try unmapping.writeZeroes(at: extent.offset, length: extent.length, mayUnmap: true)
+                        } else {
+                            try base.writeZeroes(at: extent.offset, length: extent.length)
+                        }
                     }
                 }
                 run.stats.bytesZeroed += extent.length
@@ -67,6 +75,7 @@ public enum CommitCopier {
             if extent.end < size { progress?(extent.end, size) }
         }
         try run.write()
+        try writer.drain()
         return run.stats
     }
 
@@ -78,11 +87,15 @@ public enum CommitCopier {
         }
     }
 
-    /// One run of data being gathered: guest bytes [start, start + count) in `buffer`.
+    /// One run of data being gathered: guest bytes [start, start + count) in `buffer`, one
+    /// of two: the other may be being written by the writer thread.
     private struct Run {
         let base: any DiskImage
-        let buffer: UnsafeMutableRawBufferPointer
+        let buffers: [UnsafeMutableRawBufferPointer]
+        let writer: WriteBehind
         var rate: RateLimiter
+        var current = 0
+        var buffer: UnsafeMutableRawBufferPointer { buffers[current] }
         var start: UInt64 = 0
         var count = 0
         var stats = CommitStats()
@@ -101,15 +114,17 @@ public enum CommitCopier {
             count += n
         }
 
-        /// Writes the gathered run into the base (nothing if empty).
+        /// Hands the gathered run to the writer thread (nothing if empty) and switches to the
+        /// other buffer, once the writer is done with it (`submit` waits for the job before).
         mutating func write() throws {
             guard count > 0 else { return }
             let data = UnsafeRawBufferPointer(start: buffer.baseAddress!, count: count)
             let (base, at) = (self.base, start)
-            try CommitCopier.writing(base, at: at) { try base.write(data, at: at) }
+            try writer.submit { try CommitCopier.writing(base, at: at) { try base.write(data, at: at) } }
             stats.bytesWritten += UInt64(count)
             rate.account(UInt64(count))
             count = 0
+            current = 1 - current
         }
     }
 
