@@ -19,6 +19,8 @@ public protocol EmptiableImage: DiskImage {
     /// clusters at worst; the guest view (through the backing file) stays what it was only
     /// if the backing file already holds this image's data.
     func makeEmpty() throws
+    /// Throws (before anything is written anywhere) if `makeEmpty` would refuse the image.
+    func checkEmptiable() throws
 }
 
 extension RawImage: GrowableImage {

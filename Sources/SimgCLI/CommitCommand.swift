@@ -61,6 +61,8 @@ enum CommitCommand {
                 throw CLIError(CommandSupport.openFailure(error, path: layer.path, wording: .deepestImage))
             }
             guard let base else { return 1 }
+            // An image that cannot be emptied is refused before the base changes.
+            if !drop, let emptiable = top as? any EmptiableImage { try emptiable.checkEmptiable() }
             if base.virtualSize < top.virtualSize {
                 guard let growable = base as? any GrowableImage else {
                     throw CLIError("Could not resize '\(base.path)' to \(top.virtualSize) bytes: Operation not supported")

@@ -75,6 +75,12 @@ extension QCOW2Image: GrowableImage, EmptiableImage {
     /// entries are cleared on disk (after a sync), then the tables' and data clusters'
     /// refcounts are lowered and their space punched out; last the file is cut after its
     /// last used cluster. A kill leaks clusters at worst.
+    /// The write state's checks (dirty, corrupt, backing file open): before commit writes
+    /// anything into the base.
+    public func checkEmptiable() throws {
+        _ = try writer()
+    }
+
     public func makeEmpty() throws {
         let state = try writer()
         // Nothing dirty in the cache may be written back after its table is dropped.
