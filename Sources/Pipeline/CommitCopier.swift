@@ -120,7 +120,11 @@ public enum CommitCopier {
             guard count > 0 else { return }
             let data = UnsafeRawBufferPointer(start: buffer.baseAddress!, count: count)
             let (base, at) = (self.base, start)
-            try writer.submit { try CommitCopier.writing(base, at: at) { try base.write(data, at: at) } }
+            try writer.submit {
+                try CommitCopier.writing(base, at: at) { try base.write(data, at: at) }
+                // The disk starts on it now rather than all at once in the final flush.
+                for file in base.files { file.startWriteback() }
+            }
             stats.bytesWritten += UInt64(count)
             rate.account(UInt64(count))
             count = 0
