@@ -72,6 +72,10 @@ int simg_ftruncate(int fd, int64_t length) {
     return r < 0 ? -errno : 0;
 }
 
+int simg_start_writeback(int fd) {
+    return sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) < 0 ? -errno : 0;
+}
+
 int simg_fdatasync(int fd) {
     int r;
     do {

@@ -31,6 +31,10 @@ int simg_fallocate_zero_range(int fd, int64_t offset, int64_t length);
 int simg_ftruncate(int fd, int64_t length);
 int simg_fdatasync(int fd);
 
+/// Starts write-back of the whole file's dirty pages without waiting
+/// (sync_file_range with SYNC_FILE_RANGE_WRITE). Returns 0 or -errno.
+int simg_start_writeback(int fd);
+
 /// Size and allocated bytes (st_blocks * 512) of an open file; for a block device the size
 /// comes from BLKGETSIZE64. Returns 0 or -errno.
 int simg_file_size(int fd, uint64_t *size, uint64_t *allocated, int *is_block_device);

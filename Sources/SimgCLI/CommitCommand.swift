@@ -1,0 +1,134 @@
+import DiskIO
+import ImageFormats
+import Pipeline
+
+/// `simg commit [-q] [-p] [-f fmt] [-t cache] [-b base] [-d] [-r rate] filename` with qemu-img
+/// 7.2's contract: everything the image (and, with -b, every layer above the base) holds is
+/// written into its backing file (or `-b base`), the base growing when it is smaller; the
+/// base is flushed; then, unless -d (which -b implies), the image is emptied so it reads
+/// from the base. At every moment the image reads the same through its chain.
+enum CommitCommand {
+    static let command = Command(
+        name: "commit",
+        synopsis: "commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename",
+        details: [
+            "Commits the changes recorded in an image into its backing file.",
+            "  '-b' names the image of the backing chain to commit into (default: the",
+            "       immediate backing file); relative names as the chain stores them or",
+            "       relative to the folder of the image naming them; implies -d",
+            "  '-d' leaves the image as it is instead of emptying it",
+            "  '-r' limits the speed (bytes per second; k, M, G... suffixes)",
+            "  '-f' names the image's format instead of probing it",
+            "  '-t' is the cache mode of the image and the base (default writeback)",
+            "  '-p' shows progress; '-q' prints nothing but errors",
+        ],
+        options: [CommandSupport.formatOption, .value("t", "cache"), .value("b", "base"),
+                  .flag("d", "drop"), .value("r", "rate"), .flag("p", "progress")],
+        modifiesImages: { _ in true },
+        run: run)
+
+    static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        let quiet = scan.has("quiet")
+        var rate: UInt64 = 0
+        if let text = scan.last("rate") { rate = try rateLimit(text) }
+        guard scan.operands.count == 1, let filename = scan.operands.first else {
+            throw CLIError.usage("Expecting one image file name")
+        }
+        let cache = try CommandSupport.cacheMode(scan, "cache", default: .writeback, source: false)
+        let baseName = scan.last("base")
+        let drop = scan.has("drop") || baseName != nil
+        let format = try CommandSupport.format(scan, opening: filename)
+        let top = try CommandSupport.open(filename, OpenOptions(format: format, writable: true, cache: cache,
+                                                                openBacking: true),
+                                          wording: .wholeChain)
+        var base: (any DiskImage)?
+        defer {
+            try? base?.close()
+            try? top.close()
+        }
+        // qemu-img prints the first progress line before looking for the base, and ends the
+        // progress line (a newline) whatever happens after.
+        let showProgress = scan.has("progress") && !quiet
+        if showProgress { console.out(ProgressPrinter.line(0)) }
+        do {
+            let (layer, depth) = try findBase(baseName, top: top, filename: filename)
+            do {
+                base = try ImageOpener.reopenWritable(layer, cache: cache)
+            } catch let error as ImageError where error.kind == .lockConflict {
+                // qemu-img reopens the base read-write: its lock error, with no "Could not open".
+                throw CLIError(error.message)
+            } catch {
+                throw CLIError(CommandSupport.openFailure(error, path: layer.path, wording: .deepestImage))
+            }
+            guard let base else { return 1 }
+            // An image that cannot be emptied is refused before the base changes.
+            if !drop, let emptiable = top as? any EmptiableImage { try emptiable.checkEmptiable() }
+            if base.virtualSize < top.virtualSize {
+                // As qemu's commit truncates its target up: resize's growth, no preallocation.
+                guard let resizable = base as? any ResizableImage else {
+                    throw CLIError("Could not resize '\(base.path)' to \(top.virtualSize) bytes: Operation not supported")
+                }
+                try resizable.resize(to: top.virtualSize, preallocation: .off)
+            }
+            var printer: ProgressPrinter?
+            if showProgress {
+                printer = ProgressPrinter(console: console)
+                console.out(ProgressPrinter.line(0))
+            }
+            _ = try CommitCopier.copy(top: top, baseDepth: depth, into: base, rateLimit: rate,
+                                      progress: { done, total in printer?.update(done: done, total: total) })
+            // The base holds the data on stable storage before the top lets go of anything.
+            try base.flush()
+            if showProgress { console.out(ProgressPrinter.line(10000)) }
+            if !drop, let emptiable = top as? any EmptiableImage {
+                try emptiable.makeEmpty()
+                try top.flush()
+            }
+        } catch {
+            if showProgress { console.out("\n") }
+            if let interrupted = error as? InterruptedError {
+                throw interrupted.naming(filename, outcome: "was not committed (it reads as before)")
+            }
+            if let image = error as? ImageError { throw CLIError("\(image)") }
+            throw error
+        }
+        if showProgress { console.out("\n") }
+        if !quiet { console.out("Image committed.\n") }
+        return 0
+    }
+
+    /// The base: `-b NAME`'s image of the chain below the top, or the immediate backing
+    /// file; with its depth (1: the immediate backing file).
+    static func findBase(_ name: String?, top: any DiskImage, filename: String) throws -> (any DiskImage, Int) {
+        guard let name else {
+            guard let backing = top.backing else { throw CLIError("Image does not have a backing file") }
+            return (backing, 1)
+        }
+        // As qemu's bdrv_find_backing_image: the name as an image stores it, else the name
+        // resolved against the folder of the image naming it, compared as files.
+        var parent = top
+        var depth = 1
+        while let layer = parent.backing {
+            if parent.backingReference?.name == name { return (layer, depth) }
+            let resolved = ImageName.resolve(backing: name, relativeTo: parent.file.path)
+            if let wanted = ImageName.identity(of: resolved), wanted == ImageName.identity(of: layer.path) {
+                return (layer, depth)
+            }
+            parent = layer
+            depth += 1
+        }
+        throw CLIError("Did not find '\(name)' in the backing chain of '\(filename)'")
+    }
+
+    /// `-r`, as qemu-img's cvtnum("rate limit").
+    static func rateLimit(_ text: String) throws -> UInt64 {
+        do {
+            return try SizeParser.parseImageSize(text)
+        } catch SizeParser.Error.outOfRange {
+            throw CLIError("Invalid rate limit specified. Must be between 0 and \(Int64.max).")
+        } catch {
+            throw CLIError("Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for\n"
+                           + "simg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+        }
+    }
+}
