@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# simg convert against qemu-img convert on the same inputs (issue 3, "Benchmark").
+# simg against qemu-img on the same inputs (issue 3, "Benchmark"; commit, snapshot, resize: issue 12).
 #
 # Makes its inputs once in BENCH_DIR (kept between runs while they are valid), then for every
 # workload runs simg and qemu-img in turn (simg, qemu-img, simg, qemu-img, ...) BENCH_RUNS times
@@ -10,8 +10,8 @@
 # Environment:
 #   BENCH_DIR     work folder (default /var/tmp/simg-bench); must support O_DIRECT
 #   BENCH_RUNS    timed runs per tool and workload (default 5)
-#   BENCH_ONLY    workloads to run, comma separated, from: 1,1T,2,3,C,R (default all; C is check,
-#                 R is rebase)
+#   BENCH_ONLY    workloads to run, comma separated, from: 1,1T,2,3,C,R,M,S,Z (default all; C is
+#                 check, R rebase, M commit, S snapshot, Z resize)
 #   BENCH_TOOLS   simg,qemu-img (default both); the tuning script runs simg alone
 #   SIMG          simg binary (default <repo>/.build/release/simg, what `make release` builds)
 #   SIMG_ARGS     extra options given to `simg convert` (e.g. "--buffer-size 2M --queue-depth 16")
@@ -26,12 +26,18 @@
 #   3   text.raw (512 MiB of generated, compressible log text) -> qcow2, -c
 #   R   rebase: a fresh copy of rov.qcow2 (empty overlay over w1.qcow2) onto rbase2.qcow2 (w1 with
 #       1 MiB of every 4 MiB rewritten); the copy is made before the timer starts
+#   M   commit: a fresh copy of ctop.qcow2 (4 GiB overlay holding w1's 1.5 GiB of data and its
+#       zeros) and its empty base cbase.qcow2, then `commit ctop.qcow2` (qemu-img: a mirror job)
+#   S   snapshot -c then -d on a fresh copy of check256.qcow2 (256G, preallocation=metadata:
+#       every cluster's refcount changes twice)
+#   Z   resize of a fresh 64M qcow2 to 16T and back with --shrink; BENCH_RESIZE_RUNS runs
+#       (default 1: qemu-img's shrink takes minutes, it allocates and frees 32,767 L2 tables)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH_DIR=${BENCH_DIR:-/var/tmp/simg-bench}
 BENCH_RUNS=${BENCH_RUNS:-5}
-BENCH_ONLY=${BENCH_ONLY:-1,1T,2,3,C,R}
+BENCH_ONLY=${BENCH_ONLY:-1,1T,2,3,C,R,M,S,Z}
 BENCH_TOOLS=${BENCH_TOOLS:-simg,qemu-img}
 SIMG=${SIMG:-$repo/.build/release/simg}
 SIMG_ARGS=${SIMG_ARGS:-}
@@ -205,6 +211,30 @@ make_rebase_inputs() {
     echo "$LAYOUT" > "$BENCH_DIR/rebase.ok"
 }
 
+# Commit inputs, made only when workload M runs: cbase.qcow2 an empty 4 GiB image, ctop.qcow2
+# an overlay over it (by the relative name cbase.qcow2) holding what w1.qcow2 holds.
+make_commit_inputs() {
+    local dir=$BENCH_DIR/commit
+    if [ -f "$dir/commit.ok" ] && [ "$(cat "$dir/commit.ok")" = "$LAYOUT" ] \
+            && qemu-img check -q "$dir/ctop.qcow2" >/dev/null 2>&1; then
+        return
+    fi
+    check_space 4
+    say "making commit/cbase.qcow2 (empty) and commit/ctop.qcow2 (w1.qcow2's data over it)"
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    qemu-img create -q -f qcow2 "$dir/cbase.qcow2" $((W1_GROUPS * W1_GROUP_MIB))M
+    (cd "$dir" && qemu-img convert -f qcow2 -O qcow2 -B cbase.qcow2 -F qcow2 "$BENCH_DIR/w1.qcow2" ctop.qcow2)
+    echo "$LAYOUT" > "$dir/commit.ok"
+}
+
+# A fresh copy of the commit inputs in out.commit/ (both images change in a commit).
+copy_commit_inputs() {
+    rm -rf "$BENCH_DIR/out.commit"
+    mkdir -p "$BENCH_DIR/out.commit"
+    cp --sparse=always "$BENCH_DIR/commit/cbase.qcow2" "$BENCH_DIR/commit/ctop.qcow2" "$BENCH_DIR/out.commit/"
+}
+
 # ---------------------------------------------------------------------------------------------
 # Workloads: name -> source format, source, output format, cache/other flags, description
 
@@ -218,7 +248,12 @@ workload() {
         C)  echo "check $BENCH_DIR/check256.qcow2 - -|check of 256G qcow2, preallocation=metadata" ;;
         # Not a conversion: `rebase FLAGS` of a fresh copy (out.qcow2) of the source overlay.
         R)  echo "rebase $BENCH_DIR/rov.qcow2 qcow2 -b $BENCH_DIR/rbase2.qcow2 -F qcow2|rebase of an overlay over w1.qcow2 onto a base differing in 1 MiB of 4" ;;
-        *)  die "unknown workload '$1' (known: 1 1T 2 3 C R)" ;;
+        # Not conversions: commit of a fresh copy of the commit inputs (out.commit/ctop.qcow2),
+        # snapshot -c then -d of a fresh copy of check256.qcow2, resize of a fresh 64M image.
+        M)  echo "commit $BENCH_DIR/commit/ctop.qcow2 qcow2 -|commit of a 4 GiB overlay holding 1.5 GiB onto its base" ;;
+        S)  echo "snapshot $BENCH_DIR/check256.qcow2 qcow2 -|snapshot -c then -d on a 256G preallocation=metadata qcow2" ;;
+        Z)  echo "resize - qcow2 -|resize of a 64M qcow2 to 16T and back with --shrink" ;;
+        *)  die "unknown workload '$1' (known: 1 1T 2 3 C R M S Z)" ;;
     esac
 }
 
@@ -228,9 +263,19 @@ timed_convert() {
     timefile=$BENCH_DIR/.time errfile=$BENCH_DIR/.err
     rm -f "$out"
     [ "$fmt" = rebase ] && cp "$src" "$out"
+    [ "$fmt" = snapshot ] && cp --sparse=always "$src" "$out"
+    [ "$fmt" = resize ] && qemu-img create -q -f qcow2 "$out" 64M
+    [ "$fmt" = commit ] && copy_commit_inputs
     sync
-    local cmd
-    if [ "$fmt" = rebase ]; then
+    local cmd bin=$SIMG
+    [ "$tool" = simg ] || bin=qemu-img
+    if [ "$fmt" = commit ]; then
+        cmd=("$bin" commit "$BENCH_DIR/out.commit/ctop.qcow2")
+    elif [ "$fmt" = snapshot ]; then
+        cmd=(sh -c '"$1" snapshot -c s "$2" && "$1" snapshot -d s "$2"' sh "$bin" "$out")
+    elif [ "$fmt" = resize ]; then
+        cmd=(sh -c '"$1" resize -q "$2" 16T && "$1" resize -q --shrink "$2" 64M' sh "$bin" "$out")
+    elif [ "$fmt" = rebase ]; then
         # shellcheck disable=SC2206
         cmd=("$SIMG" rebase $flags "$out")
         # shellcheck disable=SC2206
@@ -258,6 +303,21 @@ verify_output() {
     if [ "$fmt" = check ]; then
         # The same verdict and counts as qemu-img's, field for field.
         [ "$("$SIMG" check --output=json "$src")" = "$(qemu-img check --output=json "$src")" ]
+        return
+    fi
+    if [ "$fmt" = commit ]; then
+        # The base now reads what the top read through it; both are clean.
+        qemu-img check -q "$BENCH_DIR/out.commit/cbase.qcow2" >&2 && qemu-img check -q "$BENCH_DIR/out.commit/ctop.qcow2" >&2 \
+            && qemu-img compare -q "$src" "$BENCH_DIR/out.commit/cbase.qcow2" >&2
+        return
+    fi
+    if [ "$fmt" = snapshot ]; then
+        # Clean, no snapshot left, the same guest content.
+        qemu-img check -q "$out" >&2 && [ -z "$(qemu-img snapshot -l "$out")" ] && qemu-img compare -q "$src" "$out" >&2
+        return
+    fi
+    if [ "$fmt" = resize ]; then
+        qemu-img check -q "$out" >&2 && qemu-img info "$out" | grep -q '^virtual size: 64 MiB '
         return
     fi
     if [ "$fmt" = rebase ]; then
@@ -288,7 +348,9 @@ run_workload() {
     local -A secs=() rss=() failed=()
     local verdict=""
     say "workload $name: $desc"
-    for ((i = 1; i <= BENCH_RUNS; i++)); do
+    local runs=$BENCH_RUNS
+    [ "$fmt" = resize ] && runs=${BENCH_RESIZE_RUNS:-1}
+    for ((i = 1; i <= runs; i++)); do
         for tool in simg qemu-img; do
             have_tool "$tool" || continue
             [ -z "${failed[$tool]:-}" ] || continue
@@ -309,6 +371,7 @@ run_workload() {
                 failed[$tool]=1
             fi
             rm -f "$out"
+            rm -rf "$BENCH_DIR/out.commit"
         done
     done
 
@@ -332,7 +395,8 @@ run_workload() {
         have_tool qemu-img && printf '%s\tqemu-img\t%s\t%s\t%s\t-\n' "$name" "${qm:--}" "${qr:--}" "$BENCH_RUNS" >> "$BENCH_TSV"
     fi
 
-    if have_tool simg && [ "$BENCH_STATS" = 1 ] && [ "$fmt" != check ] && [ "$fmt" != rebase ] && [ -z "${failed[simg]:-}" ]; then
+    if have_tool simg && [ "$BENCH_STATS" = 1 ] && [ "$fmt" != check ] && [ "$fmt" != rebase ] \
+            && [ "$fmt" != commit ] && [ "$fmt" != snapshot ] && [ "$fmt" != resize ] && [ -z "${failed[simg]:-}" ]; then
         rm -f "$out"
         # shellcheck disable=SC2086
         if "$SIMG" convert $SIMG_ARGS --stats -f "$fmt" $flags -O "$ofmt" "$src" "$out" \
@@ -344,7 +408,7 @@ run_workload() {
 }
 
 cleanup() {
-    rm -f "$BENCH_DIR"/out.* "$BENCH_DIR"/.time "$BENCH_DIR"/.err "$BENCH_DIR"/.stats 2>/dev/null || true
+    rm -rf "$BENCH_DIR"/out.* "$BENCH_DIR"/.time "$BENCH_DIR"/.err "$BENCH_DIR"/.stats 2>/dev/null || true
 }
 
 main() {
@@ -357,13 +421,14 @@ main() {
     for name in "${names[@]}"; do
         workload "$name" >/dev/null
         [ "$name" != R ] || make_rebase_inputs
+        [ "$name" != M ] || make_commit_inputs
     done
     for name in "${names[@]}"; do
         run_workload "$name"
     done
 
     echo
-    echo "simg convert vs qemu-img convert: median of $BENCH_RUNS runs, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "simg vs qemu-img: median of $BENCH_RUNS runs (Z: ${BENCH_RESIZE_RUNS:-1}), $(date -u '+%Y-%m-%d %H:%M UTC')"
     [ -n "$SIMG_ARGS" ] && echo "simg options: $SIMG_ARGS"
     echo
     echo "| workload | simg median s | qemu-img median s | ratio simg/qemu-img | simg peak RSS MiB | qemu-img peak RSS MiB |"

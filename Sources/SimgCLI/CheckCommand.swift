@@ -195,8 +195,9 @@ enum CheckCommand {
     static func percent(_ value: Double) -> String {
         var buffer = [CChar](repeating: 0, count: 64)
         // snprintf writes at most buffer.count bytes including the terminator.
-        _ = withVaList([value]) { vsnprintf(&buffer, buffer.count, "%0.2f", $0) }
-        return String(cString: buffer)
+        let written = withVaList([value]) { vsnprintf(&buffer, buffer.count, "%0.2f", $0) }
+        let count = min(max(Int(written), 0), buffer.count - 1)
+        return String(decoding: buffer[..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
     /// qemu-img's ImageCheck as JSON: optional counts only when nonzero.

@@ -52,7 +52,7 @@ public func nonZeroBytes(_ count: Int, seed: UInt8, salt: UInt32) -> [UInt8] {
 
 /// Writes `bytes` at `offset` of the file at `path`, creating it or growing it as needed.
 public func writeBytes(_ bytes: [UInt8], to path: String, at offset: UInt64) throws {
-    if !FileManager.default.fileExists(atPath: path) { FileManager.default.createFile(atPath: path, contents: nil) }
+    if !FileManager.default.fileExists(atPath: path) { _ = FileManager.default.createFile(atPath: path, contents: nil) }
     guard let handle = FileHandle(forWritingAtPath: path) else { throw TestFileError(path: path, reason: "cannot open it for writing") }
     defer { try? handle.close() }
     try handle.seek(toOffset: offset)

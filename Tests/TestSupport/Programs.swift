@@ -4,7 +4,7 @@ import Foundation
 // capturing what they print: the one runner every test target uses.
 
 /// What a program did: exit status, stdout (as text and bytes), stderr.
-public struct ProcessResult {
+public struct ProcessResult: Sendable {
     public var status: Int32
     public var stdout: String
     public var stderr: String
