@@ -219,14 +219,8 @@ struct ParsedCreateOptions {
                     warnings.append(SizeParser.hexSuffixWarning(text))
                 }
                 values[name] = .size(parsed.value)
-            } catch SizeParser.Error.outOfRange {
-                throw CreateOptionError("Value '\(text)' is out of range for parameter '\(name)'")
             } catch {
-                throw CreateOptionError("""
-                    Parameter '\(name)' expects a non-negative number below 2^64
-                    Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-
-                    and exabytes, respectively.
-                    """)
+                throw CreateOptionError(SizeParser.parameterMessage(for: error, text: text, parameter: name))
             }
         case "number":
             do {

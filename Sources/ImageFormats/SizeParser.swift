@@ -44,6 +44,19 @@ public enum SizeParser {
         return value
     }
 
+    /// qemu's words for a size option value (`-o size=`, resize's SIZE) that `error`, thrown
+    /// parsing `text`, rejected: out of range, or not a size at all.
+    public static func parameterMessage(for error: any Swift.Error, text: String, parameter: String) -> String {
+        if case Error.outOfRange? = error as? Error {
+            return "Value '\(text)' is out of range for parameter '\(parameter)'"
+        }
+        return """
+            Parameter '\(parameter)' expects a non-negative number below 2^64
+            Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-
+            and exabytes, respectively.
+            """
+    }
+
     /// The warning qemu-img prints for a hex number with a suffix.
     public static func hexSuffixWarning(_ text: String) -> String {
         "Using a multiplier suffix on hex numbers is deprecated: \(text)"

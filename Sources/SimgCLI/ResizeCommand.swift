@@ -46,14 +46,8 @@ enum ResizeCommand {
             let parsed = try Backend.parseSize(String(sizeText))
             if parsed.hexSuffix { console.error("warning: " + SizeParser.hexSuffixWarning(String(sizeText))) }
             amount = parsed.value
-        } catch SizeParser.Error.outOfRange {
-            throw CLIError("Value '\(sizeText)' is out of range for parameter 'size'")
         } catch {
-            throw CLIError("""
-                Parameter 'size' expects a non-negative number below 2^64
-                Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-
-                and exabytes, respectively.
-                """)
+            throw CLIError(SizeParser.parameterMessage(for: error, text: String(sizeText), parameter: "size"))
         }
         let format = try CommandSupport.format(scan, opening: filename)
         let image = try CommandSupport.open(filename, OpenOptions(format: format, writable: true, cache: .writeback,
