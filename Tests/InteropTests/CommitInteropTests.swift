@@ -208,10 +208,11 @@ struct CommitInteropTests {
         for (held, readOnly) in [("base.qcow2", true), ("base.qcow2", false), ("top.qcow2", true), ("top.qcow2", false)] {
             let dir = try TempDir()
             try Self.twoLevel(dir.path)
-            let holder = try startProgram("/bin/sh", ["-c", "cd '\(dir.path)' && sleep 30 | qemu-io \(readOnly ? "-r" : "") -f qcow2 \(held) >/dev/null 2>&1"])
-            defer { holder.terminate() }
-            // qemu-io needs a moment to open the image; qemu-img's answer is the reference.
-            usleep(1_000_000)
+            // Held until stopped: the helper waits until qemu-io's lock bytes are in place.
+            let holder = try LockHelperProcess("qemu-io", (readOnly ? ["-r"] : []) + ["-f", "qcow2", held], in: dir.path,
+                                               holding: dir.file(held),
+                                               bytes: readOnly ? [100, 201, 203] : LockingInteropTests.qemuWriterBytes)
+            defer { holder.stop() }
             let q = try qemuImgResult(in: dir.path, ["commit", "top.qcow2"])
             let expected = q.status == 0 ? "" : q.stderr
             #expect(!expected.isEmpty, "qemu-io did not hold \(held)")

@@ -182,13 +182,11 @@ struct ResizeInteropTests {
     @Test func lockedImage() throws {
         let dir = try TempDir()
         try qemuImg("create", "-q", "-f", "qcow2", dir.file("a.qcow2"), "64M")
-        let holder = try startProgram(try #require(which("qemu-io")), ["-c", "sleep 10000", dir.file("a.qcow2")])
-        defer { holder.terminate(); holder.waitUntilExit() }
-        var expected = try run("qemu-img", ["resize", dir.file("a.qcow2"), "1G"])
-        for _ in 0..<400 where !expected.stderr.contains("lock") {
-            usleep(50_000)
-            expected = try run("qemu-img", ["resize", dir.file("a.qcow2"), "1G"])
-        }
+        // Held until stopped: the helper waits until qemu-io's lock bytes are in place.
+        let holder = try LockHelperProcess("qemu-io", ["a.qcow2"], in: dir.path, holding: dir.file("a.qcow2"),
+                                           bytes: LockingInteropTests.qemuWriterBytes)
+        defer { holder.stop() }
+        let expected = try run("qemu-img", ["resize", dir.file("a.qcow2"), "1G"])
         let got = try simg("resize", dir.file("a.qcow2"), "1G")
         #expect(expected.status == 1 && got.status == 1)
         #expect(qemuWords(got.stderr) == expected.stderr)
