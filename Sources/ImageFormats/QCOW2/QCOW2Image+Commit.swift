@@ -47,8 +47,7 @@ extension QCOW2Image: EmptiableImage {
         let cs = UInt64(clusterSize)
         let bits = UInt64(header.clusterBits)
         let size = try file.size()
-        var end = (size + cs - 1) / cs
-        while end > 1, try state.refcounts.refcount(ofCluster: end - 1) == 0 { end -= 1 }
+        let end = try state.refcounts.usedClusterEnd(fileSize: size)
         if end * cs < size {
             do { try file.truncate(to: end * cs) } catch let error as IOError {
                 throw ImageError(path: path, message: "Could not truncate the emptied image", cause: error)

@@ -221,10 +221,8 @@ extension QCOW2Image: ResizableImage {
         guard let state = writeState as? QCOW2WriteState else { return }
         let bits = UInt64(header.clusterBits)
         let fileSize = try file.size()
-        var cluster = (fileSize + UInt64(clusterSize) - 1) >> bits
-        while cluster > 0, try state.refcounts.refcount(ofCluster: cluster - 1) == 0 { cluster -= 1 }
-        if cluster << bits < fileSize, !(try file.kind().isDevice) {
-            try? file.truncate(to: cluster << bits)
-        }
+        let cluster = try state.refcounts.usedClusterEnd(fileSize: fileSize)
+        // DiskFile.truncate never cuts a device.
+        if cluster << bits < fileSize { try? file.truncate(to: cluster << bits) }
     }
 }

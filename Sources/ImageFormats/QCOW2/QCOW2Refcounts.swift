@@ -63,6 +63,15 @@ final class QCOW2Refcounts {
 
     // MARK: - Entries
 
+    /// The number of clusters up to and including the last one with a reference, in a file
+    /// of `fileSize` bytes: where a shrink or an emptied image cuts the file (the header's
+    /// cluster 0 always stays).
+    func usedClusterEnd(fileSize: UInt64) throws -> UInt64 {
+        var end = (fileSize + (1 << clusterBits) - 1) >> clusterBits
+        while end > 1, try refcount(ofCluster: end - 1) == 0 { end -= 1 }
+        return end
+    }
+
     /// The refcount of the cluster with index `cluster` (0 where no block covers it).
     func refcount(ofCluster cluster: UInt64) throws -> UInt64 {
         let index = cluster / perBlock
