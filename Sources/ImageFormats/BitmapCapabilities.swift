@@ -13,6 +13,10 @@ public protocol BitmapImage: DiskImage {
     /// there is none ("Dirty bitmap 'NAME' not found"), nil when it is in use (inconsistent:
     /// its bits cannot be used; the caller words that when QEMU would, after other checks).
     func loadBitmap(named name: String) throws -> DirtyBitmap?
+    /// Whether the image holds bitmaps a program without bitmap support invalidated (qcow2: the
+    /// extension with its autoclear bit clear). QEMU warns about them at every open and drops
+    /// them (their clusters leak) when it opens the image read-write; an editor does the same.
+    var hasStaleBitmaps: Bool { get }
     /// An editor over the stored bitmaps (the image must be open read-write). Nothing is
     /// written before `commit`.
     func bitmapEditor() throws -> any BitmapEditor

@@ -28,6 +28,11 @@ struct BitmapInteropTests {
         try qemuImg(in: dir.path, "create", "-q", "-f", "qcow2", "big.qcow2", "8M")
         try qemuImg(in: dir.path, "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "4M")
         try qemuImg(in: dir.path, "create", "-q", "-f", "raw", "r.raw", "4M")
+        // st.qcow2: a.qcow2 with its autoclear bit cleared, as a program without bitmap support
+        // leaves it (the bitmaps are stale).
+        var bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: dir.file("a.qcow2"))))
+        bytes[95] &= ~1
+        try Data(bytes).write(to: URL(fileURLWithPath: dir.file("st.qcow2")))
     }
 
     /// qemu-img's stderr in simg's words: its name, and the file name where it names a block
@@ -36,6 +41,10 @@ struct BitmapInteropTests {
         var t = text.replacingOccurrences(of: "qemu-img: ", with: "simg: ")
             .replacingOccurrences(of: "'qemu-img --help'", with: "'simg --help'")
         t = t.replacingOccurrences(of: "#block[0-9]+", with: image, options: .regularExpression)
+        // qemu-img's stale-bitmaps warning lacks its final newline; simg ends the line.
+        let fix = "run 'qemu-img check -r' on the image file to fix."
+        t = t.replacingOccurrences(of: fix + "simg: ", with: fix + "\nsimg: ")
+        if t.hasSuffix(fix) { t += "\n" }
         return t
     }
 
@@ -83,9 +92,10 @@ struct BitmapInteropTests {
         let list = try bitmaps(qemuImage)
         #expect(try bitmaps(simgImage) == list, "\(arguments)", sourceLocation: sourceLocation)
         #expect(try bitmaps(simgImage, simgInfo: true) == list, "\(arguments): simg info", sourceLocation: sourceLocation)
-        let check = try qemuImgResult(["check", simgImage])
-        #expect(check.status == 0 && check.stdout.hasPrefix("No errors were found"), "\(arguments): \(check.stdout)",
-                sourceLocation: sourceLocation)
+        // Clean, or leaking as qemu-img's copy leaks (stale bitmaps' clusters).
+        let check = try qemuImgResult(["check", simgImage]), qemuCheck = try qemuImgResult(["check", qemuImage])
+        #expect(check.status == qemuCheck.status && (check.status == 0 || check.status == 3),
+                "\(arguments): \(check.stdout) / qemu-img's copy: \(qemuCheck.stdout)", sourceLocation: sourceLocation)
         let info = try jsonObject(try qemuImg("info", "--output=json", qemuImage).stdout)
         let data = (info["format-specific"] as? [String: Any])?["data"] as? [String: Any]
         for bitmap in (data?["bitmaps"] as? [[String: Any]]) ?? [] {
@@ -147,6 +157,8 @@ struct BitmapInteropTests {
             ("a.qcow2", ["--add", "--add", "IMG", "b3"]), ("a.qcow2", ["--remove", "--remove", "IMG", "b1"]),
             ("iu.qcow2", ["--remove", "IMG", "b1"]), ("iu.qcow2", ["--remove", "--add", "IMG", "b2"]),
             ("iu.qcow2", ["--add", "--merge", "b1", "-b", "a.qcow2", "IMG", "b9"]),
+            ("st.qcow2", ["--add", "IMG", "b1"]), ("st.qcow2", ["--remove", "IMG", "b1"]),
+            ("a.qcow2", ["--add", "--merge", "b1", "-b", "st.qcow2", "IMG", "n"]),
         ]
         for (image, args) in cases { try Self.same(args, dir, image: image) }
     }

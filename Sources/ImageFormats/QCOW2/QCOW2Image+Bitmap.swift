@@ -19,6 +19,11 @@ extension QCOW2Image: BitmapImage {
 
     public func bitmapEditor() throws -> any BitmapEditor { try QCOW2BitmapEditor(image: self) }
 
+    public var hasStaleBitmaps: Bool {
+        header.version >= 3 && header.bitmapsExtension != nil && QCOW2BitmapDirectory.activeExtension(header) == nil
+            && header.autoclearFeatures & QCOW2Header.autoclearBitmaps == 0
+    }
+
     func loadBits(_ entry: QCOW2BitmapEntry) throws -> DirtyBitmap {
         let clusterSize = UInt64(self.clusterSize)
         let table = try QCOW2BitmapDirectory.loadTable(entry, file: file, clusterSize: clusterSize, path: path)
@@ -70,6 +75,9 @@ final class QCOW2BitmapEditor: BitmapEditor {
         items = entries.map {
             Item(stored: $0, name: $0.name, granularity: $0.granularity, enabled: $0.isAuto, inconsistent: $0.inUse)
         }
+        // A stale extension goes from the header at the next store, as QEMU drops it when it
+        // opens the image read-write (the old directory and tables are left as leaks).
+        hasChanges = image.hasStaleBitmaps
     }
 
     var bitmaps: [PersistentBitmap] {
