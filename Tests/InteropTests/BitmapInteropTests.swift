@@ -163,6 +163,19 @@ struct BitmapInteropTests {
         for (image, args) in cases { try Self.same(args, dir, image: image) }
     }
 
+    /// An image whose lazy refcounts were not written back: qemu-img repairs it at open; simg
+    /// refuses (its store trusts the refcounts on disk) and writes nothing.
+    @Test func dirtyImageIsRefusedUntouched() throws {
+        let dir = try TempDir()
+        try qemuImg(in: dir.path, "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", "lz.qcow2", "4M")
+        try qemuImg(in: dir.path, "bitmap", "--add", "lz.qcow2", "b")
+        _ = try run("qemu-io", ["-c", "write 0 64k", "-c", "sigraise 9", "lz.qcow2"], in: dir.path)
+        let before = try Data(contentsOf: URL(fileURLWithPath: dir.file("lz.qcow2")))
+        let r = try simg(in: dir.path, "bitmap", "--add", "lz.qcow2", "c")
+        #expect(r.status == 1 && r.stderr.hasPrefix("simg: Could not open 'lz.qcow2': the image is marked dirty"), "\(r.stderr)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: dir.file("lz.qcow2"))) == before)
+    }
+
     /// A malformed bitmap directory: refused as qemu-img refuses it, before anything is written.
     @Test func malformedDirectoryIsRefusedUntouched() throws {
         let dir = try TempDir()

@@ -70,6 +70,14 @@ final class QCOW2BitmapEditor: BitmapEditor {
     init(image: QCOW2Image) throws {
         self.image = image
         guard image.isWritable else { throw ImageError(path: image.path, message: "the image is opened read-only") }
+        // The switch counts on the refcounts on disk: a corrupt image, or one whose lazy
+        // refcounts were never written back, is refused (QEMU repairs the latter at open).
+        if image.header.isCorrupt {
+            throw ImageError(path: image.path, message: "the image is marked corrupt; it must not be written")
+        }
+        if image.header.isDirty {
+            throw ImageError(path: image.path, message: "the image is marked dirty (lazy refcounts were not written back); repair it with 'qemu-img check -r all' before changing its bitmaps")
+        }
         let entries = try QCOW2BitmapDirectory.load(file: image.file, header: image.header,
                                                     virtualSize: image.virtualSize, path: image.path)
         items = entries.map {
