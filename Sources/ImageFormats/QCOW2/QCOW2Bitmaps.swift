@@ -208,7 +208,11 @@ enum QCOW2BitmapDirectory {
     static func validate(file: DiskFile, header: QCOW2Header, virtualSize: UInt64, path: String) throws -> [QCOW2BitmapEntry] {
         let entries = try load(file: file, header: header, virtualSize: virtualSize, path: path)
         let clusterSize = UInt64(header.clusterSize)
+        // A table several entries share is read once (a hostile directory could name one
+        // 8 MiB table 65535 times).
+        var checked = Set<[UInt64]>()
         for entry in entries where !entry.inUse {
+            guard checked.insert([entry.tableOffset, UInt64(entry.tableSize), UInt64(entry.granularityBits)]).inserted else { continue }
             let table = try loadTable(entry, file: file, clusterSize: clusterSize, path: path)
             guard QCOW2BitmapEntry.tableEntries(virtualSize: virtualSize, granularity: entry.granularity,
                                                 clusterSize: clusterSize) == UInt64(table.count) else {
