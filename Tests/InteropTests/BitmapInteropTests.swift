@@ -176,6 +176,19 @@ struct BitmapInteropTests {
         #expect(try Data(contentsOf: URL(fileURLWithPath: dir.file("lz.qcow2"))) == before)
     }
 
+    /// A bitmap on an image of size 0: qemu-img accepts the add but cannot store it (it prints
+    /// "Lost persistent bitmaps ...: No memory" and exits 0); simg refuses it, and both leave
+    /// the image without bitmaps.
+    @Test func emptyImageGetsNoBitmap() throws {
+        let dir = try TempDir()
+        try qemuImg(in: dir.path, "create", "-q", "-f", "qcow2", "z.qcow2", "0")
+        let r = try simg(in: dir.path, "bitmap", "--add", "z.qcow2", "x")
+        #expect(r.status == 1 && r.stderr == "simg: Operation add on bitmap x failed: Can't make bitmap 'x' persistent in 'z.qcow2': An image of size 0 cannot hold a bitmap\n", "\(r.stderr)")
+        #expect(try Self.bitmaps(dir.file("z.qcow2")) == "")
+        let check = try qemuImgResult(["check", dir.file("z.qcow2")])
+        #expect(check.status == 0, "\(check.stdout)")
+    }
+
     /// A malformed bitmap directory: refused as qemu-img refuses it, before anything is written.
     @Test func malformedDirectoryIsRefusedUntouched() throws {
         let dir = try TempDir()
