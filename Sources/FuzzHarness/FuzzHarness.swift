@@ -44,6 +44,8 @@ public enum FuzzHarness {
         public var checkCompleted = false
         /// The repairing check (-r all, on the harness's own copy) ran to a result.
         public var repairCompleted = false
+        /// The bitmap actions (add, merge, remove, stored) ran on the harness's copy.
+        public var bitmapsCompleted = false
         /// The qcow2 open was skipped because the input names a data file outside the folder.
         public var skippedDataFile = false
         /// Every error thrown, as simg would print it.
@@ -269,7 +271,37 @@ final class Workspace: @unchecked Sendable {
                 exercise(format: .qcow2, followBacking: follow, &outcome)
             }
         }
+        if outcome.probed == .qcow2 { exerciseBitmaps(&outcome) }
         return outcome
+    }
+
+    /// `simg bitmap` on the harness's copy (after the repair above): a bitmap added, every
+    /// consistent one merged into it, the first one removed, all stored in one switch; then the
+    /// image opened read-only again and checked. Only for images up to 1 GiB (bitmaps cost
+    /// memory by the virtual size, up to QEMU's 512 MiB limit).
+    private func exerciseBitmaps(_ outcome: inout FuzzHarness.Outcome) {
+        guard let header = storedHeader(), dataFileIsSafe(header), header.size <= 1 << 30 else { return }
+        do {
+            let image = try ImageOpener.open(inputPath, options: OpenOptions(format: .qcow2, writable: true, openBacking: false))
+            defer { try? image.close() }
+            guard let bitmaps = image as? any BitmapImage else { return }
+            let editor = try bitmaps.bitmapEditor()
+            let existing = editor.bitmaps
+            try? editor.add("fuzz", granularity: nil, disabled: false)
+            for bitmap in existing where !bitmap.inUse {
+                try? editor.merge(into: "fuzz", source: bitmap.name) { try editor.content(of: bitmap.name) }
+            }
+            if let first = existing.first { try? editor.remove(first.name) }
+            try editor.commit()
+            try image.close()
+            let again = try ImageOpener.open(inputPath, options: OpenOptions(format: .qcow2, openBacking: false))
+            defer { try? again.close() }
+            _ = try (again as? any BitmapImage)?.persistentBitmaps()
+            _ = try ImageChecker.check(path: inputPath, format: .qcow2, repair: .none, report: { _ in })
+            outcome.bitmapsCompleted = true
+        } catch {
+            outcome.errors.append(Self.describe(error, inputPath))
+        }
     }
 
     /// ImageCheckFailure carries no file name (simg prints "Check failed: reason"): name it here.

@@ -76,6 +76,20 @@ import TestSupport
         #expect(outcome.errors.isEmpty, "\(outcome.errors)")
     }
 
+    /// The bitmap actions run on an image with bitmaps qemu-img made (one dirty).
+    @Test func harnessDrivesTheBitmaps() throws {
+        let dir = try TempDir(prefix: "simg-fuzz-test", in: .sharedMemoryIfWritable)
+        defer { dir.remove() }
+        let image = dir.path + "/b.qcow2"
+        try fuzzTool("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", image, "1M"])
+        try fuzzTool("qemu-img", ["bitmap", "--add", image, "b1"])
+        try fuzzTool("qemu-img", ["bitmap", "--add", "--disable", image, "b2"])
+        try fuzzTool("qemu-io", ["-c", "write 0 8k", image])
+        let outcome = try FuzzHarness.run(path: image)
+        #expect(outcome.bitmapsCompleted)
+        #expect(outcome.errors.isEmpty, "\(outcome.errors)")
+    }
+
     /// Names in an input never reach host files outside the harness's folder: an external data
     /// file named by an absolute path that exists is not opened (the qcow2 open is skipped).
     @Test func harnessDoesNotOpenHostDataFiles() throws {

@@ -154,9 +154,10 @@ public final class QCOW2Image: DiskImage {
         let image = QCOW2Image(path: path, file: file, dataFile: dataFile, header: header, l1: l1,
                                snapshots: snapshots, writable: writable)
         if !writable { image.readOnlyFileSize = fileSize }
-        // QEMU reads the bitmap directory when it opens the image and refuses a broken one.
+        // QEMU reads the bitmap directory (and the tables of the bitmaps not in use) when it
+        // opens the image and refuses a broken one, with these words.
         do {
-            _ = try image.readBitmapDirectory()
+            _ = try QCOW2BitmapDirectory.validate(file: file, header: header, virtualSize: image.virtualSize, path: path)
         } catch {
             if dataFile !== file { dataFile.close() }
             throw error

@@ -3,7 +3,9 @@ import Glibc
 
 /// A change of the image's metadata that becomes visible in one write: the header's
 /// l1_size, l1_table_offset, refcount_table_offset, refcount_table_clusters, nb_snapshots and
-/// snapshots_offset (bytes 36..<72, one write inside the first page, which a kill never splits).
+/// snapshots_offset (bytes 36..<72, one write inside the first page, which a kill never splits),
+/// and when the header extensions change too (persistent bitmaps: the bitmaps extension and
+/// its autoclear bit), the whole header as the first page, again one write.
 ///
 /// Why: a snapshot create, delete or apply changes refcounts and the COPIED flags of the active
 /// tables together, and `qemu-img check` calls every moment between the two writes corrupt
@@ -220,7 +222,19 @@ final class QCOW2MetadataSwitch {
 
     /// Writes the new refcount table (the old one released), syncs everything written so far,
     /// then switches the header in one write, and syncs again. Updates `header`.
-    func commit(_ fields: Fields, header: inout QCOW2Header) throws {
+    ///
+    /// `extensions` changes what lives in the header's extension area as well (the bitmaps
+    /// extension and its autoclear bit): then the one write is the whole header, fixed fields
+    /// and extensions, as the first page (`headerPage`), which a kill never splits; the old
+    /// and the new header must each fit that page (checked before anything is written there).
+    func commit(_ fields: Fields, header: inout QCOW2Header,
+                extensions: ((inout QCOW2Header) -> Void)? = nil) throws {
+        var page: [UInt8]? = nil
+        var updated = header
+        if let extensions {
+            extensions(&updated)
+            page = try Self.headerPage(old: header, new: &updated, clusterSize: Int(clusterSize), path: path)
+        }
         try adjust(cluster: old.tableOffset >> bits, count: old.tableClusters, by: -1)
         let perCluster = clusterSize / 8
         func clustersFor(_ entries: Int) -> UInt64 { (UInt64(entries) + perCluster - 1) / perCluster }
@@ -249,7 +263,13 @@ final class QCOW2MetadataSwitch {
         QCOW2BE.append32(&field, UInt32(clusters))
         QCOW2BE.append32(&field, fields.nbSnapshots)
         QCOW2BE.append64(&field, fields.snapshotsOffset)
-        try file.qcow2Write(field, at: 36)
+        if var page {
+            page.replaceSubrange(36..<72, with: field)
+            try file.qcow2Write(page, at: 0)
+            header = updated
+        } else {
+            try file.qcow2Write(field, at: 36)
+        }
         header.l1Size = fields.l1Size
         header.l1TableOffset = fields.l1Offset
         header.refcountTableOffset = tableOffset
@@ -269,6 +289,23 @@ final class QCOW2MetadataSwitch {
                 c = end
             }
         }
+    }
+
+    /// The first page of the header cluster for `new` (zero-padded): what `commit` writes in
+    /// one go when the extensions change. `new`'s backing name offset follows the layout.
+    static func headerPage(old: QCOW2Header, new: inout QCOW2Header, clusterSize: Int, path: String) throws -> [UInt8] {
+        let size = min(DiskFile.pageSize, clusterSize)
+        var bytes = new.serialized()
+        guard bytes.count <= size, old.serialized().count <= size else {
+            throw ImageError(path: path, message: "the image header with its extensions does not fit in one page (\(size) bytes), so it cannot be switched in one write")
+        }
+        if let name = new.backingFileName {
+            let length = FileName.byteCount(name)
+            new.backingFileOffset = UInt64(bytes.count - length)
+            new.backingFileSize = UInt32(length)
+        }
+        bytes += [UInt8](repeating: 0, count: size - bytes.count)
+        return bytes
     }
 
     /// After a refusal before the switch: the image is unchanged; space added past its old

@@ -1,0 +1,189 @@
+import DiskIO
+import ImageFormats
+
+/// `simg bitmap (--add | --remove | --clear | --enable | --disable | --merge SOURCE)... [-q]
+/// [-f fmt] [-g granularity] [-b source_file [-F source_fmt]] FILE BITMAP` with qemu-img 7.2's
+/// contract: the actions apply to bitmap BITMAP in the order given; the first refused one
+/// stops the run ("Operation ACTION on bitmap BITMAP failed: REASON", exit 1) and the ones
+/// before it are kept, as qemu-img keeps them when it closes the image. The image is opened
+/// read-write without its backing chain (writer's locks), `-b`'s image read-only (reader's).
+///
+/// Everything is changed in memory and stored in one crash-safe switch at the end
+/// (`BitmapEditor.commit`). Where qemu-img names a block node ('#block123', a number that
+/// changes from run to run), simg names the image file.
+enum BitmapCommand {
+    static let command = Command(
+        name: "bitmap",
+        synopsis: "bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-q] [-b source_file [-F source_fmt]] [-g granularity] [-f fmt] filename bitmap",
+        details: [
+            "Changes the persistent dirty bitmap 'bitmap' of a qcow2 (v3) image.",
+            "  '--add' creates it (empty, recording writes); '--remove' deletes it; '--clear' empties it",
+            "  '--enable' / '--disable' start or stop its recording of guest writes",
+            "  '--merge SOURCE' adds the dirty bits of bitmap SOURCE (of this image, or of",
+            "           '-b source_file', opened read-only, its format '-F source_fmt')",
+            "  the actions may be repeated and combined; they apply in the order given",
+            "  '-g' the granularity of an added bitmap (a power of two, at least 512 bytes;",
+            "       default: the cluster size, within 4 KiB and 64 KiB)",
+            "  '-f' names the image's format instead of probing it",
+        ],
+        options: [CommandSupport.formatOption, .long("add"), .long("remove"), .long("clear"), .long("enable"),
+                  .long("disable"), .long("merge", takesValue: true),
+                  OptionSpec(short: "g", long: "granularity", takesValue: true, key: "granularity"),
+                  OptionSpec(short: "b", long: "source-file", takesValue: true, key: "source-file"),
+                  OptionSpec(short: "F", long: "source-format", takesValue: true, key: "source-format"),
+                  .long("object", takesValue: true), .long("image-opts")],
+        modifiesImages: { _ in true },
+        run: run)
+
+    enum Action {
+        case add, remove, clear, enable, disable, merge(String)
+
+        var verb: String {
+            switch self {
+            case .add: "add"
+            case .remove: "remove"
+            case .clear: "clear"
+            case .enable: "enable"
+            case .disable: "disable"
+            case .merge: "merge"
+            }
+        }
+    }
+
+    static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        var actions: [Action] = []
+        var granularity: UInt64 = 0
+        for option in scan.options {
+            switch option.key {
+            case "add": actions.append(.add)
+            case "remove": actions.append(.remove)
+            case "clear": actions.append(.clear)
+            case "enable": actions.append(.enable)
+            case "disable": actions.append(.disable)
+            case "merge": actions.append(.merge(option.value ?? ""))
+            case "granularity": granularity = try parseGranularity(option.value ?? "")
+            default: continue
+            }
+        }
+        if scan.has("object") { throw CLIError("simg does not support --object") }
+        if scan.has("image-opts") { throw CLIError("simg does not support --image-opts") }
+        let adds = actions.contains { if case .add = $0 { true } else { false } }
+        let merges = actions.contains { if case .merge = $0 { true } else { false } }
+        guard !actions.isEmpty else {
+            throw CLIError("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge")
+        }
+        if granularity != 0 && !adds { throw CLIError("granularity only supported with --add") }
+        let sourceFile = scan.last("source-file")
+        if scan.has("source-format") && sourceFile == nil { throw CLIError("-F only supported with -b") }
+        if sourceFile != nil && !merges { throw CLIError("Merge bitmap source file only supported with --merge") }
+        guard scan.operands.count == 2 else { throw CLIError("Expecting filename and bitmap name") }
+        let filename = scan.operands[0], name = scan.operands[1]
+
+        let format = try CommandSupport.format(scan, opening: filename)
+        let image = try CommandSupport.open(filename, OpenOptions(format: format, writable: true, cache: .writeback,
+                                                                  openBacking: false),
+                                            wording: .deepestImage)
+        defer { try? image.close() }
+        if format == nil, let resizable = image as? any ResizableImage, resizable.warnsWhenProbedForWriting {
+            console.err("""
+                WARNING: Image format was not specified for '\(filename)' and probing guessed \(image.format.rawValue).
+                         Automatically detecting the format is dangerous for \(image.format.rawValue) images, write operations on block 0 will be restricted.
+                         Specify the '\(image.format.rawValue)' format explicitly to remove the restrictions.
+
+                """)
+        }
+        warnIfStale(image, console)
+        var source: (any DiskImage)?
+        if let sourceFile {
+            let sourceFormat = try CommandSupport.format(scan, "source-format", opening: sourceFile)
+            source = try CommandSupport.open(sourceFile, OpenOptions(format: sourceFormat, writable: false, cache: .writeback,
+                                                                     openBacking: false),
+                                             wording: .deepestImage)
+            if let source { warnIfStale(source, console) }
+        }
+        defer { try? source?.close() }
+
+        let editor: (any BitmapEditor)?
+        do {
+            editor = try (image as? any BitmapImage)?.bitmapEditor()
+        } catch {
+            throw CLIError(CommandSupport.openFailure(error, path: filename, wording: .deepestImage))
+        }
+        var refusal: CLIError?
+        for action in actions {
+            do {
+                try apply(action, name, editor: editor, image: image, source: source, granularity: granularity == 0 ? nil : granularity & 0xffff_ffff)
+            } catch let failure as BitmapFailure {
+                refusal = CLIError("Operation \(action.verb) on bitmap \(name) failed: \(failure.message)"
+                                   + (failure.hint.map { "\n" + $0 } ?? ""))
+                break
+            } catch {
+                refusal = CLIError("Operation \(action.verb) on bitmap \(name) failed: \(error)")
+                break
+            }
+        }
+        // What succeeded before a refusal is kept, as qemu-img stores its bitmaps on close.
+        if let editor, editor.hasChanges {
+            do {
+                try editor.commit()
+            } catch let error as InterruptedError {
+                throw error.naming(filename, outcome: "keeps its bitmaps as they were")
+            } catch {
+                throw CLIError("Failed to store the bitmaps of '\(filename)': \(error)")
+            }
+        }
+        try source?.close()
+        try image.close()
+        if let refusal { throw refusal }
+        return 0
+    }
+
+    /// QEMU's warning (at every open) about bitmaps a program without bitmap support invalidated.
+    /// QEMU ends its second line without a newline (the next message runs on after it); simg
+    /// ends the line.
+    static func warnIfStale(_ image: any DiskImage, _ console: Console) {
+        guard let bitmaps = image as? any BitmapImage, bitmaps.hasStaleBitmaps else { return }
+        console.error("warning: a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent")
+        console.err("Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.\n")
+    }
+
+    /// One action; raw images (no `BitmapImage`) are refused in QEMU's words.
+    static func apply(_ action: Action, _ name: String, editor: (any BitmapEditor)?, image: any DiskImage,
+                      source: (any DiskImage)?, granularity: UInt64?) throws {
+        guard let editor else {
+            if case .add = action {
+                throw BitmapFailure("Can't store persistent bitmaps to \(image.path): Operation not supported")
+            }
+            throw BitmapFailure.notFound(name)
+        }
+        switch action {
+        case .add: try editor.add(name, granularity: granularity, disabled: false)
+        case .remove: try editor.remove(name)
+        case .clear: try editor.clear(name)
+        case .enable: try editor.enable(name)
+        case .disable: try editor.disable(name)
+        case .merge(let from):
+            try editor.merge(into: name, source: from) {
+                guard let source else { return try editor.content(of: from) }
+                guard let other = source as? any BitmapImage else { throw BitmapFailure.notFound(from) }
+                return try other.loadBitmap(named: from)
+            }
+        }
+    }
+
+    /// `-g` as qemu-img's cvtnum("granularity"). 0 means the default; any other value is cut to
+    /// 32 bits when the action uses it, as QMP's uint32 takes it (so 4G is given as 0, refused
+    /// as "Granularity must be power of 2 and at least 512").
+    static func parseGranularity(_ text: String) throws -> UInt64 {
+        let value: UInt64
+        do {
+            value = try SizeParser.parseImageSize(text)
+        } catch SizeParser.Error.outOfRange {
+            throw CLIError("Invalid granularity specified. Must be between 0 and \(Int64.max).")
+        } catch {
+            throw CLIError("Invalid granularity specified. You may use k, M, G, T, P or E suffixes for\n"
+                           + "simg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+        }
+        return value
+    }
+}
