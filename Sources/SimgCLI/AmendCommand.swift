@@ -36,6 +36,9 @@ enum AmendCommand {
         }
         let quiet = scan.has("quiet")
         let progress = scan.has("progress") && !quiet
+        // qemu-img ends its progress output with a newline whatever happens after -o was
+        // accepted (qemu_progress_end), help and failures included.
+        defer { if progress { console.out("\n") } }
         let wantsHelp = OptionList.wantsHelp(optionText)
         if let name = scan.last("format"), wantsHelp {
             // A format named: its options, without opening the image (or needing one).
@@ -66,17 +69,17 @@ enum AmendCommand {
             throw CLIError("Format driver '\(image.format.rawValue)' does not support option amendment")
         }
         let request = AmendRequest(values: try parse(optionText, table: table, format: image.format), force: scan.has("force"))
+        // qemu-img prints 0% before and 100% after the driver's work, whether it failed or not.
         if progress { console.out(ProgressPrinter.line(0)) }
+        defer { if progress { console.out(ProgressPrinter.line(10000)) } }
         do {
             try amendable.amend(request)
             try image.flush()
         } catch let error as AmendError {
-            if progress { console.out(ProgressPrinter.line(10000) + "\n") }
             throw CLIError(error.message)
         } catch let error as InterruptedError {
             throw error.naming(filename, outcome: "was amended only in part (each step is complete or not done)")
         }
-        if progress { console.out(ProgressPrinter.line(10000) + "\n") }
         return 0
     }
 
@@ -122,26 +125,24 @@ enum AmendCommand {
     /// `value` as option `spec`'s type, or QEMU's words for a value that is not.
     static func typed(_ value: String, _ spec: CreateOptionSpec) throws -> AmendValue {
         let name = spec.name
-        do {
-            switch spec.type {
-            case "bool":
-                switch value {
-                case "on", "yes", "true", "y": return .bool(true)
-                case "off", "no", "false", "n": return .bool(false)
-                default: throw CLIError("Parameter '\(name)' expects 'on' or 'off'")
-                }
-            case "number":
-                guard let number = parseNumber(value) else { throw CLIError("Parameter '\(name)' expects a number") }
-                return .number(number)
-            case "size":
-                do {
-                    return .size(try Backend.parseSize(value).value)
-                } catch {
-                    throw CLIError(SizeParser.parameterMessage(for: error, text: value, parameter: name))
-                }
-            default:
-                return .string(value)
+        switch spec.type {
+        case "bool":
+            switch value {
+            case "on", "yes", "true", "y": return .bool(true)
+            case "off", "no", "false", "n": return .bool(false)
+            default: throw CLIError("Parameter '\(name)' expects 'on' or 'off'")
             }
+        case "number":
+            guard let number = parseNumber(value) else { throw CLIError("Parameter '\(name)' expects a number") }
+            return .number(number)
+        case "size":
+            do {
+                return .size(try Backend.parseSize(value).value)
+            } catch {
+                throw CLIError(SizeParser.parameterMessage(for: error, text: value, parameter: name))
+            }
+        default:
+            return .string(value)
         }
     }
 

@@ -94,7 +94,8 @@ struct AmendInteropTests {
 
     /// Help and refusals: the same output, and the file untouched (byte for byte).
     @Test(arguments: [
-        ["-q", "-p", "-o", "compat=1.1", "a.qcow2"],
+        ["-q", "-p", "-o", "compat=1.1", "a.qcow2"], ["-p", "-o", "compat=2", "a.qcow2"], ["-p", "-o", "foo=1", "a.qcow2"],
+        ["-p", "-f", "qcow2", "-o", "help"], ["-p", "-o", "compat=1.1"],
         ["-o", "help", "a.qcow2"], ["-o", "?", "a.qcow2"], ["-f", "qcow2", "-o", "help"], ["-f", "qcow2", "-o", "compat=1.1,help", "x"],
         ["-o", "cluster_size=4k", "a.qcow2"], ["-o", "cluster_size=x", "a.qcow2"], ["-o", "preallocation=full", "a.qcow2"],
         ["-o", "extended_l2=on", "a.qcow2"], ["-o", "compression_type=zstd", "a.qcow2"], ["-o", "encryption=on", "a.qcow2"],
