@@ -107,14 +107,18 @@ enum AmendCommand {
     /// creation option), a value not of the option's type is refused in QEMU's words.
     static func parse(_ text: String, table: [CreateOptionSpec], format: ImageFormat) throws -> [String: AmendValue] {
         var values: [String: AmendValue] = [:]
-        for (name, value) in OptionList.parse(text) {
+        let entries = OptionList.parse(text)
+        for (name, value) in entries {
             guard let spec = table.first(where: { $0.name == name }) else {
                 var message = "Invalid parameter '\(name)'"
-                // QEMU parses the list again with the creation options too: the hint only when
-                // that parse succeeds (this option's value of its creation type).
-                if let create = AmendOptions.creationOption(name, format: format), (try? typed(value, create)) != nil {
-                    message += "\nThis option is only supported for image creation"
+                // QEMU parses the whole list again with the creation options added: the hint
+                // only when that parse succeeds (every option known, every value of its type).
+                let parsesForCreation = entries.allSatisfy { entry in
+                    guard let spec = table.first(where: { $0.name == entry.name })
+                            ?? AmendOptions.creationOption(entry.name, format: format) else { return false }
+                    return (try? typed(entry.value, spec)) != nil
                 }
+                if parsesForCreation { message += "\nThis option is only supported for image creation" }
                 throw CLIError(message)
             }
             values[name] = try typed(value, spec)
