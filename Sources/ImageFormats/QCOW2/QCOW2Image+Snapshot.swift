@@ -83,7 +83,7 @@ extension QCOW2Image: SnapshottingImage {
     /// Runs `body` (which computes the new active L1 entries, snapshot table and its offset
     /// through `sw`), writes the active L1 where it changed, and switches the header. Any
     /// error before the switch leaves the image as it was.
-    private func transact(_ sw: QCOW2MetadataSwitch,
+    func transact(_ sw: QCOW2MetadataSwitch,
                           _ body: () throws -> (l1: [UInt64], table: [QCOW2Snapshot], tableOffset: UInt64)) throws {
         do {
             let result = try body()
@@ -231,7 +231,7 @@ extension QCOW2Image: SnapshottingImage {
 
     /// Writes `table` into free clusters and releases the current one; returns the new
     /// offset (0 for an empty table, as QEMU writes it).
-    private func writeSnapshotTable(_ table: [QCOW2Snapshot], _ sw: QCOW2MetadataSwitch) throws -> UInt64 {
+    func writeSnapshotTable(_ table: [QCOW2Snapshot], _ sw: QCOW2MetadataSwitch) throws -> UInt64 {
         let oldSize = snapshots.reduce(UInt64(0)) { $0 + UInt64($1.entrySize) }
         if !snapshots.isEmpty { try sw.adjust(range: header.snapshotsOffset, length: oldSize, by: -1) }
         let bytes = QCOW2Snapshot.serializedTable(table, diskSize: virtualSize)

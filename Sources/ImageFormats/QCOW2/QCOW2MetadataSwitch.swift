@@ -210,6 +210,14 @@ final class QCOW2MetadataSwitch {
         return start
     }
 
+    /// `count` contiguous clusters free in the current image and not counted anywhere: for a
+    /// rebuild that writes refcounts of another width (QCOW2RefcountRebuild) and counts them
+    /// in its own blocks. `restart` searches from cluster 0 again (a new placement attempt).
+    func freeRun(count: UInt64, restart: Bool = false) throws -> UInt64 {
+        if restart { hint = 0 }
+        return try findFree(count: count)
+    }
+
     // MARK: - The switch
 
     /// The header fields the switch writes.
@@ -306,6 +314,29 @@ final class QCOW2MetadataSwitch {
         }
         bytes += [UInt8](repeating: 0, count: size - bytes.count)
         return bytes
+    }
+
+    /// The switch to refcount structures of another width, written whole into free clusters
+    /// by the caller and synced: bytes 48..<100 (refcount table offset and clusters, the
+    /// snapshot fields and feature bits as they are, refcount_order) in one write inside the
+    /// first page, then a sync. Updates `header`. Only for version 3 headers (v2 has no
+    /// refcount_order field and only 16-bit refcounts).
+    func switchRefcounts(tableOffset: UInt64, tableClusters: UInt32, order: UInt32, header: inout QCOW2Header) throws {
+        precondition(header.version >= 3)
+        var field: [UInt8] = []
+        QCOW2BE.append64(&field, tableOffset)
+        QCOW2BE.append32(&field, tableClusters)
+        QCOW2BE.append32(&field, header.nbSnapshots)
+        QCOW2BE.append64(&field, header.snapshotsOffset)
+        QCOW2BE.append64(&field, header.incompatibleFeatures)
+        QCOW2BE.append64(&field, header.compatibleFeatures)
+        QCOW2BE.append64(&field, header.autoclearFeatures)
+        QCOW2BE.append32(&field, order)
+        try file.qcow2Write(field, at: 48)
+        header.refcountTableOffset = tableOffset
+        header.refcountTableClusters = tableClusters
+        header.refcountOrder = order
+        try file.sync()
     }
 
     /// After a refusal before the switch: the image is unchanged; space added past its old
