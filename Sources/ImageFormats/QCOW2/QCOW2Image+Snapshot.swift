@@ -20,7 +20,7 @@ extension QCOW2Image: SnapshottingImage {
         // QEMU's find_new_snapshot_id: one more than the largest numeric ID.
         let maxID = snapshots.map { Self.numericPrefix($0.id) }.max() ?? 0
         let sw = try QCOW2MetadataSwitch(image: self)
-        try transact(sw) {
+        try transact(sw, switchedOutcome: "has the new snapshot") {
             let l1Bytes = QCOW2BE.bytes(l1)
             // The snapshot's own copy of the L1 table (QEMU copies it with the flags as they are).
             let snapshotL1 = l1.isEmpty ? 0 : try sw.allocateAndWrite(l1Bytes)
@@ -44,7 +44,7 @@ extension QCOW2Image: SnapshottingImage {
         try checkSnapshotWritable(create: false)
         let victim = snapshots[index]
         let sw = try QCOW2MetadataSwitch(image: self)
-        try transact(sw) {
+        try transact(sw, switchedOutcome: "no longer has the snapshot") {
             let victimL1 = try readSnapshotL1(victim)
             try walk(victimL1, by: -1, sw)
             try sw.adjust(range: victim.l1TableOffset, length: UInt64(victim.l1Size) * 8, by: -1)
@@ -67,7 +67,7 @@ extension QCOW2Image: SnapshottingImage {
             throw SnapshotFailure(code: ENOTSUP, message: "the snapshot's disk size (\(size)) differs from the image's (\(virtualSize)); simg does not resize on apply")
         }
         let sw = try QCOW2MetadataSwitch(image: self)
-        try transact(sw) {
+        try transact(sw, switchedOutcome: "was reverted to the snapshot") {
             var target = try readSnapshotL1(target)
             // The active table keeps at least its size (QEMU grows it to the snapshot's).
             if target.count < l1.count { target += [UInt64](repeating: 0, count: l1.count - target.count) }
@@ -83,7 +83,11 @@ extension QCOW2Image: SnapshottingImage {
     /// Runs `body` (which computes the new active L1 entries, snapshot table and its offset
     /// through `sw`), writes the active L1 where it changed, and switches the header. Any
     /// error before the switch leaves the image as it was.
-    private func transact(_ sw: QCOW2MetadataSwitch,
+    ///
+    /// SIGINT/SIGTERM before the switch throw an `InterruptedError` naming no image (the
+    /// command words what was not done); seen by the sync after it, the image has already
+    /// changed: `InterruptedError` naming the image with `switchedOutcome`.
+    private func transact(_ sw: QCOW2MetadataSwitch, switchedOutcome: String,
                           _ body: () throws -> (l1: [UInt64], table: [QCOW2Snapshot], tableOffset: UInt64)) throws {
         do {
             let result = try body()
@@ -102,6 +106,9 @@ extension QCOW2Image: SnapshottingImage {
             snapshots = try QCOW2Snapshot.readTable(file: file, header: header, fileSize: try file.size(), path: path)
             // The L2 tables read so far may be ones the image no longer uses.
             tableCache = QCOW2TableCache(file: file, tableSize: header.clusterSize)
+            if let interrupted = sw.interruptedAfterSwitch {
+                throw interrupted.naming(path, outcome: switchedOutcome + " (the new metadata is written but was not synced to disk)")
+            }
         } catch {
             sw.abandon()
             throw error

@@ -32,6 +32,13 @@ final class QCOW2MetadataSwitch {
     private var hint: UInt64 = 0
     /// The file's size before anything was written (a refusal part-way cuts it back).
     let originalFileSize: UInt64
+    /// Set once the header write that switches to the new metadata has returned: from then
+    /// on the new structures are the image, and nothing may be undone (`abandon` does nothing).
+    private(set) var switched = false
+    /// SIGINT/SIGTERM seen by the sync after the switch (DiskFile.sync throws once one is
+    /// pending): the new metadata is written but not synced; `commit` returns normally and the
+    /// caller, after updating its state, reports this.
+    private(set) var interruptedAfterSwitch: InterruptedError?
 
     init(image: QCOW2Image) throws {
         file = image.file
@@ -250,13 +257,20 @@ final class QCOW2MetadataSwitch {
         QCOW2BE.append32(&field, fields.nbSnapshots)
         QCOW2BE.append64(&field, fields.snapshotsOffset)
         try file.qcow2Write(field, at: 36)
+        switched = true
         header.l1Size = fields.l1Size
         header.l1TableOffset = fields.l1Offset
         header.refcountTableOffset = tableOffset
         header.refcountTableClusters = UInt32(clusters)
         header.nbSnapshots = fields.nbSnapshots
         header.snapshotsOffset = fields.snapshotsOffset
-        try file.sync()
+        do {
+            try file.sync()
+        } catch let interrupted as InterruptedError {
+            // The switch is written (a process kill keeps it); only the punching is left out.
+            interruptedAfterSwitch = interrupted
+            return
+        }
         // Nothing references the freed clusters now, on disk either: give their space back
         // (best effort, as QEMU's discard). Only clusters still at 0 (never reused here).
         for run in freed {
@@ -274,6 +288,8 @@ final class QCOW2MetadataSwitch {
     /// After a refusal before the switch: the image is unchanged; space added past its old
     /// end is cut off again (best effort).
     func abandon() {
+        // After the switch the file's new end holds the image's metadata.
+        guard !switched else { return }
         if let size = try? file.size(), size > originalFileSize, !((try? file.kind().isDevice) ?? true) {
             try? file.truncate(to: originalFileSize)
         }
