@@ -165,6 +165,17 @@ extension QCOW2Image: SnapshottingImage {
     private func walk(_ entries: [UInt64], by delta: Int64, _ sw: QCOW2MetadataSwitch) throws {
         let stride = header.l2EntrySize / 8
         let bits = header.clusterBits
+        // A reference past the end of the file is corruption (qemu-img check's "exceeding the
+        // end of the file"): refused before its refcount is looked for (a hostile offset would
+        // otherwise ask for a refcount table of exabytes).
+        let cs = UInt64(clusterSize)
+        let fileEnd = (try file.size() + cs - 1) / cs * cs
+        func checkInFile(_ host: UInt64, _ length: UInt64, _ l2: UInt64, _ k: Int) throws {
+            let (end, overflow) = host.addingReportingOverflow(length)
+            guard !overflow, end <= fileEnd else {
+                throw ImageError(path: path, message: "Image is corrupt: cluster offset \(QCOW2BE.hex(host)) is past the end of the file (L2 offset: \(QCOW2BE.hex(l2)), L2 index: \(k / stride))")
+            }
+        }
         for (i, l1Entry) in entries.enumerated() where l1Entry & qcow2OffsetMask != 0 {
             try Interruption.check()
             let (offset, words) = try readL2(l1Entry, index: i)
@@ -181,11 +192,13 @@ extension QCOW2Image: SnapshottingImage {
                 if entry.isCompressed {
                     try flushRun()
                     let d = entry.compressedDescriptor(clusterBits: UInt32(bits))
-                    try sw.adjust(range: d.hostOffset, length: d.byteLength, by: delta)
+                    try checkInFile(d.hostOffset, UInt64(d.byteLength), offset, k)
+                    try sw.adjust(range: d.hostOffset, length: UInt64(d.byteLength), by: delta)
                 } else if entry.hostOffset != 0 {
                     guard entry.hostOffset & UInt64(clusterSize - 1) == 0 else {
                         throw ImageError(path: path, message: "Image is corrupt: cluster allocation offset \(QCOW2BE.hex(entry.hostOffset)) unaligned (L2 offset: \(QCOW2BE.hex(offset)), L2 index: \(k / stride))")
                     }
+                    try checkInFile(entry.hostOffset, cs, offset, k)
                     let cluster = entry.hostOffset >> UInt64(bits)
                     if let r = run, r.first + r.count == cluster {
                         run = (r.first, r.count + 1)

@@ -133,6 +133,8 @@ final class QCOW2MetadataSwitch {
     /// zeros) in a free cluster; the new cluster is counted, the old block's is released.
     private func shadowBlock(_ index: Int) throws -> UInt64 {
         if index < shadow.count, shadow[index] != 0 { return shadow[index] }
+        // QEMU's limit on the refcount table (QCOW_MAX_REFTABLE_SIZE): -EFBIG past it.
+        guard UInt64(index) < QCOW2Header.maxRefcountTableBytes / 8 else { throw SnapshotFailure(code: EFBIG) }
         if index >= shadow.count { shadow += [UInt64](repeating: 0, count: index + 1 - shadow.count) }
         let cluster = try findFree(count: 1)
         let oldBlock = index < old.table.count ? old.table[index] & qcow2OffsetMask : 0
