@@ -62,15 +62,30 @@ extension QCOW2Image: SnapshottingImage {
             throw SnapshotFailure(code: ENOENT)
         }
         try checkSnapshotWritable(create: false)
+        // A snapshot of another size: qemu-img 7.2 truncates the image to the snapshot's size
+        // first (qcow2_snapshot_goto's blk_truncate, a shrink dropping what lies past the end),
+        // then loads the snapshot, which replaces every mapping anyway. The result is the
+        // snapshot's size and content; here the size is part of the one header switch, so a
+        // kill leaves the old image or the applied one, never a truncated current state.
+        var newSize: UInt64?
         if let size = target.diskSize, size != virtualSize {
-            // qemu-img 7.2 resizes the image to the snapshot's size first; simg does not yet.
-            throw SnapshotFailure(code: ENOTSUP, message: "the snapshot's disk size (\(size)) differs from the image's (\(virtualSize)); simg does not resize on apply")
+            // QEMU's resize checks that apply here (qcow2_co_truncate).
+            guard size % 512 == 0 else { throw SnapshotFailure(code: EINVAL, message: "The new size must be a multiple of 512") }
+            if header.bitmapsExtension != nil && header.autoclearFeatures & QCOW2Header.autoclearBitmaps != 0 {
+                throw SnapshotFailure(code: ENOTSUP, message: "simg cannot resize a qcow2 image with persistent dirty bitmaps yet")
+            }
+            let entries = (size + header.bytesPerL2Table - 1) / header.bytesPerL2Table
+            guard entries * 8 <= QCOW2Header.maxL1Bytes else { throw SnapshotFailure(code: EFBIG) }
+            newSize = size
         }
         let sw = try QCOW2MetadataSwitch(image: self)
-        try transact(sw, switchedOutcome: "was reverted to the snapshot") {
+        try transact(sw, newSize: newSize, switchedOutcome: "was reverted to the snapshot") {
             var target = try readSnapshotL1(target)
-            // The active table keeps at least its size (QEMU grows it to the snapshot's).
-            if target.count < l1.count { target += [UInt64](repeating: 0, count: l1.count - target.count) }
+            // The active table keeps at least its size (QEMU grows it to the snapshot's), and
+            // covers the snapshot's size (QEMU's truncate grows it first when it must).
+            var entries = max(target.count, l1.count)
+            if let newSize { entries = max(entries, Int((newSize + header.bytesPerL2Table - 1) / header.bytesPerL2Table)) }
+            if target.count < entries { target += [UInt64](repeating: 0, count: entries - target.count) }
             try walk(target, by: 1, sw)
             try walk(l1, by: -1, sw)
             let active = try fixCopied(target, sw)
@@ -87,7 +102,7 @@ extension QCOW2Image: SnapshottingImage {
     /// SIGINT/SIGTERM before the switch throw an `InterruptedError` naming no image (the
     /// command words what was not done); seen by the sync after it, the image has already
     /// changed: `InterruptedError` naming the image with `switchedOutcome`.
-    private func transact(_ sw: QCOW2MetadataSwitch, switchedOutcome: String,
+    private func transact(_ sw: QCOW2MetadataSwitch, newSize: UInt64? = nil, switchedOutcome: String,
                           _ body: () throws -> (l1: [UInt64], table: [QCOW2Snapshot], tableOffset: UInt64)) throws {
         do {
             let result = try body()
@@ -98,7 +113,7 @@ extension QCOW2Image: SnapshottingImage {
             }
             let fields = QCOW2MetadataSwitch.Fields(l1Size: UInt32(result.l1.count), l1Offset: l1Offset,
                                                     nbSnapshots: UInt32(result.table.count),
-                                                    snapshotsOffset: result.tableOffset)
+                                                    snapshotsOffset: result.tableOffset, size: newSize)
             try Interruption.check()
             try sw.commit(fields, header: &header)
             l1 = result.l1

@@ -225,6 +225,9 @@ final class QCOW2MetadataSwitch {
         var l1Offset: UInt64
         var nbSnapshots: UInt32
         var snapshotsOffset: UInt64
+        /// A new virtual size (snapshot apply of a snapshot of another size), written in the
+        /// same write: the switch then covers bytes 24..<72 (size, crypt_method unchanged).
+        var size: UInt64? = nil
     }
 
     /// Writes the new refcount table (the old one released), syncs everything written so far,
@@ -252,14 +255,19 @@ final class QCOW2MetadataSwitch {
         try file.qcow2Write(QCOW2BE.bytes(table), at: tableOffset)
         try file.sync()
         var field: [UInt8] = []
+        if let size = fields.size {
+            QCOW2BE.append64(&field, size)
+            QCOW2BE.append32(&field, header.cryptMethod)
+        }
         QCOW2BE.append32(&field, fields.l1Size)
         QCOW2BE.append64(&field, fields.l1Offset)
         QCOW2BE.append64(&field, tableOffset)
         QCOW2BE.append32(&field, UInt32(clusters))
         QCOW2BE.append32(&field, fields.nbSnapshots)
         QCOW2BE.append64(&field, fields.snapshotsOffset)
-        try file.qcow2Write(field, at: 36)
+        try file.qcow2Write(field, at: fields.size == nil ? 36 : 24)
         switched = true
+        if let size = fields.size { header.size = size }
         header.l1Size = fields.l1Size
         header.l1TableOffset = fields.l1Offset
         header.refcountTableOffset = tableOffset
