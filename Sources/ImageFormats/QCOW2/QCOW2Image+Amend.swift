@@ -154,7 +154,7 @@ extension QCOW2Image: AmendableImage {
     private func upgrade() throws {
         if snapshots.contains(where: { $0.extraData.count < 16 }) {
             let sw = try QCOW2MetadataSwitch(image: self)
-            try transact(sw) { (l1, snapshots, try writeSnapshotTable(snapshots, sw)) }
+            try transact(sw, switchedOutcome: "has its snapshot table rewritten for version 3 (still version 2)") { (l1, snapshots, try writeSnapshotTable(snapshots, sw)) }
         }
         var updated = header
         updated.version = 3
