@@ -360,7 +360,12 @@ final class QCOW2MetadataSwitch {
         header.refcountTableOffset = tableOffset
         header.refcountTableClusters = tableClusters
         header.refcountOrder = order
-        try file.sync()
+        do {
+            try file.sync()
+        } catch let interrupted as InterruptedError {
+            // The header is written: the image has the new width, whatever the caller was doing.
+            throw interrupted.naming(path, outcome: "has the new refcount width (the new header is written but was not synced to disk)")
+        }
     }
 
     /// After a refusal before the switch: the image is unchanged; space added past its old
