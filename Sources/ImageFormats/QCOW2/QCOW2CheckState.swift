@@ -222,14 +222,6 @@ final class QCOW2Checker {
     let clusterSize: UInt64
     /// File length as QEMU sees it (whole 512-byte sectors).
     var fileLength: UInt64
-    /// How far a repair may grow the file to bring a refcount block that lies past its end
-    /// back inside (QEMU grows to any offset: a hostile 10 KB image made it write a 600 GB
-    /// sparse file it then could not open, "Reference count table too large"). Fixed when the
-    /// pass starts so a chain of such blocks cannot ratchet it up.
-    let growthLimit: UInt64
-    /// Slack past the original end a refcount block may sit at and still be grown to: room for
-    /// a block allocated just past a lost tail, not for a corrupted offset.
-    static let maxRepairGrowth: UInt64 = 1 << 30
     let counts: QCOW2CheckCounts
     var stored: QCOW2StoredRefcounts
     var result = ImageCheckResult()
@@ -251,7 +243,6 @@ final class QCOW2Checker {
         self.report = report
         let size = try file.size()
         fileLength = (size + 511) & ~511
-        growthLimit = fileLength + Self.maxRepairGrowth
         let start = try file.qcow2ReadBytes(count: 112, at: 0)
         let bits = QCOW2BE.u32(start, 20)
         var bytes = start

@@ -258,13 +258,6 @@ extension QCOW2Checker {
                     // Growing the file to hold the block makes it a (zeroed) block again.
                     let (end, overflow) = offset.addingReportingOverflow(clusterSize)
                     var failure = "Invalid argument"
-                    if !overflow, end > growthLimit {
-                        // Far past the end is a corrupted entry, not a lost tail: the rebuild
-                        // replaces it instead of the file growing (and its counts) to reach it.
-                        rebuild = true
-                        say("ERROR could not resize image: \(String(cString: strerror(EFBIG)))")
-                        continue
-                    }
                     if !overflow, end <= UInt64(Int64.max) {
                         do {
                             try file.truncate(to: end)
