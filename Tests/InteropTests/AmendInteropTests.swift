@@ -41,23 +41,8 @@ struct AmendInteropTests {
         #expect(cmp.status == 0, "content after \(what): \(cmp.stdout)", sourceLocation: sourceLocation)
     }
 
-    func qemuWords(_ text: String) -> String {
-        text.split(separator: "\n", omittingEmptySubsequences: false).map { line in
-            var line = String(line)
-            if line.hasPrefix("simg: ") { line = "qemu-img: " + line.dropFirst(6) }
-            return line.replacingOccurrences(of: "Try 'simg --help'", with: "Try 'qemu-img --help'")
-        }.joined(separator: "\n")
-    }
-
-    func info(_ path: String) throws -> [String: String] {
-        let json = try jsonObject(try qemuImg("info", "--output=json", path).stdout)
-        var out: [String: String] = [:]
-        for (key, value) in json where !["filename", "full-backing-filename", "actual-size", "dirty-flag"].contains(key) {
-            let data = try JSONSerialization.data(withJSONObject: ["v": value], options: [.sortedKeys])
-            out[key] = String(decoding: data, as: UTF8.self)
-        }
-        return out
-    }
+    func qemuWords(_ text: String) -> String { interopQemuWords(text) }
+    func info(_ path: String) throws -> [String: String] { try interopComparableInfo(path) }
 
     /// Data, zero clusters (preallocated and not), a compressed cluster.
     static let data = [["qemu-img", "create", "-q", "-f", "qcow2", "a.qcow2", "64M"],

@@ -41,26 +41,8 @@ struct ResizeInteropTests {
         return (q, s)
     }
 
-    /// simg's stderr in qemu-img's words: its "simg: " prefix and help hint.
-    func qemuWords(_ text: String) -> String {
-        text.split(separator: "\n", omittingEmptySubsequences: false).map { line in
-            var line = String(line)
-            if line.hasPrefix("simg: ") { line = "qemu-img: " + line.dropFirst(6) }
-            return line.replacingOccurrences(of: "Try 'simg --help'", with: "Try 'qemu-img --help'")
-        }.joined(separator: "\n")
-    }
-
-    /// `qemu-img info --output=json` fields that do not depend on where the file is or how
-    /// sparse the copy came out.
-    func info(_ path: String) throws -> [String: String] {
-        let json = try jsonObject(try qemuImg("info", "--output=json", path).stdout)
-        var out: [String: String] = [:]
-        for (key, value) in json where !["filename", "full-backing-filename", "actual-size", "dirty-flag"].contains(key) {
-            let data = try JSONSerialization.data(withJSONObject: ["v": value], options: [.sortedKeys])
-            out[key] = String(decoding: data, as: UTF8.self)
-        }
-        return out
-    }
+    func qemuWords(_ text: String) -> String { interopQemuWords(text) }
+    func info(_ path: String) throws -> [String: String] { try interopComparableInfo(path) }
 
     static let qcow2 = [["qemu-img", "create", "-q", "-f", "qcow2", "a.qcow2", "64M"]]
     static let raw = [["truncate", "-s", "1000", "r.raw"]]

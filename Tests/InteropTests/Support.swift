@@ -26,3 +26,24 @@ func filesEqual(_ a: String, _ b: String) throws -> Bool {
         if da.isEmpty { return true }
     }
 }
+
+/// simg's stderr in qemu-img's words: its "simg: " prefix and help hint.
+func interopQemuWords(_ text: String) -> String {
+    text.split(separator: "\n", omittingEmptySubsequences: false).map { line in
+        var line = String(line)
+        if line.hasPrefix("simg: ") { line = "qemu-img: " + line.dropFirst(6) }
+        return line.replacingOccurrences(of: "Try 'simg --help'", with: "Try 'qemu-img --help'")
+    }.joined(separator: "\n")
+}
+
+/// `qemu-img info --output=json` fields that do not depend on where the file is or how sparse
+/// the copy came out, each as sorted JSON text, for comparing two tools' results.
+func interopComparableInfo(_ path: String) throws -> [String: String] {
+    let json = try jsonObject(try qemuImg("info", "--output=json", path).stdout)
+    var out: [String: String] = [:]
+    for (key, value) in json where !["filename", "full-backing-filename", "actual-size", "dirty-flag"].contains(key) {
+        let data = try JSONSerialization.data(withJSONObject: ["v": value], options: [.sortedKeys])
+        out[key] = String(decoding: data, as: UTF8.self)
+    }
+    return out
+}
