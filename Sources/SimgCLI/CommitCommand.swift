@@ -84,6 +84,9 @@ enum CommitCommand {
                 try emptiable.makeEmpty()
                 try top.flush()
             }
+            // Closing stores what the formats keep until then (qcow2's persistent bitmaps).
+            try base.close()
+            try top.close()
         } catch {
             if showProgress { console.out("\n") }
             if let interrupted = error as? InterruptedError {

@@ -131,6 +131,8 @@ enum RebaseCommand {
                 try overlay.flush()
             }
             try overlay.changeBackingFile(name: newName, format: newName.isEmpty ? nil : backingFormatName)
+            // Closing stores what the format keeps until then (qcow2's persistent bitmaps).
+            try overlay.close()
         } catch let error as InterruptedError {
             // The copy, and the header change once its header is written, name the overlay
             // themselves; a signal seen by a sync of the flush before (DiskFile.sync throws once

@@ -81,6 +81,8 @@ enum ResizeCommand {
         do {
             try resizable.resize(to: UInt64(total), preallocation: preallocation)
             try image.flush()
+            // Closing stores what the format keeps until then (qcow2's persistent bitmaps).
+            try image.close()
         } catch let error as ResizeError {
             throw CLIError(error.message)
         } catch let error as InterruptedError {
