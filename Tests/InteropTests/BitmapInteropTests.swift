@@ -28,6 +28,14 @@ struct BitmapInteropTests {
         try qemuImg(in: dir.path, "create", "-q", "-f", "qcow2", "big.qcow2", "8M")
         try qemuImg(in: dir.path, "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "4M")
         try qemuImg(in: dir.path, "create", "-q", "-f", "raw", "r.raw", "4M")
+        // sm.qcow2: 512-byte clusters, so a 512-byte-granularity bitmap's table has two data
+        // clusters; with an internal snapshot and a backing file (not opened by bitmap).
+        try qemuImg(in: dir.path, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-b", "e.qcow2", "-F", "qcow2",
+                    "sm.qcow2", "4M")
+        try qemuImg(in: dir.path, "bitmap", "--add", "-g", "512", "sm.qcow2", "f")
+        try qemuImg(in: dir.path, "bitmap", "--add", "sm.qcow2", "d")
+        try qemuIO(in: dir.path, "-c", "write 0 1k", "-c", "write 3M 5k", "-c", "write 4000k 512", "sm.qcow2")
+        try qemuImg(in: dir.path, "snapshot", "-c", "s1", "sm.qcow2")
         // st.qcow2: a.qcow2 with its autoclear bit cleared, as a program without bitmap support
         // leaves it (the bitmaps are stale).
         var bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: dir.file("a.qcow2"))))
@@ -157,6 +165,9 @@ struct BitmapInteropTests {
             ("a.qcow2", ["--add", "--add", "IMG", "b3"]), ("a.qcow2", ["--remove", "--remove", "IMG", "b1"]),
             ("iu.qcow2", ["--remove", "IMG", "b1"]), ("iu.qcow2", ["--remove", "--add", "IMG", "b2"]),
             ("iu.qcow2", ["--add", "--merge", "b1", "-b", "a.qcow2", "IMG", "b9"]),
+            ("sm.qcow2", ["--add", "-g", "1k", "--merge", "f", "--merge", "d", "IMG", "n"]),
+            ("sm.qcow2", ["--clear", "--merge", "d", "IMG", "f"]), ("sm.qcow2", ["--merge", "f", "IMG", "d"]),
+            ("sm.qcow2", ["--remove", "IMG", "f"]),
             ("st.qcow2", ["--add", "IMG", "b1"]), ("st.qcow2", ["--remove", "IMG", "b1"]),
             ("a.qcow2", ["--add", "--merge", "b1", "-b", "st.qcow2", "IMG", "n"]),
         ]
@@ -174,6 +185,19 @@ struct BitmapInteropTests {
         let r = try simg(in: dir.path, "bitmap", "--add", "lz.qcow2", "c")
         #expect(r.status == 1 && r.stderr.hasPrefix("simg: Could not open 'lz.qcow2': the image is marked dirty"), "\(r.stderr)")
         #expect(try Data(contentsOf: URL(fileURLWithPath: dir.file("lz.qcow2"))) == before)
+    }
+
+    /// A bitmap on an image of size 0: qemu-img accepts the add but cannot store it (it prints
+    /// "Lost persistent bitmaps ...: No memory" and exits 0); simg refuses it, and both leave
+    /// the image without bitmaps.
+    @Test func emptyImageGetsNoBitmap() throws {
+        let dir = try TempDir()
+        try qemuImg(in: dir.path, "create", "-q", "-f", "qcow2", "z.qcow2", "0")
+        let r = try simg(in: dir.path, "bitmap", "--add", "z.qcow2", "x")
+        #expect(r.status == 1 && r.stderr == "simg: Operation add on bitmap x failed: Can't make bitmap 'x' persistent in 'z.qcow2': An image of size 0 cannot hold a bitmap\n", "\(r.stderr)")
+        #expect(try Self.bitmaps(dir.file("z.qcow2")) == "")
+        let check = try qemuImgResult(["check", dir.file("z.qcow2")])
+        #expect(check.status == 0, "\(check.stdout)")
     }
 
     /// A malformed bitmap directory: refused as qemu-img refuses it, before anything is written.

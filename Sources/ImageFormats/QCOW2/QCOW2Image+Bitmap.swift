@@ -133,6 +133,10 @@ final class QCOW2BitmapEditor: BitmapEditor {
         if bitsOfG > UInt64(QCOW2BitmapEntry.maxGranularityBits) {
             throw refuse("Granularity exceeds maximum (\(UInt64(1) << UInt64(QCOW2BitmapEntry.maxGranularityBits)) bytes)")
         }
+        // A bitmap table of no entries is one QEMU refuses to open; qemu-img 7.2 accepts the
+        // add and then fails to store it at close ("Lost persistent bitmaps ...: No memory",
+        // exit 0, nothing stored). simg refuses the add instead.
+        guard image.virtualSize > 0 else { throw refuse("An image of size 0 cannot hold a bitmap") }
         let bytes = (DirtyBitmap.chunks(image.virtualSize, g) + 7) / 8
         if bytes > QCOW2BitmapEntry.maxPhysicalSize || bytes > QCOW2BitmapEntry.maxTableSize * UInt64(image.clusterSize) {
             throw refuse("Too much space will be occupied by the bitmap. Use larger granularity")
@@ -279,6 +283,11 @@ final class QCOW2BitmapEditor: BitmapEditor {
                     entry.flags = (item.enabled ? QCOW2BitmapEntry.flagAuto : 0) | (inUse ? QCOW2BitmapEntry.flagInUse : 0)
                 }
                 entries.append(entry)
+            }
+            // QEMU's bitmap_list_store checks every entry before it writes the directory; a
+            // store that would leave an image QEMU refuses to open fails here, before the switch.
+            for entry in entries where !entry.satisfiesConstraints(clusterSize: clusterSize, virtualSize: image.virtualSize) {
+                throw ImageError(path: image.path, message: "Bitmap '\(entry.name)' doesn't satisfy the constraints")
             }
             for stored in removed {
                 do {
