@@ -87,6 +87,14 @@ struct BitmapKeepTests {
         for args in [["8M"], ["--shrink", "2M"], ["5000192"], ["4M"], ["5000000"]] {
             try Self.same(["resize", "a.qcow2"] + args, images: ["a.qcow2"]) { try Self.bitmapImage($0) }
         }
+        // Grown over a larger backing file: the new area is zeroed, and still clean.
+        try Self.same(["resize", "o.qcow2", "8M"], images: ["o.qcow2"]) { dir in
+            try qemuImg(in: dir.path, "create", "-q", "-f", "qcow2", "b.qcow2", "8M")
+            try qemuIO(in: dir.path, "-c", "write -P 1 0 8M", "b.qcow2")
+            try qemuImg(in: dir.path, "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "o.qcow2", "4M")
+            try qemuImg(in: dir.path, "bitmap", "--add", "o.qcow2", "x")
+            try qemuIO(in: dir.path, "-c", "write 1M 4k", "o.qcow2")
+        }
         // In-use bitmaps: QEMU refuses (after checking the size).
         for args in [["8M"], ["--shrink", "2M"], ["5000000"]] {
             try Self.same(["resize", "a.qcow2"] + args, images: ["a.qcow2"]) {
@@ -127,10 +135,13 @@ struct BitmapKeepTests {
     }
 
     @Test func convertIntoExisting() throws {
-        try Self.same(["convert", "-n", "-f", "raw", "-O", "qcow2", "src.raw", "a.qcow2"], images: ["a.qcow2"]) { dir in
-            try Self.bitmapImage(dir)
-            try qemuImg(in: dir.path, "create", "-q", "-f", "raw", "src.raw", "4M")
-            try qemuIO(in: dir.path, "-f", "raw", "-c", "write -P 3 1M 100k", "src.raw")
+        // Plain, compressed, and through O_DIRECT (simg's direct writes, mapped after the data).
+        for extra in [[], ["-c"], ["-t", "none"]] {
+            try Self.same(["convert", "-n"] + extra + ["-f", "raw", "-O", "qcow2", "src.raw", "a.qcow2"], images: ["a.qcow2"]) { dir in
+                try Self.bitmapImage(dir)
+                try qemuImg(in: dir.path, "create", "-q", "-f", "raw", "src.raw", "4M")
+                try qemuIO(in: dir.path, "-f", "raw", "-c", "write -P 3 1M 100k", "src.raw")
+            }
         }
     }
 
