@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# simg against qemu-img on the same inputs (issue 3, "Benchmark"; commit, snapshot, resize: issue 12).
+# simg against qemu-img on the same inputs (issue 3, "Benchmark"; commit, snapshot, resize: issue 12;
+# amend: A).
 #
 # Makes its inputs once in BENCH_DIR (kept between runs while they are valid), then for every
 # workload runs simg and qemu-img in turn (simg, qemu-img, simg, qemu-img, ...) BENCH_RUNS times
@@ -10,8 +11,8 @@
 # Environment:
 #   BENCH_DIR     work folder (default /var/tmp/simg-bench); must support O_DIRECT
 #   BENCH_RUNS    timed runs per tool and workload (default 5)
-#   BENCH_ONLY    workloads to run, comma separated, from: 1,1T,2,3,C,R,M,S,Z (default all; C is
-#                 check, R rebase, M commit, S snapshot, Z resize)
+#   BENCH_ONLY    workloads to run, comma separated, from: 1,1T,2,3,C,R,M,S,Z,A (default all; C
+#                 is check, R rebase, M commit, S snapshot, Z resize, A amend)
 #   BENCH_TOOLS   simg,qemu-img (default both); the tuning script runs simg alone
 #   SIMG          simg binary (default <repo>/.build/release/simg, what `make release` builds)
 #   SIMG_ARGS     extra options given to `simg convert` (e.g. "--buffer-size 2M --queue-depth 16")
@@ -32,12 +33,14 @@
 #       every cluster's refcount changes twice)
 #   Z   resize of a fresh 64M qcow2 to 16T and back with --shrink; BENCH_RESIZE_RUNS runs
 #       (default 1: qemu-img's shrink takes minutes, it allocates and frees 32,767 L2 tables)
+#   A   amend -o refcount_bits=64 on a fresh copy of w1.qcow2 (4 GiB, 2 GiB allocated): every
+#       refcount rewritten at the new width; the copy is made before the timer starts
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH_DIR=${BENCH_DIR:-/var/tmp/simg-bench}
 BENCH_RUNS=${BENCH_RUNS:-5}
-BENCH_ONLY=${BENCH_ONLY:-1,1T,2,3,C,R,M,S,Z}
+BENCH_ONLY=${BENCH_ONLY:-1,1T,2,3,C,R,M,S,Z,A}
 BENCH_TOOLS=${BENCH_TOOLS:-simg,qemu-img}
 SIMG=${SIMG:-$repo/.build/release/simg}
 SIMG_ARGS=${SIMG_ARGS:-}
@@ -253,7 +256,9 @@ workload() {
         M)  echo "commit $BENCH_DIR/commit/ctop.qcow2 qcow2 -|commit of a 4 GiB overlay holding 1.5 GiB onto its base" ;;
         S)  echo "snapshot $BENCH_DIR/check256.qcow2 qcow2 -|snapshot -c then -d on a 256G preallocation=metadata qcow2" ;;
         Z)  echo "resize - qcow2 -|resize of a 64M qcow2 to 16T and back with --shrink" ;;
-        *)  die "unknown workload '$1' (known: 1 1T 2 3 C R M S Z)" ;;
+        # Not a conversion: amend refcount_bits=64 of a fresh copy of w1.qcow2.
+        A)  echo "amend $BENCH_DIR/w1.qcow2 qcow2 -|amend refcount_bits=64 of w1.qcow2 (4 GiB)" ;;
+        *)  die "unknown workload '$1' (known: 1 1T 2 3 C R M S Z A)" ;;
     esac
 }
 
@@ -264,6 +269,7 @@ timed_convert() {
     rm -f "$out"
     [ "$fmt" = rebase ] && cp "$src" "$out"
     [ "$fmt" = snapshot ] && cp --sparse=always "$src" "$out"
+    [ "$fmt" = amend ] && cp --sparse=always "$src" "$out"
     [ "$fmt" = resize ] && qemu-img create -q -f qcow2 "$out" 64M
     [ "$fmt" = commit ] && copy_commit_inputs
     sync
@@ -273,6 +279,8 @@ timed_convert() {
         cmd=("$bin" commit "$BENCH_DIR/out.commit/ctop.qcow2")
     elif [ "$fmt" = snapshot ]; then
         cmd=(sh -c '"$1" snapshot -c s "$2" && "$1" snapshot -d s "$2"' sh "$bin" "$out")
+    elif [ "$fmt" = amend ]; then
+        cmd=("$bin" amend -o refcount_bits=64 "$out")
     elif [ "$fmt" = resize ]; then
         cmd=(sh -c '"$1" resize -q "$2" 16T && "$1" resize -q --shrink "$2" 64M' sh "$bin" "$out")
     elif [ "$fmt" = rebase ]; then
@@ -314,6 +322,12 @@ verify_output() {
     if [ "$fmt" = snapshot ]; then
         # Clean, no snapshot left, the same guest content.
         qemu-img check -q "$out" >&2 && [ -z "$(qemu-img snapshot -l "$out")" ] && qemu-img compare -q "$src" "$out" >&2
+        return
+    fi
+    if [ "$fmt" = amend ]; then
+        # Clean, 64-bit refcounts, the same guest content.
+        qemu-img check -q "$out" >&2 && qemu-img info "$out" | grep -q '^    refcount bits: 64$' \
+            && qemu-img compare -q "$src" "$out" >&2
         return
     fi
     if [ "$fmt" = resize ]; then
@@ -396,7 +410,7 @@ run_workload() {
     fi
 
     if have_tool simg && [ "$BENCH_STATS" = 1 ] && [ "$fmt" != check ] && [ "$fmt" != rebase ] \
-            && [ "$fmt" != commit ] && [ "$fmt" != snapshot ] && [ "$fmt" != resize ] && [ -z "${failed[simg]:-}" ]; then
+            && [ "$fmt" != commit ] && [ "$fmt" != snapshot ] && [ "$fmt" != resize ] && [ "$fmt" != amend ] && [ -z "${failed[simg]:-}" ]; then
         rm -f "$out"
         # shellcheck disable=SC2086
         if "$SIMG" convert $SIMG_ARGS --stats -f "$fmt" $flags -O "$ofmt" "$src" "$out" \

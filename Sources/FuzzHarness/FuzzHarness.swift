@@ -6,7 +6,8 @@ import Synchronization
 /// What one fuzz input goes through: the bytes become a file in a private folder, which is
 /// probed, opened as qcow2 and as raw (read-only), asked for its info, walked with block status
 /// over the whole virtual size, read (a bounded amount, every kind of extent) and checked
-/// read-only. Errors are the expected outcome for most inputs and are swallowed (counted in the
+/// read-only; snapshot create/apply/delete and check -r all then run on the harness's own copy.
+/// Errors are the expected outcome for most inputs and are swallowed (counted in the
 /// returned `Outcome`); a trap, a hang or an unbounded allocation is a bug in the library.
 ///
 /// Shared by the libFuzzer executable in Fuzz/ (`make fuzz`) and the regression replay in
@@ -46,6 +47,9 @@ public enum FuzzHarness {
         public var repairCompleted = false
         /// The bitmap actions (add, merge, remove, stored) ran on the harness's copy.
         public var bitmapsCompleted = false
+        /// The snapshot actions (on the harness's own copy) that completed: "create",
+        /// "apply", "delete", "apply-first" (the input's own first snapshot).
+        public var snapshotActions: [String] = []
         /// The qcow2 open was skipped because the input names a data file outside the folder.
         public var skippedDataFile = false
         /// Every error thrown, as simg would print it.
@@ -255,6 +259,16 @@ final class Workspace: @unchecked Sendable {
             outcome.errors.append(Self.describe(error, inputPath))
         }
 
+        // What `simg snapshot -c/-a/-d` do to a hostile image; then the input is put back as
+        // it came for the repair below.
+        if outcome.probed == .qcow2 && dataFileSafe {
+            exerciseSnapshots(&outcome)
+            guard store(bytes) else {
+                outcome.errors.append("fuzz harness: could not write '\(inputPath)'")
+                return outcome
+            }
+        }
+
         // What `simg check -r all` does to a hostile image, on the harness's own copy (the
         // input file is rewritten for every run); then the repaired image is read again.
         if outcome.probed == .qcow2 {
@@ -302,6 +316,46 @@ final class Workspace: @unchecked Sendable {
         } catch {
             outcome.errors.append(Self.describe(error, inputPath))
         }
+    }
+
+    /// Snapshot create, apply and delete as `simg snapshot` runs them (the image opened for
+    /// writing without its backing chain), on the harness's copy: a snapshot of the current
+    /// state is created, applied and deleted, then the input's own first snapshot (if any) is
+    /// applied, which walks whatever tables the input carries. Each action is a fresh open, as
+    /// each is a separate simg run. Errors are expected; a trap is a bug.
+    private func exerciseSnapshots(_ outcome: inout FuzzHarness.Outcome) {
+        func action(_ name: String, _ body: (any SnapshottingImage) throws -> Void) {
+            let image: any DiskImage
+            do {
+                image = try ImageOpener.open(inputPath, options: OpenOptions(format: .qcow2, writable: true,
+                                                                             openBacking: false))
+            } catch {
+                outcome.errors.append("\(error)")
+                return
+            }
+            defer { try? image.close() }
+            guard let snapshotting = image as? any SnapshottingImage else { return }
+            do {
+                try body(snapshotting)
+                try image.close()
+                outcome.snapshotActions.append(name)
+            } catch {
+                outcome.errors.append(Self.describeSnapshot(error, inputPath))
+            }
+        }
+        action("create") { try $0.createSnapshot(name: "fuzz", dateSeconds: 0, dateNanoseconds: 0) }
+        action("apply") { try $0.applySnapshot("fuzz") }
+        action("delete") { try $0.deleteSnapshot(named: "fuzz") }
+        action("apply-first") { image in
+            guard let first = image.snapshotList.first else { return }
+            try image.applySnapshot(first.id)
+        }
+    }
+
+    /// SnapshotFailure carries no file name (simg words it per action): name it here.
+    private static func describeSnapshot(_ error: any Error, _ path: String) -> String {
+        if let failure = error as? SnapshotFailure { return "'\(path)': snapshot failed: \(failure)" }
+        return "\(error)"
     }
 
     /// ImageCheckFailure carries no file name (simg prints "Check failed: reason"): name it here.

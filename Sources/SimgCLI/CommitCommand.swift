@@ -50,6 +50,9 @@ enum CommitCommand {
         // progress line (a newline) whatever happens after.
         let showProgress = scan.has("progress") && !quiet
         if showProgress { console.out(ProgressPrinter.line(0)) }
+        // Set once the base holds everything on disk: an interruption after it only stops the
+        // emptying of the top, which reads the same either way.
+        var committed = false
         do {
             let (layer, depth) = try findBase(baseName, top: top, filename: filename)
             do {
@@ -79,6 +82,7 @@ enum CommitCommand {
                                       progress: { done, total in printer?.update(done: done, total: total) })
             // The base holds the data on stable storage before the top lets go of anything.
             try base.flush()
+            committed = true
             if showProgress { console.out(ProgressPrinter.line(10000)) }
             if !drop, let emptiable = top as? any EmptiableImage {
                 try emptiable.makeEmpty()
@@ -90,7 +94,9 @@ enum CommitCommand {
         } catch {
             if showProgress { console.out("\n") }
             if let interrupted = error as? InterruptedError {
-                throw interrupted.naming(filename, outcome: "was not committed (it reads as before)")
+                throw interrupted.naming(filename, outcome: committed
+                                         ? "was committed but not emptied (it reads the same; clusters may be leaked)"
+                                         : "was not committed (it reads as before)")
             }
             if let image = error as? ImageError { throw CLIError("\(image)") }
             throw error

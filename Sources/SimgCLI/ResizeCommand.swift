@@ -78,15 +78,24 @@ enum ResizeCommand {
             console.error("warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.")
             return 1
         }
+        var resized = false
         do {
             try resizable.resize(to: UInt64(total), preallocation: preallocation)
+            resized = true
             try image.flush()
             // Closing stores what the format keeps until then (qcow2's persistent bitmaps).
             try image.close()
+        } catch let error as InterruptedError where resized {
+            // The new size is on disk; only the frees after it were left out.
+            throw error.naming(filename, outcome: "was resized (clusters it no longer uses may be leaked)")
         } catch let error as ResizeError {
             throw CLIError(error.message)
         } catch let error as InterruptedError {
-            throw error.naming(filename, outcome: "was not resized (its size is unchanged)")
+            // The format names the image itself once the new state is written; before that
+            // the size is the old one (a shrink may already have dropped what lies past the new end).
+            throw error.naming(filename, outcome: total < current
+                               ? "was not resized (its size is unchanged; data past the new end may be gone)"
+                               : "was not resized (its size is unchanged)")
         }
         if !scan.has("quiet") { console.out("Image resized.\n") }
         return 0

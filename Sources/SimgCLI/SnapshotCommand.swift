@@ -66,7 +66,7 @@ enum SnapshotCommand {
                 console.out(text)
             }
         case .create(let name):
-            guard let snapshotting else { throw failure("create", name, SnapshotFailure(code: ENOTSUP)) }
+            guard let snapshotting else { throw failure("create", name, SnapshotFailure(code: ENOTSUP), image: filename) }
             var now = timespec()
             clock_gettime(CLOCK_REALTIME, &now)
             // qemu-img keeps microseconds, and at most 255 bytes of the name.
@@ -74,15 +74,15 @@ enum SnapshotCommand {
             do {
                 try snapshotting.createSnapshot(name: stored, dateSeconds: UInt32(truncatingIfNeeded: now.tv_sec),
                                                 dateNanoseconds: UInt32(now.tv_nsec / 1000 * 1000))
-            } catch { throw failure("create", name, error) }
+            } catch { throw failure("create", name, error, image: filename) }
         case .apply(let name):
             guard let snapshotting else {
                 throw CLIError("Could not apply snapshot '\(name)': Block driver does not support snapshots")
             }
-            do { try snapshotting.applySnapshot(name) } catch { throw failure("apply", name, error) }
+            do { try snapshotting.applySnapshot(name) } catch { throw failure("apply", name, error, image: filename) }
         case .delete(let name):
-            guard let snapshotting else { throw failure("delete", name, SnapshotFailure(code: ENOENT, message: "snapshot not found")) }
-            do { try snapshotting.deleteSnapshot(named: name) } catch { throw failure("delete", name, error) }
+            guard let snapshotting else { throw failure("delete", name, SnapshotFailure(code: ENOENT, message: "snapshot not found"), image: filename) }
+            do { try snapshotting.deleteSnapshot(named: name) } catch { throw failure("delete", name, error, image: filename) }
         }
         try image.close()
         return 0
@@ -90,9 +90,13 @@ enum SnapshotCommand {
 
     /// qemu-img's wording per action: create prints the errno ("-95 (Operation not supported)"),
     /// apply prefixes "Failed to load snapshot: ", delete QEMU's own sentence.
-    static func failure(_ verb: String, _ name: String, _ error: any Error) -> CLIError {
+    static func failure(_ verb: String, _ name: String, _ error: any Error, image: String) -> any Error {
         let head = "Could not \(verb) snapshot '\(name)': "
-        if error is InterruptedError { return CLIError("\(error)") }
+        // Stopped by SIGINT/SIGTERM: before the header switch the image is as it was (the
+        // format names the image itself when the switch was already written).
+        if let interrupted = error as? InterruptedError {
+            return interrupted.naming(image, outcome: "is unchanged (the snapshot was not \(verb == "apply" ? "applied" : verb + "d"))")
+        }
         guard let f = error as? SnapshotFailure else { return CLIError(head + "\(error)") }
         switch verb {
         case "create":

@@ -90,6 +90,58 @@ import TestSupport
         #expect(outcome.errors.isEmpty, "\(outcome.errors)")
     }
 
+    /// The snapshot actions run on the harness's copy: create, apply, delete and the input's
+    /// own snapshot applied all complete on a good image, and the input is put back before
+    /// the repair (which then finds it as it came: clean).
+    @Test func harnessRunsSnapshotActions() throws {
+        let dir = try TempDir(prefix: "simg-fuzz-test", in: .sharedMemoryIfWritable)
+        defer { dir.remove() }
+        let image = dir.path + "/s.qcow2"
+        try fuzzTool("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", image, "64k"])
+        try fuzzTool("qemu-io", ["-c", "write -P 0x61 0 8k", image])
+        try fuzzTool("qemu-img", ["snapshot", "-c", "mine", image])
+        try fuzzTool("qemu-io", ["-c", "write -P 0x62 4k 8k", image])
+        let outcome = try FuzzHarness.run(path: image)
+        #expect(outcome.snapshotActions == ["create", "apply", "delete", "apply-first"], "\(outcome.errors)")
+        #expect(outcome.repairCompleted)
+        #expect(outcome.errors.isEmpty, "\(outcome.errors)")
+    }
+
+    /// Hostile snapshot inputs: an image with snapshots, shared tables and compressed clusters,
+    /// with single bytes of its metadata clusters (header, L1s, L2s, refcounts, snapshot table)
+    /// replaced. Every run must end (errors are expected), and every error name the input.
+    /// (150 inputs: further along this sequence some inputs make the harness's `check -r all`
+    /// take minutes, not the snapshot actions.)
+    @Test func snapshotActionsSurviveCorruptedMetadata() throws {
+        let dir = try TempDir(prefix: "simg-fuzz-test", in: .sharedMemoryIfWritable)
+        defer { dir.remove() }
+        let raw = dir.path + "/src.raw", image = dir.path + "/m.qcow2"
+        try fuzzTool("qemu-img", ["create", "-q", "-f", "raw", raw, "64k"])
+        try fuzzTool("qemu-io", ["-f", "raw", "-c", "write -P 0x61 0 16k", raw])
+        try fuzzTool("qemu-img", ["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=512", raw, image])
+        try fuzzTool("qemu-img", ["snapshot", "-c", "one", image])
+        try fuzzTool("qemu-io", ["-c", "write -P 0x62 8k 4k", "-c", "write -z 32k 2k", image])
+        try fuzzTool("qemu-img", ["snapshot", "-c", "two", image])
+        let pristine = [UInt8](try Data(contentsOf: URL(fileURLWithPath: image)))
+        var rng = XorShift64(state: 0x5eed)
+        var actions = 0
+        for _ in 0..<150 {
+            var bytes = pristine
+            // Mostly the first clusters (header, tables), some anywhere.
+            let limit = rng.next() % 4 == 0 ? bytes.count : min(bytes.count, 8192)
+            for _ in 0..<(1 + Int(rng.next() % 3)) {
+                bytes[Int(rng.next() % UInt64(limit))] = UInt8(truncatingIfNeeded: rng.next())
+            }
+            let outcome = FuzzHarness.run(bytes)
+            actions += outcome.snapshotActions.count
+            for error in outcome.errors {
+                #expect(error.contains(outcome.inputPath), "error does not name the input: \(error)")
+            }
+        }
+        // Most corrupted bytes hit nothing the actions need: they ran, not just failed.
+        #expect(actions > 150, "only \(actions) snapshot actions completed")
+    }
+
     /// Names in an input never reach host files outside the harness's folder: an external data
     /// file named by an absolute path that exists is not opened (the qcow2 open is skipped).
     @Test func harnessDoesNotOpenHostDataFiles() throws {

@@ -320,6 +320,10 @@ final class QCOW2BitmapEditor: BitmapEditor {
                     header.autoclearFeatures &= ~QCOW2Header.autoclearBitmaps
                 }
             }
+            // A signal seen by the sync after the switch: the bitmaps have changed.
+            if let interrupted = sw.interruptedAfterSwitch {
+                throw interrupted.naming(image.path, outcome: "has its new bitmaps (the new metadata is written but was not synced to disk)")
+            }
         } catch {
             sw.abandon()
             throw error

@@ -24,6 +24,17 @@ extension QCOW2Image {
         var updated = header
         updated.backingFileName = newName
         updated.backingFormat = newName == nil ? nil : format
+        try rewriteHeader(updated, outcome: "names its new backing file (the header is written but was not synced to disk)")
+    }
+
+    /// Writes `updated` (with its extensions and backing name) as the image's first cluster and
+    /// syncs; `header` becomes it. The one header rewrite (rebase's backing change, amend's
+    /// version and data file changes): the caller has written and synced everything the new
+    /// header relies on. ENOSPC (`BackingChangeError`) when it does not fit the cluster.
+    /// `outcome` words an interruption during the final sync.
+    func rewriteHeader(_ updated: QCOW2Header, outcome: String) throws {
+        var updated = updated
+        let newName = updated.backingFileName
         var bytes = updated.serialized()
         guard bytes.count <= clusterSize else { throw BackingChangeError(code: ENOSPC) }
         if let newName {
@@ -54,7 +65,7 @@ extension QCOW2Image {
                 // SIGINT/SIGTERM skip the sync (DiskFile.sync): the new header is written, and
                 // a process kill from here on keeps it; only power loss could still lose it.
                 header = updated
-                throw interrupted.naming(path, outcome: "names its new backing file (the header is written but was not synced to disk)")
+                throw interrupted.naming(path, outcome: outcome)
             }
         } catch let error as IOError {
             throw ImageError(path: path, message: "Could not write the header", cause: error)

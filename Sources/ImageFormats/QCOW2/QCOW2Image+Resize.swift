@@ -55,12 +55,20 @@ extension QCOW2Image: ResizableImage {
             var bytes = [UInt8](repeating: 0, count: 8)
             QCOW2BE.put64(&bytes, 0, newSize)
             try file.qcow2Write(bytes, at: 24)
-            try file.sync()
+            header.size = newSize
+            bitmapTracker?.resizeLoaded(to: newSize)
+            try syncAfterSwitch(outcome: "was resized (the new size is written but was not synced to disk)")
         } catch let error as IOError {
             throw ImageError(path: path, message: "Could not resize the image", cause: error)
         }
-        header.size = newSize
-        bitmapTracker?.resizeLoaded(to: newSize)
+    }
+
+    /// The sync after a write that switched the image to its new state: SIGINT/SIGTERM seen
+    /// there (DiskFile.sync throws once one is pending) must not say the image is unchanged.
+    private func syncAfterSwitch(outcome: String) throws {
+        do { try file.sync() } catch let interrupted as InterruptedError {
+            throw interrupted.naming(path, outcome: outcome)
+        }
     }
 
     /// A new L1 table of `entries` entries: allocate, write, switch the header, free the old.
@@ -88,12 +96,13 @@ extension QCOW2Image: ResizableImage {
         QCOW2BE.put32(&switchBytes, 0, UInt32(entries))
         QCOW2BE.put64(&switchBytes, 4, offset)
         try file.qcow2Write(switchBytes, at: 36)
-        try file.sync()
         let oldOffset = header.l1TableOffset
         let oldBytes = UInt64(l1.count) * 8
         header.l1Size = UInt32(entries)
         header.l1TableOffset = offset
         l1 = table
+        // Interrupted here, the new table is the image's (the old one stays allocated: a leak).
+        try syncAfterSwitch(outcome: "was not resized (its size is unchanged; its L1 table was replaced by a larger one)")
         // Nothing points at the old table on disk any more: its refcounts are lowered in the
         // cache and written by the flush after the size (a kill before leaks it, no more).
         if oldBytes > 0 { try state.refcounts.free(offset: oldOffset, count: (oldBytes + cs - 1) / cs) }
@@ -126,7 +135,6 @@ extension QCOW2Image: ResizableImage {
         let bytesPerL2 = header.bytesPerL2Table
         var guest = oldSize / cs * cs
         let end = (newSize + cs - 1) / cs * cs
-        var fileEnd: UInt64 = 0
         while guest < end {
             try Interruption.check(image: path, outcome: "was not resized (its size is unchanged)")
             let index = Int(guest / bytesPerL2)
@@ -141,15 +149,23 @@ extension QCOW2Image: ResizableImage {
             }
             if !missing.isEmpty {
                 let (host, _) = try state.refcounts.allocate(count: UInt64(missing.count))
+                // The file covers the clusters before any table maps them: a table written
+                // (by the cache, or a flush after a failure) must never point past the end of
+                // the file, which qemu-img check calls corruption. Should the file not grow
+                // (full disk, file size limit) the run is given back before the error.
+                let runEnd = host + UInt64(missing.count) * cs
+                if runEnd > (try file.size()) {
+                    do { try file.truncate(to: runEnd) } catch {
+                        try state.refcounts.free(offset: host, count: UInt64(missing.count))
+                        throw error
+                    }
+                }
                 for (j, g) in missing.enumerated() {
                     try setL2Entry(table: table, guest: g, .standard(hostOffset: host + UInt64(j) * cs, copied: true))
                 }
-                fileEnd = host + UInt64(missing.count) * cs
             }
             guest = tableEnd
         }
-        // The file covers every mapped cluster (QEMU extends it to the last allocation).
-        if fileEnd > (try file.size()) { try file.truncate(to: fileEnd) }
         try flush()
     }
 

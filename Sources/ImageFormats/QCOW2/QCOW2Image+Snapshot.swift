@@ -20,7 +20,7 @@ extension QCOW2Image: SnapshottingImage {
         // QEMU's find_new_snapshot_id: one more than the largest numeric ID.
         let maxID = snapshots.map { Self.numericPrefix($0.id) }.max() ?? 0
         let sw = try QCOW2MetadataSwitch(image: self)
-        try transact(sw) {
+        try transact(sw, switchedOutcome: "has the new snapshot") {
             let l1Bytes = QCOW2BE.bytes(l1)
             // The snapshot's own copy of the L1 table (QEMU copies it with the flags as they are).
             let snapshotL1 = l1.isEmpty ? 0 : try sw.allocateAndWrite(l1Bytes)
@@ -44,7 +44,7 @@ extension QCOW2Image: SnapshottingImage {
         try checkSnapshotWritable(create: false)
         let victim = snapshots[index]
         let sw = try QCOW2MetadataSwitch(image: self)
-        try transact(sw) {
+        try transact(sw, switchedOutcome: "no longer has the snapshot") {
             let victimL1 = try readSnapshotL1(victim)
             try walk(victimL1, by: -1, sw)
             try sw.adjust(range: victim.l1TableOffset, length: UInt64(victim.l1Size) * 8, by: -1)
@@ -64,15 +64,30 @@ extension QCOW2Image: SnapshottingImage {
             throw SnapshotFailure(code: ENOENT)
         }
         try checkSnapshotWritable(create: false)
+        // A snapshot of another size: qemu-img 7.2 truncates the image to the snapshot's size
+        // first (qcow2_snapshot_goto's blk_truncate, a shrink dropping what lies past the end),
+        // then loads the snapshot, which replaces every mapping anyway. The result is the
+        // snapshot's size and content; here the size is part of the one header switch, so a
+        // kill leaves the old image or the applied one, never a truncated current state.
+        var newSize: UInt64?
         if let size = target.diskSize, size != virtualSize {
-            // qemu-img 7.2 resizes the image to the snapshot's size first; simg does not yet.
-            throw SnapshotFailure(code: ENOTSUP, message: "the snapshot's disk size (\(size)) differs from the image's (\(virtualSize)); simg does not resize on apply")
+            // QEMU's resize checks that apply here (qcow2_co_truncate).
+            guard size % 512 == 0 else { throw SnapshotFailure(code: EINVAL, message: "The new size must be a multiple of 512") }
+            if header.bitmapsExtension != nil && header.autoclearFeatures & QCOW2Header.autoclearBitmaps != 0 {
+                throw SnapshotFailure(code: ENOTSUP, message: "simg cannot resize a qcow2 image with persistent dirty bitmaps yet")
+            }
+            let entries = (size + header.bytesPerL2Table - 1) / header.bytesPerL2Table
+            guard entries * 8 <= QCOW2Header.maxL1Bytes else { throw SnapshotFailure(code: EFBIG) }
+            newSize = size
         }
         let sw = try QCOW2MetadataSwitch(image: self)
-        try transact(sw) {
+        try transact(sw, newSize: newSize, switchedOutcome: "was reverted to the snapshot") {
             var target = try readSnapshotL1(target)
-            // The active table keeps at least its size (QEMU grows it to the snapshot's).
-            if target.count < l1.count { target += [UInt64](repeating: 0, count: l1.count - target.count) }
+            // The active table keeps at least its size (QEMU grows it to the snapshot's), and
+            // covers the snapshot's size (QEMU's truncate grows it first when it must).
+            var entries = max(target.count, l1.count)
+            if let newSize { entries = max(entries, Int((newSize + header.bytesPerL2Table - 1) / header.bytesPerL2Table)) }
+            if target.count < entries { target += [UInt64](repeating: 0, count: entries - target.count) }
             try walk(target, by: 1, sw)
             try walk(l1, by: -1, sw)
             let active = try fixCopied(target, sw)
@@ -85,7 +100,11 @@ extension QCOW2Image: SnapshottingImage {
     /// Runs `body` (which computes the new active L1 entries, snapshot table and its offset
     /// through `sw`), writes the active L1 where it changed, and switches the header. Any
     /// error before the switch leaves the image as it was.
-    private func transact(_ sw: QCOW2MetadataSwitch,
+    ///
+    /// SIGINT/SIGTERM before the switch throw an `InterruptedError` naming no image (the
+    /// command words what was not done); seen by the sync after it, the image has already
+    /// changed: `InterruptedError` naming the image with `switchedOutcome`.
+    func transact(_ sw: QCOW2MetadataSwitch, newSize: UInt64? = nil, switchedOutcome: String,
                           _ body: () throws -> (l1: [UInt64], table: [QCOW2Snapshot], tableOffset: UInt64)) throws {
         do {
             let result = try body()
@@ -96,7 +115,7 @@ extension QCOW2Image: SnapshottingImage {
             }
             let fields = QCOW2MetadataSwitch.Fields(l1Size: UInt32(result.l1.count), l1Offset: l1Offset,
                                                     nbSnapshots: UInt32(result.table.count),
-                                                    snapshotsOffset: result.tableOffset)
+                                                    snapshotsOffset: result.tableOffset, size: newSize)
             try Interruption.check()
             try sw.commit(fields, header: &header)
             l1 = result.l1
@@ -104,6 +123,9 @@ extension QCOW2Image: SnapshottingImage {
             snapshots = try QCOW2Snapshot.readTable(file: file, header: header, fileSize: try file.size(), path: path)
             // The L2 tables read so far may be ones the image no longer uses.
             tableCache = QCOW2TableCache(file: file, tableSize: header.clusterSize)
+            if let interrupted = sw.interruptedAfterSwitch {
+                throw interrupted.naming(path, outcome: switchedOutcome + " (the new metadata is written but was not synced to disk)")
+            }
         } catch {
             sw.abandon()
             throw error
@@ -160,6 +182,17 @@ extension QCOW2Image: SnapshottingImage {
     private func walk(_ entries: [UInt64], by delta: Int64, _ sw: QCOW2MetadataSwitch) throws {
         let stride = header.l2EntrySize / 8
         let bits = header.clusterBits
+        // A reference past the end of the file is corruption (qemu-img check's "exceeding the
+        // end of the file"): refused before its refcount is looked for (a hostile offset would
+        // otherwise ask for a refcount table of exabytes).
+        let cs = UInt64(clusterSize)
+        let fileEnd = (try file.size() + cs - 1) / cs * cs
+        func checkInFile(_ host: UInt64, _ length: UInt64, _ l2: UInt64, _ k: Int) throws {
+            let (end, overflow) = host.addingReportingOverflow(length)
+            guard !overflow, end <= fileEnd else {
+                throw ImageError(path: path, message: "Image is corrupt: cluster offset \(QCOW2BE.hex(host)) is past the end of the file (L2 offset: \(QCOW2BE.hex(l2)), L2 index: \(k / stride))")
+            }
+        }
         for (i, l1Entry) in entries.enumerated() where l1Entry & qcow2OffsetMask != 0 {
             try Interruption.check()
             let (offset, words) = try readL2(l1Entry, index: i)
@@ -176,11 +209,13 @@ extension QCOW2Image: SnapshottingImage {
                 if entry.isCompressed {
                     try flushRun()
                     let d = entry.compressedDescriptor(clusterBits: UInt32(bits))
-                    try sw.adjust(range: d.hostOffset, length: d.byteLength, by: delta)
+                    try checkInFile(d.hostOffset, UInt64(d.byteLength), offset, k)
+                    try sw.adjust(range: d.hostOffset, length: UInt64(d.byteLength), by: delta)
                 } else if entry.hostOffset != 0 {
                     guard entry.hostOffset & UInt64(clusterSize - 1) == 0 else {
                         throw ImageError(path: path, message: "Image is corrupt: cluster allocation offset \(QCOW2BE.hex(entry.hostOffset)) unaligned (L2 offset: \(QCOW2BE.hex(offset)), L2 index: \(k / stride))")
                     }
+                    try checkInFile(entry.hostOffset, cs, offset, k)
                     let cluster = entry.hostOffset >> UInt64(bits)
                     if let r = run, r.first + r.count == cluster {
                         run = (r.first, r.count + 1)
@@ -233,7 +268,7 @@ extension QCOW2Image: SnapshottingImage {
 
     /// Writes `table` into free clusters and releases the current one; returns the new
     /// offset (0 for an empty table, as QEMU writes it).
-    private func writeSnapshotTable(_ table: [QCOW2Snapshot], _ sw: QCOW2MetadataSwitch) throws -> UInt64 {
+    func writeSnapshotTable(_ table: [QCOW2Snapshot], _ sw: QCOW2MetadataSwitch) throws -> UInt64 {
         let oldSize = snapshots.reduce(UInt64(0)) { $0 + UInt64($1.entrySize) }
         if !snapshots.isEmpty { try sw.adjust(range: header.snapshotsOffset, length: oldSize, by: -1) }
         let bytes = QCOW2Snapshot.serializedTable(table, diskSize: virtualSize)

@@ -34,6 +34,13 @@ final class QCOW2MetadataSwitch {
     private var hint: UInt64 = 0
     /// The file's size before anything was written (a refusal part-way cuts it back).
     let originalFileSize: UInt64
+    /// Set once the header write that switches to the new metadata has returned: from then
+    /// on the new structures are the image, and nothing may be undone (`abandon` does nothing).
+    private(set) var switched = false
+    /// SIGINT/SIGTERM seen by the sync after the switch (DiskFile.sync throws once one is
+    /// pending): the new metadata is written but not synced; `commit` returns normally and the
+    /// caller, after updating its state, reports this.
+    private(set) var interruptedAfterSwitch: InterruptedError?
 
     init(image: QCOW2Image) throws {
         file = image.file
@@ -128,6 +135,8 @@ final class QCOW2MetadataSwitch {
     /// zeros) in a free cluster; the new cluster is counted, the old block's is released.
     private func shadowBlock(_ index: Int) throws -> UInt64 {
         if index < shadow.count, shadow[index] != 0 { return shadow[index] }
+        // QEMU's limit on the refcount table (QCOW_MAX_REFTABLE_SIZE): -EFBIG past it.
+        guard UInt64(index) < QCOW2Header.maxRefcountTableBytes / 8 else { throw SnapshotFailure(code: EFBIG) }
         if index >= shadow.count { shadow += [UInt64](repeating: 0, count: index + 1 - shadow.count) }
         let cluster = try findFree(count: 1)
         let oldBlock = index < old.table.count ? old.table[index] & qcow2OffsetMask : 0
@@ -210,6 +219,14 @@ final class QCOW2MetadataSwitch {
         return start
     }
 
+    /// `count` contiguous clusters free in the current image and not counted anywhere: for a
+    /// rebuild that writes refcounts of another width (QCOW2RefcountRebuild) and counts them
+    /// in its own blocks. `restart` searches from cluster 0 again (a new placement attempt).
+    func freeRun(count: UInt64, restart: Bool = false) throws -> UInt64 {
+        if restart { hint = 0 }
+        return try findFree(count: count)
+    }
+
     // MARK: - The switch
 
     /// The header fields the switch writes.
@@ -218,6 +235,9 @@ final class QCOW2MetadataSwitch {
         var l1Offset: UInt64
         var nbSnapshots: UInt32
         var snapshotsOffset: UInt64
+        /// A new virtual size (snapshot apply of a snapshot of another size), written in the
+        /// same write: the switch then covers bytes 24..<72 (size, crypt_method unchanged).
+        var size: UInt64? = nil
     }
 
     /// Writes the new refcount table (the old one released), syncs everything written so far,
@@ -257,6 +277,10 @@ final class QCOW2MetadataSwitch {
         try file.qcow2Write(QCOW2BE.bytes(table), at: tableOffset)
         try file.sync()
         var field: [UInt8] = []
+        if let size = fields.size {
+            QCOW2BE.append64(&field, size)
+            QCOW2BE.append32(&field, header.cryptMethod)
+        }
         QCOW2BE.append32(&field, fields.l1Size)
         QCOW2BE.append64(&field, fields.l1Offset)
         QCOW2BE.append64(&field, tableOffset)
@@ -264,19 +288,27 @@ final class QCOW2MetadataSwitch {
         QCOW2BE.append32(&field, fields.nbSnapshots)
         QCOW2BE.append64(&field, fields.snapshotsOffset)
         if var page {
-            page.replaceSubrange(36..<72, with: field)
+            page.replaceSubrange(fields.size == nil ? 36..<72 : 24..<72, with: field)
             try file.qcow2Write(page, at: 0)
             header = updated
         } else {
-            try file.qcow2Write(field, at: 36)
+            try file.qcow2Write(field, at: fields.size == nil ? 36 : 24)
         }
+        switched = true
+        if let size = fields.size { header.size = size }
         header.l1Size = fields.l1Size
         header.l1TableOffset = fields.l1Offset
         header.refcountTableOffset = tableOffset
         header.refcountTableClusters = UInt32(clusters)
         header.nbSnapshots = fields.nbSnapshots
         header.snapshotsOffset = fields.snapshotsOffset
-        try file.sync()
+        do {
+            try file.sync()
+        } catch let interrupted as InterruptedError {
+            // The switch is written (a process kill keeps it); only the punching is left out.
+            interruptedAfterSwitch = interrupted
+            return
+        }
         // Nothing references the freed clusters now, on disk either: give their space back
         // (best effort, as QEMU's discard). Only clusters still at 0 (never reused here).
         for run in freed {
@@ -308,9 +340,39 @@ final class QCOW2MetadataSwitch {
         return bytes
     }
 
+    /// The switch to refcount structures of another width, written whole into free clusters
+    /// by the caller and synced: bytes 48..<100 (refcount table offset and clusters, the
+    /// snapshot fields and feature bits as they are, refcount_order) in one write inside the
+    /// first page, then a sync. Updates `header`. Only for version 3 headers (v2 has no
+    /// refcount_order field and only 16-bit refcounts).
+    func switchRefcounts(tableOffset: UInt64, tableClusters: UInt32, order: UInt32, header: inout QCOW2Header) throws {
+        precondition(header.version >= 3)
+        var field: [UInt8] = []
+        QCOW2BE.append64(&field, tableOffset)
+        QCOW2BE.append32(&field, tableClusters)
+        QCOW2BE.append32(&field, header.nbSnapshots)
+        QCOW2BE.append64(&field, header.snapshotsOffset)
+        QCOW2BE.append64(&field, header.incompatibleFeatures)
+        QCOW2BE.append64(&field, header.compatibleFeatures)
+        QCOW2BE.append64(&field, header.autoclearFeatures)
+        QCOW2BE.append32(&field, order)
+        try file.qcow2Write(field, at: 48)
+        header.refcountTableOffset = tableOffset
+        header.refcountTableClusters = tableClusters
+        header.refcountOrder = order
+        do {
+            try file.sync()
+        } catch let interrupted as InterruptedError {
+            // The header is written: the image has the new width, whatever the caller was doing.
+            throw interrupted.naming(path, outcome: "has the new refcount width (the new header is written but was not synced to disk)")
+        }
+    }
+
     /// After a refusal before the switch: the image is unchanged; space added past its old
     /// end is cut off again (best effort).
     func abandon() {
+        // After the switch the file's new end holds the image's metadata.
+        guard !switched else { return }
         if let size = try? file.size(), size > originalFileSize, !((try? file.kind().isDevice) ?? true) {
             try? file.truncate(to: originalFileSize)
         }

@@ -1,0 +1,161 @@
+import DiskIO
+import Glibc
+import ImageFormats
+
+/// `simg amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force]
+/// -o options filename` with qemu-img 7.2's contract (img_amend): `-o` is required; with `-f`
+/// and `-o help` the format's amend options are listed without opening anything; otherwise the
+/// image is opened read-write (the writer's lock, with its backing chain), `-o help` lists the
+/// options of the format found, a format without amendment is refused, the options are parsed
+/// against the format's amend table (an option only `create` takes gets QEMU's hint), and the
+/// image applies them (`AmendableImage`). `-p` prints qemu-img's 0% and 100% progress lines.
+enum AmendCommand {
+    static let command = Command(
+        name: "amend",
+        synopsis: "amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename",
+        details: [
+            "Changes format-specific options of an existing image in place (qcow2: compat,",
+            "refcount_bits, lazy_refcounts, size, data_file, data_file_raw; 'simg amend -f qcow2 -o help x'",
+            "lists them). Options only 'create' takes (cluster_size, preallocation, ...) are refused.",
+            "  '-o' the options, name=value separated by commas (several -o are joined)",
+            "  '-f' names the image's format instead of probing it",
+            "  '-t' the cache mode the image is opened with (default writeback)",
+            "  '-p' shows progress; '-q' prints nothing but errors",
+            "  '--force' is accepted as in qemu-img (it matters only for LUKS key slots)",
+        ],
+        options: [CommandSupport.formatOption, .value("o", "options"), .value("t", "cache"), .flag("p", "progress"),
+                  .long("force"), .long("object", takesValue: true), .long("image-opts")],
+        modifiesImages: { _ in true },
+        run: run)
+
+    static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        if scan.has("object") { throw CLIError("simg does not support --object") }
+        if scan.has("image-opts") { throw CLIError("simg does not support --image-opts") }
+        guard let optionText = try OptionList.join(scan.values("options")) else {
+            throw CLIError.usage("Must specify options (-o)")
+        }
+        let quiet = scan.has("quiet")
+        let progress = scan.has("progress") && !quiet
+        // qemu-img ends its progress output with a newline whatever happens after -o was
+        // accepted (qemu_progress_end), help and failures included.
+        defer { if progress { console.out("\n") } }
+        let wantsHelp = OptionList.wantsHelp(optionText)
+        if let name = scan.last("format"), wantsHelp {
+            // A format named: its options, without opening the image (or needing one).
+            console.out(try optionHelp(formatNamed: name))
+            return 0
+        }
+        guard scan.operands.count == 1, let filename = scan.operands.first else {
+            throw CLIError("Expecting one image file name")
+        }
+        let cache = try CommandSupport.cacheMode(scan, "cache", default: .writeback, source: false)
+        let format = try CommandSupport.format(scan, opening: filename)
+        let image = try CommandSupport.open(filename, OpenOptions(format: format, writable: true, cache: cache, openBacking: true),
+                                            wording: .wholeChain)
+        defer { try? image.close() }
+        if format == nil, let resizable = image as? any ResizableImage, resizable.warnsWhenProbedForWriting {
+            console.err("""
+                WARNING: Image format was not specified for '\(filename)' and probing guessed \(image.format.rawValue).
+                         Automatically detecting the format is dangerous for \(image.format.rawValue) images, write operations on block 0 will be restricted.
+                         Specify the '\(image.format.rawValue)' format explicitly to remove the restrictions.
+
+                """)
+        }
+        if wantsHelp {
+            console.out(try optionHelp(formatNamed: image.format.rawValue))
+            return 0
+        }
+        guard let amendable = image as? any AmendableImage, let table = AmendOptions.table(for: image.format) else {
+            throw CLIError("Format driver '\(image.format.rawValue)' does not support option amendment")
+        }
+        let request = AmendRequest(values: try parse(optionText, table: table, format: image.format), force: scan.has("force"))
+        // qemu-img prints 0% before and 100% after the driver's work, whether it failed or not.
+        if progress { console.out(ProgressPrinter.line(0)) }
+        defer { if progress { console.out(ProgressPrinter.line(10000)) } }
+        do {
+            try amendable.amend(request)
+            try image.flush()
+        } catch let error as AmendError {
+            throw CLIError(error.message)
+        } catch let error as InterruptedError {
+            throw error.naming(filename, outcome: "was amended only in part (each step is complete or not done)")
+        }
+        return 0
+    }
+
+    /// qemu-img's print_amend_option_help: the format's amend options, laid out as create's.
+    static func optionHelp(formatNamed name: String) throws -> String {
+        let format: ImageFormat
+        do {
+            format = try ImageFormat(named: name)
+        } catch {
+            if error.isQEMUDriver { throw CLIError("Format driver '\(name)' does not support option amendment") }
+            throw CLIError("Unknown file format '\(name)'")
+        }
+        guard let table = AmendOptions.table(for: format) else {
+            throw CLIError("Format driver '\(name)' does not support option amendment")
+        }
+        var text = "Amend options for '\(name)':\n"
+        for option in table {
+            text += "  " + TextFormat.left("\(option.name)=<\(option.helpType)>", 22) + " - " + option.help + "\n"
+        }
+        return text
+    }
+
+    /// The options checked as QemuOpts parses them against the amend table: in command-line
+    /// order, a name not in the table is "Invalid parameter" (with QEMU's hint when it is a
+    /// creation option), a value not of the option's type is refused in QEMU's words.
+    static func parse(_ text: String, table: [CreateOptionSpec], format: ImageFormat) throws -> [String: AmendValue] {
+        var values: [String: AmendValue] = [:]
+        let entries = OptionList.parse(text)
+        for (name, value) in entries {
+            guard let spec = table.first(where: { $0.name == name }) else {
+                var message = "Invalid parameter '\(name)'"
+                // QEMU parses the whole list again with the creation options added: the hint
+                // only when that parse succeeds (every option known, every value of its type).
+                let parsesForCreation = entries.allSatisfy { entry in
+                    guard let spec = table.first(where: { $0.name == entry.name })
+                            ?? AmendOptions.creationOption(entry.name, format: format) else { return false }
+                    return (try? typed(entry.value, spec)) != nil
+                }
+                if parsesForCreation { message += "\nThis option is only supported for image creation" }
+                throw CLIError(message)
+            }
+            values[name] = try typed(value, spec)
+        }
+        return values
+    }
+
+    /// `value` as option `spec`'s type, or QEMU's words for a value that is not.
+    static func typed(_ value: String, _ spec: CreateOptionSpec) throws -> AmendValue {
+        let name = spec.name
+        switch spec.type {
+        case "bool":
+            switch value {
+            case "on", "yes", "true", "y": return .bool(true)
+            case "off", "no", "false", "n": return .bool(false)
+            default: throw CLIError("Parameter '\(name)' expects 'on' or 'off'")
+            }
+        case "number":
+            guard let number = parseNumber(value) else { throw CLIError("Parameter '\(name)' expects a number") }
+            return .number(number)
+        case "size":
+            do {
+                return .size(try Backend.parseSize(value).value)
+            } catch {
+                throw CLIError(SizeParser.parameterMessage(for: error, text: value, parameter: name))
+            }
+        default:
+            return .string(value)
+        }
+    }
+
+    /// QEMU's parse_option_number: strtoull with base 0 (decimal, 0x hex, 0 octal), the whole
+    /// value, nothing after it.
+    static func parseNumber(_ text: String) -> UInt64? {
+        guard let first = text.first, first.isASCII, first.isNumber else { return nil }
+        if text.hasPrefix("0x") || text.hasPrefix("0X") { return UInt64(text.dropFirst(2), radix: 16) }
+        if text.count > 1 && text.hasPrefix("0") { return UInt64(text.dropFirst(), radix: 8) }
+        return UInt64(text, radix: 10)
+    }
+}
