@@ -104,6 +104,13 @@ struct BitmapKeepTests {
         }
     }
 
+    /// amend's size goes through resize: the bitmaps follow it.
+    @Test func amendSize() throws {
+        for size in ["8M", "2M"] {
+            try Self.same(["amend", "-o", "size=\(size)", "a.qcow2"], images: ["a.qcow2"]) { try Self.bitmapImage($0) }
+        }
+    }
+
     @Test func snapshot() throws {
         try Self.same(["snapshot", "-c", "s2", "a.qcow2"], images: ["a.qcow2"]) { try Self.bitmapImage($0, snapshot: true) }
         try Self.same(["snapshot", "-d", "s1", "a.qcow2"], images: ["a.qcow2"]) { try Self.bitmapImage($0, snapshot: true) }
