@@ -77,7 +77,7 @@ enum AmendCommand {
             try image.flush()
             // Closing stores what the format keeps until then (qcow2's persistent bitmaps, which
             // a size change resizes).
-            try image.close()
+            try CommandSupport.closeFinished(image)
         } catch let error as AmendError {
             throw CLIError(error.message)
         } catch let error as InterruptedError {

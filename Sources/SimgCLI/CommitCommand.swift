@@ -89,8 +89,8 @@ enum CommitCommand {
                 try top.flush()
             }
             // Closing stores what the formats keep until then (qcow2's persistent bitmaps).
-            try base.close()
-            try top.close()
+            try CommandSupport.closeFinished(base)
+            try CommandSupport.closeFinished(top)
         } catch {
             if showProgress { console.out("\n") }
             if let interrupted = error as? InterruptedError {

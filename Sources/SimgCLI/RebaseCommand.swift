@@ -131,8 +131,6 @@ enum RebaseCommand {
                 try overlay.flush()
             }
             try overlay.changeBackingFile(name: newName, format: newName.isEmpty ? nil : backingFormatName)
-            // Closing stores what the format keeps until then (qcow2's persistent bitmaps).
-            try overlay.close()
         } catch let error as InterruptedError {
             // The copy, and the header change once its header is written, name the overlay
             // themselves; a signal seen by a sync of the flush before (DiskFile.sync throws once
@@ -141,6 +139,11 @@ enum RebaseCommand {
         } catch let error as BackingChangeError {
             throw CLIError("\(change): \(error)")
         } catch let error as ImageError {
+            throw CLIError("Error while rebasing '\(filename)': \(error)")
+        }
+        // Closing stores what the format keeps until then (qcow2's persistent bitmaps); the
+        // new header is written by now.
+        do { try CommandSupport.closeFinished(overlay) } catch let error as ImageError {
             throw CLIError("Error while rebasing '\(filename)': \(error)")
         }
         if showProgress { console.out(ProgressPrinter.line(10000) + "\n") }

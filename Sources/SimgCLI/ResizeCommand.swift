@@ -84,7 +84,7 @@ enum ResizeCommand {
             resized = true
             try image.flush()
             // Closing stores what the format keeps until then (qcow2's persistent bitmaps).
-            try image.close()
+            try CommandSupport.closeFinished(image)
         } catch let error as InterruptedError where resized {
             // The new size is on disk; only the frees after it were left out.
             throw error.naming(filename, outcome: "was resized (clusters it no longer uses may be leaked)")

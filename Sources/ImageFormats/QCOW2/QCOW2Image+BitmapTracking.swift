@@ -39,6 +39,8 @@ extension QCOW2Image {
         do {
             try tracker.commit(inUse: false)
             bitmapTracker = nil
+        } catch let error as InterruptedError {
+            throw error  // SIGINT/SIGTERM: the bitmaps stay in use (QEMU, killed, leaves them so)
         } catch {
             throw ImageError(path: path, message: "Could not store the persistent dirty bitmaps (they are left marked in use)", cause: error)
         }
