@@ -40,6 +40,12 @@ public enum CommitCopier {
         let size = top.virtualSize
         let walker = ChainWalker(top: top)
         let unmapping = base as? any UnmappingZeroWrites
+        // The base as the chain saw it before a commit grew it: past its old end it reads
+        // zeros after the growth already, and qemu writes nothing there (a zero write would
+        // mark the base's dirty bitmaps where qemu's commit leaves them clean).
+        var below: (any DiskImage)? = top
+        for _ in 0..<baseDepth { below = below?.backing }
+        let oldBaseEnd = below?.virtualSize ?? size
         progress?(0, size)
         guard size > 0 else { return run.stats }
         try walker.walk(from: 0, length: size, maxDepth: baseDepth - 1) { extent in
@@ -52,6 +58,7 @@ public enum CommitCopier {
                 // Recorded zeros (or a layer above the base that ends before here): the base
                 // must read zeros too; qemu's commit zero writes may unmap.
                 try run.write()
+                if case .hole = extent.kind, extent.offset >= oldBaseEnd { break }
                 try writer.submit {
                     try writing(base, at: extent.offset) {
                         if let unmapping {

@@ -75,6 +75,9 @@ enum AmendCommand {
         do {
             try amendable.amend(request)
             try image.flush()
+            // Closing stores what the format keeps until then (qcow2's persistent bitmaps, which
+            // a size change resizes).
+            try CommandSupport.closeFinished(image)
         } catch let error as AmendError {
             throw CLIError(error.message)
         } catch let error as InterruptedError {

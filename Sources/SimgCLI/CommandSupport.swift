@@ -165,4 +165,13 @@ enum CommandSupport {
         reason = String(repeating: "Could not open backing file: ", count: levels) + reason
         return (path, reason)
     }
+
+    /// Closes an image a command has finished writing: what the format stores at close
+    /// (qcow2's persistent bitmaps) is written, and its failure reported. A SIGINT/SIGTERM seen
+    /// there is not an error of the command, whose work is on disk by then: at most the
+    /// bitmaps stay marked in use (as a killed qemu-img leaves them), and simg still dies of
+    /// the signal at exit.
+    static func closeFinished(_ image: any DiskImage) throws {
+        do { try image.close() } catch is InterruptedError {}
+    }
 }

@@ -88,6 +88,9 @@ enum CommitCommand {
                 try emptiable.makeEmpty()
                 try top.flush()
             }
+            // Closing stores what the formats keep until then (qcow2's persistent bitmaps).
+            try CommandSupport.closeFinished(base)
+            try CommandSupport.closeFinished(top)
         } catch {
             if showProgress { console.out("\n") }
             if let interrupted = error as? InterruptedError {

@@ -141,6 +141,11 @@ enum RebaseCommand {
         } catch let error as ImageError {
             throw CLIError("Error while rebasing '\(filename)': \(error)")
         }
+        // Closing stores what the format keeps until then (qcow2's persistent bitmaps); the
+        // new header is written by now.
+        do { try CommandSupport.closeFinished(overlay) } catch let error as ImageError {
+            throw CLIError("Error while rebasing '\(filename)': \(error)")
+        }
         if showProgress { console.out(ProgressPrinter.line(10000) + "\n") }
         return 0
     }

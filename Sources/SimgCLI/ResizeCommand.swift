@@ -83,6 +83,8 @@ enum ResizeCommand {
             try resizable.resize(to: UInt64(total), preallocation: preallocation)
             resized = true
             try image.flush()
+            // Closing stores what the format keeps until then (qcow2's persistent bitmaps).
+            try CommandSupport.closeFinished(image)
         } catch let error as InterruptedError where resized {
             // The new size is on disk; only the frees after it were left out.
             throw error.naming(filename, outcome: "was resized (clusters it no longer uses may be leaked)")

@@ -38,11 +38,11 @@ extension QCOW2Image: BitmapImage {
 /// The bitmaps of one qcow2 image in memory while actions change them (`BitmapEditor`), and
 /// the one store that writes them back.
 ///
-/// For the write path (resize, commit, convert -n, ...; not wired yet): open an editor when
-/// the image is opened for writing and `commit(inUse: true)` once (QEMU marks every bitmap
-/// in_use while it has the image open read-write, so a crash leaves them inconsistent, never
-/// wrong); `markDirty` each guest write, `resize` on a size change, and `commit()` at close
-/// (in_use cleared, the bits stored).
+/// The write path keeps one as the image's `bitmapTracker` (QCOW2Image+BitmapTracking.swift):
+/// `commit(inUse: true)` before the first write (QEMU marks every bitmap in_use while it has
+/// the image open read-write, so a crash leaves them inconsistent, never wrong), `markDirty`
+/// on each guest write, `resizeLoaded` on a size change, and `commit()` at close (in_use
+/// cleared, the bits stored).
 final class QCOW2BitmapEditor: BitmapEditor {
     let image: QCOW2Image
 
@@ -206,24 +206,39 @@ final class QCOW2BitmapEditor: BitmapEditor {
 
     // MARK: - For the write path (see the type's comment)
 
-    /// Marks a guest write in every enabled, consistent bitmap.
-    func markDirty(offset: UInt64, length: UInt64) throws {
+    /// Loads the bits of every enabled, consistent bitmap, so that `markDirty` does no I/O.
+    func startTracking() throws {
+        for i in items.indices where items[i].enabled && !items[i].inconsistent { _ = try bits(at: i) }
+    }
+
+    /// Marks a guest write in every enabled, consistent bitmap, in place: no I/O (the bits are
+    /// loaded by `startTracking`) and no allocation. QEMU's bdrv_set_dirty, at each bitmap's
+    /// granularity.
+    func markDirty(offset: UInt64, length: UInt64) {
         for i in items.indices where items[i].enabled && !items[i].inconsistent {
-            var bits = try bits(at: i)
-            bits.markDirty(offset: offset, length: length)
-            items[i].bits = bits
+            guard items[i].bits != nil else { continue }
+            items[i].bits!.markDirty(offset: offset, length: length)
             items[i].bitsChanged = true
             hasChanges = true
         }
     }
 
-    /// Follows the image to a new virtual size (every consistent bitmap; QEMU refuses to resize
-    /// an image with inconsistent ones: the caller checks `bitmaps` first).
-    func resize(to size: UInt64) throws {
+    /// The first bitmap that is inconsistent (in use when loaded): QEMU refuses to resize an
+    /// image with one.
+    var firstInconsistent: String? { items.first(where: \.inconsistent)?.name }
+
+    /// Loads the bits of every consistent bitmap (at the current size), for `resizeLoaded`.
+    func loadAll() throws {
+        for i in items.indices where !items[i].inconsistent { _ = try bits(at: i) }
+    }
+
+    /// Follows the image to a new virtual size, every consistent bitmap (disabled ones too, as
+    /// QEMU's bdrv_dirty_bitmap_truncate): new chunks clean, chunks past a smaller end dropped.
+    /// The bits must be loaded (`loadAll`) while the old size was current.
+    func resizeLoaded(to size: UInt64) {
         for i in items.indices where !items[i].inconsistent {
-            var bits = try bits(at: i)
-            bits.resize(to: size)
-            items[i].bits = bits
+            guard items[i].bits != nil else { continue }
+            items[i].bits!.resize(to: size)
             items[i].bitsChanged = true
             hasChanges = true
         }

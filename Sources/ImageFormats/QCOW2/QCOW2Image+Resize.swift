@@ -22,10 +22,8 @@ extension QCOW2Image: ResizableImage {
         if header.nbSnapshots > 0 && header.version < 3 {
             throw ResizeError("Can't resize a v2 image which has snapshots")
         }
-        // Not done by simg yet (refused before anything is written).
-        if header.bitmapsExtension != nil && header.autoclearFeatures & QCOW2Header.autoclearBitmaps != 0 {
-            throw ResizeError("simg cannot resize a qcow2 image with persistent dirty bitmaps yet")
-        }
+        // Persistent bitmaps follow the new size (QCOW2Image+BitmapTracking.swift).
+        try checkBitmapsResizable()
         if header.hasDataFile {
             throw ResizeError("simg cannot resize a qcow2 image with an external data file yet")
         }
@@ -41,6 +39,7 @@ extension QCOW2Image: ResizableImage {
             throw ResizeError("Failed to zero out new clusters: Operation not supported")
         }
         let state = try writer()
+        try bitmapTracker?.loadAll()
         let bytesPerL2 = header.bytesPerL2Table
         let neededL1 = (newSize + bytesPerL2 - 1) / bytesPerL2
         do {
@@ -57,6 +56,7 @@ extension QCOW2Image: ResizableImage {
             QCOW2BE.put64(&bytes, 0, newSize)
             try file.qcow2Write(bytes, at: 24)
             header.size = newSize
+            bitmapTracker?.resizeLoaded(to: newSize)
             try syncAfterSwitch(outcome: "was resized (the new size is written but was not synced to disk)")
         } catch let error as IOError {
             throw ImageError(path: path, message: "Could not resize the image", cause: error)

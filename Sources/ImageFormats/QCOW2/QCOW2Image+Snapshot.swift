@@ -56,6 +56,8 @@ extension QCOW2Image: SnapshottingImage {
     }
 
     public func applySnapshot(_ idOrName: String) throws {
+        // QEMU's bdrv_snapshot_goto refuses any bitmap first (disabled or in use too).
+        if !(try persistentBitmaps()).isEmpty { throw SnapshotFailure(code: EBUSY, message: "Device has active dirty bitmaps") }
         // QEMU refuses snapshots with an external data file (-ENOTSUP) before looking.
         if header.hasDataFile { throw SnapshotFailure(code: ENOTSUP) }
         guard let target = snapshots.first(where: { $0.id == idOrName }) ?? snapshots.first(where: { $0.name == idOrName }) else {

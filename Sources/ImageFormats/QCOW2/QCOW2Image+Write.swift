@@ -53,7 +53,8 @@ final class QCOW2WriteState {
 ///   (Zero writes and discard: QCOW2Image+Zero.swift. Under cache mode unsafe every sync is
 ///   skipped, `DiskFile.ignoresFlushes`; the order stays.)
 ///   The header only changes when the refcount table moves, and before the first write when
-///   autoclear bits simg does not maintain are cleared (each written and synced at once).
+///   autoclear bits simg does not maintain are cleared (each written and synced at once) and
+///   the persistent bitmaps are marked in use (a metadata switch; stored again at close).
 /// - Extended L2 entries: writes allocate subclusters (copy-on-write only for partly written
 ///   subclusters; QCOW2Image+WriteSubclusters.swift); compressed and shared clusters are
 ///   replaced as whole clusters. Zeroing sets zero bits per whole subcluster.
@@ -66,6 +67,7 @@ extension QCOW2Image {
         guard data.count > 0 else { return }
         let state = try writer()
         try checkRange(offset, UInt64(data.count), "write")
+        markBitmapsDirty(offset, UInt64(data.count))
         var done = 0
         while done < data.count {
             let position = offset + UInt64(done)
@@ -142,6 +144,10 @@ extension QCOW2Image {
         if header.backingFileName != nil && backing == nil {
             throw ImageError(path: path, message: "cannot write: the backing file '\(header.backingFileName ?? "")' is not open, so copy-on-write would lose its data")
         }
+        // Persistent bitmaps are kept: marked in use now (a metadata switch, which moves the
+        // refcount table: before the write state reads it), dirtied by each write, stored at
+        // close (QCOW2Image+BitmapTracking.swift).
+        try startBitmapTracking()
         let refcounts = try QCOW2Refcounts(file: file, path: path, header: header)
         let dataEnd = dataFile === file ? 0 : try dataFile.size()
         let state = QCOW2WriteState(refcounts: refcounts, dataFileEnd: dataEnd)
@@ -162,8 +168,8 @@ extension QCOW2Image {
                 try file.sync()
             }
         }
-        // Autoclear bits simg does not maintain (bitmaps) must be cleared before writing.
-        let keep = header.autoclearFeatures & QCOW2Header.autoclearDataFileRaw
+        // Other autoclear bits simg does not maintain must be cleared before writing.
+        let keep = header.autoclearFeatures & (QCOW2Header.autoclearDataFileRaw | QCOW2Header.autoclearBitmaps)
         if header.version >= 3 && header.autoclearFeatures != keep {
             header.autoclearFeatures = keep
             var bytes = [UInt8](repeating: 0, count: 8)

@@ -82,6 +82,7 @@ extension QCOW2Image {
                 throw ImageError(path: path, message: "cannot write a compressed cluster at guest offset \(QCOW2BE.hex(c.guestOffset)): the cluster is already allocated")
             }
         }
+        for c in clusters { markBitmapsDirty(c.guestOffset, min(cs, virtualSize - c.guestOffset)) }
 
         // Place the streams and write them, one host write per contiguous run. With O_DIRECT
         // a run is widened to whole I/O blocks: the head from what the previous run left in
@@ -373,6 +374,7 @@ extension QCOW2Image {
     /// Call only after the data write to `reservation.hostOffset` has completed.
     public func mapDirectWrite(_ reservation: QCOW2DirectWrite) throws {
         let state = try writer()
+        markBitmapsDirty(reservation.guestOffset, reservation.length)
         let cs = UInt64(clusterSize)
         let span = header.bytesPerL2Table
         let end = (reservation.guestOffset + reservation.length + cs - 1) / cs * cs

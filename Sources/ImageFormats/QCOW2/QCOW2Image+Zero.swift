@@ -26,6 +26,7 @@ extension QCOW2Image {
         guard length > 0 else { return }
         let state = try writer()
         try checkRange(offset, length, "write zeroes")
+        markBitmapsDirty(offset, length)
         let cs = UInt64(clusterSize)
         let end = offset + length
         let alignedStart = (offset + cs - 1) / cs * cs
@@ -48,6 +49,7 @@ extension QCOW2Image {
         guard length > 0 else { return }
         let state = try writer()
         try checkRange(offset, length, "discard")
+        markBitmapsDirty(offset, length)
         // A raw external data file must keep reading like the image: nothing to drop.
         if header.isDataFileRaw { return }
         let cs = UInt64(clusterSize)

@@ -49,6 +49,9 @@ public final class QCOW2Image: DiskImage {
     let compression: QCOW2Compression
     /// For the write helper's refcount/allocator state.
     var writeState: AnyObject?
+    /// The persistent bitmaps kept through writes (QCOW2Image+BitmapTracking.swift); nil
+    /// until the first write, and for images without bitmaps.
+    var bitmapTracker: QCOW2BitmapEditor?
     /// Which cluster `clusterBuffer` holds decompressed, keyed by guest cluster and descriptor
     /// (so a remapped cluster never hits a stale entry); nil when none.
     private var decompressedKey: (cluster: UInt64, descriptor: QCOW2CompressedDescriptor)?
@@ -314,6 +317,10 @@ public final class QCOW2Image: DiskImage {
         var firstError: (any Error)?
         if isWritable {
             do { try flush() } catch { firstError = error }
+            // Only over a complete flush: otherwise the bitmaps stay in use (inconsistent).
+            if firstError == nil {
+                do { try storeBitmaps() } catch { firstError = error }
+            }
         }
         if let backing {
             do { try backing.close() } catch { if firstError == nil { firstError = error } }
