@@ -60,8 +60,14 @@ extension QCOW2Refcounts {
             try file.sync()
             try tableMoved?(tableOffset, newClusters)
         } catch {
-            // Not switched: the new blocks are unreachable again (refcounts raised in old
-            // blocks are leaks at worst).
+            // Not switched: the new blocks are unreachable again, and the area's refcounts
+            // in old blocks go back down (should that fail too, they are leaks, no more).
+            for c in startCluster..<(end >> clusterBits) {
+                let i = Int(c / perBlock)
+                if i < oldTable.count && oldTable[i] & qcow2OffsetMask != 0,
+                   (try? refcount(ofCluster: c)) ?? 0 > 0 { try? adjust(cluster: c, by: -1) }
+            }
+            try? blocks.flush()
             table = oldTable
             for b in newBlocks { blocks.forget(b) }
             throw error
