@@ -67,27 +67,37 @@ extension QCOW2Image {
             try? state.refcounts.flush()
             throw error
         }
+        // One table at a time, every entry of it in one cache update.
         let bytesPerL2 = header.bytesPerL2Table
-        for k in 0..<count {
-            let guest = firstGuest + k * cs, host = dataStart + k * cs
-            if k % perL2 == 0 { try Interruption.check(image: path, outcome: outcome) }
+        let extended = header.hasExtendedL2
+        var k: UInt64 = 0
+        while k < count {
+            try Interruption.check(image: path, outcome: outcome)
+            let guest = firstGuest + k * cs
             let table = try writableL2(l1Index: Int(guest / bytesPerL2), state)
-            let (old, oldBitmap) = try l2Mapping(guest: guest)
-            let entry = QCOW2L2Entry.standard(hostOffset: host, copied: true)
-            if header.hasExtendedL2 {
-                // QEMU leaves the bitmap as it was (new clusters: unallocated, reading as zeros
-                // or as the backing file's shorter end) unless the new area must hide a
-                // longer backing file: then all allocated (zeros past the copied head).
-                let bitmap = zeroNewArea ? QCOW2Image.allAllocated : (k == 0 && !head.isEmpty ? oldBitmap : 0)
-                let i = l2Index(guest)
-                try tableCache.update(at: table) { words in
-                    words[2 * i] = entry.raw
-                    words[2 * i + 1] = bitmap
+            let first = l2Index(guest)
+            let n = min(count - k, perL2 - UInt64(first))
+            let base = k
+            var replaced: [QCOW2L2Entry] = []
+            try tableCache.update(at: table) { words in
+                for j in 0..<Int(n) {
+                    let i = first + j
+                    let raw = QCOW2L2Entry.standard(hostOffset: dataStart + (base + UInt64(j)) * cs, copied: true).raw
+                    let old = words[extended ? 2 * i : i]
+                    if old != 0 { replaced.append(QCOW2L2Entry(raw: old)) }
+                    words[extended ? 2 * i : i] = raw
+                    if extended {
+                        // QEMU leaves the bitmap as it was (new clusters: unallocated, reading
+                        // as zeros or as the backing file's shorter end) unless the new area
+                        // must hide a longer backing file: then all allocated (zeros past the
+                        // copied head).
+                        let keepHead = base + UInt64(j) == 0 && !head.isEmpty
+                        words[2 * i + 1] = zeroNewArea ? QCOW2Image.allAllocated : (keepHead ? words[2 * i + 1] : 0)
+                    }
                 }
-            } else {
-                try setL2Entry(table: table, guest: guest, entry)
             }
-            if old.raw != 0 { try release(old, state) }
+            for old in replaced { try release(old, state) }
+            k += n
         }
         try flush()
     }
