@@ -53,12 +53,21 @@ extension QCOW2Refcounts {
         for b in newBlocks { try blocks.install(at: b, words: [UInt64](repeating: 0, count: Int(cs / 8))) }
         let oldTable = table, oldOffset = self.tableOffset, oldClusters = tableClusters
         table = newTable  // so adjust() finds the new blocks
+        var switching = false
         do {
             try adjust(cluster: startCluster, count: (end - start) >> clusterBits, by: 1)
             try blocks.flush()
             try file.qcow2Write(QCOW2BE.bytes(newTable), at: tableOffset)
             try file.sync()
+            switching = true
             try tableMoved?(tableOffset, newClusters)
+        } catch let error as InterruptedError where switching {
+            // SIGINT/SIGTERM at the sync after the header write: the new table is the image's
+            // (the old one stays allocated: a leak). Nothing may be given back.
+            self.tableOffset = tableOffset
+            tableClusters = newClusters
+            fileEndCluster = max(fileEndCluster, end >> clusterBits)
+            throw error
         } catch {
             // Not switched: the new blocks are unreachable again, and the area's refcounts
             // in old blocks go back down (should that fail too, they are leaks, no more).
