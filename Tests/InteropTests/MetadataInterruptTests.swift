@@ -42,9 +42,10 @@ import TestSupport
         }
     }
 
-    /// A grow that needs a larger L1 table (4 KiB clusters: 2 MiB per L2 table) and a shrink
-    /// that frees tables: the old size and content, or the new.
-    @Test(arguments: [["32M"], ["--shrink", "4M"]])
+    /// A grow that needs a larger L1 table (4 KiB clusters: 2 MiB per L2 table), the same with
+    /// falloc (also a new refcount table and blocks) and a shrink that frees tables: the old
+    /// size and content, or the new.
+    @Test(arguments: [["32M"], ["--preallocation=falloc", "32M"], ["--shrink", "4M"]])
     func resizeInterruptedAtEverySync(_ tail: [String]) throws {
         let dir = try TempDir()
         let pristine = dir.file("pristine.qcow2")

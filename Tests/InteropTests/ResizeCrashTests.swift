@@ -3,9 +3,10 @@ import Testing
 import TestSupport
 
 /// Crash consistency of `simg resize` (the helpers are CrashConsistencyTests.swift's): SIGKILL
-/// at random moments and at write boundaries of a grow that moves the L1 table and of a shrink
-/// that frees L2 tables, data clusters and refcount blocks. Every image must pass `qemu-img
-/// check` (leaks allowed), have the old or the new size, and read as before up to the smaller.
+/// at random moments and at write boundaries of a grow that moves the L1 table, of a shrink
+/// that frees L2 tables, data clusters and refcount blocks, and of falloc/full growth. Every
+/// image must pass `qemu-img check` (leaks allowed), have the old or the new size, and read as
+/// before up to the smaller.
 @Suite struct ResizeCrashTests {
     /// 64 MiB with data in every 2 MiB L2 table (4 KiB clusters) grown to 1 TiB: a new L1 of
     /// 512 Ki entries (4 MiB, with new refcount blocks for it), written while the header still
@@ -48,6 +49,29 @@ import TestSupport
             try FileManager.default.copyItem(atPath: pristine, toPath: image)
         }, verify: { _ in
             try judge(image, sizes: [64 << 20, 16 << 20], before: before, dir: dir, context: "resize shrink")
+        })
+        print("crash figures: \(figures.summary)")
+    }
+
+    /// 16 MiB with data in every 2 MiB L2 table (4 KiB clusters) grown by 32 MiB with falloc
+    /// or full: the L1 moved first, then the refcount area (4 new refcount blocks and a new
+    /// table at the end of the file, the header switched to it), the data area fallocated or
+    /// zeroed, then the L2 tables mapping it; the size last.
+    @Test(arguments: ["falloc", "full"])
+    func growPreallocated(_ mode: String) throws {
+        let dir = try TempDir()
+        let pristine = dir.file("pristine.qcow2"), image = dir.file("a.qcow2")
+        try qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", pristine, "16M")
+        var writes: [String] = []
+        for k in 0..<8 { writes += ["-c", "write -P \(k + 1) \(k * 2)M 64k"] }
+        try runOK("qemu-io", writes + [pristine])
+        let before = try crashGuestBytes(pristine, dir)
+        let figures = try crashDrive(name: "resize \(mode)", kills: 16, seed: 14,
+                                     arguments: ["resize", "--preallocation=\(mode)", image, "+32M"], prepare: {
+            try? FileManager.default.removeItem(atPath: image)
+            try FileManager.default.copyItem(atPath: pristine, toPath: image)
+        }, verify: { _ in
+            try judge(image, sizes: [16 << 20, 48 << 20], before: before, dir: dir, context: "resize \(mode)")
         })
         print("crash figures: \(figures.summary)")
     }

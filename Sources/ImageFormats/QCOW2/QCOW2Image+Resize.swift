@@ -27,15 +27,17 @@ extension QCOW2Image: ResizableImage {
         if header.hasDataFile {
             throw ResizeError("simg cannot resize a qcow2 image with an external data file yet")
         }
-        // falloc and full (QEMU lays the new data out contiguously after fresh refcount
-        // structures) are not done by simg yet; metadata only without extended L2 entries.
-        if preallocation == .falloc || preallocation == .full || (preallocation == .metadata && header.hasExtendedL2) {
+        // metadata only without extended L2 entries; falloc/full (QCOW2Image+ResizePrealloc)
+        // not on a device (the file is grown over the new data).
+        let allocates = preallocation == .falloc || preallocation == .full
+        if try (preallocation == .metadata && header.hasExtendedL2) || (allocates && file.kind().isDevice) {
             throw ResizeError("simg does not support --preallocation=\(preallocation.rawValue) for this qcow2 image yet")
         }
         // QEMU's block layer asks for the new area to read as zeros when a backing file
-        // would show through it (bdrv_co_truncate's BDRV_REQ_ZERO_WRITE); v2 has no zero flag.
+        // would show through it (bdrv_co_truncate's BDRV_REQ_ZERO_WRITE); v2 has no zero flag
+        // (falloc/full map the area to allocated clusters instead, v2 or not).
         let zeroNewArea = newSize > virtualSize && (backing?.virtualSize ?? 0) > virtualSize
-        if zeroNewArea && header.version < 3 {
+        if zeroNewArea && header.version < 3 && !allocates {
             throw ResizeError("Failed to zero out new clusters: Operation not supported")
         }
         let state = try writer()
@@ -47,10 +49,15 @@ extension QCOW2Image: ResizableImage {
                 try shrinkClusters(to: newSize, l1Entries: Int(neededL1), state)
             } else {
                 if neededL1 > UInt64(l1.count) { try growL1(to: neededL1, state) }
-                if preallocation == .metadata && newSize > virtualSize {
-                    try preallocateMetadata(from: virtualSize, to: newSize, state)
+                if allocates && newSize > virtualSize {
+                    try preallocateData(from: virtualSize, to: newSize, mode: preallocation,
+                                        zeroNewArea: zeroNewArea, state)
+                } else {
+                    if preallocation == .metadata && newSize > virtualSize {
+                        try preallocateMetadata(from: virtualSize, to: newSize, state)
+                    }
+                    if zeroNewArea { try zeroNewClusters(from: virtualSize, to: newSize) }
                 }
-                if zeroNewArea { try zeroNewClusters(from: virtualSize, to: newSize) }
             }
             var bytes = [UInt8](repeating: 0, count: 8)
             QCOW2BE.put64(&bytes, 0, newSize)

@@ -18,10 +18,11 @@ final class QCOW2Refcounts {
     /// Entries per refcount block.
     let perBlock: UInt64
 
-    private(set) var tableOffset: UInt64
-    private(set) var tableClusters: UInt64
+    // Set here and by the refcount area of a preallocating resize (QCOW2RefcountArea.swift).
+    var tableOffset: UInt64
+    var tableClusters: UInt64
     /// Decoded refcount table entries (block host offsets, 0 = not allocated).
-    private(set) var table: [UInt64]
+    var table: [UInt64]
     let blocks: QCOW2TableCache
     /// Where the next first-fit search starts (a cluster index).
     private var freeHint: UInt64 = 0
@@ -30,7 +31,7 @@ final class QCOW2Refcounts {
     /// On a device it starts at 0: the device's size says nothing about what the image uses,
     /// so allocation follows the refcounts alone (as QEMU's does) and a grown refcount table
     /// goes right after the ranges the blocks cover, not past the end of the device.
-    private(set) var fileEndCluster: UInt64
+    var fileEndCluster: UInt64
     /// False on a device: it holds old data, so no cluster of it reads as zeros unwritten.
     let readsZeroPastEnd: Bool
     /// Called after the refcount table moved (the header must point at the new one).
