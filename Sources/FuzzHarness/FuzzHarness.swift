@@ -339,6 +339,9 @@ final class Workspace: @unchecked Sendable {
                 try body(snapshotting)
                 try image.close()
                 outcome.snapshotActions.append(name)
+            } catch let failure as SnapshotFailure where failure.code == EBUSY {
+                // Apply refused on an image with persistent bitmaps, as qemu-img refuses it.
+                outcome.snapshotActions.append(name + " (refused: bitmaps)")
             } catch {
                 outcome.errors.append(Self.describeSnapshot(error, inputPath))
             }

@@ -88,6 +88,9 @@ import TestSupport
         let outcome = try FuzzHarness.run(path: image)
         #expect(outcome.bitmapsCompleted)
         #expect(outcome.errors.isEmpty, "\(outcome.errors)")
+        // Snapshots are created and deleted beside bitmaps; applying one is refused (qemu-img's
+        // "Device has active dirty bitmaps").
+        #expect(outcome.snapshotActions == ["create", "apply (refused: bitmaps)", "delete", "apply-first"], "\(outcome.snapshotActions)")
     }
 
     /// The snapshot actions run on the harness's copy: create, apply, delete and the input's
