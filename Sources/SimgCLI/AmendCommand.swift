@@ -51,7 +51,7 @@ enum AmendCommand {
         let cache = try CommandSupport.cacheMode(scan, "cache", default: .writeback, source: false)
         let format = try CommandSupport.format(scan, opening: filename)
         let image = try CommandSupport.open(filename, OpenOptions(format: format, writable: true, cache: cache, openBacking: true),
-                                            wording: .wholeChain)
+                                            wording: .wholeChain, console: console)
         defer { try? image.close() }
         if format == nil, let resizable = image as? any ResizableImage, resizable.warnsWhenProbedForWriting {
             console.err("""

@@ -82,7 +82,7 @@ enum BitmapCommand {
         let format = try CommandSupport.format(scan, opening: filename)
         let image = try CommandSupport.open(filename, OpenOptions(format: format, writable: true, cache: .writeback,
                                                                   openBacking: false),
-                                            wording: .deepestImage)
+                                            wording: .deepestImage, console: console)
         defer { try? image.close() }
         if format == nil, let resizable = image as? any ResizableImage, resizable.warnsWhenProbedForWriting {
             console.err("""
@@ -92,14 +92,12 @@ enum BitmapCommand {
 
                 """)
         }
-        warnIfStale(image, console)
         var source: (any DiskImage)?
         if let sourceFile {
             let sourceFormat = try CommandSupport.format(scan, "source-format", opening: sourceFile)
             source = try CommandSupport.open(sourceFile, OpenOptions(format: sourceFormat, writable: false, cache: .writeback,
                                                                      openBacking: false),
-                                             wording: .deepestImage)
-            if let source { warnIfStale(source, console) }
+                                             wording: .deepestImage, console: console)
         }
         defer { try? source?.close() }
 
@@ -136,15 +134,6 @@ enum BitmapCommand {
         try image.close()
         if let refusal { throw refusal }
         return 0
-    }
-
-    /// QEMU's warning (at every open) about bitmaps a program without bitmap support invalidated.
-    /// QEMU ends its second line without a newline (the next message runs on after it); simg
-    /// ends the line.
-    static func warnIfStale(_ image: any DiskImage, _ console: Console) {
-        guard let bitmaps = image as? any BitmapImage, bitmaps.hasStaleBitmaps else { return }
-        console.error("warning: a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent")
-        console.err("Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.\n")
     }
 
     /// One action; raw images (no `BitmapImage`) are refused in QEMU's words.

@@ -51,7 +51,8 @@ enum CheckCommand {
         // through a reopen of the locked file (the same inode whatever the name leads to now),
         // a descriptor of its own, which takes no locks and so cannot conflict.
         let (opened, holder) = try openFormat(path: filename, format: format,
-                                              locking: repair != .none ? .writer : forceShare ? .forceShare : .standard)
+                                              locking: repair != .none ? .writer : forceShare ? .forceShare : .standard,
+                                              console: console)
         defer { holder.close() }
         guard ImageChecker.supportsCheck(opened) else {
             console.error("This image format does not support checks")
@@ -104,11 +105,12 @@ enum CheckCommand {
     /// to open, with the same sentences) and returns its format; the check itself then works
     /// on the file. The returned holder keeps the image's locks until closed.
     static func openFormat(path: String, format: ImageFormat?,
-                           locking: ImageLocking) throws -> (ImageFormat, LockHolder) {
+                           locking: ImageLocking, console: Console) throws -> (ImageFormat, LockHolder) {
         do {
             let image = try ImageOpener.open(path, options: OpenOptions(format: format, writable: false,
                                                                         cache: .writeback, openBacking: true,
                                                                         locking: locking))
+            CommandSupport.warnAtOpen(image, console)
             return (image.format, LockHolder(image: image))
         } catch let error as ImageError where error.path == path && error.cause == nil
                     && error.kind == .snapshotTable {

@@ -88,12 +88,32 @@ enum CommandSupport {
     }
 
     /// Opens `path` with `options` (ImageOpener: the name's syntax, the protocol driver's
-    /// checks, the chain, the locks), a failure worded as qemu-img words it.
-    static func open(_ path: String, _ options: OpenOptions, wording: OpenWording) throws(CLIError) -> any DiskImage {
+    /// checks, the chain, the locks), a failure worded as qemu-img words it; the warnings
+    /// qemu-img prints at every open go to `console` (`warnAtOpen`).
+    static func open(_ path: String, _ options: OpenOptions, wording: OpenWording,
+                     console: Console) throws(CLIError) -> any DiskImage {
+        let image: any DiskImage
         do {
-            return try ImageOpener.open(path, options: options)
+            image = try ImageOpener.open(path, options: options)
         } catch {
             throw CLIError(openFailure(error, path: path, wording: wording))
+        }
+        warnAtOpen(image, console)
+        return image
+    }
+
+    /// QEMU's warning at every open of an image (and of each backing file opened with it) whose
+    /// bitmaps a program without bitmap support invalidated (the bitmaps extension is there, its
+    /// autoclear bit is not). QEMU ends the second line without a newline (the next message runs
+    /// on after it); simg ends the line.
+    static func warnAtOpen(_ top: any DiskImage, _ console: Console) {
+        var next: (any DiskImage)? = top
+        while let image = next {
+            if let bitmaps = image as? any BitmapImage, bitmaps.hasStaleBitmaps {
+                console.error("warning: a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent")
+                console.err("Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.\n")
+            }
+            next = image.backing
         }
     }
 

@@ -40,7 +40,7 @@ enum CommitCommand {
         let format = try CommandSupport.format(scan, opening: filename)
         let top = try CommandSupport.open(filename, OpenOptions(format: format, writable: true, cache: cache,
                                                                 openBacking: true),
-                                          wording: .wholeChain)
+                                          wording: .wholeChain, console: console)
         var base: (any DiskImage)?
         defer {
             try? base?.close()

@@ -116,7 +116,7 @@ enum ConvertCommand {
             sources.append(try CommandSupport.open(path, OpenOptions(format: sourceFormat, writable: false,
                                                                      cache: sourceCache,
                                                                      locking: CommandSupport.readLocking(scan)),
-                                                   wording: .wholeChain))
+                                                   wording: .wholeChain, console: console))
         }
         // Before anything is created: sizes from qcow2 headers can add up past 2^64 - 1.
         let totalSize = try ConvertPlanner.totalSize(of: sources)

@@ -27,7 +27,7 @@ enum InfoCommand {
         let format = try CommandSupport.format(scan, opening: filename)
         let chain = scan.has("backing-chain")
         let infos = try Backend.infos(path: filename, format: format, chain: chain,
-                                      forceShare: CommandSupport.forceShare(scan))
+                                      forceShare: CommandSupport.forceShare(scan), console: console)
         if scan.has("quiet") { return 0 }
         console.out(output == .json ? InfoReport.jsonText(infos, chain: chain) : InfoReport.humanText(infos))
         return 0

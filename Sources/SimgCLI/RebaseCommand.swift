@@ -60,7 +60,7 @@ enum RebaseCommand {
         // The overlay, writable; in safe mode with its old chain (read-only) to compare against.
         let overlay = try CommandSupport.open(filename, OpenOptions(format: format, writable: true,
                                                                     cache: .writeback, openBacking: !unsafe),
-                                              wording: .wholeChain)
+                                              wording: .wholeChain, console: console)
         var newBacking: (any DiskImage)?
         // Set when the new backing file could not be locked because its chain reaches the
         // overlay, which this process holds for writing: a loop, refused as such below.
@@ -78,6 +78,7 @@ enum RebaseCommand {
                 newBacking = try ImageOpener.open(resolved, options: OpenOptions(format: backingFormat, writable: false,
                                                                                  cache: .writeback, openBacking: true,
                                                                                  locking: CommandSupport.readLocking(scan)))
+                if let newBacking { CommandSupport.warnAtOpen(newBacking, console) }
             } catch where ImageOpener.failedOnLock(error)
                         && chain(from: resolved, opened: nil, format: backingFormat, contains: filename) {
                 newChainHasOverlay = true

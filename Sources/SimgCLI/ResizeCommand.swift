@@ -52,7 +52,7 @@ enum ResizeCommand {
         let format = try CommandSupport.format(scan, opening: filename)
         let image = try CommandSupport.open(filename, OpenOptions(format: format, writable: true, cache: .writeback,
                                                                   openBacking: true),
-                                            wording: .wholeChain)
+                                            wording: .wholeChain, console: console)
         defer { try? image.close() }
         guard let resizable = image as? any ResizableImage else {
             throw CLIError("Image format driver does not support resize")

@@ -51,7 +51,7 @@ enum SnapshotCommand {
         }
         let image = try CommandSupport.open(filename, OpenOptions(writable: !listing, cache: .writeback, openBacking: false,
                                                                   locking: CommandSupport.readLocking(scan)),
-                                            wording: .deepestImage)
+                                            wording: .deepestImage, console: console)
         defer { try? image.close() }
         let snapshotting = image as? any SnapshottingImage
         switch action {
