@@ -27,7 +27,10 @@ let package = Package(
 
         // Helpers the test targets share (temporary folders, program runners, a fake image, ...).
         // Only test targets depend on it, so nothing of it reaches the simg executable.
-        .target(name: "TestSupport", dependencies: ["ImageFormats", "DiskIO"], path: "Tests/TestSupport"),
+        // Built optimized even in debug builds: its pattern generators and editors make tens of
+        // MiB per test, which unoptimized generic code turns into minutes of the suite.
+        .target(name: "TestSupport", dependencies: ["ImageFormats", "DiskIO"], path: "Tests/TestSupport",
+                swiftSettings: [.unsafeFlags(["-O"])]),
 
         .testTarget(name: "DiskIOTests", dependencies: ["DiskIO", "TestSupport"]),
         .testTarget(name: "ImageFormatsTests", dependencies: ["ImageFormats", "DiskIO", "TestSupport"]),

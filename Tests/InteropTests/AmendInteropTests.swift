@@ -114,9 +114,10 @@ struct AmendInteropTests {
         try compare(Self.snapshot, ["-o", option, "a.qcow2"])
     }
 
-    /// Round trips through 1, 16 and 64 bits: the same image each time.
-    @Test(arguments: [Self.snapshot, Self.bitmaps])
-    func refcountRoundTrips(_ setup: [[String]]) throws {
+    /// Round trips through 1, 16 and 64 bits: the same image each time. One image with a
+    /// snapshot and bitmaps (qemu-img takes ~6 s for each change to 64 bits, whatever the size).
+    @Test func refcountRoundTrips() throws {
+        let setup = Self.snapshot + Self.bitmaps.dropFirst()
         let (q, s) = try compare(setup, ["-o", "refcount_bits=64", "a.qcow2"])
         for bits in ["1", "16"] {
             let a = try run("qemu-img", ["amend", "-o", "refcount_bits=\(bits)", "a.qcow2"], in: q.path)

@@ -31,12 +31,18 @@ struct ResizeInteropTests {
             let check = try run("qemu-img", ["check", s.file(image)])
             #expect(check.status == 0, "check after \(arguments): \(check.stdout)", sourceLocation: sourceLocation)
         }
-        let cmp = try run("qemu-img", ["compare", q.file(image), s.file(image)])
-        #expect(cmp.status == 0, "content after \(arguments): \(cmp.stdout)", sourceLocation: sourceLocation)
+        var identical = false
         if sameBytes {
             let a = try Data(contentsOf: URL(fileURLWithPath: q.file(image)))
             let b = try Data(contentsOf: URL(fileURLWithPath: s.file(image)))
-            #expect(a == b, "file bytes after \(arguments) (\(a.count) vs \(b.count))", sourceLocation: sourceLocation)
+            identical = a == b
+            #expect(identical, "file bytes after \(arguments) (\(a.count) vs \(b.count))", sourceLocation: sourceLocation)
+        }
+        // The same bytes read the same; qemu-img compare (minutes for a 2P image: it walks
+        // every L2 range) only where they differ.
+        if !identical {
+            let cmp = try run("qemu-img", ["compare", q.file(image), s.file(image)])
+            #expect(cmp.status == 0, "content after \(arguments): \(cmp.stdout)", sourceLocation: sourceLocation)
         }
         return (q, s)
     }
