@@ -84,7 +84,8 @@ struct BitmapKeepTests {
     }
 
     @Test func resize() throws {
-        for args in [["8M"], ["--shrink", "2M"], ["5000192"], ["4M"], ["5000000"]] {
+        for args in [["8M"], ["--shrink", "2M"], ["5000192"], ["4M"], ["5000000"],
+                     ["--preallocation=falloc", "8M"], ["--preallocation=full", "6M"]] {
             try Self.same(["resize", "a.qcow2"] + args, images: ["a.qcow2"]) { try Self.bitmapImage($0) }
         }
         // Grown over a larger backing file: the new area is zeroed, and still clean.
