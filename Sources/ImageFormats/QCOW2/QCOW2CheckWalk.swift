@@ -70,7 +70,7 @@ extension QCOW2Checker {
         let fileEnd = fileLength
         let limit = UInt64(counts.limit)
         var allocated: Int64 = 0, fragmented: Int64 = 0
-        var base = counts.base, known = counts.count
+        var known = counts.count
         defer {
             result.allocatedClusters += allocated
             result.fragmentedClusters += fragmented
@@ -106,7 +106,6 @@ extension QCOW2Checker {
                 let hostOffset = entry & offsetMask
                 let sectors = ((entry >> shift) & sectorsMask) + 1
                 reference(hostOffset, sectors * 512 - (hostOffset & 511))
-                base = counts.base
                 known = counts.count
                 if fragmentInfo {
                     allocated += 1
@@ -155,13 +154,12 @@ extension QCOW2Checker {
                 }
                 if !dataFile {
                     let cluster = Int(offset >> clusterBits)
-                    if offset & (clusterSize - 1) == 0 && offset + clusterSize <= fileEnd && cluster < known
-                        && UInt64(base[cluster]) < limit {
-                        // Sound: cluster < known == counts.count, base is counts' storage.
-                        base[cluster] += 1
+                    if offset & (clusterSize - 1) == 0 && offset + clusterSize <= fileEnd && cluster < known,
+                       let entry = counts.slot(cluster), UInt64(entry.pointee) < limit {
+                        // Sound: cluster < known == counts.count, so slot gave a valid entry.
+                        entry.pointee += 1
                     } else {
                         reference(offset, clusterSize)
-                        base = counts.base
                         known = counts.count
                     }
                 }
