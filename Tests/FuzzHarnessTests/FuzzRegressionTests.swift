@@ -102,6 +102,23 @@ import TestSupport
         #expect(grown > far && grown <= far + (64 << 10), "file length \(grown)")
     }
 
+    /// The slow-771 shape: a refcount block ~600 GB past the end. Growing the file to hold it
+    /// would need a refcount table over QEMU's 8 MiB (qemu-img grows it anyway and then cannot
+    /// open the image: "Reference count table too large"). simg treats the entry as corrupt,
+    /// rebuilds the refcounts instead, and the file stays small and clean.
+    @Test func repairDoesNotGrowFilePastUsableRefcountTable() throws {
+        let dir = try TempDir(prefix: "simg-fuzz-test", in: .sharedMemoryIfWritable)
+        defer { dir.remove() }
+        let image = dir.path + "/far.qcow2"
+        try Self.farRefcountBlockImage(image, far: 0x8e_0000_0000)  // cluster 1191182336
+        let repair = try run(simgBinary, ["check", "-r", "all", image], in: dir.path)
+        #expect(repair.status == 0, "check -r all exited \(repair.status): \(repair.stderr)")
+        #expect(repair.stderr.contains("Repairing refcount block 1 is outside image\nERROR could not resize image: File too large\nRebuilding refcount structure\n"), "\(repair.stderr)")
+        #expect(try fileSizes(image).size <= 64 << 10, "the repair grew the file")
+        let after = try qemuImgResult(in: dir.path, ["check", image])
+        #expect(after.status == 0, "qemu-img check after the repair: \(after.stderr)")
+    }
+
     /// The harness really drives the read path: a qcow2 image with data, zero and compressed
     /// clusters is opened as qcow2 and raw, walked, read and checked.
     @Test func harnessDrivesTheReadPath() throws {
