@@ -17,14 +17,16 @@ enum QCOW2CheckMask {
 }
 
 /// The refcounts a check finds by walking every structure, one per host cluster (4 bytes
-/// each, like QEMU's in-memory refcount table), stored in pages of 4096 clusters allocated on
-/// the first count in them. QEMU keeps one array over the whole file; a repair that grows a
-/// 10 KB file to 100 GB to reach a refcount block far past its end (as QEMU's does) would make
-/// that 800 MB of zeros walked several times. Pages keep the memory and the time proportional
-/// to the clusters the image references: the empty tail costs nothing. Manually allocated so
-/// the hot loops index it without Swift's per-access exclusivity and uniqueness checks.
+/// each, like QEMU's in-memory refcount table), stored in pages of 1024 clusters (4 KiB, one
+/// memory page) allocated on the first count in them. QEMU keeps one array over the whole file;
+/// a repair that grows a 10 KB file to 100 GB to reach a refcount block far past its end (as
+/// QEMU's does) would make that 800 MB of zeros walked several times. Pages keep the memory
+/// and the time proportional to the clusters the image references: the empty tail costs
+/// nothing, and references scattered over it cost at most a memory page each, what the kernel
+/// would charge for touching one array anyway. Manually allocated so the hot loops index it
+/// without Swift's per-access exclusivity and uniqueness checks.
 final class QCOW2CheckCounts {
-    static let pageBits = 12
+    static let pageBits = 10
     static let pageSize = 1 << pageBits
     /// Clusters the counts cover (every one below reads 0 until counted).
     private(set) var count: Int
@@ -34,10 +36,10 @@ final class QCOW2CheckCounts {
     /// The largest count one entry may hold: the image's refcount width, capped by the array's.
     let limit: UInt64
 
-    /// Most clusters covered (the page table of 2^20 slots is then 8 MiB). The count follows
-    /// the file's length, which a hostile image or a repair of one can make huge: past this,
-    /// or when memory runs out, the check fails with ENOMEM as QEMU's g_try_realloc does,
-    /// instead of trapping.
+    /// Most clusters covered (the page table, sized to `count`, is then 2^22 slots: 32 MiB).
+    /// The count follows the file's length, which a hostile image or a repair of one can make
+    /// huge: past this, or when memory runs out, the check fails with ENOMEM as QEMU's
+    /// g_try_realloc does, instead of trapping.
     static let maxClusters = 1 << 32
 
     /// For counts known to be small (unit tests): traps if the memory cannot be had.
