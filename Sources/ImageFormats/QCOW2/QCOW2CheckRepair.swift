@@ -154,7 +154,8 @@ extension QCOW2Checker {
         var cluster = first
         while cluster < end {
             if counts[Int(cluster)] == 0 {
-                cluster += 1
+                // Pages nothing was counted in are skipped whole (a grown empty tail).
+                cluster = UInt64(counts.nextCandidate(after: Int(cluster)))
                 continue
             }
             let index = cluster >> blockBits

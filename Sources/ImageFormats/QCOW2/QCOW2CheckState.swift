@@ -16,21 +16,30 @@ enum QCOW2CheckMask {
     static let bitmapReserved: UInt64 = 0xff00_0000_0000_01fe
 }
 
-/// The refcounts a check finds by walking every structure, one per host cluster, in a compact
-/// array (4 bytes per cluster, grown on demand like QEMU's in-memory refcount table). Kept in
-/// manually allocated memory so the hot loops index it without Swift's per-access
-/// exclusivity and uniqueness checks on a class property.
+/// The refcounts a check finds by walking every structure, one per host cluster (4 bytes
+/// each, like QEMU's in-memory refcount table), stored in pages of 1024 clusters (4 KiB, one
+/// memory page) allocated on the first count in them. QEMU keeps one array over the whole file;
+/// a repair that grows a 10 KB file to 100 GB to reach a refcount block far past its end (as
+/// QEMU's does) would make that 800 MB of zeros walked several times. Pages keep the memory
+/// and the time proportional to the clusters the image references: the empty tail costs
+/// nothing, and references scattered over it cost at most a memory page each, what the kernel
+/// would charge for touching one array anyway. Manually allocated so the hot loops index it
+/// without Swift's per-access exclusivity and uniqueness checks.
 final class QCOW2CheckCounts {
-    /// `count` initialized entries, `capacity` allocated.
-    private(set) var base: UnsafeMutablePointer<UInt32>
+    static let pageBits = 10
+    static let pageSize = 1 << pageBits
+    /// Clusters the counts cover (every one below reads 0 until counted).
     private(set) var count: Int
-    private var capacity: Int
+    /// One slot per page of `count`, nil until a count lands in the page.
+    private var pages: UnsafeMutablePointer<UnsafeMutablePointer<UInt32>?>
+    private var pageSlots: Int
     /// The largest count one entry may hold: the image's refcount width, capped by the array's.
     let limit: UInt64
 
-    /// Most clusters counted (16 GiB of counts). The count follows the file's length, which a
-    /// hostile image or a repair of one can make huge: past this, or when memory runs out,
-    /// the check fails with ENOMEM as QEMU's g_try_realloc does, instead of trapping.
+    /// Most clusters covered (the page table, sized to `count`, is then 2^22 slots: 32 MiB).
+    /// The count follows the file's length, which a hostile image or a repair of one can make
+    /// huge: past this, or when memory runs out, the check fails with ENOMEM as QEMU's
+    /// g_try_realloc does, instead of trapping.
     static let maxClusters = 1 << 32
 
     /// For counts known to be small (unit tests): traps if the memory cannot be had.
@@ -40,37 +49,100 @@ final class QCOW2CheckCounts {
 
     /// Nil when the memory cannot be had (the size follows the file: the check uses this one).
     init?(trying clusters: Int, refcountOrder: Int) {
-        capacity = Swift.max(clusters, 1)
-        guard capacity <= Self.maxClusters, let memory = calloc(capacity, MemoryLayout<UInt32>.stride) else {
-            return nil
-        }
-        // Sound: calloc returned zeroed memory for `capacity` UInt32s (trivial type: zero bytes
-        // are initialized values); freed in deinit.
-        base = memory.bindMemory(to: UInt32.self, capacity: capacity)
+        let slots = Self.slots(for: Swift.max(clusters, 1))
+        guard clusters <= Self.maxClusters,
+              let memory = calloc(slots, MemoryLayout<UnsafeMutablePointer<UInt32>?>.stride) else { return nil }
+        // Sound: calloc returned zeroed memory for `slots` optional pointers (all-zero bytes
+        // are nil); freed in deinit with the pages they point at.
+        pages = memory.bindMemory(to: UnsafeMutablePointer<UInt32>?.self, capacity: slots)
+        pageSlots = slots
         count = clusters
         let max: UInt64 = refcountOrder == 6 ? .max : (UInt64(1) << UInt64(1 << refcountOrder)) - 1
         limit = Swift.min(max, UInt64(UInt32.max))
     }
 
-    deinit { free(base) }
+    deinit {
+        freePages()
+        free(pages)
+    }
+
+    private static func slots(for clusters: Int) -> Int { (clusters + pageSize - 1) >> pageBits }
+
+    private func freePages() {
+        // Sound: every slot below pageSlots is initialized (nil or a page of ours).
+        for i in 0..<pageSlots {
+            if let page = pages[i] {
+                free(page)
+                pages[i] = nil
+            }
+        }
+    }
 
     subscript(cluster: Int) -> UInt64 {
-        // Sound: only indices below `count` (all initialized) are read.
-        cluster >= 0 && cluster < count ? UInt64(base[cluster]) : 0
+        guard cluster >= 0 && cluster < count else { return 0 }
+        // Sound: cluster < count, so its page slot is below pageSlots; a page holds pageSize entries.
+        guard let page = pages[cluster >> Self.pageBits] else { return 0 }
+        return UInt64(page[cluster & (Self.pageSize - 1)])
+    }
+
+    /// Whether any cluster of the page holding `cluster` was counted (below `count`).
+    func pageIsUsed(_ cluster: Int) -> Bool {
+        guard cluster >= 0 && cluster < count else { return false }
+        // Sound: cluster < count, so its page slot is below pageSlots.
+        return pages[cluster >> Self.pageBits] != nil
+    }
+
+    /// The first cluster after `cluster` that may hold a nonzero count: the next one, or the
+    /// start of the next page when this page was never counted in.
+    func nextCandidate(after cluster: Int) -> Int {
+        pageIsUsed(cluster) ? cluster + 1 : (cluster >> Self.pageBits + 1) << Self.pageBits
+    }
+
+    /// Whether every count in `range` (clamped to `count`) is zero without looking at a page
+    /// nothing was counted in.
+    func allZero(_ range: Range<Int>) -> Bool {
+        var i = Swift.max(range.lowerBound, 0)
+        let end = Swift.min(range.upperBound, count)
+        while i < end {
+            let pageEnd = Swift.min((i >> Self.pageBits + 1) << Self.pageBits, end)
+            // Sound: i < count: its page slot is below pageSlots, entries i..<pageEnd inside the page.
+            if let page = pages[i >> Self.pageBits] {
+                for k in i..<pageEnd where page[k & (Self.pageSize - 1)] != 0 { return false }
+            }
+            i = pageEnd
+        }
+        return true
+    }
+
+    /// The entry of `cluster` (below `count`), its page allocated (zeroed) if it had none; nil
+    /// when the memory cannot be had.
+    @inline(__always)
+    func slot(_ cluster: Int) -> UnsafeMutablePointer<UInt32>? {
+        // Sound: callers pass 0 <= cluster < count, so the page slot is below pageSlots.
+        if let page = pages[cluster >> Self.pageBits] { return page + (cluster & (Self.pageSize - 1)) }
+        guard let memory = calloc(Self.pageSize, MemoryLayout<UInt32>.stride) else { return nil }
+        // Sound: calloc returned zeroed memory for pageSize UInt32s (zero bytes are valid
+        // values); freed by freePages.
+        let page = memory.bindMemory(to: UInt32.self, capacity: Self.pageSize)
+        pages[cluster >> Self.pageBits] = page
+        return page + (cluster & (Self.pageSize - 1))
     }
 
     /// Makes `clusters` entries valid; false (nothing changed) when the memory cannot be had.
     @discardableResult
     func grow(to clusters: Int) -> Bool {
         guard clusters > count else { return true }
-        if clusters > capacity {
-            let newCapacity = Swift.max(clusters, Swift.min(capacity * 2, Self.maxClusters))
-            guard newCapacity <= Self.maxClusters,
-                  let memory = realloc(base, newCapacity * MemoryLayout<UInt32>.stride) else { return false }
-            // Sound: realloc kept the first `capacity` entries; the rest is zeroed here.
-            base = memory.bindMemory(to: UInt32.self, capacity: newCapacity)
-            (base + capacity).initialize(repeating: 0, count: newCapacity - capacity)
-            capacity = newCapacity
+        guard clusters <= Self.maxClusters else { return false }
+        let slots = Self.slots(for: clusters)
+        if slots > pageSlots {
+            let newSlots = Swift.max(slots, Swift.min(pageSlots * 2, Self.slots(for: Self.maxClusters)))
+            guard let memory = realloc(pages, newSlots * MemoryLayout<UnsafeMutablePointer<UInt32>?>.stride) else {
+                return false
+            }
+            // Sound: realloc kept the first `pageSlots` slots; the new ones are set to nil here.
+            pages = memory.bindMemory(to: UnsafeMutablePointer<UInt32>?.self, capacity: newSlots)
+            (pages + pageSlots).initialize(repeating: nil, count: newSlots - pageSlots)
+            pageSlots = newSlots
         }
         count = clusters
         return true
@@ -78,12 +150,13 @@ final class QCOW2CheckCounts {
 
     /// Sets a count; nothing happens if the array cannot grow to hold it.
     func set(_ cluster: Int, _ value: UInt64) {
-        guard grow(to: cluster + 1) else { return }
-        base[cluster] = UInt32(truncatingIfNeeded: value)
+        guard cluster >= 0, grow(to: cluster + 1), let entry = slot(cluster) else { return }
+        entry.pointee = UInt32(truncatingIfNeeded: value)
     }
 
+    /// Every count back to zero (the pages given back).
     func reset() {
-        base.update(repeating: 0, count: capacity)
+        freePages()
     }
 }
 
@@ -170,6 +243,12 @@ final class QCOW2StoredRefcounts {
         cachedIndex = index
         cachedOffset = offset
         return .bytes(cached)
+    }
+
+    /// Whether table entry `index` points at no block (offset 0 or past the table), so every
+    /// refcount it covers is 0; answered without reading anything.
+    func hasNoBlock(_ index: Int) -> Bool {
+        index != cachedIndex && (index < 0 || index >= table.count || table[index] & QCOW2CheckMask.reftableOffset == 0)
     }
 
     /// The stored refcount of `cluster`; nil when its refcount block offset is unaligned
@@ -335,17 +414,20 @@ final class QCOW2Checker {
             result.checkErrors += 1
             return
         }
-        let base = counts.base
         for k in Int(first)...Int(last) {
-            // Sound: grow made every index up to `last` valid.
-            let value = UInt64(base[k])
+            // grow made every index up to `last` valid.
+            guard let entry = counts.slot(k) else {
+                result.checkErrors += 1
+                return
+            }
+            let value = UInt64(entry.pointee)
             if value >= counts.limit {
                 say("ERROR: overflow cluster offset=0x\(Self.hex(UInt64(k) << clusterBits))")
                 say("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing")
                 result.corruptions += 1
                 continue
             }
-            base[k] = UInt32(value + 1)
+            entry.pointee = UInt32(value + 1)
         }
     }
 }

@@ -70,7 +70,7 @@ extension QCOW2Checker {
         let fileEnd = fileLength
         let limit = UInt64(counts.limit)
         var allocated: Int64 = 0, fragmented: Int64 = 0
-        var base = counts.base, known = counts.count
+        var known = counts.count
         defer {
             result.allocatedClusters += allocated
             result.fragmentedClusters += fragmented
@@ -106,7 +106,6 @@ extension QCOW2Checker {
                 let hostOffset = entry & offsetMask
                 let sectors = ((entry >> shift) & sectorsMask) + 1
                 reference(hostOffset, sectors * 512 - (hostOffset & 511))
-                base = counts.base
                 known = counts.count
                 if fragmentInfo {
                     allocated += 1
@@ -155,13 +154,12 @@ extension QCOW2Checker {
                 }
                 if !dataFile {
                     let cluster = Int(offset >> clusterBits)
-                    if offset & (clusterSize - 1) == 0 && offset + clusterSize <= fileEnd && cluster < known
-                        && UInt64(base[cluster]) < limit {
-                        // Sound: cluster < known == counts.count, base is counts' storage.
-                        base[cluster] += 1
+                    if offset & (clusterSize - 1) == 0 && offset + clusterSize <= fileEnd && cluster < known,
+                       let entry = counts.slot(cluster), UInt64(entry.pointee) < limit {
+                        // Sound: cluster < known == counts.count, so slot gave a valid entry.
+                        entry.pointee += 1
                     } else {
                         reference(offset, clusterSize)
-                        base = counts.base
                         known = counts.count
                     }
                 }
@@ -258,6 +256,13 @@ extension QCOW2Checker {
                     // Growing the file to hold the block makes it a (zeroed) block again.
                     let (end, overflow) = offset.addingReportingOverflow(clusterSize)
                     var failure = "Invalid argument"
+                    if !overflow, !growthLeavesUsableImage(to: end) {
+                        // QEMU grows anyway and leaves a file it then refuses to open or check;
+                        // simg treats the entry as corrupt and the rebuild replaces it.
+                        rebuild = true
+                        say("ERROR could not resize image: \(String(cString: strerror(EFBIG)))")
+                        continue
+                    }
                     if !overflow, end <= UInt64(Int64.max) {
                         do {
                             try file.truncate(to: end)
@@ -300,6 +305,22 @@ extension QCOW2Checker {
                 }
             }
         }
+    }
+}
+
+extension QCOW2Checker {
+    /// Whether growing the file to `end` for a refcount block past its end (QEMU's repair of
+    /// "refcount block outside image") leaves an image QEMU can still open and check: the
+    /// refcount table covering the grown file within QEMU's 8 MiB ("Reference count table too
+    /// large" at open) and at most INT_MAX clusters ("Check failed: File too large"). The
+    /// rebuild that follows a growth must cover the block's cluster, so past either bound the
+    /// result is unusable; below them simg grows exactly as QEMU does.
+    func growthLeavesUsableImage(to end: UInt64) -> Bool {
+        let lastCluster = (end - 1) >> clusterBits
+        guard lastCluster < UInt64(Int32.max) else { return false }
+        let tableBytes = ((lastCluster >> stored.blockBits) + 1) * 8
+        let tableClusters = (tableBytes + clusterSize - 1) >> clusterBits
+        return tableClusters << clusterBits <= QCOW2Header.maxRefcountTableBytes
     }
 }
 
