@@ -14,13 +14,13 @@ import ImageFormats
 /// overlap). Everything that touches the base's metadata runs on the calling thread: the
 /// engine only moves data bytes.
 ///
-/// The file the places are written through: the base's data file when it is O_DIRECT already
-/// (Linux AIO); with a cached base (writeback, the default) a second, O_DIRECT description of
-/// the same file (`DiskFile.reopen`) and Linux AIO, so the 1.5 GiB of a large commit go to the
-/// disk at once instead of piling up as dirty pages for the final sync; cache mode unsafe
-/// (never synced) keeps the page cache and a thread pool. Mixing the two descriptions is
-/// coherent: the kernel writes back and drops cached pages of a range a direct write covers,
-/// and the base's metadata keeps going through its own description.
+/// The places are written through the base's data file as it is open: a cached base
+/// (writeback, the default) with a thread pool, each completed write starting write-back
+/// (`startWriteback`: sync_file_range) so the final sync has little left; an O_DIRECT base
+/// (`-t none`) with Linux AIO, the file grown first where a place lies past its end (ext4
+/// performs extending O_DIRECT writes synchronously). Measured on the benchmark disk, a
+/// second, O_DIRECT description of a cached base with Linux AIO was no faster than the page
+/// cache with eight writes in flight (docs/BENCHMARKS.md).
 final class CommitWriter {
     let base: any DiskImage
     let pool: BufferPool
@@ -28,12 +28,14 @@ final class CommitWriter {
     private let engine: (any IOEngine)?
     /// Where reserved places are written (nil: every run goes through `base.write`).
     private let endpoint: (any BlockEndpoint)?
-    /// A description this writer opened (closed in `close`).
-    private let reopened: DiskFile?
     /// Places must have their offset and length aligned to this (O_DIRECT), and runs start
     /// on the base's placement unit.
     private let unit: UInt64
     private let placement: UInt64
+    /// The places' file when it is a regular file (it is grown before a write past its end),
+    /// and its size as this writer knows it.
+    private let growable: DiskFile?
+    private var fileEnd: UInt64 = 0
     /// The reservation of each buffer's write in flight, by buffer index.
     private var reservations: [DirectWriteReservation?]
     private var buffers: [BufferPool.Buffer?]
@@ -50,37 +52,32 @@ final class CommitWriter {
         buffers = Array(repeating: nil, count: depth)
         placement = UInt64(max((base as? any WriteGranularity)?.placementGranularity ?? 512, 1))
         var direct = base as? any ReservedDirectWrites
-        var endpoint: (any BlockEndpoint)? = direct == nil ? nil : base.dataFile
-        var reopened: DiskFile?
-        if direct != nil, let file = base.dataFile as? DiskFile, !file.isDirect, !file.ignoresFlushes {
-            // A regular cached file: the places are written through an O_DIRECT description
-            // (above). A file system that refuses O_DIRECT keeps the cached path.
-            if let second = try? file.reopen(cache: .none) {
-                reopened = second
-                endpoint = second
-            }
-        }
+        let endpoint = base.dataFile
         var unit: UInt64 = 1
-        if let endpoint, endpoint.isDirect {
+        if endpoint.isDirect {
             unit = UInt64(max(endpoint.ioAlignment.offset, 1))
             // Buffers are page-aligned; a placement unit below the O_DIRECT unit would put
             // places off it (tiny qcow2 clusters on a 4K-sector disk): no places then.
             if placement % unit != 0 { direct = nil }
         }
         var engine: (any IOEngine)?
-        if direct != nil, let endpoint {
+        if direct != nil {
             do {
                 engine = try IOEngines.make(for: [endpoint], queueDepth: depth, threads: min(depth, 4))
             } catch {
-                reopened?.close()
                 throw ImageError(path: base.path, message: "cannot start the commit", cause: error)
             }
         }
         self.direct = engine == nil ? nil : direct
         self.engine = engine
         self.endpoint = engine == nil ? nil : endpoint
-        self.reopened = reopened
         self.unit = unit
+        if engine != nil, endpoint.isDirect, (try? endpoint.kind().isDevice) == false, let size = try? endpoint.size() {
+            growable = endpoint
+            fileEnd = size
+        } else {
+            growable = nil
+        }
     }
 
     /// A free buffer, waiting for a write to complete if none is.
@@ -110,6 +107,7 @@ final class CommitWriter {
                 reservation = try CommitCopier.writing(base, at: offset) {
                     try direct.reserveDirectWrite(at: offset, length: count)
                 }
+                if let reservation { try grow(to: reservation.hostOffset + UInt64(count), guest: offset) }
             } catch {
                 pool.release(buffer)
                 throw error
@@ -152,10 +150,30 @@ final class CommitWriter {
     }
 
     /// Ends the engine (waiting for what is in flight: after a failure, placed writes that
-    /// completed stay unmapped, leaked) and closes the second description.
+    /// completed stay unmapped, leaked).
     func close() {
         engine?.shutdown()
-        reopened?.close()
+    }
+
+    /// ext4 performs an O_DIRECT write that extends the file synchronously, inside io_submit
+    /// (measured: 13 ms per 2 MiB, no two in flight): fresh clusters lie past the end of the
+    /// file, so it is grown to the end of each place first (to exactly there: the file ends
+    /// where the data does, as if written), and the writes in flight stay within it. A kill
+    /// in between leaves a tail of zeros in clusters nothing maps (leaked at worst).
+    private func grow(to end: UInt64, guest: UInt64) throws {
+        guard let growable, end > fileEnd else { return }
+        do {
+            // The base's own writes (metadata, runs without a place) may have grown it since:
+            // never cut it.
+            fileEnd = max(fileEnd, try growable.size())
+            guard end > fileEnd else { return }
+            try growable.truncate(to: end)
+        } catch let error as IOError {
+            // Worded as the write it is for: the space for it was refused.
+            throw ImageError(path: base.path, message: "Could not write to the base image at byte \(guest)",
+                             cause: IOError(code: error.code, operation: .write, path: error.path, offset: fileEnd))
+        }
+        fileEnd = end
     }
 
     private func reap(_ engine: any IOEngine, minimum: Int) throws {
@@ -169,6 +187,9 @@ final class CommitWriter {
             switch completion.result {
             case .success:
                 // The data is in place: only now may the base map it (crash ordering).
+                // The disk starts on it now rather than all at once in the final flush
+                // (nothing for O_DIRECT or cache unsafe).
+                for file in base.files { file.startWriteback() }
                 do {
                     if reservation.needsCompletion {
                         try CommitCopier.writing(base, at: reservation.guestOffset) {
