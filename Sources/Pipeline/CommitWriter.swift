@@ -116,6 +116,8 @@ final class CommitWriter {
                 reservations[buffer.index] = reservation
                 buffers[buffer.index] = buffer
                 placedWrites += 1
+                // Sound: the buffer stays out of the pool (in `buffers`) until the engine has
+                // reported this write, and `close` waits for every write before the pool goes.
                 let request = IORequest.write(endpoint, at: reservation.hostOffset, from: data, tag: UInt64(buffer.index))
                 while true {
                     while engine.freeSlots == 0 { try reap(engine, minimum: 1) }
