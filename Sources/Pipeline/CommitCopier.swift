@@ -12,12 +12,12 @@ public struct CommitStats: Sendable, Equatable {
 }
 
 /// The data half of `commit`: everything the layers above the base hold (the top and, with
-/// `-b`, every intermediate image) is written into the base through the base's own
-/// `write`/`writeZeroes`, so any format works as a base. Zeros a layer records become zeros
-/// in the base (never the base's old data); ranges no layer above the base allocates are
-/// left alone. Runs of data (from any layers) are gathered into one large buffer and
-/// written with one call, on a writer thread (`WriteBehind`) while the next run is read into
-/// the other buffer; the base is only touched by that thread until the copy returns.
+/// `-b`, every intermediate image) is written into the base, so any format works as a base.
+/// Zeros a layer records become zeros in the base (never the base's old data); ranges no
+/// layer above the base allocates are left alone. Runs of data (from any layers) are
+/// gathered into pooled buffers of `bufferSize` bytes and handed to a `CommitWriter`, which
+/// keeps up to `depth` of them in flight (in places the base reserves, mapped once written;
+/// else through the base's own `write`) while the next runs are read.
 ///
 /// Nothing here changes the top: until it is emptied, the chain reads as before whatever
 /// the base holds of it (a kill leaves the base partly updated, the top's view intact).
@@ -26,20 +26,15 @@ public enum CommitCopier {
     /// immediate backing file); `base` is the base opened writable, at least as large as the
     /// top. `rateLimit` in bytes per second (0: none), as qemu's block job speed.
     public static func copy(top: any DiskImage, baseDepth: Int, into base: any DiskImage,
-                            bufferSize: Int = 8 << 20, rateLimit: UInt64 = 0,
+                            bufferSize: Int = 2 << 20, depth: Int = 8, rateLimit: UInt64 = 0,
                             progress: ((UInt64, UInt64) -> Void)? = nil) throws -> CommitStats {
         precondition(baseDepth >= 1)
-        let buffers = (0..<2).map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096) }
-        let writer = try WriteBehind()
-        defer {
-            // Every write has ended before the buffers go (and before the caller uses the base).
-            writer.finish()
-            for buffer in buffers { buffer.deallocate() }
-        }
-        var run = Run(base: base, buffers: buffers, writer: writer, rate: RateLimiter(rate: rateLimit))
+        let writer = try CommitWriter(base: base, bufferSize: bufferSize, depth: max(depth, 2))
+        // Every write has ended before the buffers go (and before the caller uses the base).
+        defer { writer.close() }
+        var run = Run(writer: writer, rate: RateLimiter(rate: rateLimit))
         let size = top.virtualSize
         let walker = ChainWalker(top: top)
-        let unmapping = base as? any UnmappingZeroWrites
         // The base as the chain saw it before a commit grew it: past its old end it reads
         // zeros after the growth already, and qemu writes nothing there (a zero write would
         // mark the base's dirty bitmaps where qemu's commit leaves them clean).
@@ -48,94 +43,99 @@ public enum CommitCopier {
         let oldBaseEnd = below?.virtualSize ?? size
         progress?(0, size)
         guard size > 0 else { return run.stats }
-        try walker.walk(from: 0, length: size, maxDepth: baseDepth - 1) { extent in
-            try Interruption.check(image: top.path, outcome: "was not committed (it reads as before)")
-            switch extent.kind {
-            case .backing:
-                // The base (or below it) decides this range: nothing to copy.
-                try run.write()
-            case .zero, .hole:
-                // Recorded zeros (or a layer above the base that ends before here): the base
-                // must read zeros too; qemu's commit zero writes may unmap.
-                try run.write()
-                if case .hole = extent.kind, extent.offset >= oldBaseEnd { break }
-                try writer.submit {
-                    try writing(base, at: extent.offset) {
-                        if let unmapping {
-                            try unmapping.writeZeroes(at: extent.offset, length: extent.length, mayUnmap: true)
-                        } else {
-                            try base.writeZeroes(at: extent.offset, length: extent.length)
-                        }
+        do {
+            try walker.walk(from: 0, length: size, maxDepth: baseDepth - 1) { extent in
+                try Interruption.check(image: top.path, outcome: "was not committed (it reads as before)")
+                switch extent.kind {
+                case .backing:
+                    // The base (or below it) decides this range: nothing to copy.
+                    try run.write()
+                case .zero, .hole:
+                    // Recorded zeros (or a layer above the base that ends before here): the
+                    // base must read zeros too; qemu's commit zero writes may unmap.
+                    try run.write()
+                    if case .hole = extent.kind, extent.offset >= oldBaseEnd { break }
+                    try writer.writeZeroes(at: extent.offset, length: extent.length)
+                    run.stats.bytesZeroed += extent.length
+                case .data, .compressed:
+                    guard let layer = extent.layer else { return }
+                    var at = extent.offset
+                    while at < extent.end {
+                        if run.isFull || (run.count > 0 && run.end != at) { try run.write() }
+                        let n = min(extent.end - at, UInt64(try run.room()))
+                        try run.read(from: layer, at: at, count: Int(n))
+                        at += n
                     }
                 }
-                run.stats.bytesZeroed += extent.length
-            case .data, .compressed:
-                guard let layer = extent.layer else { return }
-                var at = extent.offset
-                while at < extent.end {
-                    if run.isFull || (run.count > 0 && run.end != at) { try run.write() }
-                    let n = min(extent.end - at, UInt64(run.room))
-                    try run.read(from: layer, at: at, count: Int(n))
-                    at += n
-                }
+                if extent.end < size { progress?(extent.end, size) }
             }
-            if extent.end < size { progress?(extent.end, size) }
+            try run.write()
+        } catch {
+            run.giveBack()
+            throw error
         }
-        try run.write()
         try writer.drain()
         return run.stats
     }
 
     /// Runs `body` (a write into the base at guest `offset`), failures worded as qemu's
     /// commit job reports a write error of its target, with the base's name.
-    static func writing(_ base: any DiskImage, at offset: UInt64, _ body: () throws -> Void) throws {
-        do { try body() } catch let error as IOError {
+    static func writing<T>(_ base: any DiskImage, at offset: UInt64, _ body: () throws -> T) throws -> T {
+        do { return try body() } catch let error as IOError {
             throw ImageError(path: base.path, message: "Could not write to the base image at byte \(offset)", cause: error)
         }
     }
 
-    /// One run of data being gathered: guest bytes [start, start + count) in `buffer`, one
-    /// of two: the other may be being written by the writer thread.
+    /// One run of data being gathered: guest bytes [start, start + count) in a pooled buffer.
     private struct Run {
-        let base: any DiskImage
-        let buffers: [UnsafeMutableRawBufferPointer]
-        let writer: WriteBehind
+        let writer: CommitWriter
         var rate: RateLimiter
-        var current = 0
-        var buffer: UnsafeMutableRawBufferPointer { buffers[current] }
+        var buffer: BufferPool.Buffer?
         var start: UInt64 = 0
         var count = 0
         var stats = CommitStats()
 
+        init(writer: CommitWriter, rate: RateLimiter) {
+            self.writer = writer
+            self.rate = rate
+        }
+
         var end: UInt64 { start + UInt64(count) }
-        var room: Int { buffer.count - count }
-        var isFull: Bool { room == 0 }
+        var isFull: Bool { buffer != nil && count == writer.pool.bufferSize }
+
+        /// Room left in the run's buffer (a buffer taken first if the run has none).
+        mutating func room() throws -> Int {
+            if buffer == nil { buffer = try writer.acquire() }
+            return writer.pool.bufferSize - count
+        }
 
         /// Appends `count` bytes of `layer` at guest `offset` (which must be `end`, or the
-        /// run empty).
+        /// run empty; `room()` taken first).
         mutating func read(from layer: any DiskImage, at offset: UInt64, count n: Int) throws {
+            guard let buffer else { return }
             if count == 0 { start = offset }
-            // Sound: count + n <= buffer.count (n <= room).
-            let part = UnsafeMutableRawBufferPointer(start: buffer.baseAddress! + count, count: n)
+            // Sound: count + n <= the buffer's size (n <= room()).
+            let part = UnsafeMutableRawBufferPointer(start: buffer.baseAddress + count, count: n)
             try layer.read(into: part, at: offset)
             count += n
         }
 
-        /// Hands the gathered run to the writer thread (nothing if empty) and switches to the
-        /// other buffer, once the writer is done with it (`submit` waits for the job before).
+        /// Hands the gathered run to the writer (nothing if empty).
         mutating func write() throws {
-            guard count > 0 else { return }
-            let data = UnsafeRawBufferPointer(start: buffer.baseAddress!, count: count)
-            let (base, at) = (self.base, start)
-            try writer.submit {
-                try CommitCopier.writing(base, at: at) { try base.write(data, at: at) }
-                // The disk starts on it now rather than all at once in the final flush.
-                for file in base.files { file.startWriteback() }
-            }
-            stats.bytesWritten += UInt64(count)
-            rate.account(UInt64(count))
+            guard count > 0, let buffer else { return }
+            let n = count
+            self.buffer = nil
             count = 0
-            current = 1 - current
+            try writer.write(buffer, count: n, at: start)
+            stats.bytesWritten += UInt64(n)
+            rate.account(UInt64(n))
+        }
+
+        /// After a failure: the buffer being filled goes back unwritten.
+        mutating func giveBack() {
+            if let buffer { writer.pool.release(buffer) }
+            buffer = nil
+            count = 0
         }
     }
 
