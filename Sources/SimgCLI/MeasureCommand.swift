@@ -1,0 +1,89 @@
+import ImageFormats
+
+/// `simg measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-l snapshot] filename]`
+///
+/// The argument checks run in qemu-img's order (img_measure): the filename rules, then the
+/// source is opened, then the output format and its options; the computation is
+/// ImageMeasure's (ImageFormats), this file only parses and prints.
+enum MeasureCommand {
+    static let command = Command(
+        name: "measure",
+        synopsis: "measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-l snapshot] filename]",
+        details: [
+            "Shows how large a new image of format 'output_fmt' (raw by default) would be: for",
+            "  'N' bytes of guest space (suffixes k, M, G, T, P, E), or to hold the contents of",
+            "  'filename' (with its backing chain), with the '-o' options create takes",
+            "  'required size' is what the data needs, 'fully allocated size' what every cluster",
+            "    needs; 'bitmaps size' (a qcow2 v3 source and target) the persistent bitmaps",
+            "  '--output' is 'human' (default) or 'json', as qemu-img prints them",
+            "  '-l' (measure an internal snapshot) is not supported yet",
+        ],
+        options: [CommandSupport.formatOption, CommandSupport.forceShareOption, CommandSupport.outputOption,
+                  .value("O", "output-format"), .value("o", "options"), .long("size", takesValue: true),
+                  .value("l", "snapshot")],
+        modifiesImages: { _ in false },
+        run: run)
+
+    static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        let output = try CommandSupport.outputFormat(scan)
+        var size: UInt64?
+        if let text = scan.last("size") { size = try CreateCommand.parseSize(text, console: console) }
+        if scan.operands.count > 1 { throw CLIError("At most one filename argument is allowed.") }
+        let filename = scan.operands.first
+        if filename == nil && (scan.has("format") || scan.has("snapshot")) {
+            throw CLIError("--image-opts, -f, and -l require a filename argument.")
+        }
+        if filename != nil && size != nil {
+            throw CLIError("--size N cannot be used together with a filename.")
+        }
+        guard filename != nil || size != nil else {
+            throw CLIError("Either --size N or one filename must be specified.")
+        }
+        let options = try OptionList.join(scan.values("options"))
+
+        var source: (any DiskImage)?
+        if let filename {
+            let format = try CommandSupport.format(scan, opening: filename)
+            source = try CommandSupport.open(filename, OpenOptions(format: format, writable: false,
+                                                                   locking: CommandSupport.readLocking(scan)),
+                                             wording: .wholeChain, console: console)
+        }
+        defer { if let source { try? source.close() } }
+        if scan.has("snapshot") {
+            throw CLIError("-l is not supported yet: simg cannot measure an internal snapshot")
+        }
+
+        let formatName = scan.last("output-format") ?? "raw"
+        let result: MeasureResult
+        do {
+            let format = try ImageMeasure.targetFormat(named: formatName)
+            result = try ImageMeasure.measure(
+                format: format, options: (options.map(OptionList.parse) ?? []).map { CreateOption(name: $0.name, value: $0.value) },
+                size: size, source: source, warn: { console.error("warning: " + $0) })
+        } catch let error as MeasureError {
+            // qemu-img prints each line as its own error.
+            throw CLIError(error.lines.joined(separator: "\nsimg: "))
+        } catch let error as FormatNameError {
+            throw CLIError("\(error)")
+        }
+        if scan.has("quiet") { return 0 }
+        console.out(output == .json ? jsonText(result) : humanText(result))
+        return 0
+    }
+
+    static func humanText(_ result: MeasureResult) -> String {
+        var text = "required size: \(result.required)\nfully allocated size: \(result.fullyAllocated)\n"
+        if let bitmaps = result.bitmaps { text += "bitmaps size: \(bitmaps)\n" }
+        return text
+    }
+
+    /// QEMU's BlockMeasureInfo as its QDict prints it: "bitmaps" (when present) hashes
+    /// before the other two.
+    static func jsonText(_ result: MeasureResult) -> String {
+        var members: [(String, JSONValue)] = [("required", .uint(result.required)),
+                                               ("fully-allocated", .uint(result.fullyAllocated))]
+        if let bitmaps = result.bitmaps { members.append(("bitmaps", .uint(bitmaps))) }
+        let object = JSONObject(members)
+        return JSONWriter.pretty(.object(object)) + "\n"
+    }
+}
