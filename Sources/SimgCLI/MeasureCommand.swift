@@ -1,6 +1,6 @@
 import ImageFormats
 
-/// `simg measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-l snapshot] filename]`
+/// `simg measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-l snapshot] [-U] filename]`
 ///
 /// The argument checks run in qemu-img's order (img_measure): the filename rules, then the
 /// source is opened, then the output format and its options; the computation is
@@ -8,7 +8,7 @@ import ImageFormats
 enum MeasureCommand {
     static let command = Command(
         name: "measure",
-        synopsis: "measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-l snapshot] filename]",
+        synopsis: "measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-l snapshot] [-U] filename]",
         details: [
             "Shows how large a new image of format 'output_fmt' (raw by default) would be: for",
             "  'N' bytes of guest space (suffixes k, M, G, T, P, E), or to hold the contents of",
@@ -16,6 +16,7 @@ enum MeasureCommand {
             "  'required size' is what the data needs, 'fully allocated size' what every cluster",
             "    needs; 'bitmaps size' (a qcow2 v3 source and target) the persistent bitmaps",
             "  '--output' is 'human' (default) or 'json', as qemu-img prints them",
+            "  '-U' (force share) reads an image another process has open for writing",
             "  '-l' (measure an internal snapshot) is not supported yet",
         ],
         options: [CommandSupport.formatOption, CommandSupport.forceShareOption, CommandSupport.outputOption,
