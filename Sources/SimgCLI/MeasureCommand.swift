@@ -17,7 +17,8 @@ enum MeasureCommand {
             "    needs; 'bitmaps size' (a qcow2 v3 source and target) the persistent bitmaps",
             "  '--output' is 'human' (default) or 'json', as qemu-img prints them",
             "  '-U' (force share) reads an image another process has open for writing",
-            "  '-l' (measure an internal snapshot) is not supported yet",
+            "  '-l' measures internal snapshot 'snapshot' (snapshot.id=ID,snapshot.name=NAME, or",
+            "    an ID or name) instead of the active layer",
         ],
         options: [CommandSupport.formatOption, CommandSupport.forceShareOption, CommandSupport.outputOption,
                   .value("O", "output-format"), .value("o", "options"), .long("size", takesValue: true),
@@ -25,7 +26,30 @@ enum MeasureCommand {
         modifiesImages: { _ in false },
         run: run)
 
+    /// `-l`: `snapshot.id=ID,snapshot.name=NAME` (either or both), else an ID or name.
+    enum SnapshotParameter {
+        case idAndName(id: String?, name: String?)
+        case idOrName(String)
+    }
+
+    /// qemu-img parses `-l` while it reads its options, so a bad list is its first error.
+    static func snapshotParameter(_ scan: ScanResult) throws(CLIError) -> SnapshotParameter? {
+        guard let text = scan.last("snapshot") else { return nil }
+        guard text.hasPrefix("snapshot.") else { return .idOrName(text) }
+        var id: String?, name: String?
+        for (key, value) in OptionList.parse(text) {
+            switch key {
+            case "snapshot.id": id = value
+            case "snapshot.name": name = value
+            default:
+                throw CLIError("Invalid parameter '\(key)'\nsimg: Failed in parsing snapshot param '\(text)'")
+            }
+        }
+        return .idAndName(id: id, name: name)
+    }
+
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        let snapshot = try snapshotParameter(scan)
         let output = try CommandSupport.outputFormat(scan)
         var size: UInt64?
         if let text = scan.last("size") { size = try CreateCommand.parseSize(text, console: console) }
@@ -50,8 +74,8 @@ enum MeasureCommand {
                                              wording: .wholeChain, console: console)
         }
         defer { if let source { try? source.close() } }
-        if scan.has("snapshot") {
-            throw CLIError("-l is not supported yet: simg cannot measure an internal snapshot")
+        if let snapshot, let source {
+            try load(snapshot, in: source)
         }
 
         let formatName = scan.last("output-format") ?? "raw"
@@ -70,6 +94,23 @@ enum MeasureCommand {
         if scan.has("quiet") { return 0 }
         console.out(output == .json ? jsonText(result) : humanText(result))
         return 0
+    }
+
+    /// The snapshot shown instead of the active layer, refused in qemu-img's words.
+    static func load(_ snapshot: SnapshotParameter, in source: any DiskImage) throws(CLIError) {
+        guard let viewer = source as? any SnapshotViewingImage else {
+            throw CLIError("Failed to load snapshot: Block format '\(source.format)' used by device '' does not support temporarily loading internal snapshots")
+        }
+        do {
+            switch snapshot {
+            case .idAndName(let id, let name): try viewer.loadSnapshotTemporarily(id: id, name: name)
+            case .idOrName(let text): try viewer.loadSnapshotTemporarily(idOrName: text)
+            }
+        } catch let failure as SnapshotFailure {
+            throw CLIError("Failed to load snapshot: \(failure)")
+        } catch {
+            throw CLIError("Failed to load snapshot: \(error)")
+        }
     }
 
     static func humanText(_ result: MeasureResult) -> String {

@@ -140,12 +140,28 @@ struct MeasureInteropTests {
         try compare(arguments, in: try folder(with: "a.raw"))
     }
 
-    /// `-l` is not supported yet: refused clearly, exit 1, nothing on stdout.
-    @Test func snapshotRefused() throws {
-        let dir = try folder(with: "base.qcow2")
-        let got = try run(simgBinary, ["measure", "-l", "s1", "base.qcow2"], in: dir.path)
-        #expect(got.status == 1)
-        #expect(got.stdout.isEmpty)
-        #expect(got.stderr == "simg: -l is not supported yet: simg cannot measure an internal snapshot\n")
+    /// Internal snapshots (`-l`) of an image grown after them, with bitmaps: each as qemu-img
+    /// measures it (the active layer's size, the snapshot's tables), and its refusals.
+    @Test(arguments: [
+        ["-l", "s1"], ["-l", "1"], ["-l", "2"], ["-l", "s2"], ["-l", "snapshot.name=s1"],
+        ["-l", "snapshot.id=1"], ["-l", "snapshot.id=1,snapshot.name=s1"],
+        ["-l", "snapshot.id=2,snapshot.name=s1"], ["-l", "nosuch"], ["-l", "snapshot.foo=1"],
+        ["-l", "snapshot.name=s2", "--output=json"], ["-l", "s1", "-o", "cluster_size=4k"],
+        ["-l", "s1", "-O", "raw"], ["-l", "s1", "-f", "raw"], ["-l", "s1", "src.raw"],
+    ])
+    func snapshots(_ arguments: [String]) throws {
+        let dir = try folder(with: "src.raw")
+        for step: [String] in [
+            ["qemu-img", "create", "-q", "-f", "qcow2", "snap.qcow2", "4M"],
+            ["qemu-io", "-c", "write -P 1 0 128k", "snap.qcow2"],
+            ["qemu-img", "snapshot", "-c", "s1", "snap.qcow2"],
+            ["qemu-io", "-c", "write -P 2 1M 256k", "snap.qcow2"],
+            ["qemu-img", "snapshot", "-c", "s2", "snap.qcow2"],
+            ["qemu-img", "resize", "-q", "snap.qcow2", "8M"],
+            ["qemu-io", "-c", "write -P 3 6M 64k", "snap.qcow2"],
+            ["qemu-img", "bitmap", "--add", "snap.qcow2", "bb"],
+        ] { try runOK(step[0], Array(step.dropFirst()), in: dir.path) }
+        let image = arguments.last == "src.raw" ? [] : ["snap.qcow2"]
+        try compare(["-O", "qcow2"] + arguments + image, in: dir)
     }
 }
