@@ -91,6 +91,7 @@ struct MeasureInteropTests {
         ["-O", "qcow2", "-o", "backing_file=base.qcow2"], ["-O", "qcow2", "-o", "backing_file=nonexistent"],
         ["-O", "qcow2", "-o", "cluster_size=64k", "-o", "cluster_size=4k"],
         ["-O", "qcow2", "-o", "nocow=on,extent_size_hint=1M,compression_type=zstd"],
+        ["-O", "qcow2", "-o", "encryption=on"], ["-O", "qcow2", "-o", "encrypt.format=aes"],
         ["-O", "qcow2", "--output=json"], ["-O", "raw", "--output=json"],
         ["--output=json", "-O", "qcow2", "-o", "compat=0.10"],
     ]
@@ -135,9 +136,18 @@ struct MeasureInteropTests {
         ["-O", "qcow2", "-o", "size=2G", "--size", "1G"],
         ["nonexistent"], ["-f", "qcow2", "a.raw"], ["-O", "foo", "nonexistent"],
         ["-O", "qcow2", "-o", "bogus=1", "a.raw"],
+        ["-O", "qcow2", "-o", "encrypt.format=luks,cluster_size=3000", "--size", "1"],
     ])
     func errors(_ arguments: [String]) throws {
         try compare(arguments, in: try folder(with: "a.raw"))
+    }
+
+    /// simg measures no LUKS-encrypted qcow2 (it creates none): refused, exit 1.
+    @Test func luksRefused() throws {
+        let got = try run(simgBinary, ["measure", "-O", "qcow2", "-o", "encrypt.format=luks", "--size", "1G"])
+        #expect(got.status == 1)
+        #expect(got.stdout.isEmpty)
+        #expect(got.stderr == "simg: Encrypted images are not supported by simg\n")
     }
 
     /// Internal snapshots (`-l`) of an image grown after them, with bitmaps: each as qemu-img
