@@ -58,6 +58,9 @@ protocol FormatDriver: Sendable {
     var createOptions: [CreateOptionSpec] { get }
     /// Writes a new image; errors are ImageErrors about `job.path`.
     func create(_ job: FormatCreateJob) throws
+    /// What a new image of the format would need (`simg measure`, Measure.swift); by default
+    /// QEMU's refusal for a driver without measurement.
+    func measure(_ job: FormatMeasureJob) throws -> MeasureResult
     /// Checks and repairs the image open as `file` (only with `.check`).
     func check(file: DiskFile, path: String, repair: CheckRepair, report: @escaping (String) -> Void,
                reportError: @escaping (String) -> Void) throws -> ImageCheckResult

@@ -25,3 +25,26 @@ public struct SnapshotFailure: Error, CustomStringConvertible {
     }
     public var description: String { message ?? String(cString: strerror(code)) }
 }
+
+/// An image that can show one of its internal snapshots in place of its active layer, for
+/// reading only (QEMU's bdrv_snapshot_load_tmp: `measure -l`): asked with `as?`; raw does not
+/// conform.
+public protocol SnapshotViewingImage: DiskImage {
+    /// Reads and block status go through the snapshot's tables from now on; the virtual size
+    /// stays the active layer's, as in QEMU. With both `id` and `name` the snapshot must match
+    /// both, else the one given; not found (or neither given) is SnapshotFailure ENOENT "Can't
+    /// find snapshot". The image must be open read-only.
+    func loadSnapshotTemporarily(id: String?, name: String?) throws
+}
+
+extension SnapshotViewingImage {
+    /// qemu's bdrv_snapshot_load_tmp_by_id_or_name: by ID, then (not found, or an invalid
+    /// table) by name.
+    public func loadSnapshotTemporarily(idOrName: String) throws {
+        do {
+            try loadSnapshotTemporarily(id: idOrName, name: nil)
+        } catch let failure as SnapshotFailure where failure.code == ENOENT || failure.code == EINVAL {
+            try loadSnapshotTemporarily(id: nil, name: idOrName)
+        }
+    }
+}

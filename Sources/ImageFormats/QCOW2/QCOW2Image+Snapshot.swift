@@ -152,6 +152,24 @@ extension QCOW2Image: SnapshottingImage {
         }
     }
 
+    /// `SnapshotViewingImage`, as qcow2_snapshot_load_tmp: the snapshot found by ID and/or
+    /// name, its L1 table checked and read, then used instead of the active one (in memory
+    /// only: the image is read-only, nothing is written). The L2 cache is keyed by host
+    /// offset, so tables read through the active L1 stay valid.
+    public func loadSnapshotTemporarily(id: String?, name: String?) throws {
+        guard !isWritable else { throw SnapshotFailure(code: EINVAL, message: "Device is not readonly") }
+        let found: QCOW2Snapshot?
+        switch (id, name) {
+        case let (id?, name?): found = snapshots.first { $0.id == id && $0.name == name }
+        case let (id?, nil): found = snapshots.first { $0.id == id }
+        case let (nil, name?): found = snapshots.first { $0.name == name }
+        case (nil, nil): found = nil
+        }
+        guard let snapshot = found else { throw SnapshotFailure(code: ENOENT, message: "Can't find snapshot") }
+        try validateL1(offset: snapshot.l1TableOffset, size: snapshot.l1Size, fileSize: try file.size())
+        l1 = try readSnapshotL1(snapshot)
+    }
+
     /// QEMU's qcow2_validate_table for a snapshot's L1 table, with its words.
     private func validateL1(offset: UInt64, size: UInt32, fileSize: UInt64) throws {
         guard UInt64(size) * 8 <= QCOW2Header.maxL1Bytes else {
@@ -288,3 +306,6 @@ extension QCOW2Image: SnapshottingImage {
         return value
     }
 }
+
+/// measure -l's view of a snapshot (`loadSnapshotTemporarily`, above).
+extension QCOW2Image: SnapshotViewingImage {}

@@ -33,4 +33,12 @@ struct RawDriver: FormatDriver {
         try RawCreate.create(path: path, size: job.size, preallocation: mode, created: job.created,
                              cache: job.cache)
     }
+
+    /// `measure -O raw` (QEMU's raw_measure): the source's size, or `size` rounded up to a
+    /// sector; every byte of a raw image is "allocated". No option is looked at.
+    func measure(_ job: FormatMeasureJob) throws -> MeasureResult {
+        let size = job.source?.virtualSize ?? job.options.unsigned("size") ?? 0
+        let rounded = size / 512 * 512 + (size % 512 == 0 ? 0 : 512)
+        return MeasureResult(required: rounded, fullyAllocated: rounded)
+    }
 }
