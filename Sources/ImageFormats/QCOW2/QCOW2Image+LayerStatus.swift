@@ -1,0 +1,84 @@
+/// qcow2's answer to `qemu-img map`, as QEMU's qcow2_co_block_status gives it: a host offset
+/// for every cluster or subcluster that has a host cluster (normal data, zero clusters that
+/// kept theirs, unallocated subclusters of an allocated cluster), ZERO for zero clusters and
+/// zero subclusters, DATA for normal and compressed ones, and allocated (present) for all
+/// but the unallocated ones. `blockStatus` folds these into `Extent.Kind`, which has no place
+/// for the host offset of a zero or unallocated granule.
+extension QCOW2Image: LayerStatusImage {
+    public func layerStatus(at offset: UInt64, length: UInt64) throws -> LayerStatus {
+        guard length > 0, offset < virtualSize else {
+            throw ImageError(path: path, message: "block status of \(length) bytes at offset \(offset) is outside the image (virtual size \(virtualSize))")
+        }
+        let limit = min(length, virtualSize - offset)
+        var result: LayerStatus?
+        var position = offset
+        while position < offset + limit {
+            let remaining = offset + limit - position
+            let next: LayerStatus
+            do {
+                next = try granuleStatus(at: position, maxLength: remaining)
+            } catch {
+                // The good range before a corrupt entry first; the error when asked about it.
+                if result != nil { break }
+                throw error
+            }
+            if var current = result {
+                guard current.zero == next.zero, current.data == next.data, current.present == next.present,
+                      continuesHost(current, next) else { break }
+                current.length += next.length
+                result = current
+            } else {
+                result = next
+            }
+            position += next.length
+        }
+        return result!
+    }
+
+    /// Whether `next` continues `current` on the host (or neither has an offset). Compressed
+    /// clusters (data without an offset) merge here too, as qemu-img map merges them.
+    private func continuesHost(_ current: LayerStatus, _ next: LayerStatus) -> Bool {
+        switch (current.hostOffset, next.hostOffset) {
+        case (nil, nil): return true
+        case (let a?, let b?): return a + current.length == b
+        default: return false
+        }
+    }
+
+    /// The status of the granule (subcluster, or cluster) holding `position`, from `position`
+    /// to the granule's end (a whole L2 table's span when none is allocated), at most `maxLength`.
+    private func granuleStatus(at position: UInt64, maxLength: UInt64) throws -> LayerStatus {
+        let tableSpan = header.bytesPerL2Table
+        let l2Offset = try l2TableOffset(forGuest: position)
+        if l2Offset == 0 {
+            let tableEnd = (position / tableSpan + 1) * tableSpan
+            return LayerStatus(length: min(maxLength, tableEnd - position), present: false, zero: false, data: false, hostOffset: nil)
+        }
+        let table = try l2Table(at: l2Offset)
+        let granule = granuleSize
+        let index = Int((position % tableSpan) / UInt64(clusterSize))
+        let sub = Int((position / granule) % UInt64(header.subclustersPerCluster))
+        // classify validates the entry as the read path does (corrupt entries throw).
+        let kind = try classify(table: table, index: index, subcluster: sub, l2Offset: l2Offset, guestOffset: position)
+        let entry = QCOW2L2Entry(raw: table[header.hasExtendedL2 ? 2 * index : index])
+        let hasHost = !entry.isCompressed && (entry.hostOffset != 0 || (header.hasDataFile && entry.isCopied))
+        let inGranule = position % granule
+        var step = granule - inGranule
+        let host: UInt64? = hasHost ? entry.hostOffset + UInt64(sub) * granule + inGranule : nil
+        let status: LayerStatus
+        switch kind {
+        case .normal(let h):
+            status = LayerStatus(length: 0, present: true, zero: false, data: true, hostOffset: h + inGranule)
+        case .compressed:
+            step = UInt64(clusterSize) - position % UInt64(clusterSize)
+            status = LayerStatus(length: 0, present: true, zero: false, data: true, hostOffset: nil)
+        case .zero:
+            status = LayerStatus(length: 0, present: true, zero: true, data: false, hostOffset: host)
+        case .unallocated:
+            status = LayerStatus(length: 0, present: false, zero: false, data: false, hostOffset: host)
+        }
+        var result = status
+        result.length = min(step, maxLength)
+        return result
+    }
+}
