@@ -32,7 +32,68 @@ extension QCOW2Image: LayerStatusImage {
             }
             position += next.length
         }
+        // As QEMU (BDRV_BLOCK_RECURSE): in an image preallocated with metadata, data clusters
+        // may be holes in the file, so the file's own status refines what they read as.
+        if let status = result, status.data, let host = status.hostOffset, isMetadataPreallocated() {
+            return refinedByFile(status, host: host)
+        }
         return result!
+    }
+
+    /// QEMU's qcow2_detect_metadata_preallocation: more clusters with a reference than the file
+    /// has allocated (by more than a ninth, and at least two). Errors count as no, as in QEMU.
+    private func isMetadataPreallocated() -> Bool {
+        if let known = metadataPreallocation { return known }
+        var answer = false
+        if let fileLength = try? file.size(), let allocated = try? file.allocatedBytes(),
+           let refcounts = try? QCOW2Refcounts(file: file, path: path, header: header) {
+            let realClusters = allocated / UInt64(clusterSize)
+            let threshold = max(realClusters * 10 / 9, realClusters + 2)
+            let endCluster = (fileLength + UInt64(clusterSize) - 1) / UInt64(clusterSize)
+            var count: UInt64 = 0
+            var cluster: UInt64 = 0
+            while cluster < endCluster && count < threshold {
+                guard let refcount = try? refcounts.refcount(ofCluster: cluster) else { break }
+                if refcount != 0 { count += 1 }
+                cluster += 1
+            }
+            answer = count >= threshold
+        }
+        metadataPreallocation = answer
+        return answer
+    }
+
+    /// What QEMU's generic block status makes of a data range by asking the data file about
+    /// `host ..< host + length`: a hole there adds ZERO and ends the range where the hole does;
+    /// data ends it where the data does; past the end of the file (or a hole up to it) it all
+    /// reads as zeros. The file's answers are only extra information: an error leaves `status`.
+    private func refinedByFile(_ status: LayerStatus, host: UInt64) -> LayerStatus {
+        var result = status
+        // file-posix's length is whole sectors.
+        guard let size = try? dataFile.size() else { return status }
+        let fileLength = (size + 511) & ~511
+        guard host < fileLength else {
+            result.zero = true
+            return result
+        }
+        let bytes = min(status.length, fileLength - host)
+        let found: UInt64?
+        do { found = try dataFile.nextData(from: host) } catch { return status }
+        guard let data = found, data < host + bytes else {
+            // A hole to the end of what was asked: up to the end of the file, all of the range
+            // reads as zeros; else only the hole.
+            result.zero = true
+            if host + bytes < fileLength { result.length = bytes }
+            return result
+        }
+        if data > host {
+            result.zero = true
+            result.length = data - host
+            return result
+        }
+        guard let hole = try? dataFile.nextHole(from: host) else { return status }
+        result.length = min(max(hole, host + 1) - host, bytes)
+        return result
     }
 
     /// Whether `next` continues `current` on the host (or neither has an offset). Compressed
