@@ -6,7 +6,7 @@ import ImageFormats
 enum MapCommand {
     static let command = Command(
         name: "map",
-        synopsis: "map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename",
+        synopsis: "map [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename",
         details: [
             "Shows how the image's guest ranges are mapped: which layer of the backing chain holds",
             "each range (depth 0 = the image itself), whether it is allocated there (present),",

@@ -10,27 +10,45 @@ extension QCOW2Image: LayerStatusImage {
             throw ImageError(path: path, message: "block status of \(length) bytes at offset \(offset) is outside the image (virtual size \(virtualSize))")
         }
         let limit = min(length, virtualSize - offset)
+        let end = offset + limit
+        let tableSpan = header.bytesPerL2Table
         var result: LayerStatus?
         var position = offset
-        while position < offset + limit {
-            let remaining = offset + limit - position
-            let next: LayerStatus
+        // One L2 table fetched per table the range crosses, its granules walked in it.
+        tables: while position < end {
+            let tableEnd = min((position / tableSpan + 1) * tableSpan, end)
+            var l2Offset: UInt64 = 0
+            var table: [UInt64] = []
             do {
-                next = try granuleStatus(at: position, maxLength: remaining)
+                l2Offset = try l2TableOffset(forGuest: position)
+                if l2Offset != 0 { table = try l2Table(at: l2Offset) }
             } catch {
                 // The good range before a corrupt entry first; the error when asked about it.
                 if result != nil { break }
                 throw error
             }
-            if var current = result {
-                guard current.zero == next.zero, current.data == next.data, current.present == next.present,
-                      continuesHost(current, next) else { break }
-                current.length += next.length
-                result = current
-            } else {
-                result = next
+            while position < tableEnd {
+                let next: LayerStatus
+                if l2Offset == 0 {
+                    next = LayerStatus(length: tableEnd - position, present: false, zero: false, data: false, hostOffset: nil)
+                } else {
+                    do {
+                        next = try granuleStatus(table: table, l2Offset: l2Offset, at: position, maxLength: tableEnd - position)
+                    } catch {
+                        if result != nil { break tables }
+                        throw error
+                    }
+                }
+                if var current = result {
+                    guard current.zero == next.zero, current.data == next.data, current.present == next.present,
+                          continuesHost(current, next) else { break tables }
+                    current.length += next.length
+                    result = current
+                } else {
+                    result = next
+                }
+                position += next.length
             }
-            position += next.length
         }
         // As QEMU (BDRV_BLOCK_RECURSE): in an image preallocated with metadata, data clusters
         // may be holes in the file, so the file's own status refines what they read as.
@@ -107,15 +125,10 @@ extension QCOW2Image: LayerStatusImage {
     }
 
     /// The status of the granule (subcluster, or cluster) holding `position`, from `position`
-    /// to the granule's end (a whole L2 table's span when none is allocated), at most `maxLength`.
-    private func granuleStatus(at position: UInt64, maxLength: UInt64) throws -> LayerStatus {
+    /// to the granule's end, at most `maxLength`, from the L2 table at `l2Offset`.
+    private func granuleStatus(table: [UInt64], l2Offset: UInt64, at position: UInt64,
+                               maxLength: UInt64) throws -> LayerStatus {
         let tableSpan = header.bytesPerL2Table
-        let l2Offset = try l2TableOffset(forGuest: position)
-        if l2Offset == 0 {
-            let tableEnd = (position / tableSpan + 1) * tableSpan
-            return LayerStatus(length: min(maxLength, tableEnd - position), present: false, zero: false, data: false, hostOffset: nil)
-        }
-        let table = try l2Table(at: l2Offset)
         let granule = granuleSize
         let index = Int((position % tableSpan) / UInt64(clusterSize))
         let sub = Int((position / granule) % UInt64(header.subclustersPerCluster))
