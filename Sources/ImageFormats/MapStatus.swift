@@ -31,6 +31,13 @@ public protocol LayerStatusImage: DiskImage {
     /// The status of the range starting at `offset`, at most `length` long (`length` > 0 and
     /// inside the image); the answer's length is > 0.
     func layerStatus(at offset: UInt64, length: UInt64) throws -> LayerStatus
+    /// The name of the file the host offsets are in, as QEMU names it (qemu-img map's File
+    /// column): the image's own name, or its external data file's as stored. Default: `path`.
+    var hostFileName: String { get }
+}
+
+extension LayerStatusImage {
+    public var hostFileName: String { path }
 }
 
 /// One entry of `qemu-img map`: a range with the depth of the layer that answers for it and
@@ -45,9 +52,12 @@ public struct MapEntry {
     public var hostOffset: UInt64?
     /// The layer whose file `hostOffset` is in; nil when there is no offset.
     public var layer: (any DiskImage)?
+    /// The name of the file `hostOffset` is in (`LayerStatusImage.hostFileName`); nil when there
+    /// is no offset.
+    public var fileName: String?
 
     public init(start: UInt64, length: UInt64, depth: Int, present: Bool, zero: Bool, data: Bool,
-                hostOffset: UInt64?, layer: (any DiskImage)?) {
+                hostOffset: UInt64?, layer: (any DiskImage)?, fileName: String? = nil) {
         self.start = start
         self.length = length
         self.depth = depth
@@ -56,6 +66,7 @@ public struct MapEntry {
         self.data = data
         self.hostOffset = hostOffset
         self.layer = layer
+        self.fileName = fileName ?? layer?.path
     }
 
     /// qemu-img's entry_mergeable: same flags and depth, and offsets both absent or `next`
@@ -116,7 +127,8 @@ extension ChainWalker {
             }
             return MapEntry(start: offset, length: status.length, depth: depth, present: status.present,
                             zero: status.zero, data: status.data, hostOffset: status.hostOffset,
-                            layer: status.hostOffset == nil ? nil : image)
+                            layer: status.hostOffset == nil ? nil : image,
+                            fileName: status.hostOffset == nil ? nil : (image as? any LayerStatusImage)?.hostFileName)
         }
     }
 

@@ -144,7 +144,7 @@ enum MapCommand {
                     return CLIError("File contains external, encrypted or compressed clusters.")
                 }
                 if e.data && !e.zero, let host = e.hostOffset {
-                    buffer += column(e.start) + column(e.length) + column(host) + (e.layer?.path ?? "") + "\n"
+                    buffer += column(e.start) + column(e.length) + column(host) + (e.fileName ?? "") + "\n"
                 }
             }
             if buffer.utf8.count >= 1 << 16 { flush() }

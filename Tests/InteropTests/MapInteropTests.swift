@@ -140,6 +140,22 @@ struct MapInteropTests {
         try compare(["--output=json", "--start-offset=1000k", "--max-length=100k", "ro.qcow2"], in: dir.path)
     }
 
+    @Test("external data files (the File column names them) and extended L2 over a backing file")
+    func dataFilesAndSubclusterChain() throws {
+        let dir = try TempDir()
+        try steps([
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=ext.data", "ext.qcow2", "1M"],
+            ["qemu-io", "-c", "write -P 1 64k 64k", "ext.qcow2"],
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=raw.data,data_file_raw=on", "extraw.qcow2", "1M"],
+            ["qemu-io", "-c", "write -P 1 64k 64k", "extraw.qcow2"],
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "eb.qcow2", "1M"],
+            ["qemu-io", "-c", "write -P 1 0 1M", "eb.qcow2"],
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", "eb.qcow2", "-F", "qcow2", "eo.qcow2"],
+            ["qemu-io", "-c", "write -P 2 4k 4k", "-c", "write -z 20k 4k", "eo.qcow2"],
+        ], in: dir.path)
+        try compareBoth(["ext.qcow2", "extraw.qcow2", "eo.qcow2"], in: dir.path)
+    }
+
     @Test("a 16 TiB empty qcow2 maps as one entry")
     func hugeEmpty() throws {
         let dir = try TempDir()

@@ -5,6 +5,11 @@
 /// but the unallocated ones. `blockStatus` folds these into `Extent.Kind`, which has no place
 /// for the host offset of a zero or unallocated granule.
 extension QCOW2Image: LayerStatusImage {
+    /// The external data file's name as stored (QEMU opens it by that name), else the image's.
+    public var hostFileName: String {
+        header.hasDataFile ? header.dataFileName ?? path : path
+    }
+
     public func layerStatus(at offset: UInt64, length: UInt64) throws -> LayerStatus {
         guard length > 0, offset < virtualSize else {
             throw ImageError(path: path, message: "block status of \(length) bytes at offset \(offset) is outside the image (virtual size \(virtualSize))")
