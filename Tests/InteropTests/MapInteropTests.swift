@@ -49,6 +49,9 @@ struct MapInteropTests {
         try steps(Self.chain, in: dir.path)
         try compareBoth(["top.qcow2", "mid.qcow2", "base.qcow2", dir.file("top.qcow2")], in: dir.path)
         try compare(["../top.qcow2"], in: dir.file("sub"))
+        // The File column is the protocol node's name: no prefix, no json: wrapping.
+        try compare(["file:top.qcow2"], in: dir.path)
+        try compare([#"json:{"driver":"qcow2","file":{"driver":"file","filename":"top.qcow2"}}"#], in: dir.path)
         for arguments in [
             ["--output=json", "--start-offset=100000", "--max-length=1000000", "top.qcow2"],
             ["--start-offset=100000", "--max-length=1000", "top.qcow2"],
@@ -83,6 +86,8 @@ struct MapInteropTests {
         try compareBoth(["r.raw", "t1.raw", "t4.raw", "empty.raw"], in: dir.path)
         try compare(["--output=json", "--start-offset=999000", "--max-length=1200", "t4.raw"], in: dir.path)
         try compare(["-f", "qcow2", "r.raw"], in: dir.path)
+        try compareBoth([#"json:{"driver":"raw","offset":300000,"size":65536,"file":{"driver":"file","filename":"r.raw"}}"#,
+                         "file:r.raw"], in: dir.path)
     }
 
     @Test("qcow2: zero clusters, v2, compressed clusters, metadata preallocation, extended L2")

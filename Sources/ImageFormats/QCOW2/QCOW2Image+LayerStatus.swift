@@ -5,10 +5,9 @@
 /// but the unallocated ones. `blockStatus` folds these into `Extent.Kind`, which has no place
 /// for the host offset of a zero or unallocated granule.
 extension QCOW2Image: LayerStatusImage {
-    /// The external data file's name as stored (QEMU opens it by that name), else the image's.
-    public var hostFileName: String {
-        header.hasDataFile ? header.dataFileName ?? path : path
-    }
+    /// The name of the file the data is in, as QEMU's protocol node names it: the external
+    /// data file's, else the image file's (without a `file:` prefix or `json:` wrapping).
+    public var hostFileName: String { dataFile.path }
 
     public func layerStatus(at offset: UInt64, length: UInt64) throws -> LayerStatus {
         guard length > 0, offset < virtualSize else {
