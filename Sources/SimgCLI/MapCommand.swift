@@ -91,7 +91,6 @@ enum MapCommand {
     struct Printer {
         let output: CommandSupport.OutputFormat
         let console: Console
-        var buffer = ""
         var pending: MapEntry?
         var printed = 0
         var hasPending: Bool { pending != nil }
@@ -102,7 +101,7 @@ enum MapCommand {
         }
 
         mutating func begin() {
-            buffer += output == .json ? "[" : "Offset          Length          Mapped to       File\n"
+            append(output == .json ? "[" : "Offset          Length          Mapped to       File\n")
         }
 
         /// Takes the next entry; the held one is printed. Returns human mode's refusal of a
@@ -122,32 +121,51 @@ enum MapCommand {
                     return
                 }
             }
-            if output == .json { buffer += "]\n" }
+            if output == .json { append("]\n") }
             flush()
         }
 
         mutating func flush() {
-            if !buffer.isEmpty { console.out(buffer) }
-            buffer = ""
+            if !bytes.isEmpty { console.out(String(decoding: bytes, as: UTF8.self)) }
+            bytes.removeAll(keepingCapacity: true)
+        }
+
+        // Entries are built as bytes: tens of thousands of String interpolations cost more
+        // than the walk itself.
+        private var bytes: [UInt8] = []
+
+        private mutating func append(_ text: String) { bytes.append(contentsOf: text.utf8) }
+
+        private mutating func appendDecimal(_ value: UInt64) {
+            var digits: (UInt64, [UInt8]) = (value, [])
+            repeat {
+                digits.1.append(UInt8(ascii: "0") + UInt8(digits.0 % 10))
+                digits.0 /= 10
+            } while digits.0 != 0
+            bytes.append(contentsOf: digits.1.reversed())
         }
 
         private mutating func emit(_ e: MapEntry, last: Bool) -> CLIError? {
             printed += 1
             switch output {
             case .json:
-                buffer += "{ \"start\": \(e.start), \"length\": \(e.length), \"depth\": \(e.depth),"
-                    + " \"present\": \(e.present), \"zero\": \(e.zero), \"data\": \(e.data)"
-                if let host = e.hostOffset { buffer += ", \"offset\": \(host)" }
-                buffer += last ? "}" : "},\n"
+                append("{ \"start\": "); appendDecimal(e.start)
+                append(", \"length\": "); appendDecimal(e.length)
+                append(", \"depth\": "); appendDecimal(UInt64(e.depth))
+                append(e.present ? ", \"present\": true" : ", \"present\": false")
+                append(e.zero ? ", \"zero\": true" : ", \"zero\": false")
+                append(e.data ? ", \"data\": true" : ", \"data\": false")
+                if let host = e.hostOffset { append(", \"offset\": "); appendDecimal(host) }
+                append(last ? "}" : "},\n")
             case .human:
                 if e.data && e.hostOffset == nil {
                     return CLIError("File contains external, encrypted or compressed clusters.")
                 }
                 if e.data && !e.zero, let host = e.hostOffset {
-                    buffer += column(e.start) + column(e.length) + column(host) + (e.fileName ?? "") + "\n"
+                    append(column(e.start) + column(e.length) + column(host) + (e.fileName ?? "") + "\n")
                 }
             }
-            if buffer.utf8.count >= 1 << 16 { flush() }
+            if bytes.count >= 1 << 16 { flush() }
             return nil
         }
 
