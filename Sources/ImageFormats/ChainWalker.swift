@@ -63,6 +63,9 @@ public final class ChainWalker {
         self.top = top
     }
 
+    /// Counts one block-status call (for the map walk in MapStatus.swift).
+    func countQuery() { queries += 1 }
+
     /// The range starting exactly at `offset`, at most `length` long, as the first layer that
     /// decides it reports it. One block-status call per layer consulted, nothing merged: the
     /// answer is as long as the shortest of those calls (the convert planner relies on that to

@@ -52,6 +52,9 @@ public final class QCOW2Image: DiskImage {
     /// The persistent bitmaps kept through writes (QCOW2Image+BitmapTracking.swift); nil
     /// until the first write, and for images without bitmaps.
     var bitmapTracker: QCOW2BitmapEditor?
+    /// Whether the image looks preallocated with metadata (QEMU's
+    /// qcow2_detect_metadata_preallocation), found at the first `layerStatus`; nil until then.
+    var metadataPreallocation: Bool?
     /// Which cluster `clusterBuffer` holds decompressed, keyed by guest cluster and descriptor
     /// (so a remapped cluster never hits a stale entry); nil when none.
     private var decompressedKey: (cluster: UInt64, descriptor: QCOW2CompressedDescriptor)?

@@ -1,0 +1,178 @@
+import ImageFormats
+
+/// `simg map [-f fmt] [--output=ofmt] [--start-offset=OFFSET] [--max-length=LEN] [-U] filename`,
+/// qemu-img map's entries and layouts: one entry per run of equal mapping down the backing
+/// chain (ChainWalker.mapWalk), printed as it comes so memory stays bounded.
+enum MapCommand {
+    static let command = Command(
+        name: "map",
+        synopsis: "map [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename",
+        details: [
+            "Shows how the image's guest ranges are mapped: which layer of the backing chain holds",
+            "each range (depth 0 = the image itself), whether it is allocated there (present),",
+            "reads as zeros, holds data, and where it lies in that layer's file (offset).",
+            "  '-f' names the format instead of probing it",
+            "  '--output' is 'human' (default: the data ranges with their file and offset; refused",
+            "       for compressed clusters, which have no offset) or 'json' (every range)",
+            "  '--start-offset' and '--max-length' limit the ranges shown (k, M, G, T, P, E suffixes)",
+            "  '-U' (force share) reads an image another process has open for writing",
+        ],
+        options: [CommandSupport.formatOption, CommandSupport.forceShareOption, CommandSupport.outputOption,
+                  .long("start-offset", takesValue: true), .long("max-length", takesValue: true)],
+        modifiesImages: { _ in false },
+        run: run)
+
+    static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        // qemu-img parses these while scanning the options, before anything else.
+        let start = try scan.last("start-offset").map { try number($0, "start offset") } ?? 0
+        let maxLength = try scan.last("max-length").map { try number($0, "max length") }
+        guard scan.operands.count == 1, let filename = scan.operands.first else {
+            throw CLIError.usage("Expecting one image file name")
+        }
+        let output = try CommandSupport.outputFormat(scan)
+        let format = try CommandSupport.format(scan, opening: filename)
+        let image = try CommandSupport.open(filename, OpenOptions(format: format, writable: false, cache: .writeback,
+                                                                  openBacking: true, locking: CommandSupport.readLocking(scan)),
+                                            wording: .wholeChain, console: console)
+        defer { try? image.close() }
+
+        let size = image.virtualSize
+        var end = size
+        if let maxLength {
+            // qemu-img adds them as int64_t: past INT64_MAX the sum goes negative and
+            // MIN(sum, length) leaves nothing to map.
+            let sum = start + maxLength  // both <= INT64_MAX: no UInt64 overflow
+            end = sum > UInt64(Int64.max) ? start : min(sum, size)
+        }
+        var printer = Printer(output: output, console: console)
+        printer.begin()
+        var failure: CLIError?
+        if start < end {
+            let walker = ChainWalker(top: image)
+            do {
+                try walker.mapWalk(from: start, length: end - start) { entry in
+                    if let problem = printer.add(entry) { throw problem }
+                }
+            } catch let error as CLIError {
+                failure = error
+            } catch {
+                failure = CLIError("Could not read file metadata: \(error)")
+            }
+        }
+        if failure == nil {
+            // Nothing in the range (or a 0-byte image): qemu-img's one empty entry at the start.
+            if printer.printed == 0 && !printer.hasPending {
+                _ = printer.add(MapEntry(start: start, length: 0, depth: 0, present: false, zero: false,
+                                         data: false, hostOffset: nil, layer: nil))
+            }
+            printer.finish()
+        } else {
+            printer.flush()
+        }
+        if let failure { throw failure }
+        return 0
+    }
+
+    /// qemu-img's cvtnum: a size with suffixes, 0 ... INT64_MAX, else its sentence naming `what`.
+    static func number(_ text: String, _ what: String) throws -> UInt64 {
+        do {
+            return try SizeParser.parseImageSize(text)
+        } catch SizeParser.Error.outOfRange {
+            throw CLIError("Invalid \(what) specified. Must be between 0 and \(Int64.max).")
+        } catch {
+            throw CLIError("Invalid \(what) specified. You may use k, M, G, T, P or E suffixes for\n"
+                           + "simg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+        }
+    }
+
+    /// Prints entries in qemu-img's layouts. JSON needs to know whether another entry follows
+    /// (`,\n` between entries), so each is held until the next arrives; output is buffered and
+    /// written in pieces.
+    struct Printer {
+        let output: CommandSupport.OutputFormat
+        let console: Console
+        var pending: MapEntry?
+        var printed = 0
+        var hasPending: Bool { pending != nil }
+
+        init(output: CommandSupport.OutputFormat, console: Console) {
+            self.output = output
+            self.console = console
+        }
+
+        mutating func begin() {
+            append(output == .json ? "[" : "Offset          Length          Mapped to       File\n")
+        }
+
+        /// Takes the next entry; the held one is printed. Returns human mode's refusal of a
+        /// data range without an offset (compressed clusters), after the rows before it.
+        mutating func add(_ entry: MapEntry) -> CLIError? {
+            defer { pending = entry }
+            guard let previous = pending else { return nil }
+            return emit(previous, last: false)
+        }
+
+        mutating func finish() {
+            if let previous = pending {
+                pending = nil
+                if let problem = emit(previous, last: true) {
+                    flush()
+                    console.error(problem.message)
+                    return
+                }
+            }
+            if output == .json { append("]\n") }
+            flush()
+        }
+
+        mutating func flush() {
+            if !bytes.isEmpty { console.out(String(decoding: bytes, as: UTF8.self)) }
+            bytes.removeAll(keepingCapacity: true)
+        }
+
+        // Entries are built as bytes: tens of thousands of String interpolations cost more
+        // than the walk itself.
+        private var bytes: [UInt8] = []
+
+        private mutating func append(_ text: String) { bytes.append(contentsOf: text.utf8) }
+
+        private mutating func appendDecimal(_ value: UInt64) {
+            var digits: (UInt64, [UInt8]) = (value, [])
+            repeat {
+                digits.1.append(UInt8(ascii: "0") + UInt8(digits.0 % 10))
+                digits.0 /= 10
+            } while digits.0 != 0
+            bytes.append(contentsOf: digits.1.reversed())
+        }
+
+        private mutating func emit(_ e: MapEntry, last: Bool) -> CLIError? {
+            printed += 1
+            switch output {
+            case .json:
+                append("{ \"start\": "); appendDecimal(e.start)
+                append(", \"length\": "); appendDecimal(e.length)
+                append(", \"depth\": "); appendDecimal(UInt64(e.depth))
+                append(e.present ? ", \"present\": true" : ", \"present\": false")
+                append(e.zero ? ", \"zero\": true" : ", \"zero\": false")
+                append(e.data ? ", \"data\": true" : ", \"data\": false")
+                if let host = e.hostOffset { append(", \"offset\": "); appendDecimal(host) }
+                append(last ? "}" : "},\n")
+            case .human:
+                if e.data && e.hostOffset == nil {
+                    return CLIError("File contains external, encrypted or compressed clusters.")
+                }
+                if e.data && !e.zero, let host = e.hostOffset {
+                    append(column(e.start) + column(e.length) + column(host) + (e.fileName ?? "") + "\n")
+                }
+            }
+            if bytes.count >= 1 << 16 { flush() }
+            return nil
+        }
+
+        /// printf's `%#-16x`: 0x-prefixed lower-case hex (plain `0` for zero), left-justified in 16.
+        private func column(_ value: UInt64) -> String {
+            let text = value == 0 ? "0" : "0x" + String(value, radix: 16)
+            return text.count >= 16 ? text : text + String(repeating: " ", count: 16 - text.count)
+        }
+    }
+}
