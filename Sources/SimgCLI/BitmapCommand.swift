@@ -164,15 +164,6 @@ enum BitmapCommand {
     /// 32 bits when the action uses it, as QMP's uint32 takes it (so 4G is given as 0, refused
     /// as "Granularity must be power of 2 and at least 512").
     static func parseGranularity(_ text: String) throws -> UInt64 {
-        let value: UInt64
-        do {
-            value = try SizeParser.parseImageSize(text)
-        } catch SizeParser.Error.outOfRange {
-            throw CLIError("Invalid granularity specified. Must be between 0 and \(Int64.max).")
-        } catch {
-            throw CLIError("Invalid granularity specified. You may use k, M, G, T, P or E suffixes for\n"
-                           + "simg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
-        }
-        return value
+        try CommandSupport.cvtnum(text, "granularity")
     }
 }

@@ -87,6 +87,19 @@ enum CommandSupport {
         case wholeChain
     }
 
+    /// qemu-img's cvtnum: a size with suffixes, 0 ... INT64_MAX, else its sentence naming `what`
+    /// ("start offset", "rate limit", "granularity", ...).
+    static func cvtnum(_ text: String, _ what: String) throws -> UInt64 {
+        do {
+            return try SizeParser.parseImageSize(text)
+        } catch SizeParser.Error.outOfRange {
+            throw CLIError("Invalid \(what) specified. Must be between 0 and \(Int64.max).")
+        } catch {
+            throw CLIError("Invalid \(what) specified. You may use k, M, G, T, P or E suffixes for\n"
+                           + "simg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+        }
+    }
+
     /// Opens `path` with `options` (ImageOpener: the name's syntax, the protocol driver's
     /// checks, the chain, the locks), a failure worded as qemu-img words it; the warnings
     /// qemu-img prints at every open go to `console` (`warnAtOpen`).

@@ -130,14 +130,5 @@ enum CommitCommand {
     }
 
     /// `-r`, as qemu-img's cvtnum("rate limit").
-    static func rateLimit(_ text: String) throws -> UInt64 {
-        do {
-            return try SizeParser.parseImageSize(text)
-        } catch SizeParser.Error.outOfRange {
-            throw CLIError("Invalid rate limit specified. Must be between 0 and \(Int64.max).")
-        } catch {
-            throw CLIError("Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for\n"
-                           + "simg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
-        }
-    }
+    static func rateLimit(_ text: String) throws -> UInt64 { try CommandSupport.cvtnum(text, "rate limit") }
 }

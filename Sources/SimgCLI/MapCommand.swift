@@ -24,8 +24,8 @@ enum MapCommand {
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
         // qemu-img parses these while scanning the options, before anything else.
-        let start = try scan.last("start-offset").map { try number($0, "start offset") } ?? 0
-        let maxLength = try scan.last("max-length").map { try number($0, "max length") }
+        let start = try scan.last("start-offset").map { try CommandSupport.cvtnum($0, "start offset") } ?? 0
+        let maxLength = try scan.last("max-length").map { try CommandSupport.cvtnum($0, "max length") }
         guard scan.operands.count == 1, let filename = scan.operands.first else {
             throw CLIError.usage("Expecting one image file name")
         }
@@ -71,18 +71,6 @@ enum MapCommand {
         }
         if let failure { throw failure }
         return 0
-    }
-
-    /// qemu-img's cvtnum: a size with suffixes, 0 ... INT64_MAX, else its sentence naming `what`.
-    static func number(_ text: String, _ what: String) throws -> UInt64 {
-        do {
-            return try SizeParser.parseImageSize(text)
-        } catch SizeParser.Error.outOfRange {
-            throw CLIError("Invalid \(what) specified. Must be between 0 and \(Int64.max).")
-        } catch {
-            throw CLIError("Invalid \(what) specified. You may use k, M, G, T, P or E suffixes for\n"
-                           + "simg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
-        }
     }
 
     /// Prints entries in qemu-img's layouts. JSON needs to know whether another entry follows
