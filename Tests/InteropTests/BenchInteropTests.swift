@@ -136,4 +136,16 @@ struct BenchInteropTests {
         #expect(huge.stdout == "Sending 1 read requests, 2147483647 bytes each, 64 in parallel (starting at offset 0, step size 2147483647)\n")
         #expect(huge.stderr == "simg: Failed request: Input/output error\n")
     }
+
+    @Test("an image qemu-nbd holds: reads refused without -U, writes refused")
+    func locks() throws {
+        let dir = try TempDir(in: .varTmp)
+        try runOK("qemu-img", ["create", "-q", "-f", "qcow2", "lk.qcow2", "1M"], in: dir.path)
+        let server = try LockHelperProcess("qemu-nbd", ["-f", "qcow2", "-k", dir.file("nbd.sock"), "lk.qcow2"],
+                                           in: dir.path, holding: dir.file("lk.qcow2"), bytes: [100, 101, 103, 201, 203])
+        defer { server.stop() }
+        for arguments in [["-c", "5", "lk.qcow2"], ["-U", "-c", "5", "lk.qcow2"], ["-w", "-c", "5", "lk.qcow2"]] {
+            try compare(arguments, in: dir)
+        }
+    }
 }
