@@ -23,7 +23,7 @@ enum BenchCommand {
             "  '-U' (force share) reads an image another process has open for writing (not with '-w')",
             "  Unlike qemu-img, '-d 0' (with requests to send) is refused instead of hanging, at most",
             "  1024 requests are in flight, and a request size larger than the image fails at once",
-            "  instead of allocating depth x size bytes first ('-c 1 -s 2G' aborts qemu-img).",
+            "  instead of allocating depth x size bytes first ('-c 1 -s 2147483647' aborts qemu-img).",
         ],
         options: [
             .value("c", "count"), .value("d", "depth"), CommandSupport.formatOption, .flag("n", "native"),
@@ -145,7 +145,7 @@ enum BenchCommand {
     }
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
-        var settings = try parse(scan)
+        let settings = try parse(scan)
         guard scan.operands.count == 1, let filename = scan.operands.first else {
             throw CLIError.usage("Expecting one image file name")
         }
@@ -185,7 +185,6 @@ enum BenchCommand {
         console.out("Sending \(options.count) \(options.write ? "write" : "read") requests, \(options.size) bytes each, "
                     + "\(options.depth) in parallel (starting at offset \(options.offset), step size \(options.step))\n")
         if options.flushInterval > 0 { console.out("Sending flush every \(options.flushInterval) requests\n") }
-        settings.options = options
         let seconds: Double
         do {
             let runner = try BenchRunner(image: image, options: options)
