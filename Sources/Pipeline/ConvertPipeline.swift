@@ -47,7 +47,7 @@ public final class ConvertPipeline {
     private static let slack = 64 << 10
 
     public init(sources: [any DiskImage], target: any ConvertTarget, options: ConvertOptions) throws {
-        planner = try ConvertPlanner(sources: sources, keepBacking: options.keepBacking)
+        planner = try ConvertPlanner(sources: sources, keepBacking: options.keepBacking, window: options.sourceWindow)
         self.target = target
         self.options = options
         let targetUnit = UInt64(max(target.writeGranularity, 1))

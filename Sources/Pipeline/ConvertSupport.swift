@@ -20,6 +20,8 @@ public struct ConvertOptions: Sendable {
     public var gapLimit: UInt64 = 64 << 10
     /// `-B`: ranges the sources' top layers do not allocate are left to the target's backing file.
     public var keepBacking: Bool = false
+    /// `dd`: copy only this range of the one source (the output starts with its first byte).
+    public var sourceWindow: Range<UInt64>?
     /// Called with (bytes done, total) as the copy advances.
     public var progress: (@Sendable (UInt64, UInt64) -> Void)?
 
@@ -112,7 +114,7 @@ public struct ConvertError: Error, CustomStringConvertible {
 
     /// The system call's error under the image's words for it ("Could not write back
     /// metadata"), which name the file once more and add nothing the operation does not say.
-    static func rootIOError(_ error: any Error) -> IOError? {
+    public static func rootIOError(_ error: any Error) -> IOError? {
         var current = error
         while let image = current as? ImageError, let cause = image.cause { current = cause }
         return current as? IOError
