@@ -63,7 +63,7 @@ enum CompareCommand {
                                       locking: CommandSupport.readLocking(scan))
             let image = try CommandSupport.open(name, options, wording: .wholeChain, console: console)
             opened.append(image)
-            sides.append(CompareSide(image: image, name: name, readers: []))
+            sides.append(CompareSide(image: image, name: name, readers: [], mayMap: !CommandSupport.forceShare(scan)))
         }
         // The readers: the same images opened again, without locks of their own (the first
         // open holds QEMU's); a failure now is as good as one of the first open.

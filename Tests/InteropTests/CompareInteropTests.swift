@@ -101,6 +101,12 @@ struct CompareInteropTests {
                             in: dir.path)
         try compare(["-s", "comp.qcow2", "comp.qcow2"], in: dir.path)
         try compare(["-f", "qcow2", "-F", "raw", "base.qcow2", "base.raw"], in: dir.path)
+        // Read through the formats rather than mapped: -U, and O_DIRECT (-T none).
+        for extra in [["-U"], ["-T", "none"]] {
+            try compare(extra + ["base.qcow2", "base2.raw"], in: dir.path)
+            try compare(extra + ["src.raw", "comp.qcow2"], in: dir.path)
+            try compare(extra + ["r8.raw", "q4.qcow2"], in: dir.path)
+        }
     }
 
     @Test("backing chains compared as a whole, shorter backing files, -F raw on an overlay")
