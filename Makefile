@@ -24,7 +24,7 @@ demo: release
 test: deps
 	$(SWIFT) build
 	$(SWIFT) build --build-tests
-	$(SWIFT) test
+	scripts/test.sh
 
 install: release
 	install -d "$(DESTDIR)$(PREFIX)/bin"

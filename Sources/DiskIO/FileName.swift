@@ -1,3 +1,5 @@
+import Glibc
+
 /// Linux file names are bytes, not text: any byte but NUL and '/' may appear in a name, so a
 /// name that is not valid UTF-8 is still a name, and simg must open, create and print exactly
 /// those bytes.
@@ -21,7 +23,14 @@ public enum FileName {
     /// The string for `bytes` (a file name, an argument, a name read from an image).
     public static func decode<Bytes: Collection>(_ bytes: Bytes) -> String where Bytes.Element == UInt8 {
         let array = Array(bytes)
-        if array.allSatisfy({ $0 < 0x80 }) { return String(decoding: array, as: UTF8.self) }
+        // Valid UTF-8 without a 0xF4 lead byte cannot hold an escape-range scalar (U+10FF80 and
+        // up take F4 8F BE/BF), so the standard library's validating decoder gives the answer:
+        // a fast path for the long names of hostile snapshot tables (64 KiB each).
+        let mayHoldEscapes = array.withUnsafeBytes { raw in
+            // Sound: memchr reads exactly raw.count bytes of the array's own storage.
+            raw.count > 0 && memchr(raw.baseAddress!, 0xF4, raw.count) != nil
+        }
+        if !mayHoldEscapes, let valid = String(validating: array, as: UTF8.self) { return valid }
         var scalars = String.UnicodeScalarView()
         var i = 0
         while i < array.count {

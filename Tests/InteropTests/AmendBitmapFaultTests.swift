@@ -78,7 +78,7 @@ import TestSupport
         let size = signalFileSize(pristine)
         let arguments: [String] = bitmap ? ["bitmap", "--add", "IMAGE", "b1"] : ["amend", "-o", "size=1G", "IMAGE"]
         let image = dir.file("x.qcow2")
-        try FileManager.default.copyItem(atPath: pristine, toPath: image)
+        try copySparse(pristine, image)
         let r = try run("prlimit", ["--fsize=\(size)", simgBinary] + arguments.map { $0 == "IMAGE" ? image : $0 })
         faultExpectWriteError(r, file: image, reason: "File too large")
         try signalExpectNotCorrupt(image)

@@ -22,7 +22,7 @@ struct AmendCrashTests {
         let figures = try crashDrive(name: name, kills: 6, seed: 41, arguments: ["amend", "-o", "refcount_bits=64", image],
                                      prepare: {
                                          try? FileManager.default.removeItem(atPath: image)
-                                         try FileManager.default.copyItem(atPath: pristine, toPath: image)
+                                         try copySparse(pristine, image)
                                      },
                                      verify: { _ in
                                          guard try crashQemuCheckClean(image, context: name) else { return false }

@@ -113,7 +113,7 @@ struct BenchInteropTests {
         // base's data): the overlay gets the writes, the base keeps its bytes.
         try images(dir)
         for name in ["t.qcow2", "base0.qcow2"] {
-            try FileManager.default.copyItem(atPath: dir.file(name == "t.qcow2" ? "b.qcow2" : "base.qcow2"), toPath: dir.file(name))
+            try copySparse(dir.file(name == "t.qcow2" ? "b.qcow2" : "base.qcow2"), dir.file(name))
         }
         let chainArguments = ["bench", "-w", "-c", "20", "-d", "4", "-s", "16k", "-S", "24k", "-o", "100k", "--pattern=5"]
         try runOK(simgBinary, chainArguments + ["b.qcow2"], in: dir.path)

@@ -20,7 +20,7 @@ struct BitmapInteropTests {
         try qemuIO(in: dir.path, "-c", "write 3M 4k", "-c", "write 2000k 1k", "a.qcow2")
         try qemuImg(in: dir.path, "bitmap", "--disable", "a.qcow2", "b2")
         try qemuIO(in: dir.path, "-c", "write 3500k 8k", "a.qcow2")
-        try FileManager.default.copyItem(atPath: dir.file("a.qcow2"), toPath: dir.file("iu.qcow2"))
+        try copySparse(dir.file("a.qcow2"), dir.file("iu.qcow2"))
         // qemu-io marks the bitmaps in use when it opens the image read-write; killed, it
         // never stores them back.
         _ = try run("qemu-io", ["-c", "sigraise 9", "iu.qcow2"], in: dir.path)
@@ -82,7 +82,7 @@ struct BitmapInteropTests {
         for side in ["simg", "qemu"] {
             try FileManager.default.createDirectory(atPath: dir.file(side), withIntermediateDirectories: true)
             try? FileManager.default.removeItem(atPath: dir.file(side + "/" + image))
-            try FileManager.default.copyItem(atPath: dir.file(image), toPath: dir.file(side + "/" + image))
+            try copySparse(dir.file(image), dir.file(side + "/" + image))
         }
         func args(_ side: String) -> [String] { arguments.map { $0 == "IMG" ? side + "/" + image : $0 } }
         let s = try run(simgBinary, ["bitmap"] + args("simg"), in: dir.path)
@@ -274,7 +274,7 @@ struct BitmapCrashTests {
         let before = try BitmapInteropTests.bitmaps(pristine)
         let bitsBefore = try bits.map { try BitmapInteropTests.dirtyMap(pristine, $0) }
         // The outcome of an uninterrupted run, to judge the killed ones by.
-        try FileManager.default.copyItem(atPath: pristine, toPath: image)
+        try copySparse(pristine, image)
         _ = try runOK(simgBinary, ["bitmap"] + action + [image, target])
         let after = try BitmapInteropTests.bitmaps(image)
         let bitsAfter = try bits.map { try BitmapInteropTests.dirtyMap(image, $0) }
@@ -282,7 +282,7 @@ struct BitmapCrashTests {
         let figures = try crashDrive(name: name, kills: 2, seed: seed, arguments: ["bitmap"] + action + [image, target],
                                      prepare: {
                                          try? FileManager.default.removeItem(atPath: image)
-                                         try FileManager.default.copyItem(atPath: pristine, toPath: image)
+                                         try copySparse(pristine, image)
                                      },
                                      verify: { _ in
                                          guard try crashQemuCheckClean(image, context: name) else { return false }

@@ -164,7 +164,7 @@ struct BitmapKeepTests {
         func prepare() throws {
             for name in ["base.qcow2", "top.qcow2"] {
                 try? FileManager.default.removeItem(atPath: dir.file(name))
-                try FileManager.default.copyItem(atPath: pristine.file(name), toPath: dir.file(name))
+                try copySparse(pristine.file(name), dir.file(name))
             }
         }
         func maps() throws -> [String: String] {

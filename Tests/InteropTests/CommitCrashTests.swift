@@ -21,8 +21,8 @@ struct CommitCrashTests {
         }
         try runOK("qemu-io", writes + [top])
         // The top names "base.qcow2": the copies each run starts from.
-        try FileManager.default.copyItem(atPath: base, toPath: dir.file("pristine-base.qcow2"))
-        try FileManager.default.copyItem(atPath: top, toPath: dir.file("pristine-top.qcow2"))
+        try copySparse(base, dir.file("pristine-base.qcow2"))
+        try copySparse(top, dir.file("pristine-top.qcow2"))
     }
 
     func drive(_ name: String, _ extra: [String], seed: UInt64) throws {
@@ -32,7 +32,7 @@ struct CommitCrashTests {
         func prepare() throws {
             for (from, to) in [("pristine-base.qcow2", base), ("pristine-top.qcow2", top)] {
                 try? FileManager.default.removeItem(atPath: to)
-                try FileManager.default.copyItem(atPath: dir.file(from), toPath: to)
+                try copySparse(dir.file(from), to)
             }
         }
         try prepare()

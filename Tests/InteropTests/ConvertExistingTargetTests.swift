@@ -127,7 +127,7 @@ import TestSupport
                                      arguments: ["convert", "-n", "-f", "raw", "-O", "qcow2", source, target],
                                      prepare: {
             try? FileManager.default.removeItem(atPath: target)
-            try FileManager.default.copyItem(atPath: pristine, toPath: target)
+            try copySparse(pristine, target)
         }, verify: { landed in
             guard try crashQemuCheckClean(target, context: name) else { return false }
             if !landed {

@@ -84,7 +84,7 @@ import TestSupport
                                      arguments: ["convert", "-n", "-O", "qcow2", source, target],
                                      prepare: {
             try? FileManager.default.removeItem(atPath: target)
-            try FileManager.default.copyItem(atPath: pristine, toPath: target)
+            try copySparse(pristine, target)
         }, verify: { _ in
             guard try crashQemuCheckClean(target, context: name) else { return false }
             let guest = try crashGuestBytes(target, dir)
@@ -171,7 +171,7 @@ import TestSupport
                                      arguments: ["rebase", "-b", new, "-F", "qcow2", overlay],
                                      prepare: {
             try? FileManager.default.removeItem(atPath: overlay)
-            try FileManager.default.copyItem(atPath: pristine, toPath: overlay)
+            try copySparse(pristine, overlay)
         }, verify: { _ in
             guard try crashQemuCheckClean(overlay, context: "rebase") else { return false }
             let backing = try jsonObject(try qemuImg("info", "--output=json", overlay).stdout)["backing-filename"] as? String
@@ -209,7 +209,7 @@ import TestSupport
                                      expectStatus: [0],
                                      prepare: {
             try? FileManager.default.removeItem(atPath: image)
-            try FileManager.default.copyItem(atPath: pristine, toPath: image)
+            try copySparse(pristine, image)
         }, verify: { landed in
             guard try crashQemuCheckClean(image, context: "check -r all (leaks)") else { return false }
             let leaks = try jsonObject(try qemuImgResult(["check", "--output=json", image]).stdout)["leaks"] as? Int ?? 0
@@ -271,7 +271,7 @@ import TestSupport
                                      expectStatus: [0],
                                      prepare: {
             try? FileManager.default.removeItem(atPath: image)
-            try FileManager.default.copyItem(atPath: pristine, toPath: image)
+            try copySparse(pristine, image)
         }, verify: { landed in
             let check = try qemuImgResult(["check", image])
             let text = check.stdout + check.stderr

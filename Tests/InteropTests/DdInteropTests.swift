@@ -42,7 +42,7 @@ struct DdInteropTests {
             try? FileManager.default.removeItem(atPath: folder)
             try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: false)
             for name in Self.inputs {
-                try FileManager.default.copyItem(atPath: dir.file(name), toPath: "\(folder)/\(name)")
+                try copySparse(dir.file(name), "\(folder)/\(name)")
             }
         }
         let expected = try run("qemu-img", ["dd"] + arguments, in: q)

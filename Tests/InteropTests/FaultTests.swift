@@ -89,11 +89,11 @@ struct FaultTests {
         let dir = try TempDir()
         let chain = try faultRebaseChain(dir, overlayDir: dir.path)
         let pristine = dir.file("pristine.qcow2")
-        try FileManager.default.copyItem(atPath: chain.overlay, toPath: pristine)
+        try copySparse(chain.overlay, pristine)
         let size = signalFileSize(pristine)
         for extra: UInt64 in [0, 4096, 65536, 200_000, 1 << 20, 4 << 20] {
             try? FileManager.default.removeItem(atPath: chain.overlay)
-            try FileManager.default.copyItem(atPath: pristine, toPath: chain.overlay)
+            try copySparse(pristine, chain.overlay)
             let r = try run("prlimit", ["--fsize=\(size + extra)", simgBinary,
                                         "rebase", "-b", chain.newBase, "-F", "qcow2", chain.overlay])
             faultExpectWriteError(r, file: chain.overlay, reason: "File too large")

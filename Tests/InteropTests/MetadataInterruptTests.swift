@@ -25,7 +25,7 @@ import TestSupport
         let old = try crashGuestBytes(pristine, dir)
         // The expected result of the action, made by qemu-img.
         let done = dir.file("done.qcow2")
-        try FileManager.default.copyItem(atPath: pristine, toPath: done)
+        try copySparse(pristine, done)
         let args: [String] = action == "create" ? ["-c", "new"] : action == "delete" ? ["-d", "s1"] : ["-a", "s1"]
         _ = try runOK("qemu-img", ["snapshot"] + args + [done])
         let new = try crashGuestBytes(done, dir)
@@ -79,13 +79,13 @@ import TestSupport
         _ = try qemuImg("create", "-q", "-f", "qcow2", base, "16M")
         _ = try qemuIO("-c", "write -P 5 0 8M", base)
         let baseCopy = dir.file("base-pristine.qcow2")
-        try FileManager.default.copyItem(atPath: base, toPath: baseCopy)
+        try copySparse(base, baseCopy)
         _ = try qemuImg("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", pristineTop)
         _ = try qemuIO("-c", "write -P 9 2M 3M", "-c", "write -z 12M 1M", pristineTop)
         let view = try crashGuestBytes(pristineTop, dir)
         try metaSweepSyncs(dir, pristine: pristineTop, arguments: ["commit"], image: "x.qcow2", prepare: {
             try? FileManager.default.removeItem(atPath: base)
-            try FileManager.default.copyItem(atPath: baseCopy, toPath: base)
+            try copySparse(baseCopy, base)
         }) { image, stderr in
             try signalExpectNotCorrupt(base)
             #expect(try crashGuestBytes(image, dir) == view, "the top's view changed: \(stderr)")
@@ -132,7 +132,7 @@ import TestSupport
             for extra: UInt64 in [0, 65536] {
                 let image = dir.file("x.qcow2")
                 try? FileManager.default.removeItem(atPath: image)
-                try FileManager.default.copyItem(atPath: pristine, toPath: image)
+                try copySparse(pristine, image)
                 let args = arguments.contains("IMAGE") ? arguments.map { $0 == "IMAGE" ? image : $0 } : arguments + [image]
                 let r = try run("prlimit", ["--fsize=\(size + extra)", simgBinary] + args)
                 faultExpectWriteError(r, file: image, reason: "File too large")
@@ -227,7 +227,7 @@ func metaSweepSyncs(_ dir: TempDir, pristine: String, arguments: [String], image
     var interrupted = 0
     for sync in 1...40 {
         try? FileManager.default.removeItem(atPath: image)
-        try FileManager.default.copyItem(atPath: pristine, toPath: image)
+        try copySparse(pristine, image)
         try prepare()
         let child = try SignalChild(strace, ["-f", "-o", "/dev/null", "-e", "trace=fdatasync",
                                              "-e", "inject=fdatasync:signal=SIGINT:when=\(sync)",

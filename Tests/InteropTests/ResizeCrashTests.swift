@@ -23,7 +23,7 @@ import TestSupport
         let figures = try crashDrive(name: "resize grow", kills: 12, seed: 12,
                                      arguments: ["resize", image, "1T"], prepare: {
             try? FileManager.default.removeItem(atPath: image)
-            try FileManager.default.copyItem(atPath: pristine, toPath: image)
+            try copySparse(pristine, image)
         }, verify: { _ in
             try judge(image, sizes: [old, new], before: before, dir: dir, context: "resize grow")
         })
@@ -46,7 +46,7 @@ import TestSupport
         let figures = try crashDrive(name: "resize shrink", kills: 12, seed: 13,
                                      arguments: ["resize", "--shrink", image, "16M"], prepare: {
             try? FileManager.default.removeItem(atPath: image)
-            try FileManager.default.copyItem(atPath: pristine, toPath: image)
+            try copySparse(pristine, image)
         }, verify: { _ in
             try judge(image, sizes: [64 << 20, 16 << 20], before: before, dir: dir, context: "resize shrink")
         })
@@ -69,7 +69,7 @@ import TestSupport
         let figures = try crashDrive(name: "resize \(mode)", kills: 16, seed: 14,
                                      arguments: ["resize", "--preallocation=\(mode)", image, "+32M"], prepare: {
             try? FileManager.default.removeItem(atPath: image)
-            try FileManager.default.copyItem(atPath: pristine, toPath: image)
+            try copySparse(pristine, image)
         }, verify: { _ in
             try judge(image, sizes: [16 << 20, 48 << 20], before: before, dir: dir, context: "resize \(mode)")
         })

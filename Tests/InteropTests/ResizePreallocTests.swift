@@ -73,7 +73,7 @@ extension ResizeInteropTests {
         for mode in ["falloc", "full"] {
             for limit in [before, before + 6000, before + 600_000] {
                 try? FileManager.default.removeItem(atPath: image)
-                try FileManager.default.copyItem(atPath: pristine, toPath: image)
+                try copySparse(pristine, image)
                 let r = try run("prlimit", ["--fsize=\(limit)", simgBinary, "resize", "--preallocation=\(mode)", image, "+3M"])
                 #expect(r.status == 1, "\(mode) \(limit): \(r.stderr)")
                 #expect(r.stderr.hasPrefix("simg: '\(image)': Could not resize the image: "), "\(r.stderr)")

@@ -22,7 +22,7 @@ import TestSupport
         let dir = try TempDir()
         let ours = dir.file("ours.qcow2"), theirs = dir.file("theirs.qcow2")
         try Self.image(theirs, resized: resized)
-        try FileManager.default.copyItem(atPath: theirs, toPath: ours)
+        try copySparse(theirs, ours)
         _ = try qemuImg("snapshot", "-a", "s1", theirs)
         let r = try simg(["snapshot", "-a", "s1", ours])
         #expect(r.status == 0 && r.stderr.isEmpty && r.stdout.isEmpty, "\(r.status): \(r.stderr)")
@@ -40,7 +40,7 @@ import TestSupport
         let dir = try TempDir()
         let pristine = dir.file("pristine.qcow2"), applied = dir.file("applied.qcow2")
         try Self.image(pristine, resized: ["16M"])
-        try FileManager.default.copyItem(atPath: pristine, toPath: applied)
+        try copySparse(pristine, applied)
         _ = try qemuImg("snapshot", "-a", "s1", applied)
         let old = try crashGuestBytes(pristine, dir), new = try crashGuestBytes(applied, dir)
         try metaSweepSyncs(dir, pristine: pristine, arguments: ["snapshot", "-a", "s1"], image: "x.qcow2") { image, stderr in

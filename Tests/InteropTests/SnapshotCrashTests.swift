@@ -33,7 +33,7 @@ struct SnapshotCrashTests {
         let figures = try crashDrive(name: name, kills: 6, seed: seed, arguments: ["snapshot"] + action + [image],
                                      prepare: {
                                          try? FileManager.default.removeItem(atPath: image)
-                                         try FileManager.default.copyItem(atPath: pristine, toPath: image)
+                                         try copySparse(pristine, image)
                                      },
                                      verify: { _ in
                                          guard try crashQemuCheckClean(image, context: name) else { return false }

@@ -30,7 +30,7 @@ struct SnapshotInteropTests {
             for side in ["simg", "qemu"] {
                 try FileManager.default.createDirectory(atPath: dir.file(side), withIntermediateDirectories: true)
                 try? FileManager.default.removeItem(atPath: dir.file(side + "/" + image))
-                try FileManager.default.copyItem(atPath: dir.file(image), toPath: dir.file(side + "/" + image))
+                try copySparse(dir.file(image), dir.file(side + "/" + image))
             }
             simgImage = "simg/" + image
             qemuImage = "qemu/" + image
@@ -117,8 +117,8 @@ struct SnapshotInteropTests {
         let base = dir.file("base.qcow2")
         try Self.makeImage(base, options: options)
         let s = dir.file("s.qcow2"), q = dir.file("q.qcow2")
-        try FileManager.default.copyItem(atPath: base, toPath: s)
-        try FileManager.default.copyItem(atPath: base, toPath: q)
+        try copySparse(base, s)
+        try copySparse(base, q)
         _ = try qemuImg("convert", "-O", "raw", base, dir.file("t0.raw"))
         func both(_ args: String..., write: String? = nil) throws {
             let rs = try simg(["snapshot"] + args + [s])
@@ -194,11 +194,11 @@ struct SnapshotInteropTests {
         for (damage, offset) in [("unaligned", try e.u64(table) + 8), ("past the end", UInt64(1) << 40)] {
             let copy = dir.file("bad.qcow2")
             try? FileManager.default.removeItem(atPath: copy)
-            try FileManager.default.copyItem(atPath: image, toPath: copy)
+            try copySparse(image, copy)
             try Editor(path: copy).put64(table, offset)
             let pristine = dir.file("pristine.qcow2")
             try? FileManager.default.removeItem(atPath: pristine)
-            try FileManager.default.copyItem(atPath: copy, toPath: pristine)
+            try copySparse(copy, pristine)
             for args in [["-c", "x"], ["-d", "s1"], ["-d", "s2"], ["-a", "s1"], ["-a", "s2"]] {
                 let r = try simg(["snapshot"] + args + [copy])
                 #expect(r.status == 1 && r.stderr.contains("Snapshot L1 table offset invalid"), "\(damage) \(args): \(r.stderr)")
@@ -218,7 +218,7 @@ extension SnapshotInteropTests {
         let table = try CheckSnapshotTableTests.makeSnapshotImage(image, content: dir.file("before.raw"))
         try CheckSnapshotTableTests.damage(d, image, table: table)
         let pristine = dir.file("pristine.qcow2")
-        try FileManager.default.copyItem(atPath: image, toPath: pristine)
+        try copySparse(image, pristine)
         for args in [["-c", "x"], ["-d", "s1"], ["-a", "s1"], ["-a", "1"]] {
             let r = try simg(["snapshot"] + args + [image])
             let q = try qemuImgResult(["snapshot"] + args + [try copy(pristine, dir)])
@@ -230,7 +230,7 @@ extension SnapshotInteropTests {
     private func copy(_ path: String, _ dir: TempDir) throws -> String {
         let target = dir.file("qemu-copy.qcow2")
         try? FileManager.default.removeItem(atPath: target)
-        try FileManager.default.copyItem(atPath: path, toPath: target)
+        try copySparse(path, target)
         return target
     }
 }
