@@ -40,7 +40,10 @@ public final class ConvertPipeline {
     private var startedHead = 0
     private var startedCount = 0
     private var firstError: (any Error)?
-    private var done: UInt64 = 0
+    /// qemu-img's progress values, when progress is asked for.
+    private let progress: ConvertProgress?
+    /// The bytes qemu-img's progress counts (nil without progress).
+    public var progressTotal: UInt64? { progress?.total }
     private var fileSizes: [Int: UInt64] = [:]
     private var fileAlignments: [Int: UInt64] = [:]
     /// Extra bytes per buffer so a read rounded up to the O_DIRECT unit at end of file fits.
@@ -48,6 +51,10 @@ public final class ConvertPipeline {
 
     public init(sources: [any DiskImage], target: any ConvertTarget, options: ConvertOptions) throws {
         planner = try ConvertPlanner(sources: sources, keepBacking: options.keepBacking, window: options.sourceWindow)
+        // qemu-img hands out one cluster at a time to a compressed target.
+        let progressStep = target is CompressedTarget ? UInt64(max(target.writeGranularity, 512)) : ConvertProgress.step
+        progress = options.progress == nil ? nil
+            : try ConvertProgress(sources: sources, options: options, step: progressStep)
         self.target = target
         self.options = options
         let targetUnit = UInt64(max(target.writeGranularity, 1))
@@ -219,13 +226,14 @@ public final class ConvertPipeline {
                         stats.bytesZeroWritten += length
                     }
                 }
-                advanceProgress(length)
+                try handedOut(upTo: end)
                 return length
             }
         }
         guard let buffer = pool.tryAcquire() else { return nil }
         let end = min(total, (position / chunkSize + 1) * chunkSize)
         startChunk(buffer, offset: position, length: Int(end - position))
+        try handedOut(upTo: end)
         return end - position
     }
 
@@ -426,13 +434,14 @@ public final class ConvertPipeline {
     }
 
     private func releaseSlot(_ slot: Int) {
-        advanceProgress(UInt64(chunks[slot].length))
         pool.release(pool.buffer(at: slot))
     }
 
-    private func advanceProgress(_ length: UInt64) {
-        done += length
-        options.progress?(done, planner.totalSize)
+    /// The output up to `end` has been handed out (read requests started, zeros handled): the
+    /// progress qemu-img reports when it hands out its requests below there (ConvertProgress).
+    private func handedOut(upTo end: UInt64) throws {
+        guard let progress, let report = options.progress else { return }
+        try progress.dispatched(upTo: end) { report($0, $1) }
     }
 
     // MARK: - Writing

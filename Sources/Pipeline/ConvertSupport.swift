@@ -22,7 +22,9 @@ public struct ConvertOptions: Sendable {
     public var keepBacking: Bool = false
     /// `dd`: copy only this range of the one source (the output starts with its first byte).
     public var sourceWindow: Range<UInt64>?
-    /// Called with (bytes done, total) as the copy advances.
+    /// Called with (bytes done, total) in qemu-img convert's accounting (ConvertProgress: the
+    /// bytes to read, or write under -S 0, counted before the copy, and each request's length
+    /// as it is handed out) each time the copy hands out a request qemu-img would.
     public var progress: (@Sendable (UInt64, UInt64) -> Void)?
 
     public init() {}
