@@ -2,13 +2,13 @@ import DiskIO
 import Glibc
 import ImageFormats
 
-/// `simg check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename`
+/// `simg check [-q] [-p] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename`
 /// with qemu-img check's contract: exit 0 clean, 1 check failed, 2 corruptions, 3 leaks only,
 /// 63 no check for the format; after a repair the status describes the repaired image.
 enum CheckCommand {
     static let command = Command(
         name: "check",
-        synopsis: "check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename",
+        synopsis: "check [-q] [-p] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename",
         details: [
             "Checks an image for consistency; qcow2 images can also be repaired.",
             "  '-f' names the format instead of probing it",
