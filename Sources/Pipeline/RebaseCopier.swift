@@ -72,6 +72,17 @@ public enum RebaseCopier {
                 offset = stop  // the overlay's own data shadows both backing files
                 continue
             }
+            if sharedLayer != nil && !oldIsZero {
+                // Rebasing onto an image of the chain: qemu asks whether a layer above it
+                // allocates the step (bdrv_is_allocated_above), cuts the step to that answer,
+                // and skips it without progress when none does.
+                let through = try copier.passesThrough(offset, stop)
+                if through.passes {
+                    offset += through.length
+                    continue
+                }
+                stop = offset + through.length
+            }
             for boundary in [oldSize, newSize].compactMap({ $0 }) where offset < boundary && boundary < stop {
                 stop = boundary
             }

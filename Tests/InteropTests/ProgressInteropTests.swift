@@ -56,11 +56,12 @@ import TestSupport
         try sameOutput(dir, ["convert", "-p", "-O", "raw", dir.file("missing.qcow2"), "OUT"])
     }
 
-    @Test("rebase -p prints qemu-img's lines: safe (standalone, new backing, a shorter one) and -u")
+    @Test("rebase -p prints qemu-img's lines: safe (standalone, new backing, a shorter one, an image of the chain) and -u")
     func rebaseLines() throws {
         let dir = try TempDir()
         for (index, extra) in [["-b", ""], ["-b", "new.qcow2", "-F", "qcow2"], ["-b", "short.qcow2", "-F", "qcow2"],
-                               ["-u", "-b", "new.qcow2", "-F", "qcow2"], ["-b", "missing.qcow2", "-F", "qcow2"]].enumerated() {
+                               ["-b", "base.qcow2", "-F", "qcow2"], ["-u", "-b", "new.qcow2", "-F", "qcow2"],
+                               ["-b", "missing.qcow2", "-F", "qcow2"]].enumerated() {
             var outputs: [ProcessResult] = []
             for tool in ["qemu", "simg"] {
                 let sub = dir.file("\(tool)\(index)")
@@ -68,8 +69,11 @@ import TestSupport
                 let base = "\(sub)/base.qcow2", overlay = "\(sub)/ov.qcow2"
                 try qemuImg("create", "-q", "-f", "qcow2", base, "16M")
                 try qemuIO("-c", "write -P 1 0 5M", "-c", "write -P 2 9M 1M", base)
-                try qemuImg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", overlay)
-                try qemuIO("-c", "write -P 7 3M 1M", "-c", "write -P 8 12M 100k", overlay)
+                let mid = "\(sub)/mid.qcow2"
+                try qemuImg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", mid)
+                try qemuIO("-c", "write -P 3 6M 3M", "-c", "write -P 4 13M 3M", mid)
+                try qemuImg("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", overlay)
+                try qemuIO("-c", "write -P 7 3M 1M", "-c", "write -P 8 12M 100k", "-c", "write -P 9 7M 64k", overlay)
                 try qemuImg("create", "-q", "-f", "qcow2", "\(sub)/new.qcow2", "16M")
                 try qemuImg("create", "-q", "-f", "qcow2", "\(sub)/short.qcow2", "3M")
                 let arguments = ["rebase", "-p"] + extra + [overlay]
