@@ -69,7 +69,11 @@ enum AmendCommand {
         guard let amendable = image as? any AmendableImage, let table = AmendOptions.table(for: image.format) else {
             throw CLIError("Format driver '\(image.format.rawValue)' does not support option amendment")
         }
-        let request = AmendRequest(values: try parse(optionText, table: table, format: image.format), force: scan.has("force"))
+        // The driver's steps: amend_status_cb's qemu_progress_print(100.f * offset / total, 0).
+        let request = AmendRequest(values: try parse(optionText, table: table, format: image.format), force: scan.has("force"),
+                                   progress: { done, total in
+                                       if total > 0 { progress.meter(Float(100) * Float(done) / Float(total), max: 0) }
+                                   })
         // qemu-img prints 0% before and 100% after the driver's work, whether it failed or not.
         progress.meter(0, max: 0)
         progress.bytes("amend", done: 0, total: 1)

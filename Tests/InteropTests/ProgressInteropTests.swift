@@ -123,6 +123,25 @@ import TestSupport
         #expect(outputs[3].stdout == outputs[1].stdout)
     }
 
+    @Test("amend -p prints qemu-img's lines: the driver's upgrade and downgrade steps, none for lazy_refcounts")
+    func amendLines() throws {
+        let dir = try TempDir()
+        for (create, amend) in [([], "compat=0.10"), (["-o", "compat=0.10"], "compat=1.1"),
+                                (["-o", "compat=0.10"], "compat=1.1,lazy_refcounts=on"), ([], "compat=0.10,size=80M")] {
+            var outputs: [ProcessResult] = []
+            for tool in ["qemu", "simg"] {
+                let image = dir.file("\(tool).qcow2")
+                try? FileManager.default.removeItem(atPath: image)
+                try runOK("qemu-img", ["create", "-q", "-f", "qcow2"] + create + [image, "1536M"])
+                try qemuIO("-c", "write -P 1 0 1M", "-c", "write -z 700M 1M", image)
+                let arguments = ["amend", "-p", "-o", amend, image]
+                outputs.append(tool == "qemu" ? try qemuImgResult(arguments) : try simg(arguments))
+            }
+            #expect(outputs[1].status == 0 && outputs[0].status == 0, "\(amend): \(outputs[1])")
+            #expect(outputs[1].stdout == outputs[0].stdout, "\(amend)")
+        }
+    }
+
     @Test("check -p (simg's own; qemu-img check has no -p): the meter, then the same report")
     func checkMeter() throws {
         let dir = try TempDir()
