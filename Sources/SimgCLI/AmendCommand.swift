@@ -8,7 +8,7 @@ import ImageFormats
 /// image is opened read-write (the writer's lock, with its backing chain), `-o help` lists the
 /// options of the format found, a format without amendment is refused, the options are parsed
 /// against the format's amend table (an option only `create` takes gets QEMU's hint), and the
-/// image applies them (`AmendableImage`). `-p` prints qemu-img's 0% and 100% progress lines.
+/// image applies them (`AmendableImage`). `-p` prints qemu-img's meter: 0%, the driver's steps, 100%.
 enum AmendCommand {
     static let command = Command(
         name: "amend",

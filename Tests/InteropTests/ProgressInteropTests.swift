@@ -4,7 +4,7 @@ import TestSupport
 
 /// `-p` on every long command against qemu-img's bytes (the same lines in the same order where
 /// qemu-img's sequence does not depend on timing; the format and the first and last lines
-/// where it does: commit's block job, amend's driver callbacks), `check -p` (simg's own), and
+/// where it does: commit's block job), `check -p` (simg's own), and
 /// `--progress=json`'s lines.
 @Suite("Progress interop") struct ProgressInteropTests {
     /// qemu-img's meter: lines of `    (NN.NN/100%)` each ending in a carriage return, then a newline.
