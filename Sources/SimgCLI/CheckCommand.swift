@@ -64,7 +64,8 @@ enum CheckCommand {
         }
         // simg's extension: the meter around the check and repair (the checker reports no
         // steps), ended before the summary so that starts on a line of its own.
-        let progress = try Progress.make(scan, minSkip: 1, console: console)
+        // qemu-img check has no meter: SIGUSR1 keeps its default disposition there.
+        let progress = try Progress.make(scan, minSkip: 1, console: console, onRequest: false)
         let phase = repair == .none ? "check" : "repair"
         progress.meter(0, max: 100)
         progress.bytes(phase, done: 0, total: 1)

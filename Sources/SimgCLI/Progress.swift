@@ -1,3 +1,4 @@
+import DiskIO
 import Glibc
 
 /// The progress output of the long commands (convert, rebase, commit, compare, amend, check -r):
@@ -12,6 +13,9 @@ import Glibc
 ///   with done == total when a phase completes. Kept under `-q` (it was asked for by name, and
 ///   `-q` silences what is meant for people). Both may be given; they go to different streams.
 ///
+/// Without `-p`, SIGUSR1 asks for one line on stderr, as in qemu-img (qemu-progress.c's dummy
+/// meter; convert counts qemu's values only for -p and json, so there it answers at its end).
+///
 /// Called from the command's thread only (the convert pipeline and compare report on it).
 final class Progress: @unchecked Sendable {
     /// The options every command with progress takes: `-p`, and the long `--progress=FORMAT`
@@ -23,24 +27,35 @@ final class Progress: @unchecked Sendable {
 
     private let console: Console
     private var meter: QemuProgressMeter?
+    /// Without `-p` (or under `-q`): qemu's dummy meter, which keeps the same state and, when
+    /// SIGUSR1 asked for it, prints its next line on stderr (`    (NN.NN/100%)` and a newline).
+    private var requested: QemuProgressMeter?
     private let json: JSONProgressLines?
 
     /// Whether anything is shown at all (callers skip work that only feeds the output).
     var isActive: Bool { meter != nil || json != nil }
 
-    private init(console: Console, meter: QemuProgressMeter?, json: JSONProgressLines?) {
+    private init(console: Console, meter: QemuProgressMeter?, requested: QemuProgressMeter?, json: JSONProgressLines?) {
         self.console = console
         self.meter = meter
+        self.requested = requested
         self.json = json
     }
 
     /// The output `scan` asks for; `minSkip` is the command's qemu_progress_init step.
-    /// `--progress=` takes only `json`.
-    static func make(_ scan: ScanResult, minSkip: Float, console: Console) throws -> Progress {
+    /// `--progress=` takes only `json`. `onRequest`: without -p, SIGUSR1 asks for a line, as
+    /// qemu_progress_init sets up (check, where qemu-img has no meter, passes false).
+    static func make(_ scan: ScanResult, minSkip: Float, console: Console, onRequest: Bool = true) throws -> Progress {
         try checkFormat(scan)
-        let meter = scan.has("progress") && !scan.has("quiet") ? QemuProgressMeter(minSkip: minSkip) : nil
+        let shown = scan.has("progress") && !scan.has("quiet")
+        let meter = shown ? QemuProgressMeter(minSkip: minSkip) : nil
+        var requested: QemuProgressMeter?
+        if !shown && onRequest {
+            ProgressRequest.install()
+            requested = QemuProgressMeter(minSkip: minSkip)
+        }
         let json = scan.has("progress-format") ? JSONProgressLines(console: console) : nil
-        return Progress(console: console, meter: meter, json: json)
+        return Progress(console: console, meter: meter, requested: requested, json: json)
     }
 
     /// A `--progress=` value other than json is a usage mistake, found before anything runs.
@@ -54,6 +69,10 @@ final class Progress: @unchecked Sendable {
     /// meter advances by `delta` percent of `max` percent.
     func meter(_ delta: Float, max: Int) {
         if let line = meter?.advance(delta, max: max) { console.out(line) }
+        // progress_dummy_print: called where the meter would print; prints if asked since.
+        if requested?.advance(delta, max: max) != nil, ProgressRequest.take(), let value = requested?.current {
+            console.err("    (" + QemuProgressMeter.format(value) + "/100%)\n")
+        }
     }
 
     /// qemu_progress_end: the meter's newline.

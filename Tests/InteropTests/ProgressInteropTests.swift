@@ -158,6 +158,40 @@ import TestSupport
         }
     }
 
+    @Test("without -p, SIGUSR1 asks for one meter line on stderr, as qemu-img's dummy meter")
+    func signalRequest() throws {
+        let dir = try TempDir()
+        let base = dir.file("base.qcow2"), top = dir.file("top.qcow2")
+        try qemuImg("create", "-q", "-f", "qcow2", base, "8M")
+        try qemuImg("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+        for start in stride(from: 0, to: 4, by: 1) { try qemuIO("-c", "write -P 1 \(start)M 512k", top) }
+        // 2 MiB at 1 MiB/s: the commit runs for about two seconds after the handler is in.
+        let errors = dir.file("stderr")
+        #expect(FileManager.default.createFile(atPath: errors, contents: nil))
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: simgBinary)
+        process.arguments = ["commit", "-r", "1M", top]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: errors))
+        try process.run()
+        // Signalled only once the handler is installed (SigCgt has SIGUSR1, bit 10 counting from 1).
+        var caught = false
+        while process.isRunning && !caught {
+            if let status = try? String(contentsOfFile: "/proc/\(process.processIdentifier)/status", encoding: .utf8),
+               let line = status.split(separator: "\n").first(where: { $0.hasPrefix("SigCgt:") }),
+               let mask = UInt64(line.dropFirst(7).trimmingCharacters(in: .whitespaces), radix: 16) {
+                caught = mask & (1 << (UInt64(SIGUSR1) - 1)) != 0
+            }
+            if !caught { usleep(2000) }
+        }
+        #expect(caught)
+        kill(process.processIdentifier, SIGUSR1)
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0 && process.terminationReason == .exit)
+        let text = try String(contentsOfFile: errors, encoding: .utf8)
+        #expect(text.wholeMatch(of: /\ {4}\(\d{1,3}\.\d{2}\/100%\)\n/) != nil, "\(text)")
+    }
+
     /// The JSON lines of `stderr`, parsed; each must be an object with exactly the three fields.
     static func jsonLines(_ stderr: String) throws -> [(phase: String, done: UInt64, total: UInt64)] {
         try stderr.split(separator: "\n").filter { $0.hasPrefix("{") }.map { line in
