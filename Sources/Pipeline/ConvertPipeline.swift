@@ -51,10 +51,10 @@ public final class ConvertPipeline {
 
     public init(sources: [any DiskImage], target: any ConvertTarget, options: ConvertOptions) throws {
         planner = try ConvertPlanner(sources: sources, keepBacking: options.keepBacking, window: options.sourceWindow)
-        // qemu-img hands out one cluster at a time to a compressed target.
-        let progressStep = target is CompressedTarget ? UInt64(max(target.writeGranularity, 512)) : ConvertProgress.step
+        // qemu-img hands out whole clusters, one at a time, to a compressed target.
+        let compressedCluster = target is CompressedTarget ? UInt64(max(target.writeGranularity, 512)) : nil
         progress = options.progress == nil ? nil
-            : try ConvertProgress(sources: sources, options: options, step: progressStep)
+            : try ConvertProgress(sources: sources, options: options, compressedCluster: compressedCluster)
         self.target = target
         self.options = options
         let targetUnit = UInt64(max(target.writeGranularity, 1))

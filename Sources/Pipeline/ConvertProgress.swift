@@ -5,9 +5,8 @@ import ImageFormats
 /// same sources: img_convert counts, before copying, the bytes it will have to read or
 /// write (`allocated_sectors`: data, and zeros too under `-S 0`; not zeros otherwise, nor
 /// what `-B` leaves to the backing file), then, each time a copy request is handed out
-/// (before it is read), adds its length and prints 100 * done / counted. A request is one
-/// block-status run, cut into 2 MiB pieces from the run's start (`buf_sectors`; one cluster
-/// for a compressed target).
+/// (before it is read), adds its length and prints 100 * done / counted. Requests come from
+/// convert_iteration_sectors, emulated by `QemuSteps`.
 ///
 /// simg's pipeline cuts its chunks on its own grid, so this follows the copy with planners of
 /// its own (one for the count, one walked in step with the pipeline's position): the values
@@ -16,93 +15,121 @@ import ImageFormats
 final class ConvertProgress {
     /// qemu-img's request size for data (IO_BUF_SIZE).
     static let step: UInt64 = 2 << 20
-    /// This copy's request size.
-    private let step: UInt64
     /// The bytes qemu counts.
     let total: UInt64
     private(set) var done: UInt64 = 0
-    private let walker: ConvertPlanner
-    private let countsZeros: Bool
-    /// The next offset whose run has not been looked at.
-    private var cursor: UInt64 = 0
-    /// The counted run being handed out: its next request's start and the run's end.
-    private var pending: (next: UInt64, end: UInt64)?
+    private var steps: QemuSteps
+
+    /// `compressedCluster`: the target's cluster size when it takes compressed clusters
+    /// (qemu-img then hands out whole clusters, one at a time).
+    init(sources: [any DiskImage], options: ConvertOptions, compressedCluster: UInt64?) throws {
+        func planner() throws -> ConvertPlanner {
+            try ConvertPlanner(sources: sources, keepBacking: options.keepBacking, window: options.sourceWindow)
+        }
+        let countsZeros = options.sparseSize == 0
+        var counting = QemuSteps(planner: try planner(), countsZeros: countsZeros, compressedCluster: compressedCluster,
+                                 copying: false)
+        var sum: UInt64 = 0
+        var count = 0
+        while let next = try counting.next() {
+            if next.counted { sum += next.length }
+            count += 1
+            // A long walk (a fragmented image) still stops on SIGINT/SIGTERM promptly.
+            if count % 4096 == 0 { try Interruption.check() }
+        }
+        total = sum
+        steps = QemuSteps(planner: try planner(), countsZeros: countsZeros, compressedCluster: compressedCluster,
+                          copying: true)
+    }
+
+    /// Every qemu request that starts below `end` (the pipeline has handed out the output
+    /// up to there), in order: `report(done, total)` after each counted one's length is added.
+    func dispatched(upTo end: UInt64, _ report: (UInt64, UInt64) -> Void) throws {
+        while steps.position < end, let next = try steps.next() {
+            guard next.counted else { continue }
+            done += next.length
+            report(done, total)
+        }
+    }
+}
+
+/// img_convert's requests, one `next()` each: convert_iteration_sectors (a block-status run
+/// kept until it is used up, cut back to the source's alignment unless that leaves nothing;
+/// data at most `buf_sectors` at a time; for a compressed target whole clusters, a shorter
+/// run taken as a cluster of data), and in the copy pass convert_co_do_copy's cut of zeros
+/// under `-S 0`. QEMU counts in sectors; lengths here are bytes, rounded up to sectors only
+/// where QEMU's rounding shows (the end of a run).
+struct QemuSteps {
+    private enum Status { case data, zero, backing }
+
+    let planner: ConvertPlanner
+    let countsZeros: Bool
+    let compressedCluster: UInt64?
+    /// The copy pass (convert_co_do_copy) rather than the counting one (convert_do_copy).
+    let copying: Bool
+    private(set) var position: UInt64 = 0
+    private var status = Status.data
+    private var nextStatus: UInt64 = 0
     /// Each source's alignment as img_convert takes it (`src_alignment`): the cluster size of
     /// a format that allocates in clusters, else a sector.
     private let alignments: [UInt64]
 
-    init(sources: [any DiskImage], options: ConvertOptions, step: UInt64) throws {
-        self.step = step
-        countsZeros = options.sparseSize == 0
-        let counting = try ConvertPlanner(sources: sources, keepBacking: options.keepBacking, window: options.sourceWindow)
-        var at: UInt64 = 0
-        var sum: UInt64 = 0
-        var pieces = 0
-        while at < counting.totalSize {
-            let piece = try counting.piece(at: at)
-            if counts(piece, zeros: countsZeros) { sum += piece.length }
-            at = piece.end
-            pieces += 1
-            // A long walk (a fragmented image) still stops on SIGINT/SIGTERM promptly.
-            if pieces % 4096 == 0 { try Interruption.check() }
+    init(planner: ConvertPlanner, countsZeros: Bool, compressedCluster: UInt64?, copying: Bool) {
+        self.planner = planner
+        self.countsZeros = countsZeros
+        self.compressedCluster = compressedCluster
+        self.copying = copying
+        alignments = planner.sources.map { $0 is any AllocatingImage ? UInt64(max($0.clusterSize, 512)) : 512 }
+    }
+
+    /// The next request: its length and whether qemu counts it; nil at the end.
+    mutating func next() throws -> (length: UInt64, counted: Bool)? {
+        let total = planner.totalSize
+        guard position < total else { return nil }
+        var n = total - position
+        if nextStatus <= position {
+            let piece = try planner.piece(at: position)
+            var end = piece.end
+            // A compressed cluster is an answer of its own in QEMU's qcow2 driver.
+            if case .read(let image, _) = piece.kind, planner.images[image] is any AllocatingImage {
+                let cluster = UInt64(max(planner.images[image].clusterSize, 512))
+                end = min(end, (position / cluster + 1) * cluster)
+            }
+            end = alignedRunEnd(from: position, to: end)
+            switch piece.kind {
+            case .data, .read: status = .data
+            case .zero: status = .zero
+            case .keep: status = .backing
+            }
+            nextStatus = end
         }
-        total = sum
-        walker = try ConvertPlanner(sources: sources, keepBacking: options.keepBacking, window: options.sourceWindow)
-        alignments = sources.map { $0 is any AllocatingImage ? UInt64(max($0.clusterSize, 512)) : 512 }
+        n = min(n, nextStatus - position)
+        let buffer = compressedCluster ?? ConvertProgress.step
+        if status == .data { n = min(n, buffer) }
+        if let cluster = compressedCluster {
+            if n < cluster {
+                n = min(cluster, total - position)
+                status = .data
+            } else {
+                n = n / cluster * cluster
+            }
+        }
+        if copying && countsZeros && status == .zero { n = min(n, buffer) }
+        position += n
+        return (n, status == .data || (countsZeros && status == .zero))
     }
 
     /// Where qemu-img ends the run that starts at `offset` and that block status answers up to
     /// `end`: cut back to the source's alignment unless that leaves nothing (so a run ending
     /// at an unaligned end of the image gives its last partial cluster a run of its own).
-    private func runEnd(from offset: UInt64, to end: UInt64) -> UInt64 {
-        var index = walker.starts.count - 1
-        while walker.starts[index] > offset { index -= 1 }
-        let origin = walker.starts[index]
+    private func alignedRunEnd(from offset: UInt64, to end: UInt64) -> UInt64 {
+        var index = planner.starts.count - 1
+        while planner.starts[index] > offset { index -= 1 }
+        let origin = planner.starts[index]
         let unit = alignments[index] / 512
         let first = (offset - origin) / 512
         let sectors = (end - offset + 511) / 512
         let tail = (first + sectors) % unit
         return sectors > tail && tail > 0 ? offset + (sectors - tail) * 512 : end
-    }
-
-    /// Every qemu request that starts below `end` (the pipeline has handed out the output
-    /// up to there), in order: `report(done, total)` after each one's length is added.
-    func dispatched(upTo end: UInt64, _ report: (UInt64, UInt64) -> Void) throws {
-        let limit = min(end, walker.totalSize)
-        while true {
-            if let run = pending {
-                var next = run.next
-                while next < run.end && next < limit {
-                    let length = min(step, run.end - next)
-                    done += length
-                    next += length
-                    report(done, total)
-                }
-                if next < run.end {
-                    pending = (next, run.end)
-                    return
-                }
-                pending = nil
-                cursor = run.end
-            }
-            guard cursor < limit else { return }
-            // A fresh answer at the end of the last one: a run starts here, as in qemu's loop.
-            let piece = try walker.piece(at: cursor)
-            let end = runEnd(from: cursor, to: piece.end)
-            if counts(piece, zeros: countsZeros) {
-                pending = (cursor, end)
-            } else {
-                cursor = end
-            }
-        }
-    }
-}
-
-/// Whether qemu-img counts the piece: data (BLK_DATA), and zeros only when -S 0 writes them.
-private func counts(_ piece: SourcePiece, zeros: Bool) -> Bool {
-    switch piece.kind {
-    case .data, .read: return true
-    case .zero: return zeros
-    case .keep: return false
     }
 }

@@ -47,6 +47,16 @@ import TestSupport
         let top = dir.file("top.qcow2")
         try qemuImg("create", "-q", "-f", "qcow2", "-b", a, "-F", "qcow2", top)
         try qemuIO("-c", "write -P 9 12M 3M", top)
+        // Compressed clusters (an answer each in QEMU), and 4 KiB clusters compressed into 64 KiB
+        // ones (whole target clusters, a short run taken as a cluster of data).
+        let compressed = dir.file("c.qcow2")
+        try qemuImg("convert", "-c", "-O", "qcow2", a, compressed)
+        let small = dir.file("small.qcow2")
+        try qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", small, "8M")
+        try qemuIO("-c", "write -P 5 0 1M", "-c", "write -P 5 3M 100k", small)
+        try sameOutput(dir, ["convert", "-p", "-O", "raw", compressed, "OUT"])
+        try sameOutput(dir, ["convert", "-p", "-O", "qcow2", "-c", small, "OUT"])
+        try sameOutput(dir, ["convert", "-p", "-O", "qcow2", "-c", "-S", "0", small, "OUT"])
         for arguments in [["-O", "raw", a], ["-O", "qcow2", a], ["-O", "raw", "-S", "0", a], ["-O", "qcow2", "-c", a],
                           ["-O", "qcow2", raw], ["-O", "raw", odd], ["-O", "raw", odd, a, raw], ["-O", "raw", top],
                           ["-O", "qcow2", "-B", a, "-F", "qcow2", top]] {
