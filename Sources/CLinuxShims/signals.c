@@ -68,6 +68,8 @@ int simg_signals_install_progress(void) {
     return 0;
 }
 
+int simg_signals_progress_requested(void) { return progress_requested != 0; }
+
 int simg_signals_take_progress_request(void) {
     if (!progress_requested) return 0;
     progress_requested = 0;

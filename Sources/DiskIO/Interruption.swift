@@ -109,4 +109,7 @@ public enum ProgressRequest {
 
     /// Whether SIGUSR1 arrived since the last call.
     public static func take() -> Bool { simg_signals_take_progress_request() != 0 }
+
+    /// Whether a request is waiting (left for `take()`).
+    public static var isPending: Bool { simg_signals_progress_requested() != 0 }
 }

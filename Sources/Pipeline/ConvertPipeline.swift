@@ -40,8 +40,10 @@ public final class ConvertPipeline {
     private var startedHead = 0
     private var startedCount = 0
     private var firstError: (any Error)?
-    /// qemu-img's progress values, when progress is asked for.
-    private let progress: ConvertProgress?
+    /// qemu-img's progress values, when progress is asked for (on request: once asked).
+    private var progress: ConvertProgress?
+    /// The target's cluster when it takes compressed clusters (qemu-img's requests differ).
+    private let compressedCluster: UInt64?
     /// The bytes qemu-img's progress counts (nil without progress).
     public var progressTotal: UInt64? { progress?.total }
     private var fileSizes: [Int: UInt64] = [:]
@@ -52,8 +54,8 @@ public final class ConvertPipeline {
     public init(sources: [any DiskImage], target: any ConvertTarget, options: ConvertOptions) throws {
         planner = try ConvertPlanner(sources: sources, keepBacking: options.keepBacking, window: options.sourceWindow)
         // qemu-img hands out whole clusters, one at a time, to a compressed target.
-        let compressedCluster = target is CompressedTarget ? UInt64(max(target.writeGranularity, 512)) : nil
-        progress = options.progress == nil ? nil
+        compressedCluster = target is CompressedTarget ? UInt64(max(target.writeGranularity, 512)) : nil
+        progress = options.progress == nil || options.progressRequested != nil ? nil
             : try ConvertProgress(sources: sources, options: options, compressedCluster: compressedCluster)
         self.target = target
         self.options = options
@@ -440,8 +442,19 @@ public final class ConvertPipeline {
     /// The output up to `end` has been handed out (read requests started, zeros handled): the
     /// progress qemu-img reports when it hands out its requests below there (ConvertProgress).
     private func handedOut(upTo end: UInt64) throws {
-        guard let progress, let report = options.progress else { return }
-        try progress.dispatched(upTo: end) { report($0, $1) }
+        guard let report = options.progress else { return }
+        if let progress {
+            try progress.dispatched(upTo: end) { report($0, $1) }
+            return
+        }
+        guard let requested = options.progressRequested, requested() else { return }
+        // Asked for the first time: qemu's accounting from here on, caught up silently to the
+        // position reached and reported once (the request is answered with where it is).
+        let started = try ConvertProgress(sources: planner.sources, options: options, compressedCluster: compressedCluster)
+        progress = started
+        var last: (done: UInt64, total: UInt64)?
+        try started.dispatched(upTo: end) { last = ($0, $1) }
+        if let last { report(last.done, last.total) }
     }
 
     // MARK: - Writing

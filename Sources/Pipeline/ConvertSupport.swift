@@ -26,6 +26,9 @@ public struct ConvertOptions: Sendable {
     /// bytes to read, or write under -S 0, counted before the copy, and each request's length
     /// as it is handed out) each time the copy hands out a request qemu-img would.
     public var progress: (@Sendable (UInt64, UInt64) -> Void)?
+    /// Set when `progress` is wanted only on request (SIGUSR1 without -p): the accounting then
+    /// starts the first time this says yes, caught up to the copy's position and reported once.
+    public var progressRequested: (@Sendable () -> Bool)?
 
     public init() {}
 }

@@ -190,13 +190,15 @@ enum ConvertCommand {
             throw CLIError("output file is smaller than input file")
         }
 
-        if progress.isActive {
+        if progress.isActive || progress.answersRequestsOnly {
             // qemu_progress_print(100.0 * allocated_done / allocated_sectors, 0): the double
             // ratio passed on as a float.
             options.progress = { done, total in
                 progress.meter(Float(100.0 * Double(done) / Double(total)), max: 0)
                 progress.bytes("copy", done: done, total: total)
             }
+            // Without -p or json qemu's values cost a pass of block status: only once asked.
+            if !progress.isActive { options.progressRequested = { Progress.requestPending } }
         }
         let pipeline: ConvertPipeline
         do {

@@ -14,7 +14,8 @@ import Glibc
 ///   `-q` silences what is meant for people). Both may be given; they go to different streams.
 ///
 /// Without `-p`, SIGUSR1 asks for one line on stderr, as in qemu-img (qemu-progress.c's dummy
-/// meter; convert counts qemu's values only for -p and json, so there it answers at its end).
+/// meter; convert starts counting qemu's values on the first request, so the first answer is
+/// where the copy is).
 ///
 /// Called from the command's thread only (the convert pipeline and compare report on it).
 final class Progress: @unchecked Sendable {
@@ -34,6 +35,11 @@ final class Progress: @unchecked Sendable {
 
     /// Whether anything is shown at all (callers skip work that only feeds the output).
     var isActive: Bool { meter != nil || json != nil }
+    /// Whether only SIGUSR1 can ask for a line (no -p, no json): work that only feeds the
+    /// output can wait for `requestPending`.
+    var answersRequestsOnly: Bool { !isActive && requested != nil }
+    /// A SIGUSR1 request is waiting for the meter's next line.
+    static var requestPending: Bool { ProgressRequest.isPending }
 
     private init(console: Console, meter: QemuProgressMeter?, requested: QemuProgressMeter?, json: JSONProgressLines?) {
         self.console = console

@@ -20,6 +20,9 @@ int simg_signals_pending(void);
 /// the handler only sets a flag) and unblocks SIGUSR1 on the calling thread. Returns 0 or -errno.
 int simg_signals_install_progress(void);
 
+/// 1 if SIGUSR1 arrived and was not taken yet (it stays pending), else 0.
+int simg_signals_progress_requested(void);
+
 /// 1 if SIGUSR1 arrived since the last call (and forgets it), else 0.
 int simg_signals_take_progress_request(void);
 
