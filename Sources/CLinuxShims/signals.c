@@ -45,6 +45,37 @@ int simg_signals_install(void) {
 
 int simg_signals_pending(void) { return pending_signal; }
 
+// Set by SIGUSR1, taken (cleared) by the progress meter: qemu-img's way to ask a command run
+// without -p where it is (util/qemu-progress.c's dummy meter).
+static volatile sig_atomic_t progress_requested = 0;
+
+static void on_progress_signal(int sig) {
+    (void)sig;
+    progress_requested = 1;
+}
+
+int simg_signals_install_progress(void) {
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = on_progress_signal;
+    sigfillset(&action.sa_mask);
+    action.sa_flags = SA_RESTART;
+    if (sigaction(SIGUSR1, &action, NULL) != 0) return -errno;
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR1);
+    pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+    return 0;
+}
+
+int simg_signals_progress_requested(void) { return progress_requested != 0; }
+
+int simg_signals_take_progress_request(void) {
+    if (!progress_requested) return 0;
+    progress_requested = 0;
+    return 1;
+}
+
 void simg_signals_clear(void) { pending_signal = 0; }
 
 void simg_signals_reraise(int sig) {

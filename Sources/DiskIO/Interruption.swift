@@ -96,3 +96,20 @@ public enum Interruption {
         exit(128 + signal)
     }
 }
+
+/// SIGUSR1 as qemu-img's commands with a progress meter take it: without `-p`, the signal asks
+/// for one progress line on stderr (printed at the meter's next step). The C handler only sets
+/// a flag; `take()` reads and clears it.
+public enum ProgressRequest {
+    /// Installs the handler (the default disposition would kill the process).
+    public static func install() {
+        // sigaction only fails for invalid arguments; there is nothing useful to do about it.
+        _ = simg_signals_install_progress()
+    }
+
+    /// Whether SIGUSR1 arrived since the last call.
+    public static func take() -> Bool { simg_signals_take_progress_request() != 0 }
+
+    /// Whether a request is waiting (left for `take()`).
+    public static var isPending: Bool { simg_signals_progress_requested() != 0 }
+}

@@ -16,10 +16,15 @@ public struct AmendRequest: Sendable {
     public var values: [String: AmendValue]
     /// `--force` (QEMU passes it on for LUKS key slot changes; qcow2 itself ignores it).
     public var force: Bool
+    /// The driver's progress, as QEMU's amend status callback reports it: (work done, total
+    /// work) in the driver's own units, at the points QEMU's driver reports (qemu-img amend -p
+    /// prints 100 * done / total). Nil: nobody asks.
+    public var progress: (@Sendable (UInt64, UInt64) -> Void)?
 
-    public init(values: [String: AmendValue], force: Bool) {
+    public init(values: [String: AmendValue], force: Bool, progress: (@Sendable (UInt64, UInt64) -> Void)? = nil) {
         self.values = values
         self.force = force
+        self.progress = progress
     }
 
     public func string(_ name: String) -> String? {

@@ -40,7 +40,12 @@ public final class ConvertPipeline {
     private var startedHead = 0
     private var startedCount = 0
     private var firstError: (any Error)?
-    private var done: UInt64 = 0
+    /// qemu-img's progress values, when progress is asked for (on request: once asked).
+    private var progress: ConvertProgress?
+    /// The target's cluster when it takes compressed clusters (qemu-img's requests differ).
+    private let compressedCluster: UInt64?
+    /// The bytes qemu-img's progress counts (nil without progress).
+    public var progressTotal: UInt64? { progress?.total }
     private var fileSizes: [Int: UInt64] = [:]
     private var fileAlignments: [Int: UInt64] = [:]
     /// Extra bytes per buffer so a read rounded up to the O_DIRECT unit at end of file fits.
@@ -48,6 +53,10 @@ public final class ConvertPipeline {
 
     public init(sources: [any DiskImage], target: any ConvertTarget, options: ConvertOptions) throws {
         planner = try ConvertPlanner(sources: sources, keepBacking: options.keepBacking, window: options.sourceWindow)
+        // qemu-img hands out whole clusters, one at a time, to a compressed target.
+        compressedCluster = target is CompressedTarget ? UInt64(max(target.writeGranularity, 512)) : nil
+        progress = options.progress == nil || options.progressRequested != nil ? nil
+            : try ConvertProgress(sources: sources, options: options, compressedCluster: compressedCluster)
         self.target = target
         self.options = options
         let targetUnit = UInt64(max(target.writeGranularity, 1))
@@ -219,13 +228,14 @@ public final class ConvertPipeline {
                         stats.bytesZeroWritten += length
                     }
                 }
-                advanceProgress(length)
+                try handedOut(upTo: end)
                 return length
             }
         }
         guard let buffer = pool.tryAcquire() else { return nil }
         let end = min(total, (position / chunkSize + 1) * chunkSize)
         startChunk(buffer, offset: position, length: Int(end - position))
+        try handedOut(upTo: end)
         return end - position
     }
 
@@ -426,13 +436,25 @@ public final class ConvertPipeline {
     }
 
     private func releaseSlot(_ slot: Int) {
-        advanceProgress(UInt64(chunks[slot].length))
         pool.release(pool.buffer(at: slot))
     }
 
-    private func advanceProgress(_ length: UInt64) {
-        done += length
-        options.progress?(done, planner.totalSize)
+    /// The output up to `end` has been handed out (read requests started, zeros handled): the
+    /// progress qemu-img reports when it hands out its requests below there (ConvertProgress).
+    private func handedOut(upTo end: UInt64) throws {
+        guard let report = options.progress else { return }
+        if let progress {
+            try progress.dispatched(upTo: end) { report($0, $1) }
+            return
+        }
+        guard let requested = options.progressRequested, requested() else { return }
+        // Asked for the first time: qemu's accounting from here on, caught up silently to the
+        // position reached and reported once (the request is answered with where it is).
+        let started = try ConvertProgress(sources: planner.sources, options: options, compressedCluster: compressedCluster)
+        progress = started
+        var last: (done: UInt64, total: UInt64)?
+        try started.dispatched(upTo: end) { last = ($0, $1) }
+        if let last { report(last.done, last.total) }
     }
 
     // MARK: - Writing

@@ -22,8 +22,13 @@ public struct ConvertOptions: Sendable {
     public var keepBacking: Bool = false
     /// `dd`: copy only this range of the one source (the output starts with its first byte).
     public var sourceWindow: Range<UInt64>?
-    /// Called with (bytes done, total) as the copy advances.
+    /// Called with (bytes done, total) in qemu-img convert's accounting (ConvertProgress: the
+    /// bytes to read, or write under -S 0, counted before the copy, and each request's length
+    /// as it is handed out) each time the copy hands out a request qemu-img would.
     public var progress: (@Sendable (UInt64, UInt64) -> Void)?
+    /// Set when `progress` is wanted only on request (SIGUSR1 without -p): the accounting then
+    /// starts the first time this says yes, caught up to the copy's position and reported once.
+    public var progressRequested: (@Sendable () -> Bool)?
 
     public init() {}
 }

@@ -16,8 +16,9 @@ public struct RebaseStats: Sendable, Equatable {
 /// as it reads now through its old chain, by copying into it every cluster (of the ranges it
 /// does not allocate itself) where the two differ. The header is not touched here.
 ///
-/// Work is done a chunk (`bufferSize`, 2 MiB by default) at a time with two buffers allocated
-/// once; ranges both sides report as zero (block status) are skipped without reading.
+/// Work is done a step (at most `bufferSize`, 2 MiB by default, qemu-img's steps) at a time
+/// with two buffers allocated once; ranges both sides report as zero (block status) are
+/// skipped without reading.
 public enum RebaseCopier {
     /// `overlay` is opened writable with its old chain as `overlay.backing` (nil: it has none,
     /// so unallocated ranges read as zeros). `newBacking` is the new backing image (nil: the
@@ -26,6 +27,8 @@ public enum RebaseCopier {
     /// `sharedLayer`: the image of the old chain that is the same file as the new backing file,
     /// if it is in the chain. Ranges no layer above it allocates read the same through both and
     /// are skipped without reading (only the layers above it are compared).
+    /// `progress(offset, size)` after each step of qemu-img's loop that was not allocated in
+    /// the overlay (where qemu-img rebase advances its meter by a fixed share).
     public static func copyDifferences(overlay: any DiskImage, newBacking: (any DiskImage)?,
                                        sharedLayer: (any DiskImage)? = nil,
                                        bufferSize: Int = 2 << 20,
@@ -43,30 +46,49 @@ public enum RebaseCopier {
         }
         var copier = Copier(overlay: overlay, old: overlay.backing, new: newBacking, shared: sharedLayer, cluster: cluster,
                             oldBuffer: oldBuffer, newBuffer: newBuffer)
-        var position: UInt64 = 0
-        progress?(0, size)
-        while position < size {
-            // Once per chunk (2 MiB of reads at most): SIGINT stops well within a second. The
+        // qemu-img 7.2's loop, so `progress` is called where its meter advances: a step of at
+        // most one chunk from `offset`, cut where the overlay's allocation changes; an
+        // allocated step is skipped without progress; an unallocated one is cut at the end
+        // of the old and of the new backing file (qemu reads up to there at most), reconciled,
+        // and reported.
+        let oldSize = overlay.backing?.virtualSize
+        let newSize = newBacking?.virtualSize
+        var offset: UInt64 = 0
+        while offset < size {
+            // Once per step (2 MiB of reads at most): SIGINT stops well within a second. The
             // header is only rewritten after this returns, so the overlay still names its old
             // backing file and reads as before (what was copied equals the old content).
             try Interruption.check(image: overlay.path, outcome: "was not rebased (its content is unchanged)")
-            let end = min(size, position + chunk)
-            var at = position
-            while at < end {
-                let extent = try overlay.blockStatus(at: at, length: end - at)
-                switch extent.kind {
-                case .backing:
-                    try copier.reconcile(extent.offset, extent.end, oldIsZero: false)
-                case .hole:
-                    try copier.reconcile(extent.offset, extent.end, oldIsZero: true)
-                case .data, .compressed, .zero:
-                    break  // the overlay's own data shadows both backing files
-                }
-                at = extent.end
+            let extent = try overlay.blockStatus(at: offset, length: min(chunk, size - offset))
+            guard extent.end > offset else {
+                throw ImageError(path: overlay.path, message: "block status made no progress at byte \(offset)")
             }
-            position = end
-            // The caller prints the final 100% itself.
-            if position < size { progress?(position, size) }
+            var stop = min(extent.end, size)
+            let oldIsZero: Bool
+            switch extent.kind {
+            case .backing: oldIsZero = false
+            case .hole: oldIsZero = true
+            case .data, .compressed, .zero:
+                offset = stop  // the overlay's own data shadows both backing files
+                continue
+            }
+            if sharedLayer != nil && !oldIsZero {
+                // Rebasing onto an image of the chain: qemu asks whether a layer above it
+                // allocates the step (bdrv_is_allocated_above), cuts the step to that answer,
+                // and skips it without progress when none does.
+                let through = try copier.passesThrough(offset, stop)
+                if through.passes {
+                    offset += through.length
+                    continue
+                }
+                stop = offset + through.length
+            }
+            for boundary in [oldSize, newSize].compactMap({ $0 }) where offset < boundary && boundary < stop {
+                stop = boundary
+            }
+            try copier.reconcile(offset, stop, oldIsZero: oldIsZero)
+            offset = stop
+            progress?(offset, size)
         }
         return copier.stats
     }

@@ -8,7 +8,7 @@ import ImageFormats
 /// image is opened read-write (the writer's lock, with its backing chain), `-o help` lists the
 /// options of the format found, a format without amendment is refused, the options are parsed
 /// against the format's amend table (an option only `create` takes gets QEMU's hint), and the
-/// image applies them (`AmendableImage`). `-p` prints qemu-img's 0% and 100% progress lines.
+/// image applies them (`AmendableImage`). `-p` prints qemu-img's meter: 0%, the driver's steps, 100%.
 enum AmendCommand {
     static let command = Command(
         name: "amend",
@@ -20,11 +20,12 @@ enum AmendCommand {
             "  '-o' the options, name=value separated by commas (several -o are joined)",
             "  '-f' names the image's format instead of probing it",
             "  '-t' the cache mode the image is opened with (default writeback)",
-            "  '-p' shows progress; '-q' prints nothing but errors",
+            "  '-p' shows progress (qemu-img's meter); '-q' prints nothing but errors",
+            "  '--progress=json' JSON lines on stderr, phase \"amend\" (see README)",
             "  '--force' is accepted as in qemu-img (it matters only for LUKS key slots)",
         ],
-        options: [CommandSupport.formatOption, .value("o", "options"), .value("t", "cache"), .flag("p", "progress"),
-                  .long("force"), .long("object", takesValue: true), .long("image-opts")],
+        options: [CommandSupport.formatOption, .value("o", "options"), .value("t", "cache"),
+                  .long("force"), .long("object", takesValue: true), .long("image-opts")] + Progress.optionSpecs,
         modifiesImages: { _ in true },
         run: run)
 
@@ -34,11 +35,11 @@ enum AmendCommand {
         guard let optionText = try OptionList.join(scan.values("options")) else {
             throw CLIError.usage("Must specify options (-o)")
         }
-        let quiet = scan.has("quiet")
-        let progress = scan.has("progress") && !quiet
-        // qemu-img ends its progress output with a newline whatever happens after -o was
-        // accepted (qemu_progress_end), help and failures included.
-        defer { if progress { console.out("\n") } }
+        // qemu-img starts its meter (1 % steps, nothing printed yet) once -o was accepted and
+        // ends it with a newline whatever happens after (qemu_progress_end), help and
+        // failures included.
+        let progress = try Progress.make(scan, minSkip: 1, console: console)
+        defer { progress.end() }
         let wantsHelp = OptionList.wantsHelp(optionText)
         if let name = scan.last("format"), wantsHelp {
             // A format named: its options, without opening the image (or needing one).
@@ -68,16 +69,22 @@ enum AmendCommand {
         guard let amendable = image as? any AmendableImage, let table = AmendOptions.table(for: image.format) else {
             throw CLIError("Format driver '\(image.format.rawValue)' does not support option amendment")
         }
-        let request = AmendRequest(values: try parse(optionText, table: table, format: image.format), force: scan.has("force"))
+        // The driver's steps: amend_status_cb's qemu_progress_print(100.f * offset / total, 0).
+        let request = AmendRequest(values: try parse(optionText, table: table, format: image.format), force: scan.has("force"),
+                                   progress: { done, total in
+                                       if total > 0 { progress.meter(Float(100) * Float(done) / Float(total), max: 0) }
+                                   })
         // qemu-img prints 0% before and 100% after the driver's work, whether it failed or not.
-        if progress { console.out(ProgressPrinter.line(0)) }
-        defer { if progress { console.out(ProgressPrinter.line(10000)) } }
+        progress.meter(0, max: 0)
+        progress.bytes("amend", done: 0, total: 1)
+        defer { progress.meter(100, max: 0) }
         do {
             try amendable.amend(request)
             try image.flush()
             // Closing stores what the format keeps until then (qcow2's persistent bitmaps, which
             // a size change resizes).
             try CommandSupport.closeFinished(image)
+            progress.finish("amend", total: 1)
         } catch let error as AmendError {
             throw CLIError(error.message)
         } catch let error as InterruptedError {

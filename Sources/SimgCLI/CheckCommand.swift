@@ -2,13 +2,13 @@ import DiskIO
 import Glibc
 import ImageFormats
 
-/// `simg check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename`
+/// `simg check [-q] [-p] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename`
 /// with qemu-img check's contract: exit 0 clean, 1 check failed, 2 corruptions, 3 leaks only,
 /// 63 no check for the format; after a repair the status describes the repaired image.
 enum CheckCommand {
     static let command = Command(
         name: "check",
-        synopsis: "check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename",
+        synopsis: "check [-q] [-p] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename",
         details: [
             "Checks an image for consistency; qcow2 images can also be repaired.",
             "  '-f' names the format instead of probing it",
@@ -17,9 +17,12 @@ enum CheckCommand {
             "  '-T' is the cache mode used to read the image (accepted as qemu-img does)",
             "  '-U' (force share) checks an image another process has open for writing (no -r)",
             "  '-q' prints no summary: only the exit status tells the result",
+            "  '-p' (simg's own; qemu-img check has none) shows qemu-img's meter while the image is",
+            "       checked and repaired: 0 % before, 100 % after (no steps between); '--progress=json'",
+            "       JSON lines on stderr, phase \"check\" or with -r \"repair\" (see README)",
         ],
         options: [CommandSupport.formatOption, .value("r", "repair"), .value("T", "cache"),
-                  CommandSupport.forceShareOption, CommandSupport.outputOption],
+                  CommandSupport.forceShareOption, CommandSupport.outputOption] + Progress.optionSpecs,
         modifiesImages: { $0.has("repair") },
         run: run)
 
@@ -37,6 +40,7 @@ enum CheckCommand {
             throw CLIError.usage("Expecting one image file name")
         }
         let output = try CommandSupport.outputFormat(scan)
+        try Progress.checkFormat(scan)
         // Accepted and checked as qemu-img does; check reads through the page cache whatever it is.
         _ = try CommandSupport.cacheMode(scan, "cache", default: .writeback, source: true)
         let format = try CommandSupport.format(scan, opening: filename)
@@ -58,6 +62,20 @@ enum CheckCommand {
             console.error("This image format does not support checks")
             return 63
         }
+        // simg's extension: the meter around the check and repair (the checker reports no
+        // steps), ended before the summary so that starts on a line of its own.
+        // qemu-img check has no meter: SIGUSR1 keeps its default disposition there.
+        let progress = try Progress.make(scan, minSkip: 1, console: console, onRequest: false)
+        let phase = repair == .none ? "check" : "repair"
+        progress.meter(0, max: 100)
+        progress.bytes(phase, done: 0, total: 1)
+        var progressEnded = false
+        let endProgress = {
+            if progressEnded { return }
+            progressEnded = true
+            progress.end()
+        }
+        defer { endProgress() }
         let report: (String) -> Void = { console.err($0) }
         let reportError: (String) -> Void = { console.error($0) }
 
@@ -71,6 +89,11 @@ enum CheckCommand {
             failure = f.errno
             if let message = f.message { console.error(message) }
         }
+        if failure == nil {
+            progress.meter(100, max: 0)
+            progress.finish(phase, total: 1)
+        }
+        endProgress()
         if failure == nil && (result.corruptionsFixed != 0 || result.leaksFixed != 0) {
             if output == .human && !quiet {
                 console.out("The following inconsistencies were found and repaired:\n\n"

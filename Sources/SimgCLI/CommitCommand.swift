@@ -20,10 +20,11 @@ enum CommitCommand {
             "  '-r' limits the speed (bytes per second; k, M, G... suffixes)",
             "  '-f' names the image's format instead of probing it",
             "  '-t' is the cache mode of the image and the base (default writeback)",
-            "  '-p' shows progress; '-q' prints nothing but errors",
+            "  '-p' shows progress (qemu-img's meter); '-q' prints nothing but errors",
+            "  '--progress=json' JSON lines on stderr, phase \"commit\" (see README)",
         ],
         options: [CommandSupport.formatOption, .value("t", "cache"), .value("b", "base"),
-                  .flag("d", "drop"), .value("r", "rate"), .flag("p", "progress")],
+                  .flag("d", "drop"), .value("r", "rate")] + Progress.optionSpecs,
         modifiesImages: { _ in true },
         run: run)
 
@@ -35,6 +36,7 @@ enum CommitCommand {
             throw CLIError.usage("Expecting one image file name")
         }
         let cache = try CommandSupport.cacheMode(scan, "cache", default: .writeback, source: false)
+        try Progress.checkFormat(scan)
         let baseName = scan.last("base")
         let drop = scan.has("drop") || baseName != nil
         let format = try CommandSupport.format(scan, opening: filename)
@@ -46,10 +48,10 @@ enum CommitCommand {
             try? base?.close()
             try? top.close()
         }
-        // qemu-img prints the first progress line before looking for the base, and ends the
-        // progress line (a newline) whatever happens after.
-        let showProgress = scan.has("progress") && !quiet
-        if showProgress { console.out(ProgressPrinter.line(0)) }
+        // qemu-img starts its meter (1 % steps) once the image is open and prints the first
+        // line before looking for the base; it ends the line (a newline) whatever happens after.
+        let progress = try Progress.make(scan, minSkip: 1, console: console)
+        progress.meter(0, max: 100)
         // Set once the base holds everything on disk: an interruption after it only stops the
         // emptying of the top, which reads the same either way.
         var committed = false
@@ -73,17 +75,22 @@ enum CommitCommand {
                 }
                 try resizable.resize(to: top.virtualSize, preallocation: .off)
             }
-            var printer: ProgressPrinter?
-            if showProgress {
-                printer = ProgressPrinter(console: console)
-                console.out(ProgressPrinter.line(0))
-            }
+            // qemu-img prints the block job's progress (offset / length of the top, as float
+            // percent) each time its loop wakes up: the job's first look (0 %) on the way in,
+            // its last (100 %) on the way out; the values between depend on timing there.
+            let total = top.virtualSize
             _ = try CommitCopier.copy(top: top, baseDepth: depth, into: base, rateLimit: rate,
-                                      progress: { done, total in printer?.update(done: done, total: total) })
+                                      progress: { done, size in
+                                          progress.meter(size == 0 ? 0 : Float(done) / Float(size) * 100, max: 0)
+                                          progress.bytes("commit", done: done, total: size)
+                                      })
+            progress.meter(100, max: 0)
             // The base holds the data on stable storage before the top lets go of anything.
             try base.flush()
             committed = true
-            if showProgress { console.out(ProgressPrinter.line(10000)) }
+            // run_block_job's final 100 % once the job completed.
+            progress.meter(100, max: 0)
+            progress.finish("commit", total: total)
             if !drop, let emptiable = top as? any EmptiableImage {
                 try emptiable.makeEmpty()
                 try top.flush()
@@ -92,7 +99,7 @@ enum CommitCommand {
             try CommandSupport.closeFinished(base)
             try CommandSupport.closeFinished(top)
         } catch {
-            if showProgress { console.out("\n") }
+            progress.end()
             if let interrupted = error as? InterruptedError {
                 throw interrupted.naming(filename, outcome: committed
                                          ? "was committed but not emptied (it reads the same; clusters may be leaked)"
@@ -101,7 +108,7 @@ enum CommitCommand {
             if let image = error as? ImageError { throw CLIError("\(image)") }
             throw error
         }
-        if showProgress { console.out("\n") }
+        progress.end()
         if !quiet { console.out("Image committed.\n") }
         return 0
     }

@@ -24,11 +24,12 @@ enum CompareCommand {
             "  '-T' is the cache mode of both (default writeback)",
             "  '-s' strict: sizes must match and so must the allocation (qemu-img's block status",
             "       words, including its end-of-file bit) at every range",
-            "  '-p' shows progress; '-q' prints nothing (only the exit status tells)",
+            "  '-p' shows progress (qemu-img's meter, 2 % steps); '-q' prints nothing (only the exit",
+            "       status tells); '--progress=json' JSON lines on stderr, phase \"compare\" (see README)",
             "  '-U' (force share) reads images another process has open for writing",
         ],
         options: [CommandSupport.formatOption, .value("F", "second-format"), .value("T", "source-cache"),
-                  .flag("p", "progress"), .flag("s", "strict"), CommandSupport.forceShareOption],
+                  .flag("s", "strict"), CommandSupport.forceShareOption] + Progress.optionSpecs,
         modifiesImages: { _ in false },
         run: run)
 
@@ -39,9 +40,10 @@ enum CompareCommand {
         let quiet = scan.has("quiet")
         guard scan.operands.count == 2 else { throw CLIError.usage("Expecting two image file names") }
         let names = scan.operands
-        // qemu-img starts its progress meter here: whatever fails after, it ends the line.
-        let progress = scan.has("progress") && !quiet ? ComparePrinter(console: console) : nil
-        defer { progress?.end() }
+        // qemu-img starts its progress meter here (2 % steps): whatever fails after, it ends
+        // the line.
+        let progress = try Progress.make(scan, minSkip: 2, console: console)
+        defer { progress.end() }
         do {
             return try compare(names, scan, console, quiet: quiet, progress: progress)
         } catch let error as CLIError {
@@ -52,7 +54,7 @@ enum CompareCommand {
     }
 
     private static func compare(_ names: [String], _ scan: ScanResult, _ console: Console, quiet: Bool,
-                                progress: ComparePrinter?) throws -> Int32 {
+                                progress: Progress) throws -> Int32 {
         let cache = try CommandSupport.cacheMode(scan, "source-cache", default: .writeback, source: true)
         var opened: [any DiskImage] = []
         defer { for image in opened { try? image.close() } }
@@ -83,14 +85,20 @@ enum CompareCommand {
         }
 
         let base = max(sides[0].image.virtualSize, sides[1].image.virtualSize)
-        progress?.advance(0, of: base)
+        progress.meter(0, max: 100)
+        progress.bytes("compare", done: 0, total: base)
+        var compared: UInt64 = 0
         let pipeline = try ComparePipeline(first: sides[0], second: sides[1], strict: scan.has("strict"))
         let say: (String) -> Void = { if !quiet { console.out($0 + "\n") } }
         let verdict: CompareVerdict
         do {
             verdict = try pipeline.run { event in
                 switch event {
-                case .advanced(let bytes): progress?.advance(bytes, of: base)
+                case .advanced(let bytes):
+                    // qemu_progress_print(((float)chunk / progress_base) * 100, 100), in float.
+                    progress.meter(bytes == 0 ? 0 : Float(bytes) / Float(base) * 100, max: 100)
+                    compared += bytes
+                    progress.bytes("compare", done: compared, total: base)
                 case .sizeMismatch: say("Warning: Image size mismatch!")
                 }
             }
@@ -103,6 +111,7 @@ enum CompareCommand {
         }
         switch verdict {
         case .identical:
+            progress.finish("compare", total: base)
             say("Images are identical.")
             return 0
         case .contentMismatch(let offset):
@@ -125,44 +134,5 @@ enum CompareCommand {
             current = cause
         }
         return IOError.describe(errno: EIO)
-    }
-}
-
-/// qemu-img compare's progress meter (util/qemu-progress.c with a 2 % minimum step): a float
-/// percentage advanced by each chunk's share of the larger image, printed as
-/// `    (%3.2f/100%)\r` when it moves by more than 2 points or is exactly 0 or 100; a newline
-/// at the end, whatever happened.
-final class ComparePrinter {
-    private let console: Console
-    private var current: Float = 0
-    private var lastPrint: Float = 0
-    private let minSkip: Float = 2
-
-    init(console: Console) { self.console = console }
-
-    /// qemu_progress_print(((float)bytes / base) * 100, 100), in the same float arithmetic.
-    func advance(_ bytes: UInt64, of base: UInt64) {
-        let delta: Float = bytes == 0 ? 0 : Float(bytes) / Float(base) * 100
-        var next = current + delta / 100 * 100
-        if next > 100 { next = 100 }
-        current = next
-        if next > lastPrint + minSkip || next < lastPrint - minSkip || next == 0 || next == 100 {
-            lastPrint = current
-            console.out("    (" + ComparePrinter.format(current) + "/100%)\r")
-        }
-    }
-
-    func end() { console.out("\n") }
-
-    /// printf's `%3.2f` of the float promoted to double (glibc's exact rounding).
-    static func format(_ value: Float) -> String {
-        var buffer = [CChar](repeating: 0, count: 32)
-        let count = buffer.count
-        let written = buffer.withUnsafeMutableBufferPointer { out in
-            withVaList([Double(value)]) { vsnprintf(out.baseAddress, count, "%3.2f", $0) }
-        }
-        // "100.00" at most: always fits the buffer.
-        return String(decoding: buffer.prefix(Int(max(0, min(written, Int32(count - 1))))).map { UInt8(bitPattern: $0) },
-                      as: UTF8.self)
     }
 }

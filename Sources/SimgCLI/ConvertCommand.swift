@@ -18,12 +18,13 @@ enum ConvertCommand {
             "  '-S' zero-detection granularity (default 4k); 0 writes everything (fully allocated)",
             "  '-c' compressed qcow2 output; '-B' output with a backing file holding only the differences",
             "  '-n' writes into an existing target; '--target-is-zero' says it reads as zeros",
-            "  '-p' shows progress; '-m' and '-W' are accepted as in qemu-img",
+            "  '-p' shows progress (qemu-img's meter); '--progress=json' JSON lines on stderr, phase",
+            "       \"copy\" (see README); '-m' and '-W' are accepted as in qemu-img",
             "  '--stats' prints what the copy did as JSON on stderr",
             "  '-U' (force share) reads sources another process has open for writing",
         ],
         options: [
-            CommandSupport.forceShareOption, .flag("c", "compress"), .flag("p", "progress"),
+            CommandSupport.forceShareOption, .flag("c", "compress"),
             .flag("n", "no-create"), CommandSupport.formatOption, .value("t", "cache"),
             .value("T", "source-cache"), .value("O", "output-format"), .value("B", "backing"),
             .value("F", "backing-format"), .value("o", "options"), .value("S", "sparse-size"),
@@ -32,12 +33,11 @@ enum ConvertCommand {
             // Tuning (not in qemu-img): request size, buffers in flight, I/O threads.
             .long("buffer-size", takesValue: true), .long("queue-depth", takesValue: true),
             .long("io-threads", takesValue: true),
-        ],
+        ] + Progress.optionSpecs,
         modifiesImages: { _ in true },
         run: run)
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
-        let quiet = scan.has("quiet")
         let noCreate = scan.has("no-create")
         let compress = scan.has("compress")
         let targetIsZero = scan.has("target-is-zero")
@@ -80,6 +80,26 @@ enum ConvertCommand {
         let sourcePaths = Array(scan.operands.dropLast())
         let output = scan.operands[scan.operands.count - 1]
         if noCreate && optionText != nil { throw CLIError("-o has no effect when skipping image creation") }
+        try Progress.checkFormat(scan)
+        return try convert(scan, console, options: options, sourcePaths: sourcePaths, output: output,
+                           optionText: optionText, outputFormatName: outputFormatName,
+                           caches: (targetCache, sourceCache))
+    }
+
+    /// From where qemu-img starts its meter (1 % steps; 0 % printed, the newline at the end
+    /// whatever happens) to the end of the copy.
+    private static func convert(_ scan: ScanResult, _ console: Console, options: ConvertOptions,
+                                sourcePaths: [String], output: String, optionText: String?,
+                                outputFormatName: String,
+                                caches: (target: CacheMode, source: CacheMode)) throws -> Int32 {
+        var options = options
+        let (targetCache, sourceCache) = caches
+        let noCreate = scan.has("no-create")
+        let compress = scan.has("compress")
+        let targetIsZero = scan.has("target-is-zero")
+        let progress = try Progress.make(scan, minSkip: 1, console: console)
+        defer { progress.end() }
+        progress.meter(0, max: 100)
 
         // As qemu-img, which fails opening the first source with it.
         let sourceFormat = try CommandSupport.format(scan, opening: sourcePaths[0])
@@ -170,11 +190,15 @@ enum ConvertCommand {
             throw CLIError("output file is smaller than input file")
         }
 
-        let showProgress = scan.has("progress") && !quiet
-        if showProgress {
-            let progress = ProgressPrinter(console: console)
-            options.progress = { done, total in progress.update(done: done, total: total) }
-            console.out(ProgressPrinter.line(0))
+        if progress.isActive || progress.answersRequestsOnly {
+            // qemu_progress_print(100.0 * allocated_done / allocated_sectors, 0): the double
+            // ratio passed on as a float.
+            options.progress = { done, total in
+                progress.meter(Float(100.0 * Double(done) / Double(total)), max: 0)
+                progress.bytes("copy", done: done, total: total)
+            }
+            // Without -p or json qemu's values cost a pass of block status: only once asked.
+            if !progress.isActive { options.progressRequested = { Progress.requestPending } }
         }
         let pipeline: ConvertPipeline
         do {
@@ -183,9 +207,11 @@ enum ConvertCommand {
             target.abandon()
             throw error
         }
+        progress.bytes("copy", done: 0, total: pipeline.progressTotal ?? totalSize)
         let stats = try pipeline.run()
-        // qemu-img ends with the full line once more and a newline.
-        if showProgress { console.out(ProgressPrinter.line(10000) + "\n") }
+        // qemu-img prints 100 % once more on success (then the newline, deferred above).
+        progress.meter(100, max: 0)
+        progress.finish("copy", total: pipeline.progressTotal ?? totalSize)
         if scan.has("stats") { console.err(stats.json + "\n") }
         return 0
     }
@@ -242,30 +268,5 @@ enum ConvertCommand {
             // A lock conflict (ImageLockError) reads "Could not open 'PATH': LOCK ERROR" too.
             throw CLIError(CommandSupport.openFailure(error, path: path, wording: .deepestImage))
         }
-    }
-}
-
-/// Prints qemu-img's progress line, `    (12.34/100%)` ending in a carriage return, each time
-/// the copy advances by at least 1%.
-final class ProgressPrinter: @unchecked Sendable {
-    // @unchecked Sendable: only called from the pipeline's thread, which runs the command.
-    private let console: Console
-    private var shown = 0
-
-    init(console: Console) { self.console = console }
-
-    func update(done: UInt64, total: UInt64) {
-        guard total > 0 else { return }
-        let hundredths = Int(Double(done) / Double(total) * 10000)
-        if hundredths - shown >= 100 {
-            shown = hundredths
-            console.out(ProgressPrinter.line(hundredths))
-        }
-    }
-
-    /// The line for `hundredths` of a percent.
-    static func line(_ hundredths: Int) -> String {
-        let fraction = hundredths % 100
-        return "    (\(hundredths / 100).\(fraction < 10 ? "0" : "")\(fraction)/100%)\r"
     }
 }

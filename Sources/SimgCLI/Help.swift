@@ -30,6 +30,8 @@ public enum Help {
               'output_fmt' is the destination format
               '-c' indicates that target image must be compressed (qcow2 only)
               '-p' show progress of command (only certain commands)
+              '--progress=json' (simg's own) progress as JSON lines on stderr, on the
+                   commands that take '-p' (see README, Progress)
               '-S' indicates the consecutive number of bytes (defaults to 4k) that must
                    contain only zeros for simg to create a sparse image during
                    conversion. If the number of bytes is 0, the destination image will

@@ -20,25 +20,30 @@ enum RebaseCommand {
             "  '-u' (unsafe) only rewrites the header: the new backing file need not exist",
             "  '-f' names the image's format instead of probing it",
             "  '-t' and '-T' are the cache modes (accepted as qemu-img does)",
-            "  '-p' shows progress; '-q' prints nothing but errors",
+            "  '-p' shows progress (qemu-img's meter); '-q' prints nothing but errors",
+            "  '--progress=json' JSON lines on stderr, phase \"compare\" (see README)",
             "  '-U' (force share) reads the new backing file even if another process writes it",
         ],
         options: [CommandSupport.formatOption, .value("F", "backing-format"), .value("b", "backing"),
                   .value("t", "cache"), .value("T", "source-cache"), .flag("u", "unsafe"),
-                  .flag("p", "progress"), CommandSupport.forceShareOption],
+                  CommandSupport.forceShareOption] + Progress.optionSpecs,
         modifiesImages: { _ in true },
         run: run)
 
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
         let unsafe = scan.has("unsafe")
-        let quiet = scan.has("quiet")
         guard scan.operands.count == 1, let filename = scan.operands.first else {
             throw CLIError.usage("Expecting one image file name")
         }
         guard let newName = scan.last("backing") ?? (unsafe ? "" : nil) else {
             throw CLIError.usage("Must specify backing file (-b) or use unsafe mode (-u)")
         }
+        // qemu-img starts its meter (2 % steps) here, before opening anything, and ends the
+        // line (a newline) whatever happens after.
+        let progress = try Progress.make(scan, minSkip: 2, console: console)
+        defer { progress.end() }
+        progress.meter(0, max: 100)
         // Accepted and checked as qemu-img does; rebase reads and writes through the page cache.
         _ = try CommandSupport.cacheMode(scan, "cache", default: .writeback, source: false)
         _ = try CommandSupport.cacheMode(scan, "source-cache", default: .writeback, source: true)
@@ -118,19 +123,23 @@ enum RebaseCommand {
             }
         }
 
-        let showProgress = scan.has("progress") && !quiet
         do {
-            var printer: ProgressPrinter?
-            if showProgress {
-                printer = ProgressPrinter(console: console)
-                console.out(ProgressPrinter.line(0))
-            }
             if !unsafe {
+                let size = overlay.virtualSize
+                // qemu-img's fixed share per step: (float)100 / (size / MIN(size, IO_BUF_SIZE)).
+                let share: Float = size == 0 ? 0 : Float(100) / Float(size / min(size, 2 << 20))
+                progress.bytes("compare", done: 0, total: size)
                 _ = try RebaseCopier.copyDifferences(overlay: overlay, newBacking: newBacking,
                                                      sharedLayer: layer(of: overlay, sameFileAs: newBacking),
-                                                     progress: { done, total in printer?.update(done: done, total: total) })
+                                                     progress: { done, total in
+                                                         progress.meter(share, max: 100)
+                                                         progress.bytes("compare", done: done, total: total)
+                                                     })
                 try overlay.flush()
+                progress.finish("compare", total: size)
             }
+            // qemu-img prints 100 % once the header change was tried, whether it worked or not.
+            defer { progress.meter(100, max: 0) }
             try overlay.changeBackingFile(name: newName, format: newName.isEmpty ? nil : backingFormatName)
         } catch let error as InterruptedError {
             // The copy, and the header change once its header is written, name the overlay
@@ -147,7 +156,6 @@ enum RebaseCommand {
         do { try CommandSupport.closeFinished(overlay) } catch let error as ImageError {
             throw CLIError("Error while rebasing '\(filename)': \(error)")
         }
-        if showProgress { console.out(ProgressPrinter.line(10000) + "\n") }
         return 0
     }
 

@@ -146,7 +146,8 @@ import TestSupport
         let r = try simgConvertOK(["-p", source, dir.file("p.raw")])
         #expect(r.stdout.hasPrefix("    (0.00/100%)\r"))
         #expect(r.stdout.hasSuffix("    (100.00/100%)\r\n"))
-        #expect(r.stdout.contains("    (25.00/100%)\r"))
+        // 6 MiB of data handed out 2 MiB at a time, as qemu-img counts it.
+        #expect(r.stdout == "    (0.00/100%)\r    (33.33/100%)\r    (66.67/100%)\r    (100.00/100%)\r    (100.00/100%)\r\n")
         let quiet = try simgConvertOK(["-p", "-q", source, dir.file("q.raw")])
         #expect(quiet.stdout.isEmpty)
     }

@@ -16,6 +16,16 @@ int simg_signals_install(void);
 /// The first interrupting signal received since install (or the last clear), or 0.
 int simg_signals_pending(void);
 
+/// Installs the SIGUSR1 handler of qemu-img's commands with a progress meter (SA_RESTART;
+/// the handler only sets a flag) and unblocks SIGUSR1 on the calling thread. Returns 0 or -errno.
+int simg_signals_install_progress(void);
+
+/// 1 if SIGUSR1 arrived and was not taken yet (it stays pending), else 0.
+int simg_signals_progress_requested(void);
+
+/// 1 if SIGUSR1 arrived since the last call (and forgets it), else 0.
+int simg_signals_take_progress_request(void);
+
 /// Forgets a pending signal (tests only).
 void simg_signals_clear(void);
 

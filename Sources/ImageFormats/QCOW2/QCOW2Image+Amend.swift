@@ -81,10 +81,14 @@ extension QCOW2Image: AmendableImage {
             throw ImageError(path: path, message: "the image is marked corrupt; it must not be written")
         }
 
+        var status = AmendStatus(report: r.progress,
+                                 operations: (newVersion != oldVersion ? 1 : 0) + (refcountBits != UInt64(header.refcountBits) ? 1 : 0))
         // Upgrade first (some features need compat=1.1).
-        if newVersion > oldVersion { try upgrade() }
+        if newVersion > oldVersion { try upgrade(&status) }
 
         if refcountBits != UInt64(header.refcountBits) {
+            // QEMU reports the refcount walks step by step; simg reports none of them.
+            status.operation = 2
             if newVersion < 3 && refcountBits != 16 {
                 throw AmendError("Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)")
             }
@@ -130,8 +134,41 @@ extension QCOW2Image: AmendableImage {
         }
 
         // Downgrade last, once what it cannot keep is gone.
-        if newVersion < oldVersion { try downgrade() }
+        if newVersion < oldVersion { try downgrade(&status) }
         try flush()
+    }
+
+    /// QEMU's qcow2_amend_helper_cb: each operation's (done, work) reported as part of all of
+    /// them, the work of those not begun projected from those begun.
+    struct AmendStatus {
+        let report: (@Sendable (UInt64, UInt64) -> Void)?
+        let operations: Int64
+        /// The operation running (1 upgrade, 2 refcount width, 3 downgrade; 0 none yet).
+        var operation = 0
+        private var last = 0
+        private var offsetCompleted: Int64 = 0
+        private var completed: Int64 = 0
+        private var lastWorkSize: Int64 = 0
+
+        init(report: (@Sendable (UInt64, UInt64) -> Void)?, operations: Int) {
+            self.report = report
+            self.operations = Int64(operations)
+        }
+
+        mutating func callAsFunction(_ offset: Int64, of workSize: Int64) {
+            guard let report, operations > 0 else { return }
+            if operation != last {
+                if last != 0 {
+                    offsetCompleted += lastWorkSize
+                    completed += 1
+                }
+                last = operation
+            }
+            lastWorkSize = workSize
+            let current = offsetCompleted + workSize
+            let projected = current * (operations - completed - 1) / (completed + 1)
+            report(UInt64(max(0, offsetCompleted + offset)), UInt64(max(0, current + projected)))
+        }
     }
 
     /// One 8-byte header field, written and synced.
@@ -151,11 +188,15 @@ extension QCOW2Image: AmendableImage {
     /// QEMU's qcow2_upgrade: version 3 needs every snapshot entry to carry the VM state size
     /// and disk size (16 bytes of extra data); a table without is written anew first (one
     /// metadata switch), then the header is rewritten as version 3.
-    private func upgrade() throws {
+    private func upgrade(_ status: inout AmendStatus) throws {
+        // QEMU's steps: 0 of 2, 1 of 2 once the snapshot table is done, 2 of 2 after the header.
+        status.operation = 1
+        status(0, of: 2)
         if snapshots.contains(where: { $0.extraData.count < 16 }) {
             let sw = try QCOW2MetadataSwitch(image: self)
             try transact(sw, switchedOutcome: "has its snapshot table rewritten for version 3 (still version 2)") { (l1, snapshots, try writeSnapshotTable(snapshots, sw)) }
         }
+        status(1, of: 2)
         var updated = header
         updated.version = 3
         updated.incompatibleFeatures = 0
@@ -165,6 +206,7 @@ extension QCOW2Image: AmendableImage {
         updated.compressionType = 0
         updated.headerLength = QCOW2Header.v3HeaderLength
         try rewriteHeader(updated, outcome: "is version 3 now (the header is written but was not synced to disk)")
+        status(2, of: 2)
     }
 
     // MARK: - Downgrade
@@ -172,7 +214,8 @@ extension QCOW2Image: AmendableImage {
     /// QEMU's qcow2_downgrade, with its refusals in its order; zero clusters become
     /// unallocated ones (no backing file) or data clusters of zeros, then one header rewrite
     /// makes the image version 2 (compatible and autoclear features dropped, as QEMU does).
-    private func downgrade() throws {
+    private func downgrade(_ status: inout AmendStatus) throws {
+        status.operation = 3
         if header.refcountOrder != 4 { throw AmendError("compat=0.10 requires refcount_bits=16") }
         if header.hasDataFile { throw AmendError("Cannot downgrade an image with a data file") }
         if snapshots.contains(where: { $0.vmStateSize > UInt64(UInt32.max) || ($0.diskSize ?? virtualSize) != virtualSize }) {
@@ -195,6 +238,10 @@ extension QCOW2Image: AmendableImage {
             throw AmendError("simg cannot downgrade an image whose internal snapshots have zero clusters yet")
         }
         if scan.activeZeros { try expandZeroClusters() }
+        // qcow2_expand_zero_clusters reports each L1 entry visited, the active table's then the
+        // snapshots' (simg expands before reporting: the values are the same).
+        let entries = Int64(l1.count) + snapshots.reduce(Int64(0)) { $0 + Int64($1.l1Size) }
+        if entries > 0 { for visited in 1...entries { status(visited, of: entries) } }
         var updated = header
         updated.version = 2
         updated.incompatibleFeatures = 0
