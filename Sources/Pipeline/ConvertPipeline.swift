@@ -43,6 +43,7 @@ public final class ConvertPipeline {
     private var done: UInt64 = 0
     private var fileSizes: [Int: UInt64] = [:]
     private var fileAlignments: [Int: UInt64] = [:]
+    private var rate: RateLimiter
     /// Extra bytes per buffer so a read rounded up to the O_DIRECT unit at end of file fits.
     private static let slack = 64 << 10
 
@@ -50,6 +51,7 @@ public final class ConvertPipeline {
         planner = try ConvertPlanner(sources: sources, keepBacking: options.keepBacking)
         self.target = target
         self.options = options
+        rate = RateLimiter(rate: options.rateLimit)
         let targetUnit = UInt64(max(target.writeGranularity, 1))
         var unit = max(options.sparseSize, targetUnit)
         if unit % targetUnit != 0 { unit = (unit / targetUnit + 1) * targetUnit }
@@ -232,6 +234,11 @@ public final class ConvertPipeline {
     private func startChunk(_ buffer: BufferPool.Buffer, offset: UInt64, length: Int) {
         let slot = buffer.index
         chunks[slot].start(offset: offset, length: length)
+        // -r: this chunk's reads wait until the data before it is due; its own bytes count
+        // once collected (zeros and holes are not counted).
+        rate.wait()
+        let readBefore = stats.bytesRead
+        defer { rate.account(stats.bytesRead - readBefore) }
         started[(startedHead + startedCount) % started.count] = slot
         startedCount += 1
 

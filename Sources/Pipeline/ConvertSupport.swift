@@ -20,6 +20,8 @@ public struct ConvertOptions: Sendable {
     public var gapLimit: UInt64 = 64 << 10
     /// `-B`: ranges the sources' top layers do not allocate are left to the target's backing file.
     public var keepBacking: Bool = false
+    /// `-r`: data read at most this many bytes per second (0: unlimited), see `RateLimiter`.
+    public var rateLimit: UInt64 = 0
     /// Called with (bytes done, total) as the copy advances.
     public var progress: (@Sendable (UInt64, UInt64) -> Void)?
 

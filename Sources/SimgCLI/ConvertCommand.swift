@@ -8,7 +8,7 @@ enum ConvertCommand {
     static let command = Command(
         name: "convert",
         synopsis: "convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] "
-            + "[-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num] [-W] [-C] "
+            + "[-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-r rate_limit] [-m num] [-W] [-C] "
             + "[--target-is-zero] [--stats] filename [filename2 [...]] output_filename",
         details: [
             "Converts the images 'filename' (several are concatenated) to 'output_filename' in format",
@@ -19,6 +19,8 @@ enum ConvertCommand {
             "  '-c' compressed qcow2 output; '-B' output with a backing file holding only the differences",
             "  '-n' writes into an existing target; '--target-is-zero' says it reads as zeros",
             "  '-p' shows progress; '-m' and '-W' are accepted as in qemu-img",
+            "  '-r' limits the copy to 'rate_limit' bytes of data per second (suffixes k, M, G, ...)",
+            "  '-C' (copy offloading) is accepted with qemu-img's checks; simg copies as without it",
             "  '--stats' prints what the copy did as JSON on stderr",
             "  '-U' (force share) reads sources another process has open for writing",
         ],
@@ -28,6 +30,7 @@ enum ConvertCommand {
             .value("T", "source-cache"), .value("O", "output-format"), .value("B", "backing"),
             .value("F", "backing-format"), .value("o", "options"), .value("S", "sparse-size"),
             .value("m", "coroutines"), .flag("W", "out-of-order"), .flag("C", "copy-offload"),
+            .value("r", "rate"),
             .long("target-is-zero"), .long("stats"),
             // Tuning (not in qemu-img): request size, buffers in flight, I/O threads.
             .long("buffer-size", takesValue: true), .long("queue-depth", takesValue: true),
@@ -50,6 +53,8 @@ enum ConvertCommand {
             }
         }
         var options = ConvertOptions()
+        // qemu-img parses -r where it meets it (cvtnum), before the other checks.
+        if let rate = scan.last("rate") { options.rateLimit = try CommandSupport.cvtnum(rate, "rate limit") }
         if let sparse = scan.last("sparse-size") {
             let value: UInt64
             do {
