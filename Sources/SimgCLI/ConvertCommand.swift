@@ -8,7 +8,7 @@ enum ConvertCommand {
     static let command = Command(
         name: "convert",
         synopsis: "convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] "
-            + "[-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-r rate_limit] [-m num] [-W] [-C] "
+            + "[-B backing_file [-F backing_fmt]] [-o options] [-l snapshot_param] [-S sparse_size] [-r rate_limit] [-m num] [-W] [-C] "
             + "[--target-is-zero] [--stats] filename [filename2 [...]] output_filename",
         details: [
             "Converts the images 'filename' (several are concatenated) to 'output_filename' in format",
@@ -18,6 +18,8 @@ enum ConvertCommand {
             "  '-S' zero-detection granularity (default 4k); 0 writes everything (fully allocated)",
             "  '-c' compressed qcow2 output; '-B' output with a backing file holding only the differences",
             "  '-n' writes into an existing target; '--target-is-zero' says it reads as zeros",
+            "  '-l' converts internal snapshot 'snapshot_param' (snapshot.id=ID,snapshot.name=NAME, or",
+            "    an ID or name) instead of the active layer",
             "  '-p' shows progress; '-m' and '-W' are accepted as in qemu-img",
             "  '-r' limits the copy to 'rate_limit' bytes of data per second (suffixes k, M, G, ...)",
             "  '-C' (copy offloading) is accepted with qemu-img's checks; simg copies as without it",
@@ -30,7 +32,7 @@ enum ConvertCommand {
             .value("T", "source-cache"), .value("O", "output-format"), .value("B", "backing"),
             .value("F", "backing-format"), .value("o", "options"), .value("S", "sparse-size"),
             .value("m", "coroutines"), .flag("W", "out-of-order"), .flag("C", "copy-offload"),
-            .value("r", "rate"),
+            .value("r", "rate"), .value("l", "snapshot"),
             .long("target-is-zero"), .long("stats"),
             // Tuning (not in qemu-img): request size, buffers in flight, I/O threads.
             .long("buffer-size", takesValue: true), .long("queue-depth", takesValue: true),
@@ -52,6 +54,8 @@ enum ConvertCommand {
                 throw CLIError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
             }
         }
+        // -l is parsed (snapshot.KEY=VALUE lists checked) while qemu-img reads its options.
+        let snapshot = try MeasureCommand.snapshotParameter(scan)
         var options = ConvertOptions()
         // qemu-img parses -r where it meets it (cvtnum), before the other checks.
         if let rate = scan.last("rate") { options.rateLimit = try CommandSupport.cvtnum(rate, "rate limit") }
@@ -122,6 +126,14 @@ enum ConvertCommand {
                                                                      cache: sourceCache,
                                                                      locking: CommandSupport.readLocking(scan)),
                                                    wording: .wholeChain, console: console))
+        }
+        if let snapshot {
+            // An ID or name (not a snapshot.* list) cannot apply to several sources; a list is
+            // loaded in the first source only, as in qemu-img (sic: "snapshot").
+            if case .idOrName = snapshot, sources.count > 1 {
+                throw CLIError("No support for concatenating multiple snapshot")
+            }
+            try MeasureCommand.load(snapshot, in: sources[0])
         }
         // Before anything is created: sizes from qcow2 headers can add up past 2^64 - 1.
         let totalSize = try ConvertPlanner.totalSize(of: sources)
