@@ -341,6 +341,8 @@ public final class ConvertPipeline {
             // Sound: position + length <= chunk length, inside the buffer.
             try source.read(into: UnsafeMutableRawBufferPointer(start: buffer.baseAddress + position, count: length),
                             at: imageOffset)
+        } catch where options.salvage && !(error is InterruptedError) {
+            salvage(image: image, imageOffset: imageOffset, buffer: buffer, position: position, length: length)
         } catch {
             throw ConvertError(.reading, byte: guest, path: source.path, cause: error)
         }
@@ -412,13 +414,14 @@ public final class ConvertPipeline {
         case .success(let count) where count >= op.length:
             break
         case .success(let count):
+            // The file ends inside the read (an image truncated in its data): the rest reads
+            // as zeros, as QEMU's file driver reads it, with or without --salvage.
+            // Sound: count < op.length, the range lies inside the chunk's buffer.
+            memset(pool.buffer(at: slot).baseAddress + op.position + max(count, 0), 0, op.length - max(count, 0))
+        case .failure where options.salvage:
             if firstError == nil {
-                let file = planner.files[op.file]
-                firstError = ConvertError(.reading, byte: chunkOffset + UInt64(op.position) + UInt64(count),
-                                          path: file.name,
-                                          cause: IOError(code: EIO, operation: .read, path: file.name,
-                                                         offset: op.host + UInt64(count),
-                                                         detail: "unexpected end of file (the image is truncated)"))
+                salvage(image: op.image, imageOffset: op.imageOffset, buffer: pool.buffer(at: slot),
+                        position: op.position, length: op.length)
             }
         case .failure(let error):
             if firstError == nil {

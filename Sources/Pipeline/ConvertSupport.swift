@@ -22,6 +22,11 @@ public struct ConvertOptions: Sendable {
     public var keepBacking: Bool = false
     /// `-r`: data read at most this many bytes per second (0: unlimited), see `RateLimiter`.
     public var rateLimit: UInt64 = 0
+    /// `--salvage`: a read that fails is retried per 512-byte sector; sectors that still fail
+    /// read as zeros, each reported through `warn` (ConvertPipeline+Salvage.swift).
+    public var salvage: Bool = false
+    /// Warnings during the copy (qemu-img's words, without "warning: "); nil prints none (-q).
+    public var warn: (@Sendable (String) -> Void)?
     /// Called with (bytes done, total) as the copy advances.
     public var progress: (@Sendable (UInt64, UInt64) -> Void)?
 

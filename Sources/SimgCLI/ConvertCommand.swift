@@ -9,7 +9,7 @@ enum ConvertCommand {
         name: "convert",
         synopsis: "convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] "
             + "[-B backing_file [-F backing_fmt]] [-o options] [-l snapshot_param] [-S sparse_size] [-r rate_limit] [-m num] [-W] [-C] "
-            + "[--target-is-zero] [--stats] filename [filename2 [...]] output_filename",
+            + "[--target-is-zero] [--salvage] [--stats] filename [filename2 [...]] output_filename",
         details: [
             "Converts the images 'filename' (several are concatenated) to 'output_filename' in format",
             "'output_fmt' (raw by default).",
@@ -23,6 +23,8 @@ enum ConvertCommand {
             "  '-p' shows progress; '-m' and '-W' are accepted as in qemu-img",
             "  '-r' limits the copy to 'rate_limit' bytes of data per second (suffixes k, M, G, ...)",
             "  '-C' (copy offloading) is accepted with qemu-img's checks; simg copies as without it",
+            "  '--salvage' reads a failing range sector by sector: unreadable sectors become zeros,",
+            "    each with a warning; ranges past the end of a truncated image read as zeros anyway",
             "  '--stats' prints what the copy did as JSON on stderr",
             "  '-U' (force share) reads sources another process has open for writing",
         ],
@@ -33,7 +35,7 @@ enum ConvertCommand {
             .value("F", "backing-format"), .value("o", "options"), .value("S", "sparse-size"),
             .value("m", "coroutines"), .flag("W", "out-of-order"), .flag("C", "copy-offload"),
             .value("r", "rate"), .value("l", "snapshot"),
-            .long("target-is-zero"), .long("stats"),
+            .long("target-is-zero"), .long("stats"), .long("salvage"),
             // Tuning (not in qemu-img): request size, buffers in flight, I/O threads.
             .long("buffer-size", takesValue: true), .long("queue-depth", takesValue: true),
             .long("io-threads", takesValue: true),
@@ -76,6 +78,7 @@ enum ConvertCommand {
         if scan.has("copy-offload") {
             if compress { throw CLIError("Cannot enable copy offloading when -c is used") }
             if scan.has("sparse-size") { throw CLIError("Cannot enable copy offloading when -S is used") }
+            if scan.has("salvage") { throw CLIError("Cannot use copy offloading in salvaging mode") }
         }
         if targetIsZero && !noCreate { throw CLIError("--target-is-zero requires use of -n flag") }
         try applyTuning(scan, to: &options)
@@ -126,6 +129,14 @@ enum ConvertCommand {
                                                                      cache: sourceCache,
                                                                      locking: CommandSupport.readLocking(scan)),
                                                    wording: .wholeChain, console: console))
+        }
+        // qemu-img reads what a truncated image's tables point at past its end as zeros.
+        for source in sources {
+            var layer: (any DiskImage)? = source
+            while let image = layer {
+                (image as? any PastEndZeroReading)?.readPastEndAsZeros()
+                layer = image.backing
+            }
         }
         if let snapshot {
             // An ID or name (not a snapshot.* list) cannot apply to several sources; a list is
@@ -187,6 +198,11 @@ enum ConvertCommand {
             throw CLIError("output file is smaller than input file")
         }
 
+        options.salvage = scan.has("salvage")
+        if !quiet {
+            let printer = WarningPrinter(console: console)
+            options.warn = { printer.warn($0) }
+        }
         let showProgress = scan.has("progress") && !quiet
         if showProgress {
             let progress = ProgressPrinter(console: console)
@@ -260,6 +276,16 @@ enum ConvertCommand {
             throw CLIError(CommandSupport.openFailure(error, path: path, wording: .deepestImage))
         }
     }
+}
+
+/// Prints the copy's warnings (--salvage) as qemu-img's warn_report: "simg: warning: ...".
+final class WarningPrinter: @unchecked Sendable {
+    // @unchecked Sendable: only called from the pipeline's thread, which runs the command.
+    private let console: Console
+
+    init(console: Console) { self.console = console }
+
+    func warn(_ message: String) { console.error("warning: " + message) }
 }
 
 /// Prints qemu-img's progress line, `    (12.34/100%)` ending in a carriage return, each time

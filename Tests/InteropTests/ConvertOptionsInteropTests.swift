@@ -19,7 +19,32 @@ struct ConvertOptionsInteropTests {
                        ["qemu-img", "snapshot", "-c", "s1", "snap.qcow2"],
                        ["qemu-io", "-c", "write -P 9 512k 64k", "-c", "write -z 0 64k", "snap.qcow2"]],
         "a.raw": [["qemu-img", "create", "-q", "-f", "raw", "a.raw", "1M"]],
+        "src.raw": [["qemu-img", "create", "-q", "-f", "raw", "src.raw", "1M"],
+                    ["qemu-io", "-f", "raw", "-c", "write -P 0xaa 0 256k", "-c", "write -P 0x55 512k 64k", "src.raw"]],
     ]
+
+    /// base.qcow2's layout (qemu-img 7.2, 4M, 64k clusters): L1 table, first L2 table, first
+    /// data cluster. comp.qcow2's first compressed cluster is at `data` too.
+    static let l1: UInt64 = 0x30000, l2: UInt64 = 0x40000, data: UInt64 = 0x50000
+
+    /// Damaged copies of base.qcow2 and of src.raw compressed (comp.qcow2), in `dir`.
+    func makeDamaged(in dir: TempDir) throws {
+        let base = dir.file("base.qcow2")
+        for name in ["tr", "tr2", "tr3", "pe", "pl"] {
+            try FileManager.default.copyItem(atPath: base, toPath: dir.file("\(name).qcow2"))
+        }
+        // Truncated 100 bytes into the first data cluster, 100 bytes into the L2 table, at it.
+        try convertTruncate(dir.file("tr.qcow2"), to: Self.data + 100)
+        try convertTruncate(dir.file("tr2.qcow2"), to: Self.l2 + 100)
+        try convertTruncate(dir.file("tr3.qcow2"), to: Self.l2)
+        // L2 entry 0 at a data cluster 256 MiB on; L1 entry 0 at an L2 table 512 MiB on.
+        try writeBytes([0x80, 0, 0, 0, 0x10, 0, 0, 0], to: dir.file("pe.qcow2"), at: Self.l2)
+        try writeBytes([0x80, 0, 0, 0, 0x20, 0, 0, 0], to: dir.file("pl.qcow2"), at: Self.l1)
+        try runOK("qemu-img", ["convert", "-c", "-O", "qcow2", "src.raw", "comp.qcow2"], in: dir.path)
+        try FileManager.default.copyItem(atPath: dir.file("comp.qcow2"), toPath: dir.file("bad.qcow2"))
+        // The first compressed cluster's deflate stream broken.
+        try writeBytes([UInt8](repeating: 0xff, count: 16), to: dir.file("bad.qcow2"), at: Self.data)
+    }
 
     func folder(with images: [String]) throws -> TempDir {
         let dir = try TempDir(in: .varTmp)
@@ -118,5 +143,69 @@ struct ConvertOptionsInteropTests {
         try compare(["-l", "s1", "-B", "base.qcow2", "-F", "qcow2", "-O", "qcow2", "snap.qcow2", "o.qcow2"],
                     output: "o.qcow2", in: dir)
         #expect(try map("o.qcow2", in: dir) == map("q-o.qcow2", in: dir))
+    }
+
+    // MARK: - --salvage, truncated images
+
+    @Test func truncatedImagesReadAsZeros() throws {
+        let dir = try folder(with: ["base.qcow2", "src.raw"])
+        try makeDamaged(in: dir)
+        for image in ["tr.qcow2", "tr2.qcow2", "tr3.qcow2", "pe.qcow2", "pl.qcow2"] {
+            for salvage in [[], ["--salvage"]] {
+                let r = try compare(salvage + ["-O", "raw", image, "o.raw"], output: "o.raw", in: dir)
+                #expect(r.status == 0, "\(image): \(r.stderr)")
+                try compare(salvage + ["-O", "qcow2", image, "o.qcow2"], output: "o.qcow2", in: dir)
+                #expect(try map("o.qcow2", in: dir) == map("q-o.qcow2", in: dir), "\(image)")
+            }
+            try compare(["-T", "none", "-O", "raw", image, "o.raw"], output: "o.raw", in: dir)
+        }
+    }
+
+    @Test func salvageBrokenCompressedCluster() throws {
+        let dir = try folder(with: ["base.qcow2", "src.raw"])
+        try makeDamaged(in: dir)
+        // One warning per 512-byte sector of the broken cluster (128), which reads as zeros.
+        for extra in [[], ["-q"], ["-S", "0"], ["-m", "1"], ["-T", "none"]] {
+            let r = try compare(extra + ["--salvage", "-O", "raw", "bad.qcow2", "o.raw"], output: "o.raw", in: dir)
+            #expect(r.status == 0)
+            #expect(r.stderr.split(separator: "\n").count == (extra == ["-q"] ? 0 : 128))
+        }
+        try compare(["--salvage", "-O", "qcow2", "bad.qcow2", "o.qcow2"], output: "o.qcow2", in: dir)
+        #expect(try map("o.qcow2", in: dir) == map("q-o.qcow2", in: dir))
+        // Several sources: offsets are the source's own.
+        try compare(["--salvage", "-O", "raw", "comp.qcow2", "bad.qcow2", "o.raw"], output: "o.raw", in: dir)
+        // Without --salvage: exit 1 at the cluster's byte (simg names the file and the reason
+        // where qemu-img says only "Input/output error").
+        let plain = try run(simgBinary, ["convert", "-O", "raw", "bad.qcow2", "o.raw"], in: dir.path)
+        #expect(plain.status == 1 && plain.stderr.hasPrefix("simg: error while reading at byte 0: 'bad.qcow2': "))
+        // -C refuses salvaging mode.
+        try compare(["-C", "--salvage", "-O", "raw", "bad.qcow2", "o.raw"], output: "o.raw", in: dir)
+    }
+
+    /// Read errors injected by strace into the copy's reads of a raw source (every pread of
+    /// the I/O thread from its third on fails with EIO): under --salvage each failing sector
+    /// becomes zeros with one warning naming it, every other sector is the source's, exit 0.
+    @Test func salvageReadErrors() throws {
+        let dir = try TempDir()
+        let source = dir.file("s.raw"), out = dir.file("o.raw")
+        try writeBytes(nonZeroBytes(4 << 20, seed: 3, salt: 1), to: source, at: 0)
+        let r = try run("strace", ["-f", "-o", "/dev/null", "-P", source, "-e", "trace=pread64",
+                                   "-e", "inject=pread64:error=EIO:when=3+", simgBinary, "convert", "--salvage",
+                                   "--io-threads", "1", "--buffer-size", "256k", "-f", "raw", "-O", "raw", source, out])
+        #expect(r.status == 0, "\(r.stderr)")
+        var warned = Set<Int>()
+        for line in r.stderr.split(separator: "\n") where !line.hasPrefix("strace: ") {
+            let head = "simg: warning: error while reading offset ", tail = ": Input/output error"
+            #expect(line.hasPrefix(head) && line.hasSuffix(tail), "\(line)")
+            if let n = Int(line.dropFirst(head.count).dropLast(tail.count)) { warned.insert(n) }
+        }
+        #expect(!warned.isEmpty)
+        let a = try Data(contentsOf: URL(fileURLWithPath: source)), b = try Data(contentsOf: URL(fileURLWithPath: out))
+        #expect(a.count == b.count)
+        let zeros = Data(count: 512)
+        for sector in stride(from: 0, to: min(a.count, b.count), by: 512) {
+            let got = b[sector..<sector + 512]
+            #expect(got == (warned.contains(sector) ? zeros : a[sector..<sector + 512]), "sector at \(sector)")
+        }
     }
 }
