@@ -9,7 +9,7 @@ enum ConvertCommand {
         name: "convert",
         synopsis: "convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] "
             + "[-B backing_file [-F backing_fmt]] [-o options] [-l snapshot_param] [-S sparse_size] [-r rate_limit] [-m num] [-W] [-C] "
-            + "[--target-is-zero] [--salvage] [--stats] filename [filename2 [...]] output_filename",
+            + "[--target-is-zero] [--salvage] [--bitmaps [--skip-broken-bitmaps]] [--stats] filename [filename2 [...]] output_filename",
         details: [
             "Converts the images 'filename' (several are concatenated) to 'output_filename' in format",
             "'output_fmt' (raw by default).",
@@ -25,6 +25,8 @@ enum ConvertCommand {
             "  '-C' (copy offloading) is accepted with qemu-img's checks; simg copies as without it",
             "  '--salvage' reads a failing range sector by sector: unreadable sectors become zeros,",
             "    each with a warning; ranges past the end of a truncated image read as zeros anyway",
+            "  '--bitmaps' copies the source's persistent bitmaps (qcow2 to qcow2); with",
+            "    '--skip-broken-bitmaps' inconsistent ones are left out with a warning instead of refused",
             "  '--stats' prints what the copy did as JSON on stderr",
             "  '-U' (force share) reads sources another process has open for writing",
         ],
@@ -36,6 +38,7 @@ enum ConvertCommand {
             .value("m", "coroutines"), .flag("W", "out-of-order"), .flag("C", "copy-offload"),
             .value("r", "rate"), .value("l", "snapshot"),
             .long("target-is-zero"), .long("stats"), .long("salvage"),
+            .long("bitmaps"), .long("skip-broken-bitmaps"),
             // Tuning (not in qemu-img): request size, buffers in flight, I/O threads.
             .long("buffer-size", takesValue: true), .long("queue-depth", takesValue: true),
             .long("io-threads", takesValue: true),
@@ -81,6 +84,9 @@ enum ConvertCommand {
             if scan.has("salvage") { throw CLIError("Cannot use copy offloading in salvaging mode") }
         }
         if targetIsZero && !noCreate { throw CLIError("--target-is-zero requires use of -n flag") }
+        if scan.has("skip-broken-bitmaps") && !scan.has("bitmaps") {
+            throw CLIError("Use of --skip-broken-bitmaps requires --bitmaps")
+        }
         try applyTuning(scan, to: &options)
 
         if let optionText, OptionList.wantsHelp(optionText) {
@@ -146,6 +152,7 @@ enum ConvertCommand {
             }
             try MeasureCommand.load(snapshot, in: sources[0])
         }
+        let bitmaps = try bitmapsToCopy(scan, sources: sources)
         // Before anything is created: sizes from qcow2 headers can add up past 2^64 - 1.
         let totalSize = try ConvertPlanner.totalSize(of: sources)
 
@@ -188,6 +195,7 @@ enum ConvertCommand {
             }
         }
 
+        if bitmaps != nil { try checkBitmapTarget(output, format: outputFormat) }
         // Cache mode unsafe ignores flushes (QEMU's cache.no-flush): no sync at all.
         let target = try openTarget(output, format: outputFormat, cache: targetCache,
                                     startsZeroed: !noCreate || targetIsZero, assumeZero: targetIsZero,
@@ -219,6 +227,10 @@ enum ConvertCommand {
         let stats = try pipeline.run()
         // qemu-img ends with the full line once more and a newline.
         if showProgress { console.out(ProgressPrinter.line(10000) + "\n") }
+        if let bitmaps {
+            try copyBitmaps(bitmaps, from: sources[0], to: output, format: outputFormat, cache: targetCache,
+                            console: console)
+        }
         if scan.has("stats") { console.err(stats.json + "\n") }
         return 0
     }

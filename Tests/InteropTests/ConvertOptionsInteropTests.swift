@@ -21,6 +21,15 @@ struct ConvertOptionsInteropTests {
         "a.raw": [["qemu-img", "create", "-q", "-f", "raw", "a.raw", "1M"]],
         "src.raw": [["qemu-img", "create", "-q", "-f", "raw", "src.raw", "1M"],
                     ["qemu-io", "-f", "raw", "-c", "write -P 0xaa 0 256k", "-c", "write -P 0x55 512k 64k", "src.raw"]],
+        // Bitmaps: b1 (64k, enabled), longername_bitmap2 (512, disabled), with dirty bits.
+        "bm.qcow2": [["qemu-img", "create", "-q", "-f", "qcow2", "bm.qcow2", "4M"],
+                     ["qemu-io", "-c", "write -P 6 0 64k", "bm.qcow2"],
+                     ["qemu-img", "bitmap", "--add", "bm.qcow2", "b1"],
+                     ["qemu-img", "bitmap", "--add", "-g", "512", "bm.qcow2", "longername_bitmap2"],
+                     ["qemu-io", "-c", "write -P 1 2M 128k", "-c", "write -P 1 1000k 3k", "bm.qcow2"],
+                     ["qemu-img", "bitmap", "--disable", "bm.qcow2", "longername_bitmap2"],
+                     ["qemu-io", "-c", "write -P 1 3M 4k", "bm.qcow2"]],
+        "v2.qcow2": [["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "4M"]],
     ]
 
     /// base.qcow2's layout (qemu-img 7.2, 4M, 64k clusters): L1 table, first L2 table, first
@@ -58,7 +67,9 @@ struct ConvertOptionsInteropTests {
     /// messages are the same): statuses and stderr equal, `output` made by both or neither,
     /// with equal bytes. qemu-img's output is kept as `q-OUTPUT`; simg's as `output`.
     @discardableResult
-    func compare(_ arguments: [String], output: String, in dir: TempDir,
+    /// `sameBytes: false`: qcow2 outputs with bitmaps, whose metadata lies elsewhere; their
+    /// guest content is compared (qemu-img compare) instead.
+    func compare(_ arguments: [String], output: String, in dir: TempDir, hint: Bool = false, sameBytes: Bool = true,
                  sourceLocation: SourceLocation = #_sourceLocation) throws -> ProcessResult {
         let out = dir.file(output), theirs = dir.file("q-" + output)
         try? FileManager.default.removeItem(atPath: out)
@@ -68,13 +79,18 @@ struct ConvertOptionsInteropTests {
         if qemuMade { try FileManager.default.moveItem(atPath: out, toPath: theirs) }
         let got = try run(simgBinary, ["convert"] + arguments, in: dir.path)
         #expect(got.status == expected.status, "exit status for \(arguments)", sourceLocation: sourceLocation)
-        #expect(interopQemuWords(got.stderr) == expected.stderr,
+        // `hint`: simg's hint names its own bitmap command.
+        let words = interopQemuWords(got.stderr)
+        #expect((hint ? words.replacingOccurrences(of: "'simg bitmap", with: "'qemu-img bitmap") : words) == expected.stderr,
                 "stderr for \(arguments): \(got.stderr)", sourceLocation: sourceLocation)
         #expect(got.stdout == expected.stdout, "stdout for \(arguments)", sourceLocation: sourceLocation)
         let simgMade = FileManager.default.fileExists(atPath: out)
         #expect(simgMade == qemuMade, "\(output) made by qemu-img: \(qemuMade), by simg: \(simgMade)",
                 sourceLocation: sourceLocation)
-        if simgMade && qemuMade {
+        if simgMade && qemuMade && !sameBytes {
+            let same = try run("qemu-img", ["compare", "-q", out, theirs])
+            #expect(same.status == 0, "\(output) content differs for \(arguments)", sourceLocation: sourceLocation)
+        } else if simgMade && qemuMade {
             #expect(try filesEqual(out, theirs), "\(output) differs for \(arguments)", sourceLocation: sourceLocation)
         }
         return got
@@ -207,5 +223,94 @@ struct ConvertOptionsInteropTests {
             let got = b[sector..<sector + 512]
             #expect(got == (warned.contains(sector) ? zeros : a[sector..<sector + 512]), "sector at \(sector)")
         }
+    }
+
+    // MARK: - --bitmaps
+
+    /// Each persistent bitmap of a qcow2 file, read from the file itself (header extension,
+    /// directory, tables, data clusters): name → flags, granularity bits and its bytes.
+    static func bitmaps(of path: String) throws -> [String: String] {
+        let f = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+        func be(_ at: Int, _ n: Int) -> UInt64 { (0..<n).reduce(UInt64(0)) { $0 << 8 | UInt64(f[at + $1]) } }
+        let clusterSize = 1 << Int(be(20, 4))
+        var at = Int(be(100, 4)), out: [String: String] = [:]
+        while at + 8 <= f.count, be(at, 4) != 0 {
+            let length = Int(be(at + 4, 4))
+            if be(at, 4) == 0x2385_2875 {
+                let count = Int(be(at + 8, 4))
+                var entry = Int(be(at + 24, 8))
+                for _ in 0..<count {
+                    let table = Int(be(entry, 8)), tableSize = Int(be(entry + 8, 4)), flags = be(entry + 12, 4)
+                    let granularity = f[entry + 17], nameSize = Int(be(entry + 18, 2)), extra = Int(be(entry + 20, 4))
+                    let name = String(decoding: f[entry + 24 + extra ..< entry + 24 + extra + nameSize], as: UTF8.self)
+                    var bits: [UInt8] = []
+                    for i in 0..<tableSize {
+                        let e = be(table + 8 * i, 8), host = Int(e & 0x00ff_ffff_ffff_fe00)
+                        bits += host == 0 ? [UInt8](repeating: e & 1 == 1 ? 0xff : 0, count: clusterSize)
+                                          : Array(f[host ..< host + clusterSize])
+                    }
+                    while bits.last == 0 { bits.removeLast() }
+                    out[name] = "flags \(flags) granularity \(granularity) bits \(bits)"
+                    entry += (24 + extra + nameSize + 7) / 8 * 8
+                }
+            }
+            at += 8 + (length + 7) / 8 * 8
+        }
+        return out
+    }
+
+    /// Sets the in_use flag of the first bitmap of `path` (what a crash while it was open does).
+    static func markFirstBitmapInUse(_ path: String) throws {
+        let f = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+        func be(_ at: Int, _ n: Int) -> UInt64 { (0..<n).reduce(UInt64(0)) { $0 << 8 | UInt64(f[at + $1]) } }
+        var at = Int(be(100, 4))
+        while be(at, 4) != 0x2385_2875 { at += 8 + (Int(be(at + 4, 4)) + 7) / 8 * 8 }
+        let flags = Int(be(at + 24, 8)) + 12
+        try writeBytes([f[flags], f[flags + 1], f[flags + 2], f[flags + 3] | 1], to: path, at: UInt64(flags))
+    }
+
+    @Test func bitmapsAreCopied() throws {
+        let dir = try folder(with: ["bm.qcow2", "base.qcow2"])
+        for extra in [[], ["-c"], ["-o", "cluster_size=4k"], ["-B", "base.qcow2", "-F", "qcow2"]] {
+            try compare(["--bitmaps", "-O", "qcow2"] + extra + ["bm.qcow2", "o.qcow2"], output: "o.qcow2", in: dir,
+                        sameBytes: false)
+            let ours = try Self.bitmaps(of: dir.file("o.qcow2")), theirs = try Self.bitmaps(of: dir.file("q-o.qcow2"))
+            #expect(ours.count == 2 && ours == theirs, "\(extra)")
+            #expect(try qemuImgResult(in: dir.path, ["check", "o.qcow2"]).status == 0)
+        }
+        // Without --bitmaps none are copied.
+        try compare(["-O", "qcow2", "bm.qcow2", "o.qcow2"], output: "o.qcow2", in: dir)
+        #expect(try Self.bitmaps(of: dir.file("o.qcow2")).isEmpty)
+    }
+
+    @Test func bitmapRefusals() throws {
+        let dir = try folder(with: ["bm.qcow2", "a.raw", "v2.qcow2"])
+        // Refused before the target is made.
+        try compare(["--skip-broken-bitmaps", "-O", "qcow2", "bm.qcow2", "o.qcow2"], output: "o.qcow2", in: dir)
+        try compare(["--bitmaps", "-O", "qcow2", "bm.qcow2", "a.raw", "o.qcow2"], output: "o.qcow2", in: dir)
+        try compare(["--bitmaps", "-O", "qcow2", "a.raw", "o.qcow2"], output: "o.qcow2", in: dir)
+        try compare(["--bitmaps", "-O", "qcow2", "v2.qcow2", "o.qcow2"], output: "o.qcow2", in: dir)
+        // Refused after the copy, the target left behind (as qemu-img).
+        try compare(["--bitmaps", "-O", "raw", "bm.qcow2", "o.raw"], output: "o.raw", in: dir)
+        try compare(["--bitmaps", "-O", "qcow2", "-o", "compat=0.10", "bm.qcow2", "o.qcow2"], output: "o.qcow2", in: dir)
+        // Into an existing target that has them already.
+        try FileManager.default.copyItem(atPath: dir.file("bm.qcow2"), toPath: dir.file("t.qcow2"))
+        let q = try run("qemu-img", ["convert", "--bitmaps", "-n", "-O", "qcow2", "bm.qcow2", "t.qcow2"], in: dir.path)
+        let s = try run(simgBinary, ["convert", "--bitmaps", "-n", "-O", "qcow2", "bm.qcow2", "t.qcow2"], in: dir.path)
+        #expect(s.status == q.status && interopQemuWords(s.stderr) == q.stderr, "\(s.stderr)")
+    }
+
+    @Test func inconsistentBitmaps() throws {
+        let dir = try folder(with: ["bm.qcow2"])
+        try Self.markFirstBitmapInUse(dir.file("bm.qcow2"))
+        let r = try compare(["--bitmaps", "-O", "qcow2", "bm.qcow2", "o.qcow2"], output: "o.qcow2", in: dir,
+                            hint: true)
+        #expect(r.status == 1)
+        try compare(["--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2", "bm.qcow2", "o.qcow2"], output: "o.qcow2",
+                    in: dir, sameBytes: false)
+        let ours = try Self.bitmaps(of: dir.file("o.qcow2")), theirs = try Self.bitmaps(of: dir.file("q-o.qcow2"))
+        #expect(Array(ours.keys) == ["longername_bitmap2"] && ours == theirs)
+        // Without --bitmaps nothing is checked.
+        try compare(["-O", "qcow2", "bm.qcow2", "o.qcow2"], output: "o.qcow2", in: dir)
     }
 }
