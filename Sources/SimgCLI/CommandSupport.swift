@@ -115,6 +115,25 @@ enum CommandSupport {
         return image
     }
 
+    /// `open`, or with `--image-opts` (`imageOpts`) the option list `path` opened as
+    /// ImageOpts.swift does: the entry point for a command adopting --image-opts (convert does;
+    /// `--object` arguments go through `objects` first).
+    static func open(_ path: String, imageOpts: Bool, _ options: OpenOptions, wording: OpenWording,
+                     console: Console) throws(CLIError) -> any DiskImage {
+        imageOpts ? try ImageOpts.open(path, options, wording: wording, console: console)
+                  : try open(path, options, wording: wording, console: console)
+    }
+
+    /// `--object` arguments in command-line order (each checked where qemu-img meets it);
+    /// true when one was "help" (printed: the command exits 0).
+    static func objects(_ scan: ScanResult, console: Console) throws(CLIError) -> Bool {
+        var ids = Set<String>()
+        for object in scan.values("object") where try ImageOpts.object(object, ids: &ids, console: console) {
+            return true
+        }
+        return false
+    }
+
     /// QEMU's warning at every open of an image (and of each backing file opened with it) whose
     /// bitmaps a program without bitmap support invalidated (the bitmaps extension is there, its
     /// autoclear bit is not). QEMU ends the second line without a newline (the next message runs
@@ -132,8 +151,11 @@ enum CommandSupport {
 
     /// qemu-img's sentence for a failed open of `path`: "Could not open 'NAME': REASON".
     /// A lock conflict from DiskIO (`ImageLockError`) reads "Could not open 'PATH': LOCK ERROR".
-    static func openFailure(_ error: any Error, path: String, wording: OpenWording) -> String {
-        let (name, reason) = openFailureParts(error, path: path, wording: wording)
+    /// `shown`: the name qemu-img quotes when the failing image is `path` itself, if the user
+    /// wrote it otherwise (an --image-opts list, opened as the json: name `path`).
+    static func openFailure(_ error: any Error, path: String, shown: String? = nil, wording: OpenWording) -> String {
+        var (name, reason) = openFailureParts(error, path: path, wording: wording)
+        if let shown, name == path { name = shown }
         return "Could not open '\(name)': \(reason)"
     }
 

@@ -9,7 +9,8 @@ enum ConvertCommand {
         name: "convert",
         synopsis: "convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] "
             + "[-B backing_file [-F backing_fmt]] [-o options] [-l snapshot_param] [-S sparse_size] [-r rate_limit] [-m num] [-W] [-C] "
-            + "[--target-is-zero] [--salvage] [--bitmaps [--skip-broken-bitmaps]] [--stats] filename [filename2 [...]] output_filename",
+            + "[--target-is-zero] [--salvage] [--bitmaps [--skip-broken-bitmaps]] [--object objectdef] "
+            + "[--image-opts] [--target-image-opts] [--stats] filename [filename2 [...]] output_filename",
         details: [
             "Converts the images 'filename' (several are concatenated) to 'output_filename' in format",
             "'output_fmt' (raw by default).",
@@ -27,6 +28,10 @@ enum ConvertCommand {
             "    each with a warning; ranges past the end of a truncated image read as zeros anyway",
             "  '--bitmaps' copies the source's persistent bitmaps (qcow2 to qcow2); with",
             "    '--skip-broken-bitmaps' inconsistent ones are left out with a warning instead of refused",
+            "  '--image-opts'/'--target-image-opts': the sources/target are option lists",
+            "    (driver=qcow2,file.filename=disk.qcow2; file.driver=file); the target one needs -n",
+            "  '--object' defines a secret (secret,id=ID,data=...|file=...): accepted and unused, as",
+            "    simg does not open encrypted images yet",
             "  '--stats' prints what the copy did as JSON on stderr",
             "  '-U' (force share) reads sources another process has open for writing",
         ],
@@ -38,7 +43,8 @@ enum ConvertCommand {
             .value("m", "coroutines"), .flag("W", "out-of-order"), .flag("C", "copy-offload"),
             .value("r", "rate"), .value("l", "snapshot"),
             .long("target-is-zero"), .long("stats"), .long("salvage"),
-            .long("bitmaps"), .long("skip-broken-bitmaps"),
+            .long("bitmaps"), .long("skip-broken-bitmaps"), .long("object", takesValue: true),
+            .long("image-opts"), .long("target-image-opts"),
             // Tuning (not in qemu-img): request size, buffers in flight, I/O threads.
             .long("buffer-size", takesValue: true), .long("queue-depth", takesValue: true),
             .long("io-threads", takesValue: true),
@@ -47,6 +53,9 @@ enum ConvertCommand {
         run: run)
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        // qemu-img creates each --object where it meets it: the first bad one is the first error.
+        if try CommandSupport.objects(scan, console: console) { return 0 }
+        let imageOpts = scan.has("image-opts"), targetImageOpts = scan.has("target-image-opts")
         let quiet = scan.has("quiet")
         let noCreate = scan.has("no-create")
         let compress = scan.has("compress")
@@ -84,6 +93,12 @@ enum ConvertCommand {
             if scan.has("salvage") { throw CLIError("Cannot use copy offloading in salvaging mode") }
         }
         if targetIsZero && !noCreate { throw CLIError("--target-is-zero requires use of -n flag") }
+        if imageOpts && scan.has("format") { throw CLIError("--image-opts and --format are mutually exclusive") }
+        if targetImageOpts && !noCreate { throw CLIError("--target-image-opts requires use of -n flag") }
+        // (sic: qemu-img names --image-opts here too.)
+        if targetImageOpts && scan.has("output-format") {
+            throw CLIError("--image-opts and --format are mutually exclusive")
+        }
         if scan.has("skip-broken-bitmaps") && !scan.has("bitmaps") {
             throw CLIError("Use of --skip-broken-bitmaps requires --bitmaps")
         }
@@ -96,12 +111,15 @@ enum ConvertCommand {
         }
         guard scan.operands.count >= 2 else { throw CLIError("Must specify image file name") }
         let sourcePaths = Array(scan.operands.dropLast())
-        let output = scan.operands[scan.operands.count - 1]
+        let outputText = scan.operands[scan.operands.count - 1]
+        // --target-image-opts: the option list becomes the json: name of the existing target.
+        let output = targetImageOpts ? try ImageOpts.jsonName(outputText, console: console) : outputText
         if noCreate && optionText != nil { throw CLIError("-o has no effect when skipping image creation") }
 
         // As qemu-img, which fails opening the first source with it.
-        let sourceFormat = try CommandSupport.format(scan, opening: sourcePaths[0])
-        let outputFormat = try CommandSupport.creatableFormat(outputFormatName)
+        let sourceFormat = imageOpts ? nil : try CommandSupport.format(scan, opening: sourcePaths[0])
+        let outputFormat = targetImageOpts ? try targetFormat(output, shown: outputText, console: console)
+                                           : try CommandSupport.creatableFormat(outputFormatName)
         let createOptions = (optionText.map(OptionList.parse) ?? []).filter { $0.name != "size" }
         let backingFile = scan.last("backing") ?? createOptions.last(where: { $0.name == "backing_file" })?.value
         let backingFormat = scan.last("backing-format") ?? createOptions.last(where: { $0.name == "backing_fmt" })?.value
@@ -131,10 +149,10 @@ enum ConvertCommand {
             // qemu-img convert opens each source with its chain as one block graph: a failure
             // below the top (a backing file in use or missing, a data file) reads "Could not
             // open 'TOP': Could not open backing file: ...", as in check.
-            sources.append(try CommandSupport.open(path, OpenOptions(format: sourceFormat, writable: false,
-                                                                     cache: sourceCache,
-                                                                     locking: CommandSupport.readLocking(scan)),
-                                                   wording: .wholeChain, console: console))
+            let openOptions = OpenOptions(format: sourceFormat, writable: false, cache: sourceCache,
+                                          locking: CommandSupport.readLocking(scan))
+            sources.append(try CommandSupport.open(path, imageOpts: imageOpts, openOptions, wording: .wholeChain,
+                                                   console: console))
         }
         // qemu-img reads what a truncated image's tables point at past its end as zeros.
         for source in sources {
@@ -197,10 +215,9 @@ enum ConvertCommand {
 
         if bitmaps != nil { try checkBitmapTarget(output, format: outputFormat) }
         // Cache mode unsafe ignores flushes (QEMU's cache.no-flush): no sync at all.
-        let target = try openTarget(output, format: outputFormat, cache: targetCache,
+        let target = try openTarget(output, shown: outputText, format: outputFormat, cache: targetCache,
                                     startsZeroed: !noCreate || targetIsZero, assumeZero: targetIsZero,
-                                    compress: compress,
-                                    sparse: options.sparseSize)
+                                    compress: compress, sparse: options.sparseSize)
         if noCreate && target.virtualSize < totalSize {
             target.abandon()
             throw CLIError("output file is smaller than input file")
@@ -233,6 +250,19 @@ enum ConvertCommand {
         }
         if scan.has("stats") { console.err(stats.json + "\n") }
         return 0
+    }
+
+    /// --target-image-opts: the target's format, the list's driver or else probed, as qemu-img
+    /// opens it (only looked at here, without locks: the target is opened for writing next).
+    static func targetFormat(_ name: String, shown: String, console: Console) throws -> ImageFormat {
+        let image: any DiskImage
+        do {
+            image = try ImageOpener.open(name, options: OpenOptions(openBacking: false, locking: .none))
+        } catch {
+            throw CLIError(CommandSupport.openFailure(error, path: name, shown: shown, wording: .deepestImage))
+        }
+        defer { try? image.close() }
+        return image.format
     }
 
     /// Whether `path` names a file some source image (or a layer below it) has open.
@@ -278,14 +308,15 @@ enum ConvertCommand {
 
     /// `startsZeroed`: created now or --target-is-zero (`assumeZero`); a raw target on a
     /// device starts zeroed only when the user says so (Pipeline's TargetZeroes).
-    static func openTarget(_ path: String, format: ImageFormat, cache: CacheMode, startsZeroed: Bool,
+    /// `shown`: the target as the user wrote it (an option list, `path` its json: name).
+    static func openTarget(_ path: String, shown: String, format: ImageFormat, cache: CacheMode, startsZeroed: Bool,
                            assumeZero: Bool, compress: Bool, sparse: UInt64) throws -> any ConvertTarget {
         do {
             return try ConvertTargetOpener.open(path, format: format, cache: cache, startsZeroed: startsZeroed,
                                                 assumeZero: assumeZero, compress: compress, sparse: sparse)
         } catch {
             // A lock conflict (ImageLockError) reads "Could not open 'PATH': LOCK ERROR" too.
-            throw CLIError(CommandSupport.openFailure(error, path: path, wording: .deepestImage))
+            throw CLIError(CommandSupport.openFailure(error, path: path, shown: shown, wording: .deepestImage))
         }
     }
 }
