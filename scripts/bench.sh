@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # simg against qemu-img on the same inputs (issue 3, "Benchmark"; commit, snapshot, resize: issue 12;
-# amend: A).
+# amend: A; compare: K).
 #
 # Makes its inputs once in BENCH_DIR (kept between runs while they are valid), then for every
 # workload runs simg and qemu-img in turn (simg, qemu-img, simg, qemu-img, ...) BENCH_RUNS times
@@ -11,8 +11,8 @@
 # Environment:
 #   BENCH_DIR     work folder (default /var/tmp/simg-bench); must support O_DIRECT
 #   BENCH_RUNS    timed runs per tool and workload (default 5)
-#   BENCH_ONLY    workloads to run, comma separated, from: 1,1T,2,3,C,R,M,S,Z,A (default all; C
-#                 is check, R rebase, M commit, S snapshot, Z resize, A amend)
+#   BENCH_ONLY    workloads to run, comma separated, from: 1,1T,2,3,C,R,M,S,Z,A,K (default all;
+#                 C is check, R rebase, M commit, S snapshot, Z resize, A amend, K compare)
 #   BENCH_TOOLS   simg,qemu-img (default both); the tuning script runs simg alone
 #   SIMG          simg binary (default <repo>/.build/release/simg, what `make release` builds)
 #   SIMG_ARGS     extra options given to `simg convert` (e.g. "--buffer-size 2M --queue-depth 16")
@@ -35,12 +35,14 @@
 #       (default 1: qemu-img's shrink takes minutes, it allocates and frees 32,767 L2 tables)
 #   A   amend -o refcount_bits=64 on a fresh copy of w1.qcow2 (4 GiB, 2 GiB allocated): every
 #       refcount rewritten at the new width; the copy is made before the timer starts
+#   K   compare -f qcow2 -F raw w1.qcow2 w1.raw (identical: 2 GiB of data clusters read and
+#       compared on both sides, the holes not read); simg is verified by its exit status 0
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH_DIR=${BENCH_DIR:-/var/tmp/simg-bench}
 BENCH_RUNS=${BENCH_RUNS:-5}
-BENCH_ONLY=${BENCH_ONLY:-1,1T,2,3,C,R,M,S,Z,A}
+BENCH_ONLY=${BENCH_ONLY:-1,1T,2,3,C,R,M,S,Z,A,K}
 BENCH_TOOLS=${BENCH_TOOLS:-simg,qemu-img}
 SIMG=${SIMG:-$repo/.build/release/simg}
 SIMG_ARGS=${SIMG_ARGS:-}
@@ -258,7 +260,9 @@ workload() {
         Z)  echo "resize - qcow2 -|resize of a 64M qcow2 to 16T and back with --shrink" ;;
         # Not a conversion: amend refcount_bits=64 of a fresh copy of w1.qcow2.
         A)  echo "amend $BENCH_DIR/w1.qcow2 qcow2 -|amend refcount_bits=64 of w1.qcow2 (4 GiB)" ;;
-        *)  die "unknown workload '$1' (known: 1 1T 2 3 C R M S Z A)" ;;
+        # Not a conversion: compare of w1.qcow2 with its raw copy (exit 0 = identical).
+        K)  echo "compare $BENCH_DIR/w1.qcow2 qcow2 -|compare of w1.qcow2 with w1.raw (4 GiB, identical)" ;;
+        *)  die "unknown workload '$1' (known: 1 1T 2 3 C R M S Z A K)" ;;
     esac
 }
 
@@ -281,6 +285,9 @@ timed_convert() {
         cmd=(sh -c '"$1" snapshot -c s "$2" && "$1" snapshot -d s "$2"' sh "$bin" "$out")
     elif [ "$fmt" = amend ]; then
         cmd=("$bin" amend -o refcount_bits=64 "$out")
+    elif [ "$fmt" = compare ]; then
+        # Exit 0 only when the images are identical: any other status fails the run.
+        cmd=("$bin" compare -f qcow2 -F raw "$src" "$BENCH_DIR/w1.raw")
     elif [ "$fmt" = resize ]; then
         cmd=(sh -c '"$1" resize -q "$2" 16T && "$1" resize -q --shrink "$2" 64M' sh "$bin" "$out")
     elif [ "$fmt" = rebase ]; then
@@ -332,6 +339,11 @@ verify_output() {
     fi
     if [ "$fmt" = resize ]; then
         qemu-img check -q "$out" >&2 && qemu-img info "$out" | grep -q '^virtual size: 64 MiB '
+        return
+    fi
+    if [ "$fmt" = compare ]; then
+        # The timed run exited 0 (identical); the same verdict line as qemu-img's.
+        [ "$("$SIMG" compare -f qcow2 -F raw "$src" "$BENCH_DIR/w1.raw")" = "Images are identical." ]
         return
     fi
     if [ "$fmt" = rebase ]; then
@@ -410,7 +422,8 @@ run_workload() {
     fi
 
     if have_tool simg && [ "$BENCH_STATS" = 1 ] && [ "$fmt" != check ] && [ "$fmt" != rebase ] \
-            && [ "$fmt" != commit ] && [ "$fmt" != snapshot ] && [ "$fmt" != resize ] && [ "$fmt" != amend ] && [ -z "${failed[simg]:-}" ]; then
+            && [ "$fmt" != commit ] && [ "$fmt" != snapshot ] && [ "$fmt" != resize ] && [ "$fmt" != amend ] \
+            && [ "$fmt" != compare ] && [ -z "${failed[simg]:-}" ]; then
         rm -f "$out"
         # shellcheck disable=SC2086
         if "$SIMG" convert $SIMG_ARGS --stats -f "$fmt" $flags -O "$ofmt" "$src" "$out" \

@@ -168,6 +168,11 @@ public enum ImageOpener {
     /// refused by file; a FIFO too (open(2) of one blocks until a writer comes: qemu-img
     /// hangs on an image or backing file that is one).
     public static func checkProtocolDriver(_ location: ImageLocation) throws {
+        // An empty name is refused by QEMU's protocol driver before any open(2).
+        if location.path.isEmpty {
+            let driver = location.driver?.rawValue ?? "file"
+            throw ImageError(path: location.name, message: "The '\(driver)' block driver requires a file name")
+        }
         guard let status = FileStatus(location.path) else { return }  // open(2) says why
         let fileRefusal = "'file' driver requires '\(location.path)' to be a regular file"
         switch location.driver {

@@ -34,10 +34,17 @@ public protocol LayerStatusImage: DiskImage {
     /// The name of the file the host offsets are in, as QEMU names it (qemu-img map's File
     /// column): the image's own name, or its external data file's as stored. Default: `path`.
     var hostFileName: String { get }
+    /// How far from `offset` QEMU's driver goes at most in one block-status answer, for a
+    /// compressed answer (data without a host offset) or any other: qcow2 answers within one
+    /// L2 table (its default cache entry) and counts compressed clusters one by one.
+    /// `layerStatus` may merge further (map merges anyway); compare cuts its chunks where QEMU's
+    /// answers end (`ChainWalker.chainStatus`). Default: no limit (UInt64.max).
+    func qemuAnswerLimit(at offset: UInt64, compressed: Bool) -> UInt64
 }
 
 extension LayerStatusImage {
     public var hostFileName: String { path }
+    public func qemuAnswerLimit(at offset: UInt64, compressed: Bool) -> UInt64 { .max }
 }
 
 /// One entry of `qemu-img map`: a range with the depth of the layer that answers for it and

@@ -48,7 +48,7 @@ public final class ConvertPipeline {
     private static let slack = 64 << 10
 
     public init(sources: [any DiskImage], target: any ConvertTarget, options: ConvertOptions) throws {
-        planner = try ConvertPlanner(sources: sources, keepBacking: options.keepBacking)
+        planner = try ConvertPlanner(sources: sources, keepBacking: options.keepBacking, window: options.sourceWindow)
         self.target = target
         self.options = options
         rate = RateLimiter(rate: options.rateLimit)

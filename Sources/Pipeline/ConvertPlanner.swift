@@ -42,6 +42,9 @@ public final class ConvertPlanner {
     public let totalSize: UInt64
     /// `-B`: ranges the top layer does not allocate become `.keep`.
     public let keepBacking: Bool
+    /// `dd`: the output is this range of the one source (output byte 0 is source byte
+    /// `window.lowerBound`), nil for the sources whole.
+    public let window: Range<UInt64>?
     /// Block-status calls made (for statistics), over every layer of every source.
     public var queries: Int { walkers.reduce(0) { $0 + $1.queries } }
 
@@ -51,10 +54,21 @@ public final class ConvertPlanner {
 
     /// Throws `SourceSizeError` when the sources' sizes add up past 2^64 - 1 (each qcow2
     /// header may claim up to 2^61, and any number of sources may be given).
-    public init(sources: [any DiskImage], keepBacking: Bool = false) throws {
+    ///
+    /// `window` (one source only, within it): the output is that range of the source, as
+    /// `simg dd` copies it.
+    public init(sources: [any DiskImage], keepBacking: Bool = false, window: Range<UInt64>? = nil) throws {
         self.sources = sources
         self.keepBacking = keepBacking
         walkers = sources.map { ChainWalker(top: $0) }
+        if let window {
+            precondition(sources.count == 1 && window.upperBound <= sources[0].virtualSize, "window outside the source")
+            self.window = window
+            starts = [0]
+            totalSize = window.upperBound - window.lowerBound
+            return
+        }
+        self.window = nil
         var starts: [UInt64] = []
         var total: UInt64 = 0
         for source in sources {
@@ -89,9 +103,12 @@ public final class ConvertPlanner {
         var index = sources.count - 1
         while starts[index] > offset { index -= 1 }
         let source = sources[index]
-        let local = offset - starts[index]
-        let piece = try resolve(walkers[index], local: local, length: source.virtualSize - local,
-                                base: starts[index], resolvingKeep: resolvingKeep)
+        // Output `offset` is source byte `local`; the source (or the window) ends at `end`.
+        let shift = window?.lowerBound ?? 0
+        let local = offset - starts[index] + shift
+        let end = window?.upperBound ?? source.virtualSize
+        let piece = try resolve(walkers[index], local: local, length: end - local,
+                                output: offset, resolvingKeep: resolvingKeep)
         cached = piece
         return piece
     }
@@ -117,11 +134,10 @@ public final class ConvertPlanner {
     /// backing layer holds is flagged `isKeep` (a range the top's own backing file lacks, or
     /// that the top leaves unallocated without one, reads as zeros and is not flagged, as
     /// before the walker).
-    private func resolve(_ walker: ChainWalker, local: UInt64, length: UInt64, base: UInt64,
+    private func resolve(_ walker: ChainWalker, local: UInt64, length: UInt64, output offset: UInt64,
                          resolvingKeep: Bool) throws -> SourcePiece {
         let extent = try walker.extent(at: local, length: length,
                                        maxDepth: keepBacking && !resolvingKeep ? 0 : .max)
-        let offset = base + local
         var piece: SourcePiece
         switch (extent.kind, extent.layer) {
         case (.data(let host?), let layer?):

@@ -27,6 +27,8 @@ public struct ConvertOptions: Sendable {
     public var salvage: Bool = false
     /// Warnings during the copy (qemu-img's words, without "warning: "); nil prints none (-q).
     public var warn: (@Sendable (String) -> Void)?
+    /// `dd`: copy only this range of the one source (the output starts with its first byte).
+    public var sourceWindow: Range<UInt64>?
     /// Called with (bytes done, total) as the copy advances.
     public var progress: (@Sendable (UInt64, UInt64) -> Void)?
 
@@ -119,7 +121,7 @@ public struct ConvertError: Error, CustomStringConvertible {
 
     /// The system call's error under the image's words for it ("Could not write back
     /// metadata"), which name the file once more and add nothing the operation does not say.
-    static func rootIOError(_ error: any Error) -> IOError? {
+    public static func rootIOError(_ error: any Error) -> IOError? {
         var current = error
         while let image = current as? ImageError, let cause = image.cause { current = cause }
         return current as? IOError

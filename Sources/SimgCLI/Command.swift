@@ -39,7 +39,7 @@ public struct Command: Sendable {
 }
 
 public enum Commands {
-    public static let all: [Command] = [AmendCommand.command, BitmapCommand.command, CheckCommand.command, CommitCommand.command, ConvertCommand.command, CreateCommand.command, InfoCommand.command, MapCommand.command, MeasureCommand.command, RebaseCommand.command, ResizeCommand.command, SnapshotCommand.command]
+    public static let all: [Command] = [AmendCommand.command, BenchCommand.command, BitmapCommand.command, CheckCommand.command, CommitCommand.command, CompareCommand.command, ConvertCommand.command, CreateCommand.command, DdCommand.command, InfoCommand.command, MapCommand.command, MeasureCommand.command, RebaseCommand.command, ResizeCommand.command, SnapshotCommand.command]
 
     public static func named(_ name: String) -> Command? { all.first { $0.name == name } }
 }

@@ -309,7 +309,7 @@ enum ConvertCommand {
     /// `startsZeroed`: created now or --target-is-zero (`assumeZero`); a raw target on a
     /// device starts zeroed only when the user says so (Pipeline's TargetZeroes).
     /// `shown`: the target as the user wrote it (an option list, `path` its json: name).
-    static func openTarget(_ path: String, shown: String, format: ImageFormat, cache: CacheMode, startsZeroed: Bool,
+    static func openTarget(_ path: String, shown: String? = nil, format: ImageFormat, cache: CacheMode, startsZeroed: Bool,
                            assumeZero: Bool, compress: Bool, sparse: UInt64) throws -> any ConvertTarget {
         do {
             return try ConvertTargetOpener.open(path, format: format, cache: cache, startsZeroed: startsZeroed,

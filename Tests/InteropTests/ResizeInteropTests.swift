@@ -33,10 +33,8 @@ struct ResizeInteropTests {
         }
         var identical = false
         if sameBytes {
-            let a = try Data(contentsOf: URL(fileURLWithPath: q.file(image)))
-            let b = try Data(contentsOf: URL(fileURLWithPath: s.file(image)))
-            identical = a == b
-            #expect(identical, "file bytes after \(arguments) (\(a.count) vs \(b.count))", sourceLocation: sourceLocation)
+            identical = try filesEqual(q.file(image), s.file(image))
+            #expect(identical, "file bytes after \(arguments)", sourceLocation: sourceLocation)
         }
         // The same bytes read the same; qemu-img compare (minutes for a 2P image: it walks
         // every L2 range) only where they differ.

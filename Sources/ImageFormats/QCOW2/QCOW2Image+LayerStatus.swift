@@ -9,6 +9,13 @@ extension QCOW2Image: LayerStatusImage {
     /// data file's, else the image file's (without a `file:` prefix or `json:` wrapping).
     public var hostFileName: String { dataFile.path }
 
+    /// qcow2_get_host_offset answers within one L2 cache entry, which by default is the whole
+    /// table (l2-cache-entry-size = the cluster size), and counts compressed clusters one by one.
+    public func qemuAnswerLimit(at offset: UInt64, compressed: Bool) -> UInt64 {
+        let unit = compressed ? UInt64(clusterSize) : header.bytesPerL2Table
+        return (offset / unit + 1) * unit - offset
+    }
+
     public func layerStatus(at offset: UInt64, length: UInt64) throws -> LayerStatus {
         guard length > 0, offset < virtualSize else {
             throw ImageError(path: path, message: "block status of \(length) bytes at offset \(offset) is outside the image (virtual size \(virtualSize))")

@@ -1,0 +1,168 @@
+import DiskIO
+import Glibc
+import ImageFormats
+import Pipeline
+
+/// `simg compare [-q] [-p] [-s] [-f fmt] [-F fmt] [-T src_cache] [-U] filename1 filename2`, as
+/// qemu-img 7.2's img_compare: the same verdict lines and offsets, the size-mismatch warning,
+/// strict mode, progress, and its exit statuses (0 identical, 1 different, 2 an error after
+/// the options were read, 3 a block-status failure, 4 a read failure; usage mistakes 1). The
+/// loop itself is ComparePipeline's (block status guided, parallel reads).
+enum CompareCommand {
+    static let command = Command(
+        name: "compare",
+        synopsis: "compare [-q] [-f fmt] [-F fmt] [-T src_cache] [-p] [-s] [-U] filename1 filename2",
+        details: [
+            "Compares what two images read as (each with its backing chain), whatever their formats.",
+            "Prints 'Images are identical.' (exit 0) or 'Content mismatch at offset N!' (exit 1), N the",
+            "start of the first differing 512-byte piece counted from the start of the range being",
+            "compared (ranges end where either image's allocation changes, so N can be unaligned).",
+            "Images of different sizes are identical when the larger one's extra part reads as zeros",
+            "('Warning: Image size mismatch!' first). Exit 2: an image could not be opened or an option",
+            "is wrong; 3: block status failed; 4: reading failed.",
+            "  '-f' and '-F' name the formats of the first and second image instead of probing them",
+            "  '-T' is the cache mode of both (default writeback)",
+            "  '-s' strict: sizes must match and so must the allocation (qemu-img's block status",
+            "       words, including its end-of-file bit) at every range",
+            "  '-p' shows progress; '-q' prints nothing (only the exit status tells)",
+            "  '-U' (force share) reads images another process has open for writing",
+        ],
+        options: [CommandSupport.formatOption, .value("F", "second-format"), .value("T", "source-cache"),
+                  .flag("p", "progress"), .flag("s", "strict"), CommandSupport.forceShareOption],
+        modifiesImages: { _ in false },
+        run: run)
+
+    /// Reader threads (each with its own open of both images): every core, at least two.
+    static var workers: Int { max(2, min(8, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))) }
+
+    static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        let quiet = scan.has("quiet")
+        guard scan.operands.count == 2 else { throw CLIError.usage("Expecting two image file names") }
+        let names = scan.operands
+        // qemu-img starts its progress meter here: whatever fails after, it ends the line.
+        let progress = scan.has("progress") && !quiet ? ComparePrinter(console: console) : nil
+        defer { progress?.end() }
+        do {
+            return try compare(names, scan, console, quiet: quiet, progress: progress)
+        } catch let error as CLIError {
+            // Past the options every failure is exit 2, the --help hint never added.
+            console.error(error.message)
+            return 2
+        }
+    }
+
+    private static func compare(_ names: [String], _ scan: ScanResult, _ console: Console, quiet: Bool,
+                                progress: ComparePrinter?) throws -> Int32 {
+        let cache = try CommandSupport.cacheMode(scan, "source-cache", default: .writeback, source: true)
+        var opened: [any DiskImage] = []
+        defer { for image in opened { try? image.close() } }
+        var sides: [CompareSide] = []
+        for (index, name) in names.enumerated() {
+            let format = try CommandSupport.format(scan, index == 0 ? "format" : "second-format", opening: name)
+            let options = OpenOptions(format: format, writable: false, cache: cache, openBacking: true,
+                                      locking: CommandSupport.readLocking(scan))
+            let image = try CommandSupport.open(name, options, wording: .wholeChain, console: console)
+            opened.append(image)
+            sides.append(CompareSide(image: image, name: name, readers: [], mayMap: !CommandSupport.forceShare(scan)))
+        }
+        // The readers: the same images opened again, without locks of their own (the first
+        // open holds QEMU's); a failure now is as good as one of the first open.
+        for index in 0..<2 {
+            let options = OpenOptions(format: sides[index].image.format, writable: false, cache: cache,
+                                      openBacking: true, locking: .forceShare)
+            for _ in 0..<workers {
+                let reader: any DiskImage
+                do {
+                    reader = try ImageOpener.open(names[index], options: options)
+                } catch {
+                    throw CLIError(CommandSupport.openFailure(error, path: names[index], wording: .wholeChain))
+                }
+                opened.append(reader)
+                sides[index].readers.append(reader)
+            }
+        }
+
+        let base = max(sides[0].image.virtualSize, sides[1].image.virtualSize)
+        progress?.advance(0, of: base)
+        let pipeline = try ComparePipeline(first: sides[0], second: sides[1], strict: scan.has("strict"))
+        let say: (String) -> Void = { if !quiet { console.out($0 + "\n") } }
+        let verdict: CompareVerdict
+        do {
+            verdict = try pipeline.run { event in
+                switch event {
+                case .advanced(let bytes): progress?.advance(bytes, of: base)
+                case .sizeMismatch: say("Warning: Image size mismatch!")
+                }
+            }
+        } catch CompareError.blockStatus(let side, _) {
+            console.error("Sector allocation test failed for \(names[side])")
+            return 3
+        } catch CompareError.read(let side, let offset, let cause) {
+            console.error("Error while reading offset \(offset) of \(names[side]): \(reason(cause))")
+            return 4
+        }
+        switch verdict {
+        case .identical:
+            say("Images are identical.")
+            return 0
+        case .contentMismatch(let offset):
+            say("Content mismatch at offset \(offset)!")
+        case .strictSizeMismatch:
+            say("Strict mode: Image size mismatch!")
+        case .strictStatusMismatch(let offset):
+            say("Strict mode: Offset \(offset) block status mismatch!")
+        }
+        return 1
+    }
+
+    /// strerror of the failure as QEMU would return it: the system call's errno, else EIO
+    /// (what QEMU's drivers return for data they cannot decode).
+    static func reason(_ error: any Error) -> String {
+        var current = error
+        while true {
+            if let io = current as? IOError, io.code != 0 { return IOError.describe(errno: io.code) }
+            guard let image = current as? ImageError, let cause = image.cause else { break }
+            current = cause
+        }
+        return IOError.describe(errno: EIO)
+    }
+}
+
+/// qemu-img compare's progress meter (util/qemu-progress.c with a 2 % minimum step): a float
+/// percentage advanced by each chunk's share of the larger image, printed as
+/// `    (%3.2f/100%)\r` when it moves by more than 2 points or is exactly 0 or 100; a newline
+/// at the end, whatever happened.
+final class ComparePrinter {
+    private let console: Console
+    private var current: Float = 0
+    private var lastPrint: Float = 0
+    private let minSkip: Float = 2
+
+    init(console: Console) { self.console = console }
+
+    /// qemu_progress_print(((float)bytes / base) * 100, 100), in the same float arithmetic.
+    func advance(_ bytes: UInt64, of base: UInt64) {
+        let delta: Float = bytes == 0 ? 0 : Float(bytes) / Float(base) * 100
+        var next = current + delta / 100 * 100
+        if next > 100 { next = 100 }
+        current = next
+        if next > lastPrint + minSkip || next < lastPrint - minSkip || next == 0 || next == 100 {
+            lastPrint = current
+            console.out("    (" + ComparePrinter.format(current) + "/100%)\r")
+        }
+    }
+
+    func end() { console.out("\n") }
+
+    /// printf's `%3.2f` of the float promoted to double (glibc's exact rounding).
+    static func format(_ value: Float) -> String {
+        var buffer = [CChar](repeating: 0, count: 32)
+        let count = buffer.count
+        let written = buffer.withUnsafeMutableBufferPointer { out in
+            withVaList([Double(value)]) { vsnprintf(out.baseAddress, count, "%3.2f", $0) }
+        }
+        // "100.00" at most: always fits the buffer.
+        return String(decoding: buffer.prefix(Int(max(0, min(written, Int32(count - 1))))).map { UInt8(bitPattern: $0) },
+                      as: UTF8.self)
+    }
+}
