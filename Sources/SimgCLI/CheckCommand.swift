@@ -2,13 +2,13 @@ import DiskIO
 import Glibc
 import ImageFormats
 
-/// `simg check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename`
+/// `simg check [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename`
 /// with qemu-img check's contract: exit 0 clean, 1 check failed, 2 corruptions, 3 leaks only,
 /// 63 no check for the format; after a repair the status describes the repaired image.
 enum CheckCommand {
     static let command = Command(
         name: "check",
-        synopsis: "check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename",
+        synopsis: "check [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename",
         details: [
             "Checks an image for consistency; qcow2 images can also be repaired.",
             "  '-f' names the format instead of probing it",
@@ -17,14 +17,20 @@ enum CheckCommand {
             "  '-T' is the cache mode used to read the image (accepted as qemu-img does)",
             "  '-U' (force share) checks an image another process has open for writing (no -r)",
             "  '-q' prints no summary: only the exit status tells the result",
+            "  '--image-opts': 'filename' is an option list (driver=qcow2,file.filename=disk.qcow2)",
+            "  '--object' defines a secret (secret,id=ID,data=...|file=...): accepted and unused, as",
+            "    simg does not open encrypted images yet",
         ],
         options: [CommandSupport.formatOption, .value("r", "repair"), .value("T", "cache"),
-                  CommandSupport.forceShareOption, CommandSupport.outputOption],
+                  CommandSupport.forceShareOption, CommandSupport.outputOption,
+                  CommandSupport.imageOptsOption, CommandSupport.objectOption],
         modifiesImages: { $0.has("repair") },
         run: run)
 
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        // qemu-img creates each --object while it reads its options: before the operand checks.
+        if try CommandSupport.objects(scan, console: console) { return 0 }
         var repair = CheckRepair.none
         if let value = scan.last("repair") {
             switch value {
@@ -50,7 +56,10 @@ enum CheckCommand {
         // takes) until the check and any repair are done; the checker reads and repairs
         // through a reopen of the locked file (the same inode whatever the name leads to now),
         // a descriptor of its own, which takes no locks and so cannot conflict.
-        let (opened, holder) = try openFormat(path: filename, format: format,
+        // With --image-opts the list is opened by its json: name; messages and the JSON
+        // "filename" quote the list, as qemu-img's do.
+        let name = try CommandSupport.imageName(filename, imageOpts: scan.has("image-opts"), console: console)
+        let (opened, holder) = try openFormat(path: name, shown: filename, format: format,
                                               locking: repair != .none ? .writer : forceShare ? .forceShare : .standard,
                                               console: console)
         defer { holder.close() }
@@ -104,7 +113,7 @@ enum CheckCommand {
     /// Opens the image with its backing chain as qemu-img check does (so the same images fail
     /// to open, with the same sentences) and returns its format; the check itself then works
     /// on the file. The returned holder keeps the image's locks until closed.
-    static func openFormat(path: String, format: ImageFormat?,
+    static func openFormat(path: String, shown: String? = nil, format: ImageFormat?,
                            locking: ImageLocking, console: Console) throws -> (ImageFormat, LockHolder) {
         do {
             let image = try ImageOpener.open(path, options: OpenOptions(format: format, writable: false,
@@ -118,15 +127,15 @@ enum CheckCommand {
             // then reads it and reports what it cannot read. (The backing chain is not
             // opened in this case.) The file alone then holds the locks; its format is the
             // one asked for or the one its header says.
-            let holder = try lockFile(path, locking)
+            let holder = try lockFile(path, shown: shown, locking)
             do {
                 return (try format ?? ImageProbe.probe(path: path, file: holder.lockedFile), holder)
             } catch {
                 holder.close()
-                throw CLIError(CommandSupport.openFailure(error, path: path, wording: .wholeChain))
+                throw CLIError(CommandSupport.openFailure(error, path: path, shown: shown, wording: .wholeChain))
             }
         } catch {
-            throw CLIError(CommandSupport.openFailure(error, path: path, wording: .wholeChain))
+            throw CLIError(CommandSupport.openFailure(error, path: path, shown: shown, wording: .wholeChain))
         }
     }
 
@@ -145,7 +154,7 @@ enum CheckCommand {
         }
     }
 
-    static func lockFile(_ path: String, _ locking: ImageLocking) throws -> LockHolder {
+    static func lockFile(_ path: String, shown: String? = nil, _ locking: ImageLocking) throws -> LockHolder {
         let lock: ImageLock? = switch locking {
         case .standard: .reader
         case .writer: .writer
@@ -160,7 +169,7 @@ enum CheckCommand {
             return LockHolder(file: file)
         } catch {
             // A lock conflict (ImageLockError) reads "Could not open 'PATH': LOCK ERROR" too.
-            throw CLIError(CommandSupport.openFailure(error, path: path, wording: .wholeChain))
+            throw CLIError(CommandSupport.openFailure(error, path: path, shown: shown, wording: .wholeChain))
         }
     }
 

@@ -19,13 +19,20 @@ enum CommandSupport {
     static let forceShareOption = OptionSpec(short: "U", long: "force-share", key: "force-share")
     /// `--output=human|json`.
     static let outputOption = OptionSpec.long("output", takesValue: true)
+    /// `--image-opts`: the image operands are QEMU option lists (ImageOpts.swift).
+    static let imageOptsOption = OptionSpec.long("image-opts")
+    /// `--object objectdef` (secrets; ImageOpts.object).
+    static let objectOption = OptionSpec.long("object", takesValue: true)
 
     // MARK: -f
 
     /// The format named by option `key` (`-f`), nil to probe. qemu-img fails opening `image`
     /// with it: "Could not open 'IMAGE': Unknown driver 'x'" (or simg's "not supported yet").
+    /// With `--image-opts` any format option is refused, as qemu-img's img_open refuses it
+    /// when it opens that image (compare's `-F` only at the second image).
     static func format(_ scan: ScanResult, _ key: String = "format", opening image: String) throws(CLIError) -> ImageFormat? {
         guard let name = scan.last(key) else { return nil }
+        if scan.has("image-opts") { throw CLIError("--image-opts and --format are mutually exclusive") }
         do { return try ImageFormat(named: name) } catch { throw CLIError("Could not open '\(image)': \(error)") }
     }
 
@@ -103,25 +110,34 @@ enum CommandSupport {
     /// Opens `path` with `options` (ImageOpener: the name's syntax, the protocol driver's
     /// checks, the chain, the locks), a failure worded as qemu-img words it; the warnings
     /// qemu-img prints at every open go to `console` (`warnAtOpen`).
-    static func open(_ path: String, _ options: OpenOptions, wording: OpenWording,
+    /// `shown`: what the user wrote for `path` (an --image-opts list), quoted in failures.
+    static func open(_ path: String, shown: String? = nil, _ options: OpenOptions, wording: OpenWording,
                      console: Console) throws(CLIError) -> any DiskImage {
         let image: any DiskImage
         do {
             image = try ImageOpener.open(path, options: options)
         } catch {
-            throw CLIError(openFailure(error, path: path, wording: wording))
+            throw CLIError(openFailure(error, path: path, shown: shown, wording: wording))
         }
         warnAtOpen(image, console)
         return image
     }
 
-    /// `open`, or with `--image-opts` (`imageOpts`) the option list `path` opened as
-    /// ImageOpts.swift does: the entry point for a command adopting --image-opts (convert does;
-    /// `--object` arguments go through `objects` first).
+    /// `open`, or with `--image-opts` (`imageOpts`) the option list `path` opened by its
+    /// json: name (`imageName`), the list quoted in failures: the entry point for a command
+    /// adopting --image-opts; `--object` arguments go through `objects` first.
     static func open(_ path: String, imageOpts: Bool, _ options: OpenOptions, wording: OpenWording,
                      console: Console) throws(CLIError) -> any DiskImage {
-        imageOpts ? try ImageOpts.open(path, options, wording: wording, console: console)
-                  : try open(path, options, wording: wording, console: console)
+        let name = try imageName(path, imageOpts: imageOpts, console: console)
+        return try open(name, shown: path, options, wording: wording, console: console)
+    }
+
+    /// The name an image operand is opened by: with `--image-opts` the json: name of the
+    /// option list `text` (ImageOpts.jsonName, which refuses a node reference as qemu-img
+    /// does), else `text` itself. For commands that open the image more than once (compare's
+    /// readers, check's repair): one parse, one deprecation warning, as in qemu-img.
+    static func imageName(_ text: String, imageOpts: Bool, console: Console) throws(CLIError) -> String {
+        imageOpts ? try ImageOpts.jsonName(text, console: console) : text
     }
 
     /// `--object` arguments in command-line order (each checked where qemu-img meets it);

@@ -43,8 +43,8 @@ enum ConvertCommand {
             .value("m", "coroutines"), .flag("W", "out-of-order"), .flag("C", "copy-offload"),
             .value("r", "rate"), .value("l", "snapshot"),
             .long("target-is-zero"), .long("stats"), .long("salvage"),
-            .long("bitmaps"), .long("skip-broken-bitmaps"), .long("object", takesValue: true),
-            .long("image-opts"), .long("target-image-opts"),
+            .long("bitmaps"), .long("skip-broken-bitmaps"), CommandSupport.objectOption,
+            CommandSupport.imageOptsOption, .long("target-image-opts"),
             // Tuning (not in qemu-img): request size, buffers in flight, I/O threads.
             .long("buffer-size", takesValue: true), .long("queue-depth", takesValue: true),
             .long("io-threads", takesValue: true),

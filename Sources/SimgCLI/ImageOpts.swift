@@ -89,22 +89,13 @@ enum ImageOpts {
         return "json:" + root.json
     }
 
-    /// Opens the image `text` names, worded as `CommandSupport.open` words a failure, with the
-    /// list itself as the name qemu-img quotes.
-    static func open(_ text: String, _ options: OpenOptions, wording: CommandSupport.OpenWording,
-                     console: Console) throws(CLIError) -> any DiskImage {
-        let name = try jsonName(text, console: console)
-        let image: any DiskImage
-        do {
-            image = try ImageOpener.open(name, options: options)
-        } catch {
-            throw CLIError(CommandSupport.openFailure(error, path: name, shown: text, wording: wording))
-        }
-        CommandSupport.warnAtOpen(image, console)
-        return image
-    }
-
     // MARK: - --object
+
+    /// What `qemu-img --object help` lists besides secret (QEMU 7.2, Debian's build).
+    static let qemuObjectTypes: Set<String> = [
+        "authz-list", "authz-list-file", "authz-simple", "main-loop", "pr-manager-helper", "secret_keyring",
+        "thread-context", "throttle-group", "tls-cipher-suites", "tls-creds-anon", "tls-creds-psk", "tls-creds-x509",
+    ]
 
     /// One `--object` argument, checked as QEMU's user_creatable_process_cmdline checks it
     /// (qemu-img handles each where it meets it, so the first bad one is the first error).
@@ -147,7 +138,14 @@ enum ImageOpts {
             return true
         }
         guard let type = last("qom-type") else { throw CLIError("Parameter 'qom-type' is missing") }
-        guard type == "secret" else { throw CLIError("Parameter 'qom-type' does not accept value '\(type)'") }
+        guard type == "secret" else {
+            // A type qemu-img 7.2 creates but simg has no use for: said so, rather than
+            // QEMU's sentence for a type that does not exist.
+            if qemuObjectTypes.contains(type) {
+                throw CLIError("Object type '\(type)' is not supported by simg (only 'secret' is)")
+            }
+            throw CLIError("Parameter 'qom-type' does not accept value '\(type)'")
+        }
         if pairs.contains(where: { $0.0 == "help" }) {
             console.out("secret options:\n  data=<string>\n  file=<string>\n  format=<QCryptoSecretFormat>\n"
                         + "  iv=<string>\n  keyid=<string>\n  loaded=<bool>\n")
