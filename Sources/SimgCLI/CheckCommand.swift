@@ -29,16 +29,16 @@ enum CheckCommand {
 
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
-        // qemu-img creates each --object while it reads its options: before the operand checks.
-        if try CommandSupport.objects(scan, console: console) { return 0 }
+        // qemu-img parses -r and creates each --object while it reads its options, in
+        // command-line order, before the operand checks.
         var repair = CheckRepair.none
-        if let value = scan.last("repair") {
+        if try CommandSupport.objects(scan, console: console, parsing: ["repair": { value in
             switch value {
             case "leaks": repair = .leaks
             case "all": repair = .all
             default: throw CLIError.usage("Unknown option value for -r (expecting 'leaks' or 'all'): \(value)")
             }
-        }
+        }]) { return 0 }
         guard scan.operands.count == 1, let filename = scan.operands.first else {
             throw CLIError.usage("Expecting one image file name")
         }

@@ -74,7 +74,11 @@ enum CommandSupport {
 
     /// `--output` (human by default), refused with qemu-img's words otherwise.
     static func outputFormat(_ scan: ScanResult) throws(CLIError) -> OutputFormat {
-        let name = scan.last("output") ?? "human"
+        try outputFormat(named: scan.last("output") ?? "human")
+    }
+
+    /// One `--output` value (measure checks each where qemu-img meets it).
+    static func outputFormat(named name: String) throws(CLIError) -> OutputFormat {
         guard let output = OutputFormat(rawValue: name) else {
             throw CLIError("--output must be used with human or json as argument.")
         }
@@ -140,12 +144,20 @@ enum CommandSupport {
         imageOpts ? try ImageOpts.jsonName(text, console: console) : text
     }
 
-    /// `--object` arguments in command-line order (each checked where qemu-img meets it);
-    /// true when one was "help" (printed: the command exits 0).
-    static func objects(_ scan: ScanResult, console: Console) throws(CLIError) -> Bool {
+    /// `--object` arguments in command-line order, each checked where qemu-img meets it in
+    /// its getopt loop, among the other options it parses there: `parsing[key]` is called with
+    /// each value of that option where it comes, so the first mistake on the command line is
+    /// the one reported. True when an object was "help" (printed: the command exits 0, the
+    /// options after it not looked at, as in qemu-img).
+    static func objects(_ scan: ScanResult, console: Console,
+                        parsing: [String: (String) throws -> Void] = [:]) throws -> Bool {
         var ids = Set<String>()
-        for object in scan.values("object") where try ImageOpts.object(object, ids: &ids, console: console) {
-            return true
+        for option in scan.options {
+            if option.key == "object", let value = option.value {
+                if try ImageOpts.object(value, ids: &ids, console: console) { return true }
+            } else if let parse = parsing[option.key] {
+                try parse(option.value ?? "")
+            }
         }
         return false
     }

@@ -44,7 +44,7 @@ enum CompareCommand {
         // check; a bad one is exit 2 there too.
         do {
             if try CommandSupport.objects(scan, console: console) { return 0 }
-        } catch {
+        } catch let error as CLIError {
             console.error(error.message)
             return 2
         }

@@ -53,8 +53,20 @@ enum ConvertCommand {
         run: run)
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
-        // qemu-img creates each --object where it meets it: the first bad one is the first error.
-        if try CommandSupport.objects(scan, console: console) { return 0 }
+        // qemu-img parses -m, -l, -r and -S and creates each --object while it reads its
+        // options, in command-line order: the first bad one is the first error.
+        var options = ConvertOptions()
+        var snapshot: MeasureCommand.SnapshotParameter?
+        if try CommandSupport.objects(scan, console: console, parsing: [
+            "coroutines": { text in
+                guard let n = Int(text), (1...16).contains(n) else {
+                    throw CLIError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
+                }
+            },
+            "snapshot": { snapshot = try MeasureCommand.snapshotParameter($0) },
+            "rate": { options.rateLimit = try CommandSupport.cvtnum($0, "rate limit") },
+            "sparse-size": { options.sparseSize = try sparseSize($0) },
+        ]) { return 0 }
         let imageOpts = scan.has("image-opts"), targetImageOpts = scan.has("target-image-opts")
         let quiet = scan.has("quiet")
         let noCreate = scan.has("no-create")
@@ -63,28 +75,6 @@ enum ConvertCommand {
         let optionText = try OptionList.join(scan.values("options"))
         let outputFormatName = scan.last("output-format") ?? "raw"
 
-        if let coroutines = scan.last("coroutines") {
-            guard let n = Int(coroutines), (1...16).contains(n) else {
-                throw CLIError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
-            }
-        }
-        // -l is parsed (snapshot.KEY=VALUE lists checked) while qemu-img reads its options.
-        let snapshot = try MeasureCommand.snapshotParameter(scan)
-        var options = ConvertOptions()
-        // qemu-img parses -r where it meets it (cvtnum), before the other checks.
-        if let rate = scan.last("rate") { options.rateLimit = try CommandSupport.cvtnum(rate, "rate limit") }
-        if let sparse = scan.last("sparse-size") {
-            let value: UInt64
-            do {
-                value = try Backend.parseSize(sparse).value
-            } catch {
-                throw CLIError("Invalid buffer size for sparse output specified. You may use k, M, G, T, P or E suffixes for\nsimg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
-            }
-            guard value % 512 == 0, value <= 16 << 20 else {
-                throw CLIError("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).")
-            }
-            options.sparseSize = value
-        }
         let targetCache = try CommandSupport.cacheMode(scan, "cache", default: .unsafe, source: false)
         let sourceCache = try CommandSupport.cacheMode(scan, "source-cache", default: .writeback, source: true)
         if scan.has("copy-offload") {
@@ -250,6 +240,20 @@ enum ConvertCommand {
         }
         if scan.has("stats") { console.err(stats.json + "\n") }
         return 0
+    }
+
+    /// `-S`: the sparse granularity, as qemu-img checks it.
+    static func sparseSize(_ text: String) throws(CLIError) -> UInt64 {
+        let value: UInt64
+        do {
+            value = try Backend.parseSize(text).value
+        } catch {
+            throw CLIError("Invalid buffer size for sparse output specified. You may use k, M, G, T, P or E suffixes for\nsimg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+        }
+        guard value % 512 == 0, value <= 16 << 20 else {
+            throw CLIError("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).")
+        }
+        return value
     }
 
     /// --target-image-opts: the target's format, the list's driver or else probed, as qemu-img

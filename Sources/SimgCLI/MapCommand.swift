@@ -27,11 +27,13 @@ enum MapCommand {
         run: run)
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
-        // qemu-img creates each --object while it reads its options: before the operand checks.
-        if try CommandSupport.objects(scan, console: console) { return 0 }
-        // qemu-img parses these while scanning the options, before anything else.
-        let start = try scan.last("start-offset").map { try CommandSupport.cvtnum($0, "start offset") } ?? 0
-        let maxLength = try scan.last("max-length").map { try CommandSupport.cvtnum($0, "max length") }
+        // qemu-img parses these and creates each --object while it reads its options, in
+        // command-line order, before anything else.
+        var start: UInt64 = 0, maxLength: UInt64?
+        if try CommandSupport.objects(scan, console: console, parsing: [
+            "start-offset": { start = try CommandSupport.cvtnum($0, "start offset") },
+            "max-length": { maxLength = try CommandSupport.cvtnum($0, "max length") },
+        ]) { return 0 }
         guard scan.operands.count == 1, let filename = scan.operands.first else {
             throw CLIError.usage("Expecting one image file name")
         }

@@ -38,6 +38,11 @@ enum MeasureCommand {
     /// qemu-img parses `-l` while it reads its options, so a bad list is its first error.
     static func snapshotParameter(_ scan: ScanResult) throws(CLIError) -> SnapshotParameter? {
         guard let text = scan.last("snapshot") else { return nil }
+        return try snapshotParameter(text)
+    }
+
+    /// One `-l` value parsed.
+    static func snapshotParameter(_ text: String) throws(CLIError) -> SnapshotParameter {
         guard text.hasPrefix("snapshot.") else { return .idOrName(text) }
         var id: String?, name: String?
         for (key, value) in OptionList.parse(text) {
@@ -52,12 +57,15 @@ enum MeasureCommand {
     }
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
-        // qemu-img creates each --object while it reads its options: before the operand checks.
-        if try CommandSupport.objects(scan, console: console) { return 0 }
-        let snapshot = try snapshotParameter(scan)
+        // qemu-img parses these and creates each --object while it reads its options, in
+        // command-line order, before the operand checks.
+        var snapshot: SnapshotParameter?, size: UInt64?
+        if try CommandSupport.objects(scan, console: console, parsing: [
+            "snapshot": { snapshot = try snapshotParameter($0) },
+            "output": { _ = try CommandSupport.outputFormat(named: $0) },
+            "size": { size = try CreateCommand.parseSize($0, console: console) },
+        ]) { return 0 }
         let output = try CommandSupport.outputFormat(scan)
-        var size: UInt64?
-        if let text = scan.last("size") { size = try CreateCommand.parseSize(text, console: console) }
         if scan.operands.count > 1 { throw CLIError("At most one filename argument is allowed.") }
         let filename = scan.operands.first
         if filename == nil && (scan.has("image-opts") || scan.has("format") || scan.has("snapshot")) {

@@ -110,6 +110,29 @@ struct ImageOptsInteropTests {
         try same(["bench", "--object", "secret,id=s0,data=x", Self.top], in: dir)
     }
 
+    /// qemu-img meets each --object in its getopt loop among the options it parses there: the
+    /// first mistake on the command line is the one reported (and every value is parsed).
+    @Test func objectsWhereMet() throws {
+        let dir = try folder()
+        for arguments in [["map", "--start-offset=abc", "--object", "foo", "t.qcow2"],
+                          ["map", "--object", "foo", "--max-length=abc", "t.qcow2"],
+                          ["map", "--start-offset=abc", "--start-offset=0", "t.qcow2"],
+                          ["check", "--object", "foo", "-r", "bogus", "t.qcow2"],
+                          ["measure", "--output=bogus", "--object", "foo", "--size", "1M"],
+                          ["measure", "--object", "foo", "--size", "abc"],
+                          ["measure", "--size", "abc", "--object", "foo"],
+                          ["measure", "-l", "snapshot.bogus=1", "--object", "foo", "t.qcow2"],
+                          ["info", "--output=bogus", "--object", "foo", "t.qcow2"],
+                          ["convert", "-S", "abc", "--object", "foo", "t.qcow2", "o.raw"],
+                          ["convert", "--object", "foo", "-m", "0", "t.qcow2", "o.raw"],
+                          ["convert", "-r", "abc", "-m", "0", "t.qcow2", "o.raw"],
+                          ["convert", "-l", "snapshot.bogus=1", "--object", "foo", "t.qcow2", "o.raw"]] {
+            try same(arguments, in: dir)
+        }
+        let check = try run(simgBinary, ["check", "-r", "bogus", "--object", "foo", "t.qcow2"], in: dir.path)
+        #expect(check.stderr.hasPrefix("simg: Unknown option value for -r"))
+    }
+
     /// Deliberate difference: object types qemu-img creates but simg has no use for are
     /// refused saying so (qemu-img creates them); unknown types are refused in QEMU's words.
     @Test func otherObjectTypes() throws {
