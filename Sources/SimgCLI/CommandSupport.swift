@@ -151,10 +151,10 @@ enum CommandSupport {
     /// options after it not looked at, as in qemu-img).
     static func objects(_ scan: ScanResult, console: Console,
                         parsing: [String: (String) throws -> Void] = [:]) throws -> Bool {
-        var ids = Set<String>()
+        var secrets = ImageOpts.Secrets()
         for option in scan.options {
             if option.key == "object", let value = option.value {
-                if try ImageOpts.object(value, ids: &ids, console: console) { return true }
+                if try ImageOpts.object(value, secrets: &secrets, console: console) { return true }
             } else if let parse = parsing[option.key] {
                 try parse(option.value ?? "")
             }

@@ -133,6 +133,43 @@ struct ImageOptsInteropTests {
         #expect(check.stderr.hasPrefix("simg: Unknown option value for -r"))
     }
 
+    /// A secret's members checked in QEMU's order: QAPI's visit (loaded, format, unexpected
+    /// keys), the read-only loaded, the duplicate id, then completion (data or file, the file
+    /// read, keyid's key and IV, base64).
+    @Test func secretChecks() throws {
+        let dir = try folder()
+        try Data("abcd\n".utf8).write(to: URL(fileURLWithPath: dir.file("b64.txt")))
+        try Data([0x61, 0x62, 0, 0x63]).write(to: URL(fileURLWithPath: dir.file("nul.txt")))
+        let key = "secret,id=k,data=01234567890123456789012345678901"
+        for objects in [["secret,id=s,data=1,format=hex,bogus=1"], ["secret,id=s,data=1,loaded=x,format=hex"],
+                        ["secret,id=s,data=1,loaded=on,bogus=1"], ["secret,id=s,data=1,file=x,loaded=on"],
+                        ["secret,id=s,data=1", "secret,id=s"], ["secret,id=s,data=1,keyid=s"],
+                        ["secret,id=s,data=@,keyid=k,format=base64"], ["secret,id=s0,data=1", "secret,id=s,data=1,keyid=s0"],
+                        ["secret,id=k,data=MDEy,format=base64", "secret,id=t,data=1,keyid=k"],
+                        [key, "secret,id=t,data=1,keyid=k"], [key, "secret,id=t,data=1,keyid=k,iv=abc"],
+                        ["secret,id=s,file=b64.txt,format=base64"], ["secret,id=s,file=nul.txt,format=base64"],
+                        ["secret,id=s,data=a@b,format=base64"], ["secret,id=s,data=,format=base64"],
+                        ["secret,id=s,file=" + dir.path], ["secret,help"]] {
+            try same(["info"] + objects.flatMap { ["--object", $0] } + ["t.qcow2"], in: dir)
+        }
+        // A pipe works, as g_file_get_contents reads one.
+        for tool in ["qemu-img", simgBinary] {
+            let piped = try run(tool, ["info", "--object", "secret,id=s,file=/dev/stdin", "t.qcow2"],
+                                input: Data("pw".utf8), in: dir.path)
+            #expect(piped.status == 0, "\(tool): \(piped.stderr)")
+        }
+        // Deliberate differences: a key and IV that would do are refused (simg does not
+        // decrypt), and an endless file is refused instead of read forever.
+        let iv = "MDEyMzQ1Njc4OTAxMjM0NQ=="
+        let encrypted = try run(simgBinary, ["info", "--object", key, "--object", "secret,id=t,data=1,keyid=k,iv=" + iv,
+                                             "t.qcow2"], in: dir.path)
+        #expect(encrypted.status == 1)
+        #expect(encrypted.stderr == "simg: Secret 't' is encrypted with secret 'k': simg does not decrypt secrets\n")
+        let endless = try run(simgBinary, ["info", "--object", "secret,id=s,file=/dev/zero", "t.qcow2"], in: dir.path)
+        #expect(endless.status == 1)
+        #expect(endless.stderr.hasPrefix("simg: Unable to read /dev/zero: "))
+    }
+
     /// Deliberate difference: object types qemu-img creates but simg has no use for are
     /// refused saying so (qemu-img creates them); unknown types are refused in QEMU's words.
     @Test func otherObjectTypes() throws {
