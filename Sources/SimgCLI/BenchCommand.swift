@@ -172,15 +172,22 @@ enum BenchCommand {
             throw CLIError("Could not open '\(filename)': aio=native was specified, but it requires cache.direct=on, which was not specified.")
         }
         let format = try CommandSupport.format(scan, opening: filename)
-        let image = try CommandSupport.open(filename, imageOpts: scan.has("image-opts"),
+        let imageOpts = scan.has("image-opts")
+        let name = try CommandSupport.imageName(filename, imageOpts: imageOpts, console: console)
+        let image = try CommandSupport.open(name, shown: filename,
                                             OpenOptions(format: format, writable: options.write, cache: settings.cache,
                                                         openBacking: true,
                                                         locking: options.write ? .standard : CommandSupport.readLocking(scan)),
                                             wording: .wholeChain, console: console)
         defer { try? image.close() }
-        if options.write, format == nil, (image as? any ResizableImage)?.warnsWhenProbedForWriting == true {
+        // With --image-opts the list's driver names the format, and QEMU's warning names the
+        // file it probed (the list's file.filename).
+        let location = imageOpts ? try? ImageName.parse(name) : nil
+        if options.write, format == nil, location?.format == nil,
+           (image as? any ResizableImage)?.warnsWhenProbedForWriting == true {
+            let probed = location?.displayName ?? filename
             console.err("""
-                WARNING: Image format was not specified for '\(filename)' and probing guessed \(image.format.rawValue).
+                WARNING: Image format was not specified for '\(probed)' and probing guessed \(image.format.rawValue).
                          Automatically detecting the format is dangerous for \(image.format.rawValue) images, write operations on block 0 will be restricted.
                          Specify the '\(image.format.rawValue)' format explicitly to remove the restrictions.
 

@@ -41,8 +41,12 @@ enum ImageOpts {
             } else if index == 0 {
                 if !item.isEmpty { parsed.reference = item }
             } else {
-                console.error("warning: short-form boolean option '\(item)' deprecated")
-                console.err("Please use \(item)=on instead\n")
+                // QemuOpts asks for help with a bare "help" or "?" (no warning); the source
+                // list has no help of its own, so the block layer then refuses the option.
+                if item != "help" && item != "?" {
+                    console.error("warning: short-form boolean option '\(item)' deprecated")
+                    console.err("Please use \(item)=on instead\n")
+                }
                 parsed.pairs.append((item, "on"))
             }
         }

@@ -45,6 +45,10 @@ struct ImageOptsInteropTests {
         try same(command + ["--image-opts", "t.qcow2"], in: dir)
         try same(command + ["--image-opts", "driver=qcow2,file.filename=nonexist"], in: dir)
         try same(command + ["--image-opts", "driver=qcow2,file.filename=t.qcow2,bogus=1"], in: dir)
+        // A bare item after the first: QemuOpts' deprecated short-form boolean (warned), but
+        // "help" (not warned); both then refused by the block layer.
+        try same(command + ["--image-opts", "driver=qcow2,file.filename=t.qcow2,bogus"], in: dir)
+        try same(command + ["--image-opts", "driver=qcow2,file.filename=t.qcow2,help"], in: dir)
         try same(command + ["--object", "foo", Self.top], in: dir)
         try same(command + ["--object", "secret,id=s0", Self.top], in: dir)
     }
@@ -108,6 +112,9 @@ struct ImageOptsInteropTests {
         try same(["bench", "-c", "4", "-w", "-U", "--image-opts", "-f", "qcow2", Self.top], in: dir)
         try same(["bench", "-c", "4", "--image-opts", "t.qcow2"], in: dir)
         try same(["bench", "--object", "secret,id=s0,data=x", Self.top], in: dir)
+        // Writing a probed raw image warns, naming the file; a list naming its driver does not.
+        try same(["bench", "-c", "2", "-w", "--image-opts", "file.filename=b.raw"], in: dir, firstLine: true)
+        try same(["bench", "-c", "2", "-w", "--image-opts", Self.raw], in: dir, firstLine: true)
     }
 
     /// qemu-img meets each --object in its getopt loop among the options it parses there: the
