@@ -180,12 +180,9 @@ enum BenchCommand {
                                                         locking: options.write ? .standard : CommandSupport.readLocking(scan)),
                                             wording: .wholeChain, console: console)
         defer { try? image.close() }
-        // With --image-opts the list's driver names the format, and QEMU's warning names the
-        // file it probed (the list's file.filename).
-        let location = imageOpts ? try? ImageName.parse(name) : nil
-        if options.write, format == nil, location?.format == nil,
+        if options.write,
+           let probed = CommandSupport.probedFormatName(name, written: filename, imageOpts: imageOpts, format: format),
            (image as? any ResizableImage)?.warnsWhenProbedForWriting == true {
-            let probed = location?.displayName ?? filename
             console.err("""
                 WARNING: Image format was not specified for '\(probed)' and probing guessed \(image.format.rawValue).
                          Automatically detecting the format is dangerous for \(image.format.rawValue) images, write operations on block 0 will be restricted.

@@ -30,9 +30,11 @@ enum CommandSupport {
     /// with it: "Could not open 'IMAGE': Unknown driver 'x'" (or simg's "not supported yet").
     /// With `--image-opts` any format option is refused, as qemu-img's img_open refuses it
     /// when it opens that image (compare's `-F` only at the second image).
-    static func format(_ scan: ScanResult, _ key: String = "format", opening image: String) throws(CLIError) -> ImageFormat? {
+    /// `imageOpts: false`: an image that is a name even with --image-opts (bitmap's -b).
+    static func format(_ scan: ScanResult, _ key: String = "format", opening image: String,
+                       imageOpts: Bool? = nil) throws(CLIError) -> ImageFormat? {
         guard let name = scan.last(key) else { return nil }
-        if scan.has("image-opts") { throw CLIError("--image-opts and --format are mutually exclusive") }
+        if imageOpts ?? scan.has("image-opts") { throw CLIError("--image-opts and --format are mutually exclusive") }
         do { return try ImageFormat(named: name) } catch { throw CLIError("Could not open '\(image)': \(error)") }
     }
 
@@ -134,6 +136,17 @@ enum CommandSupport {
                      console: Console) throws(CLIError) -> any DiskImage {
         let name = try imageName(path, imageOpts: imageOpts, console: console)
         return try open(name, shown: path, options, wording: wording, console: console)
+    }
+
+    /// The name qemu-img's "Image format was not specified for 'NAME'" warning (an image
+    /// probed and opened for writing) gives, or nil when the format was not probed: `-f`
+    /// given, or a json: name or --image-opts list naming its driver. A list's warning names
+    /// its file.
+    static func probedFormatName(_ name: String, written: String, imageOpts: Bool, format: ImageFormat?) -> String? {
+        guard format == nil else { return nil }
+        guard let location = try? ImageName.parse(name) else { return written }
+        if location.format != nil { return nil }
+        return imageOpts ? location.displayName : written
     }
 
     /// The name an image operand is opened by: with `--image-opts` the json: name of the

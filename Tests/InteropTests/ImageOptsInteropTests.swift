@@ -177,6 +177,50 @@ struct ImageOptsInteropTests {
         #expect(endless.stderr.hasPrefix("simg: Unable to read /dev/zero: "))
     }
 
+    /// Runs `qemu-img ARGS` and `simg ARGS` each in a folder of its own made by `setup`
+    /// (the same names, so the same messages): equal statuses, stdout and stderr, and
+    /// `qemu-img info` of `image` afterwards the same but for the disk size.
+    func sameOnCopies(_ arguments: [String], setup: [[String]], image: String,
+                      sourceLocation: SourceLocation = #_sourceLocation) throws {
+        var results: [ProcessResult] = [], infos: [String] = []
+        for tool in ["qemu-img", simgBinary] {
+            let dir = try TempDir(in: .varTmp)
+            for step in setup { try runOK(step[0], Array(step.dropFirst()), in: dir.path) }
+            results.append(try run(tool, arguments, in: dir.path))
+            let info = try runOK("qemu-img", ["info", "-U", image], in: dir.path).stdout
+            infos.append(info.split(separator: "\n").filter { !$0.hasPrefix("disk size") }.joined(separator: "\n"))
+        }
+        #expect(results[1].status == results[0].status, "exit status for \(arguments): \(results[1].stderr)",
+                sourceLocation: sourceLocation)
+        #expect(interopQemuWords(results[1].stderr) == results[0].stderr, "stderr for \(arguments): \(results[1].stderr)",
+                sourceLocation: sourceLocation)
+        #expect(results[1].stdout == results[0].stdout, "stdout for \(arguments)", sourceLocation: sourceLocation)
+        #expect(infos[1] == infos[0], "\(image) after \(arguments)", sourceLocation: sourceLocation)
+    }
+
+    /// amend, resize and bitmap (beyond the brief's commands, which refused both options).
+    @Test func writingCommands() throws {
+        let setup = [["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "old.qcow2", "1M"],
+                     ["qemu-img", "create", "-q", "-f", "qcow2", "bm.qcow2", "1M"],
+                     ["qemu-img", "bitmap", "--add", "bm.qcow2", "b0"],
+                     ["qemu-img", "create", "-q", "-f", "raw", "r.raw", "1M"]]
+        let old = "driver=qcow2,file.filename=old.qcow2", bm = "driver=qcow2,file.filename=bm.qcow2"
+        try sameOnCopies(["amend", "--object", "secret,id=s0,data=x", "--image-opts", "-o", "compat=1.1", old],
+                         setup: setup, image: "old.qcow2")
+        try sameOnCopies(["amend", "--image-opts", "-f", "qcow2", "-o", "compat=1.1", old], setup: setup, image: "old.qcow2")
+        try sameOnCopies(["amend", "--image-opts", "-o", "compat=1.1", "file.filename=r.raw"], setup: setup, image: "r.raw")
+        try sameOnCopies(["resize", "--image-opts", old, "2M"], setup: setup, image: "old.qcow2")
+        try sameOnCopies(["resize", "--image-opts", "file.filename=r.raw", "3M"], setup: setup, image: "r.raw")
+        try sameOnCopies(["resize", "--image-opts", "driver=raw,file.filename=r.raw,size=512", "2M"], setup: setup,
+                         image: "r.raw")
+        try sameOnCopies(["resize", "--preallocation=bogus", "--object", "foo", "r.raw", "2M"], setup: setup, image: "r.raw")
+        try sameOnCopies(["bitmap", "--image-opts", "--merge", "b0", bm, "b1"], setup: setup, image: "bm.qcow2")
+        try sameOnCopies(["bitmap", "--image-opts", "--add", "-f", "qcow2", bm, "b1"], setup: setup, image: "bm.qcow2")
+        try sameOnCopies(["bitmap", "--object", "foo", "-g", "abc", "--add", "bm.qcow2", "b1"], setup: setup,
+                         image: "bm.qcow2")
+        try sameOnCopies(["bitmap", "--image-opts", "--remove", bm, "nonexist"], setup: setup, image: "bm.qcow2")
+    }
+
     /// Deliberate difference: object types qemu-img creates but simg has no use for are
     /// refused saying so (qemu-img creates them); unknown types are refused in QEMU's words.
     @Test func otherObjectTypes() throws {
