@@ -59,15 +59,8 @@ enum AmendCommand {
                                             OpenOptions(format: format, writable: true, cache: cache, openBacking: true),
                                             wording: .wholeChain, console: console)
         defer { try? image.close() }
-        if let probed = CommandSupport.probedFormatName(name, written: filename, imageOpts: imageOpts, format: format),
-           let resizable = image as? any ResizableImage, resizable.warnsWhenProbedForWriting {
-            console.err("""
-                WARNING: Image format was not specified for '\(probed)' and probing guessed \(image.format.rawValue).
-                         Automatically detecting the format is dangerous for \(image.format.rawValue) images, write operations on block 0 will be restricted.
-                         Specify the '\(image.format.rawValue)' format explicitly to remove the restrictions.
-
-                """)
-        }
+        CommandSupport.warnIfProbedForWriting(image, name: name, written: filename, imageOpts: imageOpts,
+                                              format: format, console: console)
         if wantsHelp {
             console.out(try optionHelp(formatNamed: image.format.rawValue))
             return 0

@@ -180,15 +180,9 @@ enum BenchCommand {
                                                         locking: options.write ? .standard : CommandSupport.readLocking(scan)),
                                             wording: .wholeChain, console: console)
         defer { try? image.close() }
-        if options.write,
-           let probed = CommandSupport.probedFormatName(name, written: filename, imageOpts: imageOpts, format: format),
-           (image as? any ResizableImage)?.warnsWhenProbedForWriting == true {
-            console.err("""
-                WARNING: Image format was not specified for '\(probed)' and probing guessed \(image.format.rawValue).
-                         Automatically detecting the format is dangerous for \(image.format.rawValue) images, write operations on block 0 will be restricted.
-                         Specify the '\(image.format.rawValue)' format explicitly to remove the restrictions.
-
-                """)
+        if options.write {
+            CommandSupport.warnIfProbedForWriting(image, name: name, written: filename, imageOpts: imageOpts,
+                                                  format: format, console: console)
         }
         // qemu-img prints these even with -q.
         console.out("Sending \(options.count) \(options.write ? "write" : "read") requests, \(options.size) bytes each, "

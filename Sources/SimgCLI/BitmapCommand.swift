@@ -88,15 +88,8 @@ enum BitmapCommand {
                                             OpenOptions(format: format, writable: true, cache: .writeback, openBacking: false),
                                             wording: .deepestImage, console: console)
         defer { try? image.close() }
-        if let probed = CommandSupport.probedFormatName(openName, written: filename, imageOpts: imageOpts, format: format),
-           let resizable = image as? any ResizableImage, resizable.warnsWhenProbedForWriting {
-            console.err("""
-                WARNING: Image format was not specified for '\(probed)' and probing guessed \(image.format.rawValue).
-                         Automatically detecting the format is dangerous for \(image.format.rawValue) images, write operations on block 0 will be restricted.
-                         Specify the '\(image.format.rawValue)' format explicitly to remove the restrictions.
-
-                """)
-        }
+        CommandSupport.warnIfProbedForWriting(image, name: openName, written: filename, imageOpts: imageOpts,
+                                              format: format, console: console)
         var source: (any DiskImage)?
         if let sourceFile {
             // (-F is not refused with --image-opts: -b is a name.)

@@ -149,6 +149,22 @@ enum CommandSupport {
         return imageOpts ? location.displayName : written
     }
 
+    /// qemu-img's warning for an image whose format was probed and that is opened for
+    /// writing, if the format is one QEMU restricts then (raw) and it was probed
+    /// (`probedFormatName`).
+    static func warnIfProbedForWriting(_ image: any DiskImage, name: String, written: String, imageOpts: Bool,
+                                       format: ImageFormat?, console: Console) {
+        guard let probed = probedFormatName(name, written: written, imageOpts: imageOpts, format: format),
+              (image as? any ResizableImage)?.warnsWhenProbedForWriting == true else { return }
+        let format = image.format.rawValue
+        console.err("""
+            WARNING: Image format was not specified for '\(probed)' and probing guessed \(format).
+                     Automatically detecting the format is dangerous for \(format) images, write operations on block 0 will be restricted.
+                     Specify the '\(format)' format explicitly to remove the restrictions.
+
+            """)
+    }
+
     /// The name an image operand is opened by: with `--image-opts` the json: name of the
     /// option list `text` (ImageOpts.jsonName, which refuses a node reference as qemu-img
     /// does), else `text` itself. For commands that open the image more than once (compare's

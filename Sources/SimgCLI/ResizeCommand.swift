@@ -62,15 +62,8 @@ enum ResizeCommand {
         guard let resizable = image as? any ResizableImage else {
             throw CLIError("Image format driver does not support resize")
         }
-        if let probed = CommandSupport.probedFormatName(name, written: filename, imageOpts: imageOpts, format: format),
-           resizable.warnsWhenProbedForWriting {
-            console.err("""
-                WARNING: Image format was not specified for '\(probed)' and probing guessed \(image.format.rawValue).
-                         Automatically detecting the format is dangerous for \(image.format.rawValue) images, write operations on block 0 will be restricted.
-                         Specify the '\(image.format.rawValue)' format explicitly to remove the restrictions.
-
-                """)
-        }
+        CommandSupport.warnIfProbedForWriting(image, name: name, written: filename, imageOpts: imageOpts,
+                                              format: format, console: console)
         // qemu-img's int64 arithmetic (blk_getlength + n * relative), wrapping as C does.
         let current = Int64(bitPattern: image.virtualSize)
         let n = Int64(bitPattern: amount)
