@@ -187,7 +187,7 @@ struct ImageOptsInteropTests {
             let dir = try TempDir(in: .varTmp)
             for step in setup { try runOK(step[0], Array(step.dropFirst()), in: dir.path) }
             results.append(try run(tool, arguments, in: dir.path))
-            let info = try runOK("qemu-img", ["info", "-U", image], in: dir.path).stdout
+            let info = try run("qemu-img", ["info", "-U", image], in: dir.path).stdout
             // Without the disk size and snapshot dates (each tool ran at its own moment).
             infos.append(info.split(separator: "\n").filter { !$0.hasPrefix("disk size") }.joined(separator: "\n")
                 .replacingOccurrences(of: "[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}", with: "DATE",
@@ -201,8 +201,8 @@ struct ImageOptsInteropTests {
         #expect(infos[1] == infos[0], "\(image) after \(arguments)", sourceLocation: sourceLocation)
     }
 
-    /// amend, resize, bitmap, snapshot and commit (beyond the brief's commands; they refused
-    /// both options or did not know them).
+    /// amend, resize, bitmap, snapshot, commit and create's --object (beyond the brief's
+    /// commands; they refused both options or did not know them).
     @Test func writingCommands() throws {
         let setup = [["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "old.qcow2", "1M"],
                      ["qemu-img", "create", "-q", "-f", "qcow2", "bm.qcow2", "1M"],
@@ -235,6 +235,10 @@ struct ImageOptsInteropTests {
         try sameOnCopies(["commit", "--image-opts", "-b", "nonexist", top], setup: chain, image: "base.qcow2")
         try sameOnCopies(["commit", "--image-opts", "-f", "qcow2", top], setup: chain, image: "base.qcow2")
         try sameOnCopies(["commit", "-r", "abc", "--object", "foo", "top.qcow2"], setup: chain, image: "base.qcow2")
+        try sameOnCopies(["create", "--object", "secret,id=s,data=1", "-f", "qcow2", "c.qcow2", "1M"], setup: [],
+                         image: "c.qcow2")
+        try sameOnCopies(["create", "-o", ",", "--object", "foo", "c.qcow2", "1M"], setup: [], image: "c.qcow2")
+        try sameOnCopies(["create", "--object", "foo", "-o", ",", "c.qcow2", "1M"], setup: [], image: "c.qcow2")
     }
 
     /// Deliberate difference: object types qemu-img creates but simg has no use for are
