@@ -201,7 +201,7 @@ struct ImageOptsInteropTests {
         #expect(infos[1] == infos[0], "\(image) after \(arguments)", sourceLocation: sourceLocation)
     }
 
-    /// amend, resize, bitmap, snapshot, commit and create's --object (beyond the brief's
+    /// amend, resize, bitmap, snapshot, commit, rebase and create's --object (beyond the brief's
     /// commands; they refused both options or did not know them).
     @Test func writingCommands() throws {
         let setup = [["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "old.qcow2", "1M"],
@@ -235,6 +235,12 @@ struct ImageOptsInteropTests {
         try sameOnCopies(["commit", "--image-opts", "-b", "nonexist", top], setup: chain, image: "base.qcow2")
         try sameOnCopies(["commit", "--image-opts", "-f", "qcow2", top], setup: chain, image: "base.qcow2")
         try sameOnCopies(["commit", "-r", "abc", "--object", "foo", "top.qcow2"], setup: chain, image: "base.qcow2")
+        let rebased = chain + [["qemu-img", "create", "-q", "-f", "qcow2", "new.qcow2", "1M"]]
+        try sameOnCopies(["rebase", "--image-opts", "-b", "new.qcow2", "-F", "qcow2", top], setup: rebased, image: "top.qcow2")
+        try sameOnCopies(["rebase", "--image-opts", "-u", "-b", "new.qcow2", "-F", "qcow2", top], setup: rebased,
+                         image: "top.qcow2")
+        try sameOnCopies(["rebase", "--image-opts", "-b", "", "top.qcow2"], setup: rebased, image: "top.qcow2")
+        try sameOnCopies(["rebase", "--object", "foo", "-b", "new.qcow2", "top.qcow2"], setup: rebased, image: "top.qcow2")
         try sameOnCopies(["create", "--object", "secret,id=s,data=1", "-f", "qcow2", "c.qcow2", "1M"], setup: [],
                          image: "c.qcow2")
         try sameOnCopies(["create", "-o", ",", "--object", "foo", "c.qcow2", "1M"], setup: [], image: "c.qcow2")
