@@ -62,6 +62,14 @@ enum ImageOpts {
                 ? "Cannot find device='\(reference)' nor node-name='\(reference)'"
                 : "Cannot reference an existing block device with additional options or a new filename"))
         }
+        // QEMU keeps the options flat: a child given both as a reference (`file=NAME`) and by
+        // options of its own (`file.filename=...`) is refused when the node is opened.
+        // (QEMU's check for the protocol child, `file`; others fail otherwise, in the json: layer.)
+        let keys = Set(parsed.pairs.map(\.key))
+        if keys.contains("file"), keys.contains(where: { $0.hasPrefix("file.") }) {
+            throw CLIError("Could not open '\(text)': "
+                           + "Cannot reference an existing block device with additional options or a new filename")
+        }
         // Dotted keys nest, in first-seen order; a later value for a key replaces it in place.
         final class Node {
             var keys: [String] = []

@@ -49,6 +49,8 @@ struct ImageOptsInteropTests {
         // "help" (not warned); both then refused by the block layer.
         try same(command + ["--image-opts", "driver=qcow2,file.filename=t.qcow2,bogus"], in: dir)
         try same(command + ["--image-opts", "driver=qcow2,file.filename=t.qcow2,help"], in: dir)
+        // The protocol child both named and given options.
+        try same(command + ["--image-opts", "driver=qcow2,file.filename=t.qcow2,file=t.qcow2"], in: dir)
         try same(command + ["--object", "foo", Self.top], in: dir)
         try same(command + ["--object", "secret,id=s0", Self.top], in: dir)
     }
