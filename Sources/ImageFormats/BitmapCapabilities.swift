@@ -20,6 +20,14 @@ public protocol BitmapImage: DiskImage {
     /// An editor over the stored bitmaps (the image must be open read-write). Nothing is
     /// written before `commit`.
     func bitmapEditor() throws -> any BitmapEditor
+    /// Whether this image can hold persistent bitmaps at all (QEMU's
+    /// bdrv_supports_persistent_dirty_bitmap; qcow2: version 3 and later). convert --bitmaps
+    /// asks it of its source and target.
+    var supportsPersistentBitmaps: Bool { get }
+}
+
+extension BitmapImage {
+    public var supportsPersistentBitmaps: Bool { true }
 }
 
 /// One persistent bitmap as the image stores it.

@@ -48,6 +48,7 @@ public final class ConvertPipeline {
     public var progressTotal: UInt64? { progress?.total }
     private var fileSizes: [Int: UInt64] = [:]
     private var fileAlignments: [Int: UInt64] = [:]
+    private var rate: RateLimiter
     /// Extra bytes per buffer so a read rounded up to the O_DIRECT unit at end of file fits.
     private static let slack = 64 << 10
 
@@ -59,6 +60,7 @@ public final class ConvertPipeline {
             : try ConvertProgress(sources: sources, options: options, compressedCluster: compressedCluster)
         self.target = target
         self.options = options
+        rate = RateLimiter(rate: options.rateLimit)
         let targetUnit = UInt64(max(target.writeGranularity, 1))
         var unit = max(options.sparseSize, targetUnit)
         if unit % targetUnit != 0 { unit = (unit / targetUnit + 1) * targetUnit }
@@ -242,6 +244,11 @@ public final class ConvertPipeline {
     private func startChunk(_ buffer: BufferPool.Buffer, offset: UInt64, length: Int) {
         let slot = buffer.index
         chunks[slot].start(offset: offset, length: length)
+        // -r: this chunk's reads wait until the data before it is due; its own bytes count
+        // once collected (zeros and holes are not counted).
+        rate.wait()
+        let readBefore = stats.bytesRead
+        defer { rate.account(stats.bytesRead - readBefore) }
         started[(startedHead + startedCount) % started.count] = slot
         startedCount += 1
 
@@ -344,6 +351,8 @@ public final class ConvertPipeline {
             // Sound: position + length <= chunk length, inside the buffer.
             try source.read(into: UnsafeMutableRawBufferPointer(start: buffer.baseAddress + position, count: length),
                             at: imageOffset)
+        } catch where options.salvage && !(error is InterruptedError) {
+            salvage(image: image, imageOffset: imageOffset, buffer: buffer, position: position, length: length)
         } catch {
             throw ConvertError(.reading, byte: guest, path: source.path, cause: error)
         }
@@ -415,13 +424,14 @@ public final class ConvertPipeline {
         case .success(let count) where count >= op.length:
             break
         case .success(let count):
+            // The file ends inside the read (an image truncated in its data): the rest reads
+            // as zeros, as QEMU's file driver reads it, with or without --salvage.
+            // Sound: count < op.length, the range lies inside the chunk's buffer.
+            memset(pool.buffer(at: slot).baseAddress + op.position + max(count, 0), 0, op.length - max(count, 0))
+        case .failure where options.salvage:
             if firstError == nil {
-                let file = planner.files[op.file]
-                firstError = ConvertError(.reading, byte: chunkOffset + UInt64(op.position) + UInt64(count),
-                                          path: file.name,
-                                          cause: IOError(code: EIO, operation: .read, path: file.name,
-                                                         offset: op.host + UInt64(count),
-                                                         detail: "unexpected end of file (the image is truncated)"))
+                salvage(image: op.image, imageOffset: op.imageOffset, buffer: pool.buffer(at: slot),
+                        position: op.position, length: op.length)
             }
         case .failure(let error):
             if firstError == nil {

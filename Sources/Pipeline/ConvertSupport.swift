@@ -20,6 +20,13 @@ public struct ConvertOptions: Sendable {
     public var gapLimit: UInt64 = 64 << 10
     /// `-B`: ranges the sources' top layers do not allocate are left to the target's backing file.
     public var keepBacking: Bool = false
+    /// `-r`: data read at most this many bytes per second (0: unlimited), see `RateLimiter`.
+    public var rateLimit: UInt64 = 0
+    /// `--salvage`: a read that fails is retried per 512-byte sector; sectors that still fail
+    /// read as zeros, each reported through `warn` (ConvertPipeline+Salvage.swift).
+    public var salvage: Bool = false
+    /// Warnings during the copy (qemu-img's words, without "warning: "); nil prints none (-q).
+    public var warn: (@Sendable (String) -> Void)?
     /// `dd`: copy only this range of the one source (the output starts with its first byte).
     public var sourceWindow: Range<UInt64>?
     /// Called with (bytes done, total) in qemu-img convert's accounting (ConvertProgress: the

@@ -23,15 +23,18 @@ enum AmendCommand {
             "  '-p' shows progress (qemu-img's meter); '-q' prints nothing but errors",
             "  '--progress=json' JSON lines on stderr, phase \"amend\" (see README)",
             "  '--force' is accepted as in qemu-img (it matters only for LUKS key slots)",
+            "  '--image-opts': 'filename' is an option list (driver=qcow2,file.filename=disk.qcow2)",
+            "  '--object' defines a secret (secret,id=ID,data=...|file=...): accepted and unused, as",
+            "    simg does not open encrypted images yet",
         ],
         options: [CommandSupport.formatOption, .value("o", "options"), .value("t", "cache"),
-                  .long("force"), .long("object", takesValue: true), .long("image-opts")] + Progress.optionSpecs,
+                  .long("force"), CommandSupport.objectOption, CommandSupport.imageOptsOption] + Progress.optionSpecs,
         modifiesImages: { _ in true },
         run: run)
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
-        if scan.has("object") { throw CLIError("simg does not support --object") }
-        if scan.has("image-opts") { throw CLIError("simg does not support --image-opts") }
+        // qemu-img creates each --object while it reads its options: before the -o check.
+        if try CommandSupport.objects(scan, console: console) { return 0 }
         guard let optionText = try OptionList.join(scan.values("options")) else {
             throw CLIError.usage("Must specify options (-o)")
         }
@@ -51,17 +54,14 @@ enum AmendCommand {
         }
         let cache = try CommandSupport.cacheMode(scan, "cache", default: .writeback, source: false)
         let format = try CommandSupport.format(scan, opening: filename)
-        let image = try CommandSupport.open(filename, OpenOptions(format: format, writable: true, cache: cache, openBacking: true),
+        let imageOpts = scan.has("image-opts")
+        let name = try CommandSupport.imageName(filename, imageOpts: imageOpts, console: console)
+        let image = try CommandSupport.open(name, shown: filename,
+                                            OpenOptions(format: format, writable: true, cache: cache, openBacking: true),
                                             wording: .wholeChain, console: console)
         defer { try? image.close() }
-        if format == nil, let resizable = image as? any ResizableImage, resizable.warnsWhenProbedForWriting {
-            console.err("""
-                WARNING: Image format was not specified for '\(filename)' and probing guessed \(image.format.rawValue).
-                         Automatically detecting the format is dangerous for \(image.format.rawValue) images, write operations on block 0 will be restricted.
-                         Specify the '\(image.format.rawValue)' format explicitly to remove the restrictions.
-
-                """)
-        }
+        CommandSupport.warnIfProbedForWriting(image, name: name, written: filename, imageOpts: imageOpts,
+                                              format: format, console: console)
         if wantsHelp {
             console.out(try optionHelp(formatNamed: image.format.rawValue))
             return 0

@@ -9,9 +9,9 @@ enum Backend {
     /// backing files opened (qemu-img info reads the backing name from the header alone).
     /// Each image is locked as qemu-img info locks it (a qcow2 image refuses writers, a raw
     /// one takes nothing), or with `forceShare` (-U) not at all, as qemu-img info -U.
-    static func infos(path: String, format: ImageFormat?, chain: Bool, forceShare: Bool = false,
+    static func infos(path: String, shown: String? = nil, format: ImageFormat?, chain: Bool, forceShare: Bool = false,
                       console: Console) throws -> [ImageInfo] {
-        let top = try CommandSupport.open(path, OpenOptions(format: format, writable: false,
+        let top = try CommandSupport.open(path, shown: shown, OpenOptions(format: format, writable: false,
                                                             cache: .writeback, openBacking: chain,
                                                             locking: forceShare ? .none : .inspect),
                                           wording: .deepestImage, console: console)

@@ -8,7 +8,7 @@ enum BenchCommand {
     static let command = Command(
         name: "bench",
         synopsis: "bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] [--no-drain] [-i aio] [-n] "
-            + "[-o offset] [--pattern=pattern] [-q] [-s buffer_size] [-S step_size] [-t cache] [-w] [-U] filename",
+            + "[-o offset] [--pattern=pattern] [-q] [-s buffer_size] [-S step_size] [-t cache] [-w] [-U] [--image-opts] filename",
         details: [
             "Runs a simple I/O benchmark on 'filename', as qemu-img bench: 'count' requests (default",
             "75000) of 'buffer_size' bytes (default 4096), 'depth' in flight (default 64), the first at",
@@ -21,6 +21,7 @@ enum BenchCommand {
             "  '-n' or '-i native': Linux AIO, which needs O_DIRECT ('-t none' or '-t directsync');",
             "       '-i threads' (default) and '-i io_uring' use simg's thread pool",
             "  '-U' (force share) reads an image another process has open for writing (not with '-w')",
+            "  '--image-opts': 'filename' is an option list (driver=qcow2,file.filename=disk.qcow2)",
             "  Unlike qemu-img, '-d 0' (with requests to send) is refused instead of hanging, at most",
             "  1024 requests are in flight, and a request size larger than the image fails at once",
             "  instead of allocating depth x size bytes first ('-c 1 -s 2147483647' aborts qemu-img).",
@@ -30,6 +31,7 @@ enum BenchCommand {
             .value("i", "aio"), .value("o", "offset"), .value("s", "buffer-size"), .value("S", "step-size"),
             .value("t", "cache"), .flag("w", "write"), CommandSupport.forceShareOption,
             .long("flush-interval", takesValue: true), .long("pattern", takesValue: true), .long("no-drain"),
+            CommandSupport.imageOptsOption,
         ],
         modifiesImages: { $0.has("write") },
         run: run)
@@ -160,6 +162,8 @@ enum BenchCommand {
         if options.depth == 0 && options.count > 0 {
             throw CLIError("Invalid queue depth specified: requests need a depth of at least 1")
         }
+        // qemu-img's img_open refuses -f with --image-opts before it opens anything.
+        if scan.has("image-opts") { _ = try CommandSupport.format(scan, opening: filename) }
         let forceShare = CommandSupport.forceShare(scan)
         if forceShare && options.write {
             throw CLIError("Could not open '\(filename)': force-share=on can only be used with read-only images")
@@ -168,18 +172,17 @@ enum BenchCommand {
             throw CLIError("Could not open '\(filename)': aio=native was specified, but it requires cache.direct=on, which was not specified.")
         }
         let format = try CommandSupport.format(scan, opening: filename)
-        let image = try CommandSupport.open(filename, OpenOptions(format: format, writable: options.write, cache: settings.cache,
-                                                                  openBacking: true,
-                                                                  locking: options.write ? .standard : CommandSupport.readLocking(scan)),
+        let imageOpts = scan.has("image-opts")
+        let name = try CommandSupport.imageName(filename, imageOpts: imageOpts, console: console)
+        let image = try CommandSupport.open(name, shown: filename,
+                                            OpenOptions(format: format, writable: options.write, cache: settings.cache,
+                                                        openBacking: true,
+                                                        locking: options.write ? .standard : CommandSupport.readLocking(scan)),
                                             wording: .wholeChain, console: console)
         defer { try? image.close() }
-        if options.write, format == nil, (image as? any ResizableImage)?.warnsWhenProbedForWriting == true {
-            console.err("""
-                WARNING: Image format was not specified for '\(filename)' and probing guessed \(image.format.rawValue).
-                         Automatically detecting the format is dangerous for \(image.format.rawValue) images, write operations on block 0 will be restricted.
-                         Specify the '\(image.format.rawValue)' format explicitly to remove the restrictions.
-
-                """)
+        if options.write {
+            CommandSupport.warnIfProbedForWriting(image, name: name, written: filename, imageOpts: imageOpts,
+                                                  format: format, console: console)
         }
         // qemu-img prints these even with -q.
         console.out("Sending \(options.count) \(options.write ? "write" : "read") requests, \(options.size) bytes each, "

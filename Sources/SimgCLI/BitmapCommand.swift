@@ -14,7 +14,7 @@ import ImageFormats
 enum BitmapCommand {
     static let command = Command(
         name: "bitmap",
-        synopsis: "bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-q] [-b source_file [-F source_fmt]] [-g granularity] [-f fmt] filename bitmap",
+        synopsis: "bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-q] [-b source_file [-F source_fmt]] [-g granularity] [--object objectdef] [--image-opts | -f fmt] filename bitmap",
         details: [
             "Changes the persistent dirty bitmap 'bitmap' of a qcow2 (v3) image.",
             "  '--add' creates it (empty, recording writes); '--remove' deletes it; '--clear' empties it",
@@ -25,13 +25,17 @@ enum BitmapCommand {
             "  '-g' the granularity of an added bitmap (a power of two, at least 512 bytes;",
             "       default: the cluster size, within 4 KiB and 64 KiB)",
             "  '-f' names the image's format instead of probing it",
+            "  '--image-opts': 'filename' is an option list (driver=qcow2,file.filename=disk.qcow2);",
+            "       '-b source_file' stays a file name, as in qemu-img",
+            "  '--object' defines a secret (secret,id=ID,data=...|file=...): accepted and unused, as",
+            "    simg does not open encrypted images yet",
         ],
         options: [CommandSupport.formatOption, .long("add"), .long("remove"), .long("clear"), .long("enable"),
                   .long("disable"), .long("merge", takesValue: true),
                   OptionSpec(short: "g", long: "granularity", takesValue: true, key: "granularity"),
                   OptionSpec(short: "b", long: "source-file", takesValue: true, key: "source-file"),
                   OptionSpec(short: "F", long: "source-format", takesValue: true, key: "source-format"),
-                  .long("object", takesValue: true), .long("image-opts")],
+                  CommandSupport.objectOption, CommandSupport.imageOptsOption],
         modifiesImages: { _ in true },
         run: run)
 
@@ -53,20 +57,17 @@ enum BitmapCommand {
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
         var actions: [Action] = []
         var granularity: UInt64 = 0
-        for option in scan.options {
-            switch option.key {
-            case "add": actions.append(.add)
-            case "remove": actions.append(.remove)
-            case "clear": actions.append(.clear)
-            case "enable": actions.append(.enable)
-            case "disable": actions.append(.disable)
-            case "merge": actions.append(.merge(option.value ?? ""))
-            case "granularity": granularity = try parseGranularity(option.value ?? "")
-            default: continue
-            }
-        }
-        if scan.has("object") { throw CLIError("simg does not support --object") }
-        if scan.has("image-opts") { throw CLIError("simg does not support --image-opts") }
+        // qemu-img collects the actions, parses -g and creates each --object while it reads
+        // its options, in command-line order.
+        if try CommandSupport.objects(scan, console: console, parsing: [
+            "add": { _ in actions.append(.add) },
+            "remove": { _ in actions.append(.remove) },
+            "clear": { _ in actions.append(.clear) },
+            "enable": { _ in actions.append(.enable) },
+            "disable": { _ in actions.append(.disable) },
+            "merge": { actions.append(.merge($0)) },
+            "granularity": { granularity = try parseGranularity($0) },
+        ]) { return 0 }
         let adds = actions.contains { if case .add = $0 { true } else { false } }
         let merges = actions.contains { if case .merge = $0 { true } else { false } }
         guard !actions.isEmpty else {
@@ -80,21 +81,19 @@ enum BitmapCommand {
         let filename = scan.operands[0], name = scan.operands[1]
 
         let format = try CommandSupport.format(scan, opening: filename)
-        let image = try CommandSupport.open(filename, OpenOptions(format: format, writable: true, cache: .writeback,
-                                                                  openBacking: false),
+        // With --image-opts only the image is an option list; -b stays a name, as in qemu-img.
+        let imageOpts = scan.has("image-opts")
+        let openName = try CommandSupport.imageName(filename, imageOpts: imageOpts, console: console)
+        let image = try CommandSupport.open(openName, shown: filename,
+                                            OpenOptions(format: format, writable: true, cache: .writeback, openBacking: false),
                                             wording: .deepestImage, console: console)
         defer { try? image.close() }
-        if format == nil, let resizable = image as? any ResizableImage, resizable.warnsWhenProbedForWriting {
-            console.err("""
-                WARNING: Image format was not specified for '\(filename)' and probing guessed \(image.format.rawValue).
-                         Automatically detecting the format is dangerous for \(image.format.rawValue) images, write operations on block 0 will be restricted.
-                         Specify the '\(image.format.rawValue)' format explicitly to remove the restrictions.
-
-                """)
-        }
+        CommandSupport.warnIfProbedForWriting(image, name: openName, written: filename, imageOpts: imageOpts,
+                                              format: format, console: console)
         var source: (any DiskImage)?
         if let sourceFile {
-            let sourceFormat = try CommandSupport.format(scan, "source-format", opening: sourceFile)
+            // (-F is not refused with --image-opts: -b is a name.)
+            let sourceFormat = try CommandSupport.format(scan, "source-format", opening: sourceFile, imageOpts: false)
             source = try CommandSupport.open(sourceFile, OpenOptions(format: sourceFormat, writable: false, cache: .writeback,
                                                                      openBacking: false),
                                              wording: .deepestImage, console: console)
@@ -105,7 +104,7 @@ enum BitmapCommand {
         do {
             editor = try (image as? any BitmapImage)?.bitmapEditor()
         } catch {
-            throw CLIError(CommandSupport.openFailure(error, path: filename, wording: .deepestImage))
+            throw CLIError(CommandSupport.openFailure(error, path: openName, shown: filename, wording: .deepestImage))
         }
         var refusal: CLIError?
         for action in actions {
@@ -141,7 +140,8 @@ enum BitmapCommand {
                       source: (any DiskImage)?, granularity: UInt64?) throws {
         guard let editor else {
             if case .add = action {
-                throw BitmapFailure("Can't store persistent bitmaps to \(image.path): Operation not supported")
+                // The image file stands for QEMU's node name (also under a json: name or option list).
+                throw BitmapFailure("Can't store persistent bitmaps to \(image.file.path): Operation not supported")
             }
             throw BitmapFailure.notFound(name)
         }

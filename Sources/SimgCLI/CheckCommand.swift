@@ -2,13 +2,13 @@ import DiskIO
 import Glibc
 import ImageFormats
 
-/// `simg check [-q] [-p] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename`
+/// `simg check [--object objectdef] [--image-opts] [-q] [-p] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename`
 /// with qemu-img check's contract: exit 0 clean, 1 check failed, 2 corruptions, 3 leaks only,
 /// 63 no check for the format; after a repair the status describes the repaired image.
 enum CheckCommand {
     static let command = Command(
         name: "check",
-        synopsis: "check [-q] [-p] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename",
+        synopsis: "check [--object objectdef] [--image-opts] [-q] [-p] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename",
         details: [
             "Checks an image for consistency; qcow2 images can also be repaired.",
             "  '-f' names the format instead of probing it",
@@ -20,22 +20,28 @@ enum CheckCommand {
             "  '-p' (simg's own; qemu-img check has none) shows qemu-img's meter while the image is",
             "       checked and repaired: 0 % before, 100 % after (no steps between); '--progress=json'",
             "       JSON lines on stderr, phase \"check\" or with -r \"repair\" (see README)",
+            "  '--image-opts': 'filename' is an option list (driver=qcow2,file.filename=disk.qcow2)",
+            "  '--object' defines a secret (secret,id=ID,data=...|file=...): accepted and unused, as",
+            "    simg does not open encrypted images yet",
         ],
         options: [CommandSupport.formatOption, .value("r", "repair"), .value("T", "cache"),
-                  CommandSupport.forceShareOption, CommandSupport.outputOption] + Progress.optionSpecs,
+                  CommandSupport.forceShareOption, CommandSupport.outputOption,
+                  CommandSupport.imageOptsOption, CommandSupport.objectOption] + Progress.optionSpecs,
         modifiesImages: { $0.has("repair") },
         run: run)
 
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        // qemu-img parses -r and creates each --object while it reads its options, in
+        // command-line order, before the operand checks.
         var repair = CheckRepair.none
-        if let value = scan.last("repair") {
+        if try CommandSupport.objects(scan, console: console, parsing: ["repair": { value in
             switch value {
             case "leaks": repair = .leaks
             case "all": repair = .all
             default: throw CLIError.usage("Unknown option value for -r (expecting 'leaks' or 'all'): \(value)")
             }
-        }
+        }]) { return 0 }
         guard scan.operands.count == 1, let filename = scan.operands.first else {
             throw CLIError.usage("Expecting one image file name")
         }
@@ -54,7 +60,10 @@ enum CheckCommand {
         // takes) until the check and any repair are done; the checker reads and repairs
         // through a reopen of the locked file (the same inode whatever the name leads to now),
         // a descriptor of its own, which takes no locks and so cannot conflict.
-        let (opened, holder) = try openFormat(path: filename, format: format,
+        // With --image-opts the list is opened by its json: name; messages and the JSON
+        // "filename" quote the list, as qemu-img's do.
+        let name = try CommandSupport.imageName(filename, imageOpts: scan.has("image-opts"), console: console)
+        let (opened, holder) = try openFormat(path: name, shown: filename, format: format,
                                               locking: repair != .none ? .writer : forceShare ? .forceShare : .standard,
                                               console: console)
         defer { holder.close() }
@@ -127,7 +136,7 @@ enum CheckCommand {
     /// Opens the image with its backing chain as qemu-img check does (so the same images fail
     /// to open, with the same sentences) and returns its format; the check itself then works
     /// on the file. The returned holder keeps the image's locks until closed.
-    static func openFormat(path: String, format: ImageFormat?,
+    static func openFormat(path: String, shown: String? = nil, format: ImageFormat?,
                            locking: ImageLocking, console: Console) throws -> (ImageFormat, LockHolder) {
         do {
             let image = try ImageOpener.open(path, options: OpenOptions(format: format, writable: false,
@@ -141,15 +150,15 @@ enum CheckCommand {
             // then reads it and reports what it cannot read. (The backing chain is not
             // opened in this case.) The file alone then holds the locks; its format is the
             // one asked for or the one its header says.
-            let holder = try lockFile(path, locking)
+            let holder = try lockFile(path, shown: shown, locking)
             do {
                 return (try format ?? ImageProbe.probe(path: path, file: holder.lockedFile), holder)
             } catch {
                 holder.close()
-                throw CLIError(CommandSupport.openFailure(error, path: path, wording: .wholeChain))
+                throw CLIError(CommandSupport.openFailure(error, path: path, shown: shown, wording: .wholeChain))
             }
         } catch {
-            throw CLIError(CommandSupport.openFailure(error, path: path, wording: .wholeChain))
+            throw CLIError(CommandSupport.openFailure(error, path: path, shown: shown, wording: .wholeChain))
         }
     }
 
@@ -168,7 +177,7 @@ enum CheckCommand {
         }
     }
 
-    static func lockFile(_ path: String, _ locking: ImageLocking) throws -> LockHolder {
+    static func lockFile(_ path: String, shown: String? = nil, _ locking: ImageLocking) throws -> LockHolder {
         let lock: ImageLock? = switch locking {
         case .standard: .reader
         case .writer: .writer
@@ -183,7 +192,7 @@ enum CheckCommand {
             return LockHolder(file: file)
         } catch {
             // A lock conflict (ImageLockError) reads "Could not open 'PATH': LOCK ERROR" too.
-            throw CLIError(CommandSupport.openFailure(error, path: path, wording: .wholeChain))
+            throw CLIError(CommandSupport.openFailure(error, path: path, shown: shown, wording: .wholeChain))
         }
     }
 

@@ -19,13 +19,22 @@ enum CommandSupport {
     static let forceShareOption = OptionSpec(short: "U", long: "force-share", key: "force-share")
     /// `--output=human|json`.
     static let outputOption = OptionSpec.long("output", takesValue: true)
+    /// `--image-opts`: the image operands are QEMU option lists (ImageOpts.swift).
+    static let imageOptsOption = OptionSpec.long("image-opts")
+    /// `--object objectdef` (secrets; ImageOpts.object).
+    static let objectOption = OptionSpec.long("object", takesValue: true)
 
     // MARK: -f
 
     /// The format named by option `key` (`-f`), nil to probe. qemu-img fails opening `image`
     /// with it: "Could not open 'IMAGE': Unknown driver 'x'" (or simg's "not supported yet").
-    static func format(_ scan: ScanResult, _ key: String = "format", opening image: String) throws(CLIError) -> ImageFormat? {
+    /// With `--image-opts` any format option is refused, as qemu-img's img_open refuses it
+    /// when it opens that image (compare's `-F` only at the second image).
+    /// `imageOpts: false`: an image that is a name even with --image-opts (bitmap's -b).
+    static func format(_ scan: ScanResult, _ key: String = "format", opening image: String,
+                       imageOpts: Bool? = nil) throws(CLIError) -> ImageFormat? {
         guard let name = scan.last(key) else { return nil }
+        if imageOpts ?? scan.has("image-opts") { throw CLIError("--image-opts and --format are mutually exclusive") }
         do { return try ImageFormat(named: name) } catch { throw CLIError("Could not open '\(image)': \(error)") }
     }
 
@@ -67,7 +76,11 @@ enum CommandSupport {
 
     /// `--output` (human by default), refused with qemu-img's words otherwise.
     static func outputFormat(_ scan: ScanResult) throws(CLIError) -> OutputFormat {
-        let name = scan.last("output") ?? "human"
+        try outputFormat(named: scan.last("output") ?? "human")
+    }
+
+    /// One `--output` value (measure checks each where qemu-img meets it).
+    static func outputFormat(named name: String) throws(CLIError) -> OutputFormat {
         guard let output = OutputFormat(rawValue: name) else {
             throw CLIError("--output must be used with human or json as argument.")
         }
@@ -103,16 +116,79 @@ enum CommandSupport {
     /// Opens `path` with `options` (ImageOpener: the name's syntax, the protocol driver's
     /// checks, the chain, the locks), a failure worded as qemu-img words it; the warnings
     /// qemu-img prints at every open go to `console` (`warnAtOpen`).
-    static func open(_ path: String, _ options: OpenOptions, wording: OpenWording,
+    /// `shown`: what the user wrote for `path` (an --image-opts list), quoted in failures.
+    static func open(_ path: String, shown: String? = nil, _ options: OpenOptions, wording: OpenWording,
                      console: Console) throws(CLIError) -> any DiskImage {
         let image: any DiskImage
         do {
             image = try ImageOpener.open(path, options: options)
         } catch {
-            throw CLIError(openFailure(error, path: path, wording: wording))
+            throw CLIError(openFailure(error, path: path, shown: shown, wording: wording))
         }
         warnAtOpen(image, console)
         return image
+    }
+
+    /// `open`, or with `--image-opts` (`imageOpts`) the option list `path` opened by its
+    /// json: name (`imageName`), the list quoted in failures: the entry point for a command
+    /// adopting --image-opts; `--object` arguments go through `objects` first.
+    static func open(_ path: String, imageOpts: Bool, _ options: OpenOptions, wording: OpenWording,
+                     console: Console) throws(CLIError) -> any DiskImage {
+        let name = try imageName(path, imageOpts: imageOpts, console: console)
+        return try open(name, shown: path, options, wording: wording, console: console)
+    }
+
+    /// The name qemu-img's "Image format was not specified for 'NAME'" warning (an image
+    /// probed and opened for writing) gives, or nil when the format was not probed: `-f`
+    /// given, or a json: name or --image-opts list naming its driver. A list's warning names
+    /// its file.
+    static func probedFormatName(_ name: String, written: String, imageOpts: Bool, format: ImageFormat?) -> String? {
+        guard format == nil else { return nil }
+        guard let location = try? ImageName.parse(name) else { return written }
+        if location.format != nil { return nil }
+        return imageOpts ? location.displayName : written
+    }
+
+    /// qemu-img's warning for an image whose format was probed and that is opened for
+    /// writing, if the format is one QEMU restricts then (raw) and it was probed
+    /// (`probedFormatName`).
+    static func warnIfProbedForWriting(_ image: any DiskImage, name: String, written: String, imageOpts: Bool,
+                                       format: ImageFormat?, console: Console) {
+        guard let probed = probedFormatName(name, written: written, imageOpts: imageOpts, format: format),
+              (image as? any ResizableImage)?.warnsWhenProbedForWriting == true else { return }
+        let format = image.format.rawValue
+        console.err("""
+            WARNING: Image format was not specified for '\(probed)' and probing guessed \(format).
+                     Automatically detecting the format is dangerous for \(format) images, write operations on block 0 will be restricted.
+                     Specify the '\(format)' format explicitly to remove the restrictions.
+
+            """)
+    }
+
+    /// The name an image operand is opened by: with `--image-opts` the json: name of the
+    /// option list `text` (ImageOpts.jsonName, which refuses a node reference as qemu-img
+    /// does), else `text` itself. For commands that open the image more than once (compare's
+    /// readers, check's repair): one parse, one deprecation warning, as in qemu-img.
+    static func imageName(_ text: String, imageOpts: Bool, console: Console) throws(CLIError) -> String {
+        imageOpts ? try ImageOpts.jsonName(text, console: console) : text
+    }
+
+    /// `--object` arguments in command-line order, each checked where qemu-img meets it in
+    /// its getopt loop, among the other options it parses there: `parsing[key]` is called with
+    /// each value of that option where it comes, so the first mistake on the command line is
+    /// the one reported. True when an object was "help" (printed: the command exits 0, the
+    /// options after it not looked at, as in qemu-img).
+    static func objects(_ scan: ScanResult, console: Console,
+                        parsing: [String: (String) throws -> Void] = [:]) throws -> Bool {
+        var secrets = ImageOpts.Secrets()
+        for option in scan.options {
+            if option.key == "object", let value = option.value {
+                if try ImageOpts.object(value, secrets: &secrets, console: console) { return true }
+            } else if let parse = parsing[option.key] {
+                try parse(option.value ?? "")
+            }
+        }
+        return false
     }
 
     /// QEMU's warning at every open of an image (and of each backing file opened with it) whose
@@ -132,8 +208,11 @@ enum CommandSupport {
 
     /// qemu-img's sentence for a failed open of `path`: "Could not open 'NAME': REASON".
     /// A lock conflict from DiskIO (`ImageLockError`) reads "Could not open 'PATH': LOCK ERROR".
-    static func openFailure(_ error: any Error, path: String, wording: OpenWording) -> String {
-        let (name, reason) = openFailureParts(error, path: path, wording: wording)
+    /// `shown`: the name qemu-img quotes when the failing image is `path` itself, if the user
+    /// wrote it otherwise (an --image-opts list, opened as the json: name `path`).
+    static func openFailure(_ error: any Error, path: String, shown: String? = nil, wording: OpenWording) -> String {
+        var (name, reason) = openFailureParts(error, path: path, wording: wording)
+        if let shown, name == path { name = shown }
         return "Could not open '\(name)': \(reason)"
     }
 

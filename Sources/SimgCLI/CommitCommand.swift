@@ -2,7 +2,7 @@ import DiskIO
 import ImageFormats
 import Pipeline
 
-/// `simg commit [-q] [-p] [-f fmt] [-t cache] [-b base] [-d] [-r rate] filename` with qemu-img
+/// `simg commit [--object objectdef] [--image-opts] [-q] [-p] [-f fmt] [-t cache] [-b base] [-d] [-r rate] filename` with qemu-img
 /// 7.2's contract: everything the image (and, with -b, every layer above the base) holds is
 /// written into its backing file (or `-b base`), the base growing when it is smaller; the
 /// base is flushed; then, unless -d (which -b implies), the image is emptied so it reads
@@ -10,7 +10,7 @@ import Pipeline
 enum CommitCommand {
     static let command = Command(
         name: "commit",
-        synopsis: "commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename",
+        synopsis: "commit [--object objectdef] [--image-opts] [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename",
         details: [
             "Commits the changes recorded in an image into its backing file.",
             "  '-b' names the image of the backing chain to commit into (default: the",
@@ -22,16 +22,25 @@ enum CommitCommand {
             "  '-t' is the cache mode of the image and the base (default writeback)",
             "  '-p' shows progress (qemu-img's meter); '-q' prints nothing but errors",
             "  '--progress=json' JSON lines on stderr, phase \"commit\" (see README)",
+            "  '--image-opts': 'filename' is an option list (driver=qcow2,file.filename=disk.qcow2);",
+            "       '-b base' stays a name, as in qemu-img",
+            "  '--object' defines a secret (secret,id=ID,data=...|file=...): accepted and unused, as",
+            "    simg does not open encrypted images yet",
         ],
         options: [CommandSupport.formatOption, .value("t", "cache"), .value("b", "base"),
-                  .flag("d", "drop"), .value("r", "rate")] + Progress.optionSpecs,
+                  .flag("d", "drop"), .value("r", "rate"),
+                  CommandSupport.objectOption, CommandSupport.imageOptsOption] + Progress.optionSpecs,
         modifiesImages: { _ in true },
         run: run)
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
         let quiet = scan.has("quiet")
+        // qemu-img parses -r and creates each --object while it reads its options, in
+        // command-line order.
         var rate: UInt64 = 0
-        if let text = scan.last("rate") { rate = try rateLimit(text) }
+        if try CommandSupport.objects(scan, console: console, parsing: ["rate": { rate = try rateLimit($0) }]) {
+            return 0
+        }
         guard scan.operands.count == 1, let filename = scan.operands.first else {
             throw CLIError.usage("Expecting one image file name")
         }
@@ -40,8 +49,8 @@ enum CommitCommand {
         let baseName = scan.last("base")
         let drop = scan.has("drop") || baseName != nil
         let format = try CommandSupport.format(scan, opening: filename)
-        let top = try CommandSupport.open(filename, OpenOptions(format: format, writable: true, cache: cache,
-                                                                openBacking: true),
+        let top = try CommandSupport.open(filename, imageOpts: scan.has("image-opts"),
+                                          OpenOptions(format: format, writable: true, cache: cache, openBacking: true),
                                           wording: .wholeChain, console: console)
         var base: (any DiskImage)?
         defer {

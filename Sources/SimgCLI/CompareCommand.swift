@@ -3,7 +3,7 @@ import Glibc
 import ImageFormats
 import Pipeline
 
-/// `simg compare [-q] [-p] [-s] [-f fmt] [-F fmt] [-T src_cache] [-U] filename1 filename2`, as
+/// `simg compare [--object objectdef] [--image-opts] [-q] [-p] [-s] [-f fmt] [-F fmt] [-T src_cache] [-U] filename1 filename2`, as
 /// qemu-img 7.2's img_compare: the same verdict lines and offsets, the size-mismatch warning,
 /// strict mode, progress, and its exit statuses (0 identical, 1 different, 2 an error after
 /// the options were read, 3 a block-status failure, 4 a read failure; usage mistakes 1). The
@@ -11,7 +11,7 @@ import Pipeline
 enum CompareCommand {
     static let command = Command(
         name: "compare",
-        synopsis: "compare [-q] [-f fmt] [-F fmt] [-T src_cache] [-p] [-s] [-U] filename1 filename2",
+        synopsis: "compare [--object objectdef] [--image-opts] [-q] [-f fmt] [-F fmt] [-T src_cache] [-p] [-s] [-U] filename1 filename2",
         details: [
             "Compares what two images read as (each with its backing chain), whatever their formats.",
             "Prints 'Images are identical.' (exit 0) or 'Content mismatch at offset N!' (exit 1), N the",
@@ -27,9 +27,13 @@ enum CompareCommand {
             "  '-p' shows progress (qemu-img's meter, 2 % steps); '-q' prints nothing (only the exit",
             "       status tells); '--progress=json' JSON lines on stderr, phase \"compare\" (see README)",
             "  '-U' (force share) reads images another process has open for writing",
+            "  '--image-opts': the filenames are option lists (driver=qcow2,file.filename=disk.qcow2)",
+            "  '--object' defines a secret (secret,id=ID,data=...|file=...): accepted and unused, as",
+            "    simg does not open encrypted images yet",
         ],
         options: [CommandSupport.formatOption, .value("F", "second-format"), .value("T", "source-cache"),
-                  .flag("s", "strict"), CommandSupport.forceShareOption] + Progress.optionSpecs,
+                  .flag("s", "strict"), CommandSupport.forceShareOption,
+                  CommandSupport.imageOptsOption, CommandSupport.objectOption] + Progress.optionSpecs,
         modifiesImages: { _ in false },
         run: run)
 
@@ -37,6 +41,14 @@ enum CompareCommand {
     static var workers: Int { max(2, min(8, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))) }
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        // qemu-img creates each --object while it reads its options, before the operand
+        // check; a bad one is exit 2 there too.
+        do {
+            if try CommandSupport.objects(scan, console: console) { return 0 }
+        } catch let error as CLIError {
+            console.error(error.message)
+            return 2
+        }
         let quiet = scan.has("quiet")
         guard scan.operands.count == 2 else { throw CLIError.usage("Expecting two image file names") }
         let names = scan.operands
@@ -59,11 +71,16 @@ enum CompareCommand {
         var opened: [any DiskImage] = []
         defer { for image in opened { try? image.close() } }
         var sides: [CompareSide] = []
+        // With --image-opts each list is opened (here and by the readers) by its json: name;
+        // messages quote the list as written, as qemu-img's do.
+        var openNames: [String] = []
         for (index, name) in names.enumerated() {
             let format = try CommandSupport.format(scan, index == 0 ? "format" : "second-format", opening: name)
             let options = OpenOptions(format: format, writable: false, cache: cache, openBacking: true,
                                       locking: CommandSupport.readLocking(scan))
-            let image = try CommandSupport.open(name, options, wording: .wholeChain, console: console)
+            openNames.append(try CommandSupport.imageName(name, imageOpts: scan.has("image-opts"), console: console))
+            let image = try CommandSupport.open(openNames[index], shown: name, options, wording: .wholeChain,
+                                                console: console)
             opened.append(image)
             sides.append(CompareSide(image: image, name: name, readers: [], mayMap: !CommandSupport.forceShare(scan)))
         }
@@ -75,9 +92,10 @@ enum CompareCommand {
             for _ in 0..<workers {
                 let reader: any DiskImage
                 do {
-                    reader = try ImageOpener.open(names[index], options: options)
+                    reader = try ImageOpener.open(openNames[index], options: options)
                 } catch {
-                    throw CLIError(CommandSupport.openFailure(error, path: names[index], wording: .wholeChain))
+                    throw CLIError(CommandSupport.openFailure(error, path: openNames[index], shown: names[index],
+                                                              wording: .wholeChain))
                 }
                 opened.append(reader)
                 sides[index].readers.append(reader)

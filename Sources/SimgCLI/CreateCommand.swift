@@ -1,11 +1,11 @@
 import DiskIO
 import ImageFormats
 
-/// `simg create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]`
+/// `simg create [--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]`
 enum CreateCommand {
     static let command = Command(
         name: "create",
-        synopsis: "create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]",
+        synopsis: "create [--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]",
         details: [
             "Creates a new disk image 'filename' of 'size' bytes (format 'fmt', raw by default).",
             "  'size' takes the suffixes k, M, G, T, P, E (powers of 1024); it may be left out",
@@ -15,13 +15,20 @@ enum CreateCommand {
             "  '-o' takes format options as name=value[,name=value...] (',,' is a literal comma);",
             "    '-o help' lists the format's options",
             "  '-q' does not print the \"Formatting ...\" line",
+            "  '--object' defines a secret (secret,id=ID,data=...|file=...): accepted and unused, as",
+            "    simg creates no encrypted images",
         ],
         options: [CommandSupport.formatOption, .value("b", "backing"), .value("F", "backing-format"),
-                  .flag("u", "unsafe"), .value("o", "options")],
+                  .flag("u", "unsafe"), .value("o", "options"), CommandSupport.objectOption],
         modifiesImages: { _ in true },
         run: run)
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        // qemu-img checks each -o list and creates each --object while it reads its options,
+        // in command-line order.
+        if try CommandSupport.objects(scan, console: console, parsing: ["options": { _ = try OptionList.join([$0]) }]) {
+            return 0
+        }
         let formatName = scan.last("format") ?? "raw"
         let options = try OptionList.join(scan.values("options"))
         let filename = scan.operands.first

@@ -3,14 +3,14 @@ import Glibc
 import ImageFormats
 import Pipeline
 
-/// `simg dd [-U] [-f fmt] [-O fmt] [bs=N] [count=N] [skip=N] if=IN of=OUT`: qemu-img dd's
+/// `simg dd [--object objectdef] [--image-opts] [-U] [-f fmt] [-O fmt] [bs=N] [count=N] [skip=N] if=IN of=OUT`: qemu-img dd's
 /// operands, messages and output size, copied through convert's pipeline over a window of the
 /// input (ConvertPlanner's `window`): many large requests in flight instead of one `bs` block
 /// at a time, and zero ranges left unwritten on the fresh output (which reads as zeros there).
 enum DdCommand {
     static let command = Command(
         name: "dd",
-        synopsis: "dd [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] if=input of=output",
+        synopsis: "dd [--object objectdef] [--image-opts] [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] if=input of=output",
         details: [
             "Copies part of 'input' (any format, with its backing chain) into a new image 'output'",
             "in format 'output_fmt' (raw by default), created fresh with that format's defaults",
@@ -26,8 +26,13 @@ enum DdCommand {
             "  zeros there): a raw output stays sparse, a qcow2 output leaves them unallocated. The",
             "  guest content is byte for byte qemu-img's",
             "  '-U' (force share) reads an input another process has open for writing",
+            "  '--image-opts': 'input' is an option list (if=driver=qcow2,file.filename=disk.qcow2);",
+            "       'output' stays a file name, as in qemu-img",
+            "  '--object' defines a secret (secret,id=ID,data=...|file=...): accepted and unused, as",
+            "    simg does not open encrypted images yet",
         ],
-        options: [CommandSupport.forceShareOption, CommandSupport.formatOption, .value("O", "output-format")],
+        options: [CommandSupport.forceShareOption, CommandSupport.formatOption, .value("O", "output-format"),
+                  CommandSupport.imageOptsOption, CommandSupport.objectOption],
         modifiesImages: { _ in true },
         run: run)
 
@@ -99,6 +104,8 @@ enum DdCommand {
     }
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        // qemu-img creates each --object while it reads its options: before the operands.
+        if try CommandSupport.objects(scan, console: console) { return 0 }
         let operands = try parseOperands(scan.operands)
         guard let inputPath = operands.input, let outputPath = operands.output else {
             throw CLIError("Must specify both input and output files")
@@ -106,8 +113,9 @@ enum DdCommand {
         let inputFormat = try CommandSupport.format(scan, opening: inputPath)
         // qemu-img opens the input with its backing chain as one block graph, before it looks
         // at -O.
-        let input = try CommandSupport.open(inputPath, OpenOptions(format: inputFormat, writable: false, cache: .writeback,
-                                                                   locking: CommandSupport.readLocking(scan)),
+        let input = try CommandSupport.open(inputPath, imageOpts: scan.has("image-opts"),
+                                            OpenOptions(format: inputFormat, writable: false, cache: .writeback,
+                                                        locking: CommandSupport.readLocking(scan)),
                                             wording: .wholeChain, console: console)
         defer { try? input.close() }
         let outputFormat: ImageFormat

@@ -1,12 +1,12 @@
 import ImageFormats
 
-/// `simg map [-f fmt] [--output=ofmt] [--start-offset=OFFSET] [--max-length=LEN] [-U] filename`,
+/// `simg map [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [--start-offset=OFFSET] [--max-length=LEN] [-U] filename`,
 /// qemu-img map's entries and layouts: one entry per run of equal mapping down the backing
 /// chain (ChainWalker.mapWalk), printed as it comes so memory stays bounded.
 enum MapCommand {
     static let command = Command(
         name: "map",
-        synopsis: "map [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename",
+        synopsis: "map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename",
         details: [
             "Shows how the image's guest ranges are mapped: which layer of the backing chain holds",
             "each range (depth 0 = the image itself), whether it is allocated there (present),",
@@ -16,23 +16,32 @@ enum MapCommand {
             "       for compressed clusters, which have no offset) or 'json' (every range)",
             "  '--start-offset' and '--max-length' limit the ranges shown (k, M, G, T, P, E suffixes)",
             "  '-U' (force share) reads an image another process has open for writing",
+            "  '--image-opts': 'filename' is an option list (driver=qcow2,file.filename=disk.qcow2)",
+            "  '--object' defines a secret (secret,id=ID,data=...|file=...): accepted and unused, as",
+            "    simg does not open encrypted images yet",
         ],
         options: [CommandSupport.formatOption, CommandSupport.forceShareOption, CommandSupport.outputOption,
-                  .long("start-offset", takesValue: true), .long("max-length", takesValue: true)],
+                  .long("start-offset", takesValue: true), .long("max-length", takesValue: true),
+                  CommandSupport.imageOptsOption, CommandSupport.objectOption],
         modifiesImages: { _ in false },
         run: run)
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
-        // qemu-img parses these while scanning the options, before anything else.
-        let start = try scan.last("start-offset").map { try CommandSupport.cvtnum($0, "start offset") } ?? 0
-        let maxLength = try scan.last("max-length").map { try CommandSupport.cvtnum($0, "max length") }
+        // qemu-img parses these and creates each --object while it reads its options, in
+        // command-line order, before anything else.
+        var start: UInt64 = 0, maxLength: UInt64?
+        if try CommandSupport.objects(scan, console: console, parsing: [
+            "start-offset": { start = try CommandSupport.cvtnum($0, "start offset") },
+            "max-length": { maxLength = try CommandSupport.cvtnum($0, "max length") },
+        ]) { return 0 }
         guard scan.operands.count == 1, let filename = scan.operands.first else {
             throw CLIError.usage("Expecting one image file name")
         }
         let output = try CommandSupport.outputFormat(scan)
         let format = try CommandSupport.format(scan, opening: filename)
-        let image = try CommandSupport.open(filename, OpenOptions(format: format, writable: false, cache: .writeback,
-                                                                  openBacking: true, locking: CommandSupport.readLocking(scan)),
+        let image = try CommandSupport.open(filename, imageOpts: scan.has("image-opts"),
+                                            OpenOptions(format: format, writable: false, cache: .writeback,
+                                                        openBacking: true, locking: CommandSupport.readLocking(scan)),
                                             wording: .wholeChain, console: console)
         defer { try? image.close() }
 

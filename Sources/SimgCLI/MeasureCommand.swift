@@ -1,6 +1,6 @@
 import ImageFormats
 
-/// `simg measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-l snapshot] [-U] filename]`
+/// `simg measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot] [-U] filename]`
 ///
 /// The argument checks run in qemu-img's order (img_measure): the filename rules, then the
 /// source is opened, then the output format and its options; the computation is
@@ -8,7 +8,7 @@ import ImageFormats
 enum MeasureCommand {
     static let command = Command(
         name: "measure",
-        synopsis: "measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-l snapshot] [-U] filename]",
+        synopsis: "measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot] [-U] filename]",
         details: [
             "Shows how large a new image of format 'output_fmt' (raw by default) would be: for",
             "  'N' bytes of guest space (suffixes k, M, G, T, P, E), or to hold the contents of",
@@ -19,10 +19,13 @@ enum MeasureCommand {
             "  '-U' (force share) reads an image another process has open for writing",
             "  '-l' measures internal snapshot 'snapshot' (snapshot.id=ID,snapshot.name=NAME, or",
             "    an ID or name) instead of the active layer",
+            "  '--image-opts': 'filename' is an option list (driver=qcow2,file.filename=disk.qcow2)",
+            "  '--object' defines a secret (secret,id=ID,data=...|file=...): accepted and unused, as",
+            "    simg does not open encrypted images yet",
         ],
         options: [CommandSupport.formatOption, CommandSupport.forceShareOption, CommandSupport.outputOption,
                   .value("O", "output-format"), .value("o", "options"), .long("size", takesValue: true),
-                  .value("l", "snapshot")],
+                  .value("l", "snapshot"), CommandSupport.imageOptsOption, CommandSupport.objectOption],
         modifiesImages: { _ in false },
         run: run)
 
@@ -35,6 +38,11 @@ enum MeasureCommand {
     /// qemu-img parses `-l` while it reads its options, so a bad list is its first error.
     static func snapshotParameter(_ scan: ScanResult) throws(CLIError) -> SnapshotParameter? {
         guard let text = scan.last("snapshot") else { return nil }
+        return try snapshotParameter(text)
+    }
+
+    /// One `-l` value parsed.
+    static func snapshotParameter(_ text: String) throws(CLIError) -> SnapshotParameter {
         guard text.hasPrefix("snapshot.") else { return .idOrName(text) }
         var id: String?, name: String?
         for (key, value) in OptionList.parse(text) {
@@ -49,13 +57,18 @@ enum MeasureCommand {
     }
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
-        let snapshot = try snapshotParameter(scan)
+        // qemu-img parses these and creates each --object while it reads its options, in
+        // command-line order, before the operand checks.
+        var snapshot: SnapshotParameter?, size: UInt64?
+        if try CommandSupport.objects(scan, console: console, parsing: [
+            "snapshot": { snapshot = try snapshotParameter($0) },
+            "output": { _ = try CommandSupport.outputFormat(named: $0) },
+            "size": { size = try CreateCommand.parseSize($0, console: console) },
+        ]) { return 0 }
         let output = try CommandSupport.outputFormat(scan)
-        var size: UInt64?
-        if let text = scan.last("size") { size = try CreateCommand.parseSize(text, console: console) }
         if scan.operands.count > 1 { throw CLIError("At most one filename argument is allowed.") }
         let filename = scan.operands.first
-        if filename == nil && (scan.has("format") || scan.has("snapshot")) {
+        if filename == nil && (scan.has("image-opts") || scan.has("format") || scan.has("snapshot")) {
             throw CLIError("--image-opts, -f, and -l require a filename argument.")
         }
         if filename != nil && size != nil {
@@ -69,8 +82,9 @@ enum MeasureCommand {
         var source: (any DiskImage)?
         if let filename {
             let format = try CommandSupport.format(scan, opening: filename)
-            source = try CommandSupport.open(filename, OpenOptions(format: format, writable: false,
-                                                                   locking: CommandSupport.readLocking(scan)),
+            source = try CommandSupport.open(filename, imageOpts: scan.has("image-opts"),
+                                             OpenOptions(format: format, writable: false,
+                                                         locking: CommandSupport.readLocking(scan)),
                                              wording: .wholeChain, console: console)
         }
         defer { if let source { try? source.close() } }

@@ -3,7 +3,7 @@ import Glibc
 import ImageFormats
 import Pipeline
 
-/// `simg rebase [-q] [-p] [-U] [-f fmt] [-t cache] [-T src_cache] [-u] -b backing_file
+/// `simg rebase [--object objectdef] [--image-opts] [-q] [-p] [-U] [-f fmt] [-t cache] [-T src_cache] [-u] -b backing_file
 /// [-F backing_fmt] filename` with qemu-img 7.2's contract: in safe mode the overlay first gets
 /// every cluster where its old chain and the new backing file differ, then (after a sync) the
 /// header names the new backing file; `-u` changes the header only; `-b ""` makes the image
@@ -11,7 +11,7 @@ import Pipeline
 enum RebaseCommand {
     static let command = Command(
         name: "rebase",
-        synopsis: "rebase [-q] [-p] [-U] [-f fmt] [-t cache] [-T src_cache] [-u] -b backing_file [-F backing_fmt] filename",
+        synopsis: "rebase [--object objectdef] [--image-opts] [-q] [-p] [-U] [-f fmt] [-t cache] [-T src_cache] [-u] -b backing_file [-F backing_fmt] filename",
         details: [
             "Changes the backing file of an image.",
             "  '-b' names the new backing file (relative names are relative to the image's folder);",
@@ -23,15 +23,22 @@ enum RebaseCommand {
             "  '-p' shows progress (qemu-img's meter); '-q' prints nothing but errors",
             "  '--progress=json' JSON lines on stderr, phase \"compare\" (see README)",
             "  '-U' (force share) reads the new backing file even if another process writes it",
+            "  '--image-opts': 'filename' is an option list (driver=qcow2,file.filename=disk.qcow2);",
+            "       '-b' stays a name (relative to the list's file.filename), as in qemu-img",
+            "  '--object' defines a secret (secret,id=ID,data=...|file=...): accepted and unused, as",
+            "    simg does not open encrypted images yet",
         ],
         options: [CommandSupport.formatOption, .value("F", "backing-format"), .value("b", "backing"),
                   .value("t", "cache"), .value("T", "source-cache"), .flag("u", "unsafe"),
-                  CommandSupport.forceShareOption] + Progress.optionSpecs,
+                  CommandSupport.forceShareOption,
+                  CommandSupport.objectOption, CommandSupport.imageOptsOption] + Progress.optionSpecs,
         modifiesImages: { _ in true },
         run: run)
 
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        // qemu-img creates each --object while it reads its options: before the operand checks.
+        if try CommandSupport.objects(scan, console: console) { return 0 }
         let unsafe = scan.has("unsafe")
         guard scan.operands.count == 1, let filename = scan.operands.first else {
             throw CLIError.usage("Expecting one image file name")
@@ -61,10 +68,14 @@ enum RebaseCommand {
             }
         }
         let format = try CommandSupport.format(scan, opening: filename)
+        // With --image-opts the overlay is opened (and compared, and its folder found) by the
+        // list's json: name; messages quote the list as written.
+        let image = try CommandSupport.imageName(filename, imageOpts: scan.has("image-opts"), console: console)
 
         // The overlay, writable; in safe mode with its old chain (read-only) to compare against.
-        let overlay = try CommandSupport.open(filename, OpenOptions(format: format, writable: true,
-                                                                    cache: .writeback, openBacking: !unsafe),
+        let overlay = try CommandSupport.open(image, shown: filename,
+                                              OpenOptions(format: format, writable: true, cache: .writeback,
+                                                          openBacking: !unsafe),
                                               wording: .wholeChain, console: console)
         var newBacking: (any DiskImage)?
         // Set when the new backing file could not be locked because its chain reaches the
@@ -76,7 +87,7 @@ enum RebaseCommand {
         }
         if !unsafe && !newName.isEmpty {
             // qemu opens the new name relative to the overlay's folder, as a backing file.
-            let resolved = ImageName.resolve(backing: newName, relativeTo: ImageName.filePath(of: filename))
+            let resolved = ImageName.resolve(backing: newName, relativeTo: ImageName.filePath(of: image))
             do {
                 // As qemu-img rebase: -U shares the new backing file (the overlay and its old
                 // chain keep their locks).
@@ -85,7 +96,7 @@ enum RebaseCommand {
                                                                                  locking: CommandSupport.readLocking(scan)))
                 if let newBacking { CommandSupport.warnAtOpen(newBacking, console) }
             } catch where ImageOpener.failedOnLock(error)
-                        && chain(from: resolved, opened: nil, format: backingFormat, contains: filename) {
+                        && chain(from: resolved, opened: nil, format: backingFormat, contains: image) {
                 newChainHasOverlay = true
             } catch {
                 // qemu names the file as given, then the open(2) failure once, with the resolved name.
@@ -117,8 +128,8 @@ enum RebaseCommand {
         // A new backing file that is the overlay, or whose chain leads back to it, would leave
         // an image nothing can open (qemu-img only escapes this through its image locks).
         if !newName.isEmpty {
-            let resolved = ImageName.resolve(backing: newName, relativeTo: ImageName.filePath(of: filename))
-            if newChainHasOverlay || chain(from: resolved, opened: newBacking, format: backingFormat, contains: filename) {
+            let resolved = ImageName.resolve(backing: newName, relativeTo: ImageName.filePath(of: image))
+            if newChainHasOverlay || chain(from: resolved, opened: newBacking, format: backingFormat, contains: image) {
                 throw CLIError("\(change): Backing file '\(newName)' creates an infinite loop")
             }
         }

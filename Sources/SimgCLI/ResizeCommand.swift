@@ -1,14 +1,14 @@
 import DiskIO
 import ImageFormats
 
-/// `simg resize [-q] [-f fmt] [--preallocation=PREALLOC] [--shrink] filename [+|-]size` with
+/// `simg resize [--object objectdef] [--image-opts] [-q] [-f fmt] [--preallocation=PREALLOC] [--shrink] filename [+|-]size` with
 /// qemu-img 7.2's contract. As in qemu-img the size is the last argument, taken before the
 /// options are scanned (`Command.lastArgumentIsOperand`), so `-1G` is a size, not an option.
 /// qemu-img resize takes no `-U`.
 enum ResizeCommand {
     static let command = Command(
         name: "resize",
-        synopsis: "resize [-q] [-f fmt] [--preallocation=PREALLOC] [--shrink] filename [+ | -]size",
+        synopsis: "resize [--object objectdef] [--image-opts] [-q] [-f fmt] [--preallocation=PREALLOC] [--shrink] filename [+ | -]size",
         details: [
             "Changes the disk image as if it had been created with that size.",
             "  'size' is the new size, or with '+' or '-' the change (k, M, G, T, P or E suffixes);",
@@ -17,23 +17,26 @@ enum ResizeCommand {
             "  '--preallocation' (off, falloc, full; qcow2 also metadata) only when growing",
             "  '-f' names the image's format instead of probing it",
             "  '-q' prints nothing but errors",
+            "  '--image-opts': 'filename' is an option list (driver=qcow2,file.filename=disk.qcow2)",
+            "  '--object' defines a secret (secret,id=ID,data=...|file=...): accepted and unused, as",
+            "    simg does not open encrypted images yet",
         ],
         options: [CommandSupport.formatOption, .long("preallocation", takesValue: true), .long("shrink"),
-                  .long("object", takesValue: true), .long("image-opts")],
+                  CommandSupport.objectOption, CommandSupport.imageOptsOption],
         lastArgumentIsOperand: true,
         modifiesImages: { _ in true },
         run: run)
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
-        if scan.has("object") { throw CLIError("simg does not support --object") }
-        if scan.has("image-opts") { throw CLIError("simg does not support --image-opts") }
+        // qemu-img parses --preallocation and creates each --object while it reads its
+        // options, in command-line order.
         var preallocation = ResizePreallocation.off
-        if let name = scan.last("preallocation") {
+        if try CommandSupport.objects(scan, console: console, parsing: ["preallocation": { name in
             guard let mode = ResizePreallocation(rawValue: name) else {
                 throw CLIError("Invalid preallocation mode '\(name)'")
             }
             preallocation = mode
-        }
+        }]) { return 0 }
         // The size was taken off the end before scanning: exactly one file name must remain.
         guard scan.operands.count == 2 else { throw CLIError.usage("Expecting image file name and size") }
         let filename = scan.operands[0]
@@ -50,21 +53,17 @@ enum ResizeCommand {
             throw CLIError(SizeParser.parameterMessage(for: error, text: String(sizeText), parameter: "size"))
         }
         let format = try CommandSupport.format(scan, opening: filename)
-        let image = try CommandSupport.open(filename, OpenOptions(format: format, writable: true, cache: .writeback,
-                                                                  openBacking: true),
+        let imageOpts = scan.has("image-opts")
+        let name = try CommandSupport.imageName(filename, imageOpts: imageOpts, console: console)
+        let image = try CommandSupport.open(name, shown: filename,
+                                            OpenOptions(format: format, writable: true, cache: .writeback, openBacking: true),
                                             wording: .wholeChain, console: console)
         defer { try? image.close() }
         guard let resizable = image as? any ResizableImage else {
             throw CLIError("Image format driver does not support resize")
         }
-        if format == nil && resizable.warnsWhenProbedForWriting {
-            console.err("""
-                WARNING: Image format was not specified for '\(filename)' and probing guessed \(image.format.rawValue).
-                         Automatically detecting the format is dangerous for \(image.format.rawValue) images, write operations on block 0 will be restricted.
-                         Specify the '\(image.format.rawValue)' format explicitly to remove the restrictions.
-
-                """)
-        }
+        CommandSupport.warnIfProbedForWriting(image, name: name, written: filename, imageOpts: imageOpts,
+                                              format: format, console: console)
         // qemu-img's int64 arithmetic (blk_getlength + n * relative), wrapping as C does.
         let current = Int64(bitPattern: image.virtualSize)
         let n = Int64(bitPattern: amount)

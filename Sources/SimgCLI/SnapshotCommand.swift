@@ -2,7 +2,7 @@ import DiskIO
 import Glibc
 import ImageFormats
 
-/// `simg snapshot [-q] [-U] [-l | -a snapshot | -c snapshot | -d snapshot] filename` with
+/// `simg snapshot [--object objectdef] [--image-opts] [-q] [-U] [-l | -a snapshot | -c snapshot | -d snapshot] filename` with
 /// qemu-img 7.2's contract: `-l` lists the table (even with -q; nothing when there are no
 /// snapshots), `-c` creates, `-a` applies (by ID, then by name), `-d` deletes (by name only, as
 /// 7.2 does); no action opens the image read-write and does nothing. The image is opened
@@ -10,7 +10,7 @@ import ImageFormats
 enum SnapshotCommand {
     static let command = Command(
         name: "snapshot",
-        synopsis: "snapshot [-q] [-U] [-l | -a snapshot | -c snapshot | -d snapshot] filename",
+        synopsis: "snapshot [--object objectdef] [--image-opts] [-q] [-U] [-l | -a snapshot | -c snapshot | -d snapshot] filename",
         details: [
             "Lists, creates, applies or deletes internal snapshots (qcow2).",
             "  '-l' lists the snapshots (printed even with -q)",
@@ -18,28 +18,31 @@ enum SnapshotCommand {
             "       that name; '-a' makes the image's current state the snapshot's (by ID, then name)",
             "  '-U' (force share) lists the snapshots of an image another process has open (-l only)",
             "  '-q' prints nothing but errors",
+            "  '--image-opts': 'filename' is an option list (driver=qcow2,file.filename=disk.qcow2)",
+            "  '--object' defines a secret (secret,id=ID,data=...|file=...): accepted and unused, as",
+            "    simg does not open encrypted images yet",
         ],
         options: [.flag("l", "list"), .value("a", "apply"), .value("c", "create"), .value("d", "delete"),
-                  CommandSupport.forceShareOption],
+                  CommandSupport.forceShareOption, CommandSupport.objectOption, CommandSupport.imageOptsOption],
         modifiesImages: { scan in !scan.has("list") },
         run: run)
 
     enum Action { case list, apply(String), create(String), delete(String) }
 
     static func run(_ scan: ScanResult, _ console: Console) throws -> Int32 {
+        // qemu-img takes the action and creates each --object while it reads its options, in
+        // command-line order.
         var action: Action?
-        for option in scan.options {
-            let next: Action
-            switch option.key {
-            case "list": next = .list
-            case "apply": next = .apply(option.value ?? "")
-            case "create": next = .create(option.value ?? "")
-            case "delete": next = .delete(option.value ?? "")
-            default: continue
-            }
+        func take(_ next: Action) throws {
             if action != nil { throw CLIError.usage("Cannot mix '-l', '-a', '-c', '-d'") }
             action = next
         }
+        if try CommandSupport.objects(scan, console: console, parsing: [
+            "list": { _ in try take(.list) },
+            "apply": { try take(.apply($0)) },
+            "create": { try take(.create($0)) },
+            "delete": { try take(.delete($0)) },
+        ]) { return 0 }
         guard scan.operands.count == 1, let filename = scan.operands.first else {
             throw CLIError.usage("Expecting one image file name")
         }
@@ -49,10 +52,18 @@ enum SnapshotCommand {
             // Every other action (and none) opens the image read-write.
             throw CLIError("Could not open '\(filename)': force-share=on can only be used with read-only images")
         }
-        let image = try CommandSupport.open(filename, OpenOptions(writable: !listing, cache: .writeback, openBacking: false,
-                                                                  locking: CommandSupport.readLocking(scan)),
+        let imageOpts = scan.has("image-opts")
+        let openName = try CommandSupport.imageName(filename, imageOpts: imageOpts, console: console)
+        let image = try CommandSupport.open(openName, shown: filename,
+                                            OpenOptions(writable: !listing, cache: .writeback, openBacking: false,
+                                                        locking: CommandSupport.readLocking(scan)),
                                             wording: .deepestImage, console: console)
         defer { try? image.close() }
+        // Every action but -l opens the image read-write (none too).
+        if !listing {
+            CommandSupport.warnIfProbedForWriting(image, name: openName, written: filename, imageOpts: imageOpts,
+                                                  format: nil, console: console)
+        }
         let snapshotting = image as? any SnapshottingImage
         switch action {
         case nil:
@@ -77,6 +88,10 @@ enum SnapshotCommand {
             } catch { throw failure("create", name, error, image: filename) }
         case .apply(let name):
             guard let snapshotting else {
+                // QEMU's bdrv_snapshot_goto falls back to the file below, reopening the
+                // format driver on the way: a probed raw image warns a second time.
+                CommandSupport.warnIfProbedForWriting(image, name: openName, written: filename, imageOpts: imageOpts,
+                                                      format: nil, console: console)
                 throw CLIError("Could not apply snapshot '\(name)': Block driver does not support snapshots")
             }
             do { try snapshotting.applySnapshot(name) } catch { throw failure("apply", name, error, image: filename) }

@@ -175,7 +175,7 @@ import TestSupport
         #expect(ours.stderr == theirs.stderr.replacingOccurrences(of: "qemu-img:", with: "simg:"), "\(arguments)")
     }
 
-    @Test("a truncated source fails with the file and the offset")
+    @Test("a truncated source converts with the missing part as zeros, as qemu-img")
     func truncatedSource() throws {
         let dir = try TempDir()
         let source = dir.file("t.qcow2")
@@ -184,11 +184,11 @@ import TestSupport
         let attributes = try FileManager.default.attributesOfItem(atPath: source)
         let size = (attributes[.size] as? NSNumber)?.uint64Value ?? 0
         try convertTruncate(source, to: size - (1 << 20))
+        try qemuImg("convert", "-O", "raw", source, dir.file("q.raw"))
         for cache in [[String](), ["-T", "none"]] {
             let r = try run(simgBinary, ["convert"] + cache + ["-O", "raw", source, dir.file("o.raw")])
-            #expect(r.status == 1)
-            #expect(Self.oneOffset(r.stderr, "reading", "read", source,
-                                   "unexpected end of file (the image is truncated)"), "\(r.stderr)")
+            #expect(r.status == 0 && r.stderr.isEmpty, "\(r.stderr)")
+            #expect(try filesEqual(dir.file("o.raw"), dir.file("q.raw")))
         }
     }
 

@@ -17,8 +17,8 @@ private let tryHelp = "Try 'simg --help' for more information\n"
             let r = simg(flag)
             #expect(r.status == 0)
             #expect(r.out.contains("usage: simg [-h | --help] [-V | --version] command [command options]\n"))
-            #expect(r.out.contains("\n  create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]\n"))
-            #expect(r.out.contains("\n  info [-q] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename\n"))
+            #expect(r.out.contains("\n  create [--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]\n"))
+            #expect(r.out.contains("\n  info [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename\n"))
             #expect(r.out.contains("Supported formats: qcow2 raw\n"))
             #expect(r.err.isEmpty)
         }
@@ -28,7 +28,9 @@ private let tryHelp = "Try 'simg --help' for more information\n"
         for arguments in [["info", "--help"], ["info", "-h"], ["info", "x", "--he", "-z"], ["create", "-qh"]] {
             let r = runInProcess(arguments)
             #expect(r.status == 0)
-            #expect(r.out.hasPrefix("usage: simg \(arguments[0]) [-q] [-f fmt]"))
+            // The synopses start as qemu-img's, with --object (and info's --image-opts).
+            let start = arguments[0] == "info" ? "info [--object objectdef] [--image-opts]" : "create [--object objectdef]"
+            #expect(r.out.hasPrefix("usage: simg \(start) [-q] [-f fmt]"))
             #expect(r.err.isEmpty)
         }
     }

@@ -25,7 +25,8 @@ extension QCOW2Image {
             throw corruption("L2 table offset \(QCOW2BE.hex(offset)) unaligned (L1 index \(index))")
         }
         // QEMU reads a table past the end of the file as zeros (all unallocated); a table the
-        // file does not contain is corruption, so simg refuses to read through it.
+        // file does not contain is corruption, so simg refuses to read through it, unless the
+        // command reads as QEMU does (`readPastEndAsZeros`: readOnlyFileSize is then .max).
         if offset != 0, !tableCache.contains(offset) {
             let (end, overflow) = offset.addingReportingOverflow(UInt64(clusterSize))
             if overflow || end > readOnlyFileSize {

@@ -4,6 +4,9 @@ import Glibc
 /// Persistent dirty bitmaps of a qcow2 v3 image (`BitmapImage`), with QEMU 7.2's checks and
 /// words. The directory is QCOW2Bitmaps.swift's; storing goes through QCOW2MetadataSwitch.
 extension QCOW2Image: BitmapImage {
+    /// QEMU's qcow2_supports_persistent_dirty_bitmap: version 3 and later.
+    public var supportsPersistentBitmaps: Bool { header.version >= 3 }
+
     public func persistentBitmaps() throws -> [PersistentBitmap] {
         try QCOW2BitmapDirectory.load(file: file, header: header, virtualSize: virtualSize, path: path).map {
             PersistentBitmap(name: $0.name, granularity: $0.granularity, enabled: $0.isAuto, inUse: $0.inUse)

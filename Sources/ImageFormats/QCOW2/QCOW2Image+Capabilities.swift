@@ -51,3 +51,9 @@ extension QCOW2Image: CompressedClusterWrites {
 
     public func finishCompressedWrites() throws { try alignFileEndToSector() }
 }
+
+extension QCOW2Image: PastEndZeroReading {
+    /// The L2 tables' end-of-file check goes (`l2TableOffset`); tables and data past the end
+    /// then read as zeros through `qcow2Read`, as QEMU reads them.
+    public func readPastEndAsZeros() { readOnlyFileSize = .max }
+}

@@ -231,7 +231,8 @@ public final class RawImage: DiskImage {
             throw ImageError(path: path, message: "Cannot resize device files")
         }
         // QEMU's raw_co_truncate refuses this too: the window's size is fixed by the name.
-        if windowSize != nil { throw ImageError(path: path, message: "Cannot resize fixed-size raw disks") }
+        // (A ResizeError: qemu-img prints the sentence without naming the image.)
+        if windowSize != nil { throw ResizeError("Cannot resize fixed-size raw disks") }
         guard newSize <= UInt64(Int64.max) - windowOffset else {
             throw ImageError(path: path, message: "The image size is too large for file format 'raw'")
         }
