@@ -14,7 +14,7 @@
 #   BENCH_ONLY    workloads to run, comma separated, from: 1,1T,2,3,C,R,M,S,Z,A,K,L,N (default
 #                 all; C is check, R rebase, M commit, S snapshot, Z resize, A amend, K compare,
 #                 L map, N measure)
-#   BENCH_REPEAT  invocations timed together in workloads L and N (default 20): one run of either
+#   BENCH_REPEAT  invocations timed together in workloads L and N (default 50): one run of either
 #                 takes milliseconds, below GNU time's 10 ms resolution
 #   BENCH_TOOLS   simg,qemu-img (default both); the tuning script runs simg alone
 #   SIMG          simg binary (default <repo>/.build/release/simg, what `make release` builds)
@@ -51,7 +51,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH_DIR=${BENCH_DIR:-/var/tmp/simg-bench}
 BENCH_RUNS=${BENCH_RUNS:-5}
 BENCH_ONLY=${BENCH_ONLY:-1,1T,2,3,C,R,M,S,Z,A,K,L,N}
-BENCH_REPEAT=${BENCH_REPEAT:-20}
+BENCH_REPEAT=${BENCH_REPEAT:-50}
 BENCH_TOOLS=${BENCH_TOOLS:-simg,qemu-img}
 SIMG=${SIMG:-$repo/.build/release/simg}
 SIMG_ARGS=${SIMG_ARGS:-}
@@ -448,7 +448,7 @@ run_workload() {
                 rss[$tool]+="${result#* }"$'\n'
                 if [ "$tool" = simg ] && [ "$i" -eq 1 ] && [ "$BENCH_VERIFY" = 1 ]; then
                     if verify_output "$fmt" "$src" "$ofmt" "$out"; then
-                        say "  simg output verified (qemu-img compare)"
+                        say "  simg output verified (against qemu-img)"
                     else
                         say "  simg output DIFFERS from the source"
                         verdict=" (WRONG OUTPUT)"

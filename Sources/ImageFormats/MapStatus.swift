@@ -179,9 +179,10 @@ extension ChainWalker {
         while cursor < end {
             let next = try mapEntry(at: cursor, length: end - cursor, layers: &layers)
             cursor += next.length
-            if var merged = pending, merged.mergeable(with: next) {
-                merged.length += next.length
-                pending = merged
+            // Merged in place: a copy of the held entry (its layer and name retained and
+            // released) per answer showed in map's profile.
+            if pending?.mergeable(with: next) == true {
+                pending!.length += next.length
             } else {
                 if let pending { try body(pending) }
                 pending = next

@@ -56,21 +56,40 @@ final class ByteOutput {
         count += bytes.count
     }
 
+    /// "00" "01" … "99": two digits per division when writing decimals.
+    private static let digitPairs: [UInt8] = (0..<100).flatMap { [UInt8(ascii: "0") + UInt8($0 / 10), UInt8(ascii: "0") + UInt8($0 % 10)] }
+
     /// `value` in decimal, as printf's `%llu`.
     func appendDecimal(_ value: UInt64) {
         var digits = 1
-        var rest = value / 10
-        while rest != 0 { digits += 1; rest /= 10 }
+        var bound: UInt64 = 10
+        while digits < 20 && value >= bound {
+            digits += 1
+            if digits < 20 { bound &*= 10 }
+        }
         reserve(digits)
         var v = value
         var at = base + count + digits
-        repeat {
-            at -= 1
-            // Sound: `at` stays within the `digits` bytes reserve left free at base + count:
-            // the loop runs once per digit, from the last one back.
-            at.pointee = UInt8(ascii: "0") + UInt8(truncatingIfNeeded: v % 10)
-            v /= 10
-        } while v != 0
+        Self.digitPairs.withUnsafeBufferPointer { pairs in
+            // Sound: `at` moves back from base + count + digits and stops at base + count: each
+            // step writes only bytes of the `digits` reserve left free (one per digit), and
+            // the pair index 2 * (v % 100) + 1 is below pairs.count (200).
+            while v >= 100 {
+                let pair = Int(v % 100) * 2
+                v /= 100
+                at -= 2
+                at[0] = pairs[pair]
+                at[1] = pairs[pair + 1]
+            }
+            if v >= 10 {
+                at -= 2
+                at[0] = pairs[Int(v) * 2]
+                at[1] = pairs[Int(v) * 2 + 1]
+            } else {
+                at -= 1
+                at[0] = UInt8(ascii: "0") + UInt8(truncatingIfNeeded: v)
+            }
+        }
         count += digits
     }
 
