@@ -29,6 +29,8 @@ extension DiskFile {
     /// a metadata table read straight into the array it is kept in, without a byte copy.
     func qcow2ReadWords(count: Int, at offset: UInt64) throws -> [UInt64] {
         var words = [UInt64](repeating: 0, count: count)
+        // Sound: the buffer is the array's own count * 8 initialized bytes, only written
+        // inside the closure; any bit pattern is a valid UInt64.
         try words.withUnsafeMutableBytes { _ = try qcow2Read(into: $0, at: offset) }
         for i in words.indices { words[i] = UInt64(bigEndian: words[i]) }
         return words
