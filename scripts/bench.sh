@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # simg against qemu-img on the same inputs (issue 3, "Benchmark"; commit, snapshot, resize: issue 12;
-# amend: A; compare: K).
+# amend: A; compare: K; map: L, measure: N).
 #
 # Makes its inputs once in BENCH_DIR (kept between runs while they are valid), then for every
 # workload runs simg and qemu-img in turn (simg, qemu-img, simg, qemu-img, ...) BENCH_RUNS times
@@ -11,8 +11,11 @@
 # Environment:
 #   BENCH_DIR     work folder (default /var/tmp/simg-bench); must support O_DIRECT
 #   BENCH_RUNS    timed runs per tool and workload (default 5)
-#   BENCH_ONLY    workloads to run, comma separated, from: 1,1T,2,3,C,R,M,S,Z,A,K (default all;
-#                 C is check, R rebase, M commit, S snapshot, Z resize, A amend, K compare)
+#   BENCH_ONLY    workloads to run, comma separated, from: 1,1T,2,3,C,R,M,S,Z,A,K,L,N (default
+#                 all; C is check, R rebase, M commit, S snapshot, Z resize, A amend, K compare,
+#                 L map, N measure)
+#   BENCH_REPEAT  invocations timed together in workloads L and N (default 50): one run of either
+#                 takes milliseconds, below GNU time's 10 ms resolution
 #   BENCH_TOOLS   simg,qemu-img (default both); the tuning script runs simg alone
 #   SIMG          simg binary (default <repo>/.build/release/simg, what `make release` builds)
 #   SIMG_ARGS     extra options given to `simg convert` (e.g. "--buffer-size 2M --queue-depth 16")
@@ -37,12 +40,18 @@
 #       refcount rewritten at the new width; the copy is made before the timer starts
 #   K   compare -f qcow2 -F raw w1.qcow2 w1.raw (identical: 2 GiB of data clusters read and
 #       compared on both sides, the holes not read); simg is verified by its exit status 0
+#   L   map --output=json frag.qcow2 (4 GiB virtual, 64 KiB clusters, 20,000 4 KiB writes at
+#       scattered offsets: ~17,000 clusters allocated in write order, ~30,000 map entries),
+#       BENCH_REPEAT invocations in a row per timed run; verified byte for byte against qemu-img's
+#   N   measure -O qcow2 w1.qcow2, BENCH_REPEAT invocations in a row per timed run; verified
+#       against qemu-img's output, human and --output=json
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH_DIR=${BENCH_DIR:-/var/tmp/simg-bench}
 BENCH_RUNS=${BENCH_RUNS:-5}
-BENCH_ONLY=${BENCH_ONLY:-1,1T,2,3,C,R,M,S,Z,A,K}
+BENCH_ONLY=${BENCH_ONLY:-1,1T,2,3,C,R,M,S,Z,A,K,L,N}
+BENCH_REPEAT=${BENCH_REPEAT:-50}
 BENCH_TOOLS=${BENCH_TOOLS:-simg,qemu-img}
 SIMG=${SIMG:-$repo/.build/release/simg}
 SIMG_ARGS=${SIMG_ARGS:-}
@@ -216,6 +225,39 @@ make_rebase_inputs() {
     echo "$LAYOUT" > "$BENCH_DIR/rebase.ok"
 }
 
+# Map input, made only when workload L runs: frag.qcow2, an empty 4 GiB qcow2 (64 KiB clusters)
+# given 20,000 writes of 4 KiB at offsets from a fixed-seed Park-Miller generator (4 KiB aligned,
+# anywhere in the 4 GiB), in four qemu-io invocations of 5,000 commands (cache=writeback: no
+# flush per write). Each write into a new cluster allocates it at the end of the file, so the
+# host offsets follow write order and almost no two neighbouring clusters merge in the map.
+FRAG_WRITES=20000
+make_frag_input() {
+    local frag=$BENCH_DIR/frag.qcow2 cmds=() line
+    if [ -f "$BENCH_DIR/frag.ok" ] && [ "$(cat "$BENCH_DIR/frag.ok")" = "$LAYOUT" ] \
+            && qemu-img check -q "$frag" >/dev/null 2>&1; then
+        return
+    fi
+    check_space 2
+    say "making frag.qcow2 (4 GiB virtual, $FRAG_WRITES scattered 4 KiB writes)"
+    rm -f "$frag" "$BENCH_DIR/frag.ok"
+    qemu-img create -q -f qcow2 "$frag" $((W1_GROUPS * W1_GROUP_MIB))M
+    # mawk's %d stops at 2^31 - 1: offsets are printed with %.0f (exact: below 2^53).
+    while IFS= read -r line; do
+        cmds+=(-c "$line")
+        if [ ${#cmds[@]} -eq 10000 ]; then
+            qemu-io -t writeback -f qcow2 "${cmds[@]}" "$frag" >/dev/null
+            cmds=()
+        fi
+    done < <(awk -v n=$FRAG_WRITES 'BEGIN { x = 13
+        for (i = 0; i < n; i++) {
+            x = (x * 48271) % 2147483647
+            printf "write -q -P %d %.0f 4k\n", i % 255 + 1, (x % 1048576) * 4096
+        } }')
+    [ ${#cmds[@]} -eq 0 ] || qemu-io -t writeback -f qcow2 "${cmds[@]}" "$frag" >/dev/null
+    qemu-img check -q "$frag"
+    echo "$LAYOUT" > "$BENCH_DIR/frag.ok"
+}
+
 # Commit inputs, made only when workload M runs: cbase.qcow2 an empty 4 GiB image, ctop.qcow2
 # an overlay over it (by the relative name cbase.qcow2) holding what w1.qcow2 holds.
 make_commit_inputs() {
@@ -262,7 +304,10 @@ workload() {
         A)  echo "amend $BENCH_DIR/w1.qcow2 qcow2 -|amend refcount_bits=64 of w1.qcow2 (4 GiB)" ;;
         # Not a conversion: compare of w1.qcow2 with its raw copy (exit 0 = identical).
         K)  echo "compare $BENCH_DIR/w1.qcow2 qcow2 -|compare of w1.qcow2 with w1.raw (4 GiB, identical)" ;;
-        *)  die "unknown workload '$1' (known: 1 1T 2 3 C R M S Z A K)" ;;
+        # Not conversions, and quick: BENCH_REPEAT invocations in a row are one timed run.
+        L)  echo "map $BENCH_DIR/frag.qcow2 - -|map --output=json of frag.qcow2 (4 GiB, 20,000 scattered 4 KiB writes), ${BENCH_REPEAT} runs in a row" ;;
+        N)  echo "measure $BENCH_DIR/w1.qcow2 - -|measure -O qcow2 of w1.qcow2 (4 GiB), ${BENCH_REPEAT} runs in a row" ;;
+        *)  die "unknown workload '$1' (known: 1 1T 2 3 C R M S Z A K L N)" ;;
     esac
 }
 
@@ -288,6 +333,12 @@ timed_convert() {
     elif [ "$fmt" = compare ]; then
         # Exit 0 only when the images are identical: any other status fails the run.
         cmd=("$bin" compare -f qcow2 -F raw "$src" "$BENCH_DIR/w1.raw")
+    elif [ "$fmt" = map ] || [ "$fmt" = measure ]; then
+        # The same command BENCH_REPEAT times; stdout is discarded (verify_output compares it).
+        local args=(map --output=json "$src")
+        [ "$fmt" = map ] || args=(measure -O qcow2 "$src")
+        cmd=(sh -c 'n=$1; shift; i=0; while [ "$i" -lt "$n" ]; do "$@" >/dev/null || exit 1; i=$((i + 1)); done' \
+             sh "$BENCH_REPEAT" "$bin" "${args[@]}")
     elif [ "$fmt" = resize ]; then
         cmd=(sh -c '"$1" resize -q "$2" 16T && "$1" resize -q --shrink "$2" 64M' sh "$bin" "$out")
     elif [ "$fmt" = rebase ]; then
@@ -346,6 +397,17 @@ verify_output() {
         [ "$("$SIMG" compare -f qcow2 -F raw "$src" "$BENCH_DIR/w1.raw")" = "Images are identical." ]
         return
     fi
+    if [ "$fmt" = map ]; then
+        # Byte for byte qemu-img's output.
+        cmp -s <("$SIMG" map --output=json "$src") <(qemu-img map --output=json "$src")
+        return
+    fi
+    if [ "$fmt" = measure ]; then
+        # qemu-img's numbers and layout, human and JSON.
+        [ "$("$SIMG" measure -O qcow2 "$src")" = "$(qemu-img measure -O qcow2 "$src")" ] \
+            && [ "$("$SIMG" measure -O qcow2 --output=json "$src")" = "$(qemu-img measure -O qcow2 --output=json "$src")" ]
+        return
+    fi
     if [ "$fmt" = rebase ]; then
         # The rebased copy reads what the overlay read through its old base, is clean, and
         # names the new base.
@@ -386,7 +448,7 @@ run_workload() {
                 rss[$tool]+="${result#* }"$'\n'
                 if [ "$tool" = simg ] && [ "$i" -eq 1 ] && [ "$BENCH_VERIFY" = 1 ]; then
                     if verify_output "$fmt" "$src" "$ofmt" "$out"; then
-                        say "  simg output verified (qemu-img compare)"
+                        say "  simg output verified (against qemu-img)"
                     else
                         say "  simg output DIFFERS from the source"
                         verdict=" (WRONG OUTPUT)"
@@ -423,7 +485,7 @@ run_workload() {
 
     if have_tool simg && [ "$BENCH_STATS" = 1 ] && [ "$fmt" != check ] && [ "$fmt" != rebase ] \
             && [ "$fmt" != commit ] && [ "$fmt" != snapshot ] && [ "$fmt" != resize ] && [ "$fmt" != amend ] \
-            && [ "$fmt" != compare ] && [ -z "${failed[simg]:-}" ]; then
+            && [ "$fmt" != compare ] && [ "$fmt" != map ] && [ "$fmt" != measure ] && [ -z "${failed[simg]:-}" ]; then
         rm -f "$out"
         # shellcheck disable=SC2086
         if "$SIMG" convert $SIMG_ARGS --stats -f "$fmt" $flags -O "$ofmt" "$src" "$out" \
@@ -448,6 +510,7 @@ main() {
     for name in "${names[@]}"; do
         workload "$name" >/dev/null
         [ "$name" != R ] || make_rebase_inputs
+        [ "$name" != L ] || make_frag_input
         [ "$name" != M ] || make_commit_inputs
     done
     for name in "${names[@]}"; do

@@ -106,36 +106,64 @@ extension ChainWalker {
         }
     }
 
+    /// One layer of the chain as the map walk asks it: the image, its `LayerStatusImage` view
+    /// and host file name found once (a cast to an existential per answer cost as much as the
+    /// answer on a fragmented image).
+    struct MapLayer {
+        let image: any DiskImage
+        let reporting: (any LayerStatusImage)?
+        let fileName: String?
+
+        init(_ image: any DiskImage) {
+            self.image = image
+            reporting = image as? any LayerStatusImage
+            fileName = reporting?.hostFileName
+        }
+
+        func status(at offset: UInt64, length: UInt64) throws -> LayerStatus {
+            if let reporting { return try reporting.layerStatus(at: offset, length: length) }
+            return try ChainWalker.layerStatus(of: image, at: offset, length: length)
+        }
+    }
+
     /// The map entry starting exactly at `offset`, at most `length` long, as qemu-img map's
     /// get_block_status finds it: each layer asked in turn while it neither holds data nor reads
     /// as zeros; a layer with no backing file, or whose backing file ends at or before `offset`,
     /// answers zeros itself (QEMU's generic block status adds ZERO there), and the length is
     /// clipped to the backing file's end before descending. Nothing merged.
     public func mapEntry(at offset: UInt64, length: UInt64) throws -> MapEntry {
+        var layers: [MapLayer] = []
+        return try mapEntry(at: offset, length: length, layers: &layers)
+    }
+
+    /// `mapEntry`, with the layers met so far kept in `layers` (by depth) for the next call.
+    private func mapEntry(at offset: UInt64, length: UInt64, layers: inout [MapLayer]) throws -> MapEntry {
         precondition(length > 0 && offset < top.virtualSize && length <= top.virtualSize - offset,
                      "map outside the top image")
-        var image = top
+        if layers.isEmpty { layers.append(MapLayer(top)) }
         var depth = 0
         var length = length
         while true {
             countQuery()
-            var status = try ChainWalker.layerStatus(of: image, at: offset, length: length)
+            let layer = layers[depth]
+            var status = try layer.status(at: offset, length: length)
             guard status.length > 0, status.length <= length else {
-                throw ImageError(path: image.path, message: "block status at offset \(offset) returned an invalid length \(status.length)")
+                throw ImageError(path: layer.image.path, message: "block status at offset \(offset) returned an invalid length \(status.length)")
             }
             if status.defers {
-                if let backing = image.backing, offset < backing.virtualSize {
+                if let backing = layer.image.backing, offset < backing.virtualSize {
                     length = min(status.length, backing.virtualSize - offset)
-                    image = backing
                     depth += 1
+                    if layers.count == depth { layers.append(MapLayer(backing)) }
                     continue
                 }
                 status.zero = true
             }
+            let hasOffset = status.hostOffset != nil
             return MapEntry(start: offset, length: status.length, depth: depth, present: status.present,
                             zero: status.zero, data: status.data, hostOffset: status.hostOffset,
-                            layer: status.hostOffset == nil ? nil : image,
-                            fileName: status.hostOffset == nil ? nil : (image as? any LayerStatusImage)?.hostFileName)
+                            layer: hasOffset ? layer.image : nil,
+                            fileName: hasOffset ? layer.fileName : nil)
         }
     }
 
@@ -147,12 +175,14 @@ extension ChainWalker {
         let end = offset + length
         var cursor = offset
         var pending: MapEntry?
+        var layers: [MapLayer] = []
         while cursor < end {
-            let next = try mapEntry(at: cursor, length: end - cursor)
+            let next = try mapEntry(at: cursor, length: end - cursor, layers: &layers)
             cursor += next.length
-            if var merged = pending, merged.mergeable(with: next) {
-                merged.length += next.length
-                pending = merged
+            // Merged in place: a copy of the held entry (its layer and name retained and
+            // released) per answer showed in map's profile.
+            if pending?.mergeable(with: next) == true {
+                pending!.length += next.length
             } else {
                 if let pending { try body(pending) }
                 pending = next

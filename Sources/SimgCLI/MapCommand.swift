@@ -1,3 +1,4 @@
+import DiskIO
 import ImageFormats
 
 /// `simg map [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [--start-offset=OFFSET] [--max-length=LEN] [-U] filename`,
@@ -83,22 +84,40 @@ enum MapCommand {
     }
 
     /// Prints entries in qemu-img's layouts. JSON needs to know whether another entry follows
-    /// (`,\n` between entries), so each is held until the next arrives; output is buffered and
-    /// written in pieces.
+    /// (`,\n` between entries), so each is held until the next arrives; output is built as
+    /// bytes (ByteOutput) and written in 64 KiB pieces.
     struct Printer {
         let output: CommandSupport.OutputFormat
-        let console: Console
+        private let bytes: ByteOutput
         var pending: MapEntry?
         var printed = 0
         var hasPending: Bool { pending != nil }
+        /// The File column's last name and its bytes (FileName: a name that is not UTF-8 is
+        /// printed as its own bytes, as qemu-img prints it); every row of a chain's layer has it.
+        private var lastName: String?
+        private var lastNameBytes: [UInt8] = []
 
         init(output: CommandSupport.OutputFormat, console: Console) {
             self.output = output
-            self.console = console
+            bytes = ByteOutput(console: console)
         }
 
-        mutating func begin() {
-            append(output == .json ? "[" : "Offset          Length          Mapped to       File\n")
+        func begin() {
+            bytes.append(output == .json ? "[" : "Offset          Length          Mapped to       File\n")
+        }
+
+        /// The three flags of a JSON entry as one piece (one copy instead of three).
+        static func flags(present: Bool, zero: Bool, data: Bool) -> StaticString {
+            switch (present, zero, data) {
+            case (false, false, false): return ", \"present\": false, \"zero\": false, \"data\": false"
+            case (false, false, true): return ", \"present\": false, \"zero\": false, \"data\": true"
+            case (false, true, false): return ", \"present\": false, \"zero\": true, \"data\": false"
+            case (false, true, true): return ", \"present\": false, \"zero\": true, \"data\": true"
+            case (true, false, false): return ", \"present\": true, \"zero\": false, \"data\": false"
+            case (true, false, true): return ", \"present\": true, \"zero\": false, \"data\": true"
+            case (true, true, false): return ", \"present\": true, \"zero\": true, \"data\": false"
+            case (true, true, true): return ", \"present\": true, \"zero\": true, \"data\": true"
+            }
         }
 
         /// Takes the next entry; the held one is printed. Returns human mode's refusal of a
@@ -114,62 +133,44 @@ enum MapCommand {
                 pending = nil
                 if let problem = emit(previous, last: true) {
                     flush()
-                    console.error(problem.message)
+                    bytes.console.error(problem.message)
                     return
                 }
             }
-            if output == .json { append("]\n") }
+            if output == .json { bytes.append("]\n") }
             flush()
         }
 
-        mutating func flush() {
-            if !bytes.isEmpty { console.out(String(decoding: bytes, as: UTF8.self)) }
-            bytes.removeAll(keepingCapacity: true)
-        }
-
-        // Entries are built as bytes: tens of thousands of String interpolations cost more
-        // than the walk itself.
-        private var bytes: [UInt8] = []
-
-        private mutating func append(_ text: String) { bytes.append(contentsOf: text.utf8) }
-
-        private mutating func appendDecimal(_ value: UInt64) {
-            var digits: (UInt64, [UInt8]) = (value, [])
-            repeat {
-                digits.1.append(UInt8(ascii: "0") + UInt8(digits.0 % 10))
-                digits.0 /= 10
-            } while digits.0 != 0
-            bytes.append(contentsOf: digits.1.reversed())
-        }
+        func flush() { bytes.flush() }
 
         private mutating func emit(_ e: MapEntry, last: Bool) -> CLIError? {
             printed += 1
             switch output {
             case .json:
-                append("{ \"start\": "); appendDecimal(e.start)
-                append(", \"length\": "); appendDecimal(e.length)
-                append(", \"depth\": "); appendDecimal(UInt64(e.depth))
-                append(e.present ? ", \"present\": true" : ", \"present\": false")
-                append(e.zero ? ", \"zero\": true" : ", \"zero\": false")
-                append(e.data ? ", \"data\": true" : ", \"data\": false")
-                if let host = e.hostOffset { append(", \"offset\": "); appendDecimal(host) }
-                append(last ? "}" : "},\n")
+                bytes.append("{ \"start\": "); bytes.appendDecimal(e.start)
+                bytes.append(", \"length\": "); bytes.appendDecimal(e.length)
+                bytes.append(", \"depth\": "); bytes.appendDecimal(UInt64(e.depth))
+                bytes.append(Self.flags(present: e.present, zero: e.zero, data: e.data))
+                if let host = e.hostOffset { bytes.append(", \"offset\": "); bytes.appendDecimal(host) }
+                bytes.append(last ? "}" : "},\n")
             case .human:
                 if e.data && e.hostOffset == nil {
                     return CLIError("File contains external, encrypted or compressed clusters.")
                 }
                 if e.data && !e.zero, let host = e.hostOffset {
-                    append(column(e.start) + column(e.length) + column(host) + (e.fileName ?? "") + "\n")
+                    bytes.appendHexColumn(e.start)
+                    bytes.appendHexColumn(e.length)
+                    bytes.appendHexColumn(host)
+                    let name = e.fileName ?? ""
+                    if name != lastName {
+                        lastName = name
+                        lastNameBytes = FileName.bytes(of: name)
+                    }
+                    bytes.append(lastNameBytes)
+                    bytes.append("\n")
                 }
             }
-            if bytes.count >= 1 << 16 { flush() }
             return nil
-        }
-
-        /// printf's `%#-16x`: 0x-prefixed lower-case hex (plain `0` for zero), left-justified in 16.
-        private func column(_ value: UInt64) -> String {
-            let text = value == 0 ? "0" : "0x" + String(value, radix: 16)
-            return text.count >= 16 ? text : text + String(repeating: " ", count: 16 - text.count)
         }
     }
 }

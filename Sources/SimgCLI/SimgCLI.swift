@@ -23,7 +23,10 @@ public enum SimgCLI {
         (1..<Int(CommandLine.argc)).map { i in
             // Sound: argv holds argc valid NUL-terminated strings for the life of the process.
             guard let raw = CommandLine.unsafeArgv[i] else { return "" }
-            return FileName.decode(UnsafeBufferPointer(start: raw, count: strlen(raw)).lazy.map { UInt8(bitPattern: $0) })
+            // As a plain [UInt8]: a lazy map here made the runtime build the generic type's
+            // metadata from its mangled name on every start (a tenth of a short run's time).
+            // Sound: raw points at strlen(raw) bytes before its NUL, copied out at once.
+            return FileName.decode(Array(UnsafeRawBufferPointer(start: raw, count: strlen(raw))))
         }
     }
 

@@ -19,6 +19,8 @@ import TestSupport
         "$T info $'nope\\xff'",
         "$T check $'nope\\xff'",
         "$T create -q -f qcow2 $'b\\xff.qcow2' 1M && $T check --output=json $'b\\xff.qcow2'",
+        // map's File column, built as bytes.
+        "qemu-img create -q -f qcow2 $'m\\xff.qcow2' 1M && qemu-io -c 'write -P 1 0 4k' -c 'write -P 2 512k 4k' $'m\\xff.qcow2' >/dev/null && $T map $'m\\xff.qcow2'",
     ])
     func printsTheBytes(script: String) throws {
         let r = try shellBoth(script)

@@ -25,6 +25,17 @@ extension DiskFile {
         return bytes
     }
 
+    /// `count` big-endian 64-bit words at `offset` (zeros past the end of the file), decoded:
+    /// a metadata table read straight into the array it is kept in, without a byte copy.
+    func qcow2ReadWords(count: Int, at offset: UInt64) throws -> [UInt64] {
+        var words = [UInt64](repeating: 0, count: count)
+        // Sound: the buffer is the array's own count * 8 initialized bytes, only written
+        // inside the closure; any bit pattern is a valid UInt64.
+        try words.withUnsafeMutableBytes { _ = try qcow2Read(into: $0, at: offset) }
+        for i in words.indices { words[i] = UInt64(bigEndian: words[i]) }
+        return words
+    }
+
     /// Writes the whole buffer; with O_DIRECT and an unaligned request, reads the enclosing
     /// aligned range, patches it and writes it back (which may extend the file to the alignment).
     func qcow2Write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {

@@ -22,7 +22,8 @@ extension QCOW2Image: LayerStatusImage {
         }
         let limit = min(length, virtualSize - offset)
         let end = offset + limit
-        let tableSpan = header.bytesPerL2Table
+        let rules = QCOW2EntryRules(header)
+        let tableSpan = rules.tableSpan
         var result: LayerStatus?
         var position = offset
         // One L2 table fetched per table the range crosses, its granules walked in it.
@@ -44,7 +45,8 @@ extension QCOW2Image: LayerStatusImage {
                     next = LayerStatus(length: tableEnd - position, present: false, zero: false, data: false, hostOffset: nil)
                 } else {
                     do {
-                        next = try granuleStatus(table: table, l2Offset: l2Offset, at: position, maxLength: tableEnd - position)
+                        next = try granuleStatus(table: table, l2Offset: l2Offset, at: position,
+                                                 maxLength: tableEnd - position, rules: rules)
                     } catch {
                         if result != nil { break tables }
                         throw error
@@ -79,13 +81,8 @@ extension QCOW2Image: LayerStatusImage {
             let realClusters = allocated / UInt64(clusterSize)
             let threshold = max(realClusters * 10 / 9, realClusters + 2)
             let endCluster = (fileLength + UInt64(clusterSize) - 1) / UInt64(clusterSize)
-            var count: UInt64 = 0
-            var cluster: UInt64 = 0
-            while cluster < endCluster && count < threshold {
-                guard let refcount = try? refcounts.refcount(ofCluster: cluster) else { break }
-                if refcount != 0 { count += 1 }
-                cluster += 1
-            }
+            // An error stops the count short of the threshold: no, as in QEMU.
+            let count = (try? refcounts.countReferenced(below: endCluster, upTo: threshold)) ?? 0
             answer = count >= threshold
         }
         metadataPreallocation = answer
@@ -138,15 +135,15 @@ extension QCOW2Image: LayerStatusImage {
     /// The status of the granule (subcluster, or cluster) holding `position`, from `position`
     /// to the granule's end, at most `maxLength`, from the L2 table at `l2Offset`.
     private func granuleStatus(table: [UInt64], l2Offset: UInt64, at position: UInt64,
-                               maxLength: UInt64) throws -> LayerStatus {
-        let tableSpan = header.bytesPerL2Table
-        let granule = granuleSize
-        let index = Int((position % tableSpan) / UInt64(clusterSize))
-        let sub = Int((position / granule) % UInt64(header.subclustersPerCluster))
+                               maxLength: UInt64, rules: QCOW2EntryRules) throws -> LayerStatus {
+        let granule = rules.granule
+        let index = Int((position % rules.tableSpan) >> UInt64(rules.clusterBits))
+        let sub = Int((position / granule) % rules.subclustersPerCluster)
         // classify validates the entry as the read path does (corrupt entries throw).
-        let kind = try classify(table: table, index: index, subcluster: sub, l2Offset: l2Offset, guestOffset: position)
-        let entry = QCOW2L2Entry(raw: table[header.hasExtendedL2 ? 2 * index : index])
-        let hasHost = !entry.isCompressed && (entry.hostOffset != 0 || (header.hasDataFile && entry.isCopied))
+        let kind = try classify(table: table, index: index, subcluster: sub, l2Offset: l2Offset,
+                                guestOffset: position, rules: rules)
+        let entry = QCOW2L2Entry(raw: table[rules.extended ? 2 * index : index])
+        let hasHost = !entry.isCompressed && (entry.hostOffset != 0 || (rules.hasDataFile && entry.isCopied))
         let inGranule = position % granule
         var step = granule - inGranule
         let host: UInt64? = hasHost ? entry.hostOffset + UInt64(sub) * granule + inGranule : nil
@@ -155,7 +152,7 @@ extension QCOW2Image: LayerStatusImage {
         case .normal(let h):
             status = LayerStatus(length: 0, present: true, zero: false, data: true, hostOffset: h + inGranule)
         case .compressed:
-            step = UInt64(clusterSize) - position % UInt64(clusterSize)
+            step = rules.clusterSize - position % rules.clusterSize
             status = LayerStatus(length: 0, present: true, zero: false, data: true, hostOffset: nil)
         case .zero:
             status = LayerStatus(length: 0, present: true, zero: true, data: false, hostOffset: host)
@@ -164,6 +161,13 @@ extension QCOW2Image: LayerStatusImage {
         }
         var result = status
         result.length = min(step, maxLength)
+        if step < maxLength {
+            // The clusters that continue this one exactly (standard tables, not compressed),
+            // in one comparison each; the merge in layerStatus would take them one by one.
+            let left = (maxLength - step + rules.clusterSize - 1) >> UInt64(rules.clusterBits)
+            let more = QCOW2Image.repeats(of: index, in: table, limit: Int(left), rules: rules)
+            result.length = min(step + (UInt64(more) << UInt64(rules.clusterBits)), maxLength)
+        }
         return result
     }
 }

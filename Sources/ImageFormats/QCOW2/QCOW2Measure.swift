@@ -13,13 +13,7 @@ extension QCOW2Image {
         let threshold = max(real * 10 / 9, real + 2)
         let refcounts = try QCOW2Refcounts(file: file, path: path, header: header)
         let endCluster = (fileLength + clusterSize - 1) / clusterSize
-        var used: UInt64 = 0
-        var cluster: UInt64 = 0
-        while cluster < endCluster && used < threshold {
-            if try refcounts.refcount(ofCluster: cluster) != 0 { used += 1 }
-            cluster += 1
-        }
-        return used >= threshold
+        return try refcounts.countReferenced(below: endCluster, upTo: threshold) >= threshold
     }
 }
 

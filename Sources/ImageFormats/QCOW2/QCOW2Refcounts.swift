@@ -73,6 +73,30 @@ final class QCOW2Refcounts {
         return end
     }
 
+    /// How many of the clusters `0 ..< end` have a reference, counted up to `limit` at most
+    /// (QEMU's metadata preallocation test): each refcount block fetched once and read in
+    /// place, not looked up again per cluster.
+    func countReferenced(below end: UInt64, upTo limit: UInt64) throws -> UInt64 {
+        var count: UInt64 = 0
+        var first: UInt64 = 0
+        var index = 0
+        while first < end && count < limit && index < table.count {
+            let block = table[index] & qcow2OffsetMask
+            let n = Int(min(perBlock, end - first))
+            if block != 0 {
+                let words = try blocks.table(at: block)
+                var i = 0
+                while i < n && count < limit {
+                    if QCOW2TableCache.refcount(in: words, index: i, order: order) != 0 { count += 1 }
+                    i += 1
+                }
+            }
+            first += perBlock
+            index += 1
+        }
+        return count
+    }
+
     /// The refcount of the cluster with index `cluster` (0 where no block covers it).
     func refcount(ofCluster cluster: UInt64) throws -> UInt64 {
         let index = cluster / perBlock

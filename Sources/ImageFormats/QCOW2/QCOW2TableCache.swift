@@ -54,7 +54,7 @@ final class QCOW2TableCache {
     var dirtyCount: Int { slots.values.reduce(0) { $0 + ($1.dirty ? 1 : 0) } }
 
     /// Whether the table at `offset` is cached (for tests and the writer's bookkeeping).
-    func contains(_ offset: UInt64) -> Bool { slots[offset] != nil }
+    func contains(_ offset: UInt64) -> Bool { head?.offset == offset || slots[offset] != nil }
 
     /// The table at `offset`, read from the file if not cached (bytes past EOF read as zero).
     func table(at offset: UInt64) throws -> [UInt64] {
@@ -113,13 +113,15 @@ final class QCOW2TableCache {
     }
 
     private func slot(at offset: UInt64) throws -> Slot {
+        // The table asked last is asked again and again by walks (one call per map entry):
+        // it is at the head, found without hashing.
+        if let h = head, h.offset == offset { return h }
         if let s = slots[offset] {
             touch(s)
             return s
         }
         try makeRoom()
-        let bytes = try file.qcow2ReadBytes(count: tableSize, at: offset)
-        let s = Slot(offset: offset, words: QCOW2BE.words(bytes))
+        let s = Slot(offset: offset, words: try file.qcow2ReadWords(count: tableSize / 8, at: offset))
         insert(s)
         return s
     }
