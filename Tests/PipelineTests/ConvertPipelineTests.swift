@@ -117,24 +117,24 @@ import TestSupport
         #expect(stats.readRequests >= 3_000_000 / 4096)
     }
 
-    @Test("a source file shorter than its data extents reports the file and offset")
+    /// QEMU's file driver pads a read that meets the end of the file with zeros, so a data
+    /// extent running past the end of a truncated image's file converts as zeros there (with or
+    /// without --salvage), as qemu-img converts it. The target is pre-filled so the zeros must
+    /// be put there by the copy.
+    @Test("a source file shorter than its data extents reads as zeros past its end")
     func truncatedRead() throws {
         let dir = try TempDir(prefix: "simg-pipeline")
-        try pipelineFile(dir.file("short"), size: 64 << 10, pieces: [(0, pipelinePattern(64 << 10, seed: 1))])
+        let data = pipelinePattern(64 << 10, seed: 1)
+        try pipelineFile(dir.file("short"), size: 64 << 10, pieces: [(0, data)])
         let file = try DiskFile.open(dir.file("short"), access: .readOnly)
         let image = FakeImage(path: "img", size: 1 << 20, dataFile: file,
                               extents: [Extent(offset: 0, length: 1 << 20, kind: .data(hostOffset: 0))])
-        let target = MemoryTarget(size: 1 << 20)
+        let target = MemoryTarget(size: 1 << 20, startsZeroed: false, fill: 0xAA)
         let pipeline = try ConvertPipeline(sources: [image], target: target, options: ConvertOptions())
-        do {
-            try pipeline.run()
-            Issue.record("no error")
-        } catch let error as ConvertError {
-            #expect(error.operation == .reading)
-            #expect(error.path == dir.file("short"))
-            #expect(error.description.hasPrefix("error while reading at byte 65536: "))
-        }
-        #expect(!target.finished)
+        try pipeline.run()
+        #expect(Array(target.bytes.prefix(64 << 10)) == data)
+        #expect(target.bytes.dropFirst(64 << 10).allSatisfy { $0 == 0 })
+        #expect(target.finished)
     }
 
     @Test("compressed and host-less extents are read through the image")
