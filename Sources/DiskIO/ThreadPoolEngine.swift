@@ -113,6 +113,29 @@ public struct ThreadStartError: Error, CustomStringConvertible, Equatable, Senda
     public var description: String { "Could not create \(thread): \(IOError.describe(errno: code))" }
 }
 
+/// Starts a joinable thread running `body` (the pipelines' worker threads); a failure of
+/// pthread_create is a ThreadStartError naming `what` the thread was for.
+public func startThread(_ what: String, _ body: @escaping @Sendable () -> Void) throws -> pthread_t {
+    let context = Unmanaged.passRetained(ThreadBody(body)).toOpaque()
+    var thread = pthread_t()
+    let r = pthread_create(&thread, nil, { raw in
+        // Sound: `raw` is the retained ThreadBody passed below; released here once.
+        Unmanaged<ThreadBody>.fromOpaque(raw!).takeRetainedValue().run()
+        return nil
+    }, context)
+    if r != 0 {
+        // Sound: the thread did not start, so its retain was never taken over.
+        Unmanaged<ThreadBody>.fromOpaque(context).release()
+        throw ThreadStartError(code: r, thread: what)
+    }
+    return thread
+}
+
+private final class ThreadBody {
+    let run: @Sendable () -> Void
+    init(_ run: @escaping @Sendable () -> Void) { self.run = run }
+}
+
 /// The request and completion rings shared by the engine and its workers, under one lock.
 private final class WorkQueue: @unchecked Sendable {
     // @unchecked Sendable: every field is read and written only while holding `lock`

@@ -332,30 +332,8 @@ public final class ComparePipeline {
         case failed(side: Int, offset: UInt64, cause: any Error)
     }
 
-    private final class WorkerContext {
-        let shared: Shared
-        let index: Int
-        init(shared: Shared, index: Int) {
-            self.shared = shared
-            self.index = index
-        }
-    }
-
     private func startWorker(_ index: Int) throws {
-        let context = Unmanaged.passRetained(WorkerContext(shared: shared, index: index)).toOpaque()
-        var thread = pthread_t()
-        let r = pthread_create(&thread, nil, { raw in
-            // Sound: `raw` is the retained WorkerContext passed below; released here once.
-            let context = Unmanaged<WorkerContext>.fromOpaque(raw!).takeRetainedValue()
-            context.shared.work(context.index)
-            return nil
-        }, context)
-        if r != 0 {
-            // Sound: the thread did not start, so its retain was never taken over.
-            Unmanaged<WorkerContext>.fromOpaque(context).release()
-            throw ThreadStartError(code: r, thread: "a compare thread")
-        }
-        threads.append(thread)
+        threads.append(try startThread("a compare thread") { [shared] in shared.work(index) })
     }
 
     /// The slots, their tasks and results, the queue: everything a worker touches.

@@ -124,33 +124,15 @@ public final class CompressPool {
 
     // MARK: - Workers
 
-    private final class WorkerContext {
-        let shared: Shared
-        let index: Int
-        init(shared: Shared, index: Int) {
-            self.shared = shared
-            self.index = index
-        }
-    }
-
     private func startWorker(_ index: Int) throws {
-        let context = Unmanaged.passRetained(WorkerContext(shared: shared, index: index)).toOpaque()
         shared.lock.withLock { shared.liveWorkers += 1 }
-        var thread = pthread_t()
-        let r = pthread_create(&thread, nil, { raw in
-            // Sound: `raw` is the retained WorkerContext passed below; released here once.
-            let context = Unmanaged<WorkerContext>.fromOpaque(raw!).takeRetainedValue()
-            context.shared.work(context.index)
-            return nil
-        }, context)
-        if r != 0 {
-            // Sound: the thread did not start, so its retain was never taken over.
-            Unmanaged<WorkerContext>.fromOpaque(context).release()
+        do {
+            workers.append(try startThread("a compression thread") { [shared] in shared.work(index) })
+        } catch {
             shared.lock.withLock { shared.liveWorkers -= 1 }
             stop()
-            throw ThreadStartError(code: r, thread: "a compression thread")
+            throw error
         }
-        workers.append(thread)
     }
 
     /// The ring, its counters and the compressors: everything a worker touches.
