@@ -82,7 +82,7 @@ enum CompareCommand {
             let image = try CommandSupport.open(openNames[index], shown: name, options, wording: .wholeChain,
                                                 console: console)
             opened.append(image)
-            sides.append(CompareSide(image: image, name: name, readers: [], mayMap: !CommandSupport.forceShare(scan)))
+            sides.append(CompareSide(image: image, name: name, readers: []))
         }
         // The readers: the same images opened again, without locks of their own (the first
         // open holds QEMU's); a failure now is as good as one of the first open.

@@ -101,7 +101,7 @@ struct CompareInteropTests {
                             in: dir.path)
         try compare(["-s", "comp.qcow2", "comp.qcow2"], in: dir.path)
         try compare(["-f", "qcow2", "-F", "raw", "base.qcow2", "base.raw"], in: dir.path)
-        // Read through the formats rather than mapped: -U, and O_DIRECT (-T none).
+        // The same with -U (no locks of its own) and O_DIRECT (-T none: aligned reads).
         for extra in [["-U"], ["-T", "none"]] {
             try compare(extra + ["base.qcow2", "base2.raw"], in: dir.path)
             try compare(extra + ["src.raw", "comp.qcow2"], in: dir.path)
