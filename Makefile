@@ -12,7 +12,7 @@ deps:
 build: deps
 	$(SWIFT) build
 
-# A static executable (the Swift runtime, libc, libstdc++, zlib, zstd and libaio linked in): no
+# A static executable (the Swift runtime, libc, libstdc++, zlib, zstd, libdeflate and libaio linked in): no
 # dynamic loader at start, so a run starts in about 0.7 ms of CPU instead of 4 (mapping,
 # relocating and binding a dozen shared libraries), which was most of a `measure` or of a map of
 # a small image. The static archives come with the -dev packages `make deps` installs.

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages simg needs to build and test, only if some are missing:
-# the C libraries it links (libaio, zlib, zstd), qemu-utils (qemu-img, qemu-io and qemu-nbd, which
+# the C libraries it links (libaio, zlib, zstd, libdeflate), qemu-utils (qemu-img, qemu-io and qemu-nbd, which
 # the interoperability tests and the demo drive), strace (the crash-consistency tests kill simg
 # at exact write boundaries with its fault injection) and libnbd-bin (nbdinfo: the bitmap tests read
 # dirty bitmaps through a qemu-nbd export).
 set -euo pipefail
 
-packages=(libaio-dev zlib1g-dev libzstd-dev qemu-utils strace libnbd-bin)
+packages=(libaio-dev zlib1g-dev libzstd-dev libdeflate-dev qemu-utils strace libnbd-bin)
 
 missing=()
 for package in "${packages[@]}"; do

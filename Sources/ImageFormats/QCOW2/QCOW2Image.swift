@@ -60,6 +60,8 @@ public final class QCOW2Image: DiskImage {
     private var decompressedKey: (cluster: UInt64, descriptor: QCOW2CompressedDescriptor)?
     private var clusterBuffer: [UInt8] = []
     private var compressedInput: [UInt8] = []
+    /// The codec contexts for `readCompressed`, made at the first compressed cluster and reused.
+    private var decompressor: QCOW2Decompressor?
     private var closed = false
     /// The qcow2 file's size when opened read-only (nothing can grow it through us), so
     /// metadata tables past its end are refused; `.max` for writable images, whose tables may
@@ -230,9 +232,11 @@ public final class QCOW2Image: DiskImage {
             try compressedInput.withUnsafeMutableBytes {
                 _ = try file.qcow2Read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: d.hostOffset)
             }
+            if decompressor == nil { decompressor = try QCOW2Decompressor(codec: compression) }
+            let codec = decompressor!
             let ok = compressedInput.withUnsafeBytes { src in
                 clusterBuffer.withUnsafeMutableBytes {
-                    compression.decompress(UnsafeRawBufferPointer(rebasing: src[0..<n]), into: $0)
+                    codec.decompress(UnsafeRawBufferPointer(rebasing: src[0..<n]), into: $0)
                 }
             }
             guard ok else {
