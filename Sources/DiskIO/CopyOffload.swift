@@ -37,6 +37,15 @@ public enum CopyOffload {
         throw IOError(code: -r, operation: .cloneRange, path: target.name, offset: targetOffset)
     }
 
+    /// Whether FICLONERANGE works from `source` into `target`, asked without touching either:
+    /// a clone of length 0 from the source's end of file is a no-op success where the file
+    /// system can share extents between the two files (the kernel answers EXDEV across file
+    /// systems and EOPNOTSUPP where it cannot share, before looking at the range).
+    public static func canClone(from source: any FileEndpoint, to target: any FileEndpoint) -> Bool {
+        guard let size = try? source.size(), let end = Int64(exactly: size) else { return false }
+        return simg_clone_range(source.fd, end, 0, target.fd, 0) == 0
+    }
+
     /// copy_file_range from `source` to `target` until `length` bytes are copied or the
     /// source ends. `.unsupported` only when the first call refuses; a refusal after some
     /// bytes answers the count done so far (the caller copies the rest itself).

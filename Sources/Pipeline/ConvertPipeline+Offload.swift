@@ -16,6 +16,10 @@ final class OffloadState {
     /// clone refused).
     var scratch: AlignedBuffer?
     var blockSize: UInt64?
+    /// Per source file (`ConvertPlanner.files` index): whether it clones into the target.
+    var clones: [Int: Bool] = [:]
+    /// Per source file: its size (a run past it, in a truncated image, is not offloaded).
+    var sizes: [Int: UInt64] = [:]
 
     init(options: ConvertOptions) {
         // --salvage must see every read fail on its own; -r limits bytes read, which the
@@ -66,20 +70,31 @@ extension ConvertPipeline {
                   nextHost == host + (end - start) else { break }
             end = min(next.end, chunkEnd)
         }
-        let useClone = offload.clone && start % cloneUnit == 0 && host % block == 0
+        var useClone = offload.clone && start % cloneUnit == 0 && host % block == 0
             && (end - start) >= cloneUnit
+        if useClone && offload.clones[file] == nil {
+            offload.clones[file] = CopyOffload.canClone(from: source, to: destination)
+        }
+        useClone = useClone && offload.clones[file] == true
         let useCopy = !useClone && offload.copyRange && start % unit == 0
         guard useClone || useCopy else { return .notHere }
         // Whole units only, except at the end of the image (the usual path takes a tail).
         let grid = useClone ? cloneUnit : unit
         if end != target.virtualSize || useClone { end = start + (end - start) / grid * grid }
         guard end > start else { return .notHere }
+        if offload.sizes[file] == nil { offload.sizes[file] = try planner.files[file].size() }
+        // Past the source file's end (a truncated image reads as zeros there): the usual path.
+        guard host + (end - start) <= offload.sizes[file] ?? 0 else { return .notHere }
         if startedCount > 0 { return .wait }
         let length = end - start
         guard let place = try target.asyncDestination(forWriteAt: start, length: Int(length)) else { return .notHere }
         var done: UInt64 = 0
         do {
-            if useClone, place.offset % block == 0, let placed = place.endpoint as? any FileEndpoint {
+            if useClone && place.offset % block != 0 {
+                // The target's places are off the block grid (clusters smaller than a block):
+                // no clone will do; this run is copied below, the next ones the usual way.
+                offload.clone = false
+            } else if useClone, let placed = place.endpoint as? any FileEndpoint {
                 if case .done(let n) = try CopyOffload.clone(from: source, at: host, to: placed, at: place.offset, length: length) {
                     done = n
                     stats.bytesCloned += n
