@@ -16,7 +16,8 @@ import ImageFormats
 /// handled without a buffer: skipped, or zeroed on a target that does not read as zeros there.
 /// Each other chunk gets a buffer; its data pieces are read with as few requests as the host
 /// layout allows; when they are all in, zero granules (-S) are skipped or zeroed and the rest
-/// written in runs as long as possible.
+/// written in runs as long as possible. Data runs the kernel can move between the files
+/// themselves (cloned, or -C copy_file_range) bypass the buffers: ConvertPipeline+Offload.swift.
 public final class ConvertPipeline {
     public let planner: ConvertPlanner
     public let target: any ConvertTarget

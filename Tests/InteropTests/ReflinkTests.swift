@@ -56,7 +56,7 @@ struct ReflinkTests {
         #expect(Self.stat("bytes-cloned", copied) == 0)
     }
 
-    @Test("qcow2 to raw and raw to qcow2 on XFS reflink: host-contiguous runs cloned, images check clean")
+    @Test("raw and qcow2 to qcow2, qcow2 to raw on XFS reflink: host-contiguous runs cloned, images check clean")
     func qcow2() throws {
         let xfs = try XFSMount()
         defer { xfs.unmount() }
@@ -76,6 +76,14 @@ struct ReflinkTests {
         #expect((Self.stat("bytes-cloned", toRaw) ?? 0) >= 4 << 20)
         #expect(try Self.sameFiles(source, xfs.file("c.raw")))
         #expect(try Self.hasSharedExtents(xfs.file("c.raw")))
+
+        // qcow2 to qcow2: the clusters cloned into fresh clusters of the target.
+        let toQcow2Again = try simg("convert", "--stats", "-O", "qcow2", xfs.file("q.qcow2"), xfs.file("d.qcow2"))
+        #expect(toQcow2Again.status == 0, "\(toQcow2Again.stderr)")
+        #expect((Self.stat("bytes-cloned", toQcow2Again) ?? 0) >= 4 << 20)
+        #expect(try Self.hasSharedExtents(xfs.file("d.qcow2")))
+        try qemuImg("check", "-q", xfs.file("d.qcow2"))
+        try qemuImg("compare", "-q", source, xfs.file("d.qcow2"))
     }
 
     @Test("-C on ext4 copies through copy_file_range, content equal, any alignment")
@@ -90,6 +98,12 @@ struct ReflinkTests {
         #expect(Self.stat("bytes-offloaded", r) == (4 << 20) + 4608)
         #expect(Self.stat("bytes-read", r) == 0)
         #expect(Self.stat("bytes-cloned", r) == 0)
+        // Into a qcow2 target's fresh clusters (mapped once the kernel has copied them).
+        let toQcow2 = try simg("convert", "--stats", "-C", "-O", "qcow2", source, dir.file("b.qcow2"))
+        #expect(toQcow2.status == 0, "\(toQcow2.stderr)")
+        #expect((Self.stat("bytes-offloaded", toQcow2) ?? 0) >= 4 << 20)
+        try qemuImg("check", "-q", dir.file("b.qcow2"))
+        try qemuImg("compare", "-q", source, dir.file("b.qcow2"))
         // Without -C ext4 cannot clone: copied the usual way, same bytes.
         let plain = try simg("convert", "--stats", "-O", "raw", source, dir.file("c.raw"))
         #expect(plain.status == 0)
