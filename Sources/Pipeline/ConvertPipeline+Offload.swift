@@ -138,6 +138,8 @@ extension ConvertPipeline {
         var done = from
         while done < length {
             let count = Int(min(UInt64(scratch.count), length - done))
+            // Sound: count <= scratch.count; the scratch buffer lives in `offload` for the
+            // pipeline's lifetime and is used by this synchronous loop alone.
             let buffer = scratch.prefix(count)
             do {
                 try planner.images[image].read(into: buffer, at: imageOffset + done)
