@@ -3,10 +3,11 @@
 # the C libraries it links (libaio, zlib, zstd, libdeflate), qemu-utils (qemu-img, qemu-io and qemu-nbd, which
 # the interoperability tests and the demo drive), strace (the crash-consistency tests kill simg
 # at exact write boundaries with its fault injection) and libnbd-bin (nbdinfo: the bitmap tests read
-# dirty bitmaps through a qemu-nbd export).
+# dirty bitmaps through a qemu-nbd export) and xfsprogs (mkfs.xfs: the reflink tests clone into an
+# XFS made with reflink=1 on a loop device).
 set -euo pipefail
 
-packages=(libaio-dev zlib1g-dev libzstd-dev libdeflate-dev qemu-utils strace libnbd-bin)
+packages=(libaio-dev zlib1g-dev libzstd-dev libdeflate-dev qemu-utils strace libnbd-bin xfsprogs)
 
 missing=()
 for package in "${packages[@]}"; do

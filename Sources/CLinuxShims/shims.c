@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #ifndef STATX_DIOALIGN
@@ -136,4 +137,32 @@ int simg_ofd_testlk(int fd, int64_t start, int64_t length, int type) {
 
 const char *simg_strerror(int err, char *buf, size_t len) {
     return strerror_r(err, buf, len);
+}
+
+int64_t simg_copy_file_range(int fd_in, int64_t offset_in, int fd_out, int64_t offset_out, uint64_t length) {
+    loff_t in = (loff_t)offset_in, out = (loff_t)offset_out;
+    ssize_t n;
+    do {
+        n = copy_file_range(fd_in, &in, fd_out, &out, (size_t)length, 0);
+    } while (n < 0 && errno == EINTR);
+    return n < 0 ? -errno : (int64_t)n;
+}
+
+int simg_clone_range(int src_fd, int64_t src_offset, uint64_t length, int dst_fd, int64_t dst_offset) {
+    struct file_clone_range range;
+    range.src_fd = src_fd;
+    range.src_offset = (uint64_t)src_offset;
+    range.src_length = length;
+    range.dest_offset = (uint64_t)dst_offset;
+    int r;
+    do {
+        r = ioctl(dst_fd, FICLONERANGE, &range);
+    } while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : 0;
+}
+
+int64_t simg_fs_block_size(int fd) {
+    struct statfs st;
+    if (fstatfs(fd, &st) < 0) return -errno;
+    return (int64_t)st.f_bsize;
 }

@@ -10,6 +10,8 @@ public struct IOError: Error, CustomStringConvertible, Equatable, Sendable {
     public enum Operation: String, Sendable, CustomStringConvertible {
         case open, create, reopen, read, write, stat, truncate, sync, lock
         case allocate = "allocate space in"
+        case cloneRange = "clone a range into"
+        case copyRange = "copy a range into"
         case punchHole = "punch a hole in"
         case zeroRange = "zero a range of"
         case findData = "find data in"

@@ -16,12 +16,13 @@ import ImageFormats
 /// handled without a buffer: skipped, or zeroed on a target that does not read as zeros there.
 /// Each other chunk gets a buffer; its data pieces are read with as few requests as the host
 /// layout allows; when they are all in, zero granules (-S) are skipped or zeroed and the rest
-/// written in runs as long as possible.
+/// written in runs as long as possible. Data runs the kernel can move between the files
+/// themselves (cloned, or -C copy_file_range) bypass the buffers: ConvertPipeline+Offload.swift.
 public final class ConvertPipeline {
     public let planner: ConvertPlanner
     public let target: any ConvertTarget
     public let options: ConvertOptions
-    public private(set) var stats = ConvertStats()
+    public internal(set) var stats = ConvertStats()
 
     /// Zero detection and write unit: -S rounded up to the target's granularity.
     let granule: UInt64
@@ -38,7 +39,7 @@ public final class ConvertPipeline {
     /// clusters in guest order.
     private var started: [Int]
     private var startedHead = 0
-    private var startedCount = 0
+    var startedCount = 0
     private var firstError: (any Error)?
     /// qemu-img's progress values, when progress is asked for (on request: once asked).
     private var progress: ConvertProgress?
@@ -48,7 +49,9 @@ public final class ConvertPipeline {
     public var progressTotal: UInt64? { progress?.total }
     private var fileSizes: [Int: UInt64] = [:]
     private var fileAlignments: [Int: UInt64] = [:]
-    private var rate: RateLimiter
+    var rate: RateLimiter
+    /// Cloning and copy offloading state (ConvertPipeline+Offload.swift).
+    let offload: OffloadState
     /// Extra bytes per buffer so a read rounded up to the O_DIRECT unit at end of file fits.
     private static let slack = 64 << 10
 
@@ -61,6 +64,7 @@ public final class ConvertPipeline {
         self.target = target
         self.options = options
         rate = RateLimiter(rate: options.rateLimit)
+        offload = OffloadState(options: options)
         let targetUnit = UInt64(max(target.writeGranularity, 1))
         var unit = max(options.sparseSize, targetUnit)
         if unit % targetUnit != 0 { unit = (unit / targetUnit + 1) * targetUnit }
@@ -203,6 +207,13 @@ public final class ConvertPipeline {
     private func nextAction(at position: UInt64) throws -> UInt64? {
         let total = planner.totalSize
         let piece = try planner.piece(at: position)
+        switch try offloadRun(piece) {
+        case .notHere: break
+        case .wait: return nil
+        case .done(let length):
+            try handedOut(upTo: position + length)
+            return length
+        }
         let skippable = piece.kind == .keep || (piece.kind == .zero && options.sparseSize > 0)
         if skippable {
             var end = piece.end
@@ -451,7 +462,7 @@ public final class ConvertPipeline {
 
     /// The output up to `end` has been handed out (read requests started, zeros handled): the
     /// progress qemu-img reports when it hands out its requests below there (ConvertProgress).
-    private func handedOut(upTo end: UInt64) throws {
+    func handedOut(upTo end: UInt64) throws {
         guard let report = options.progress else { return }
         if let progress {
             try progress.dispatched(upTo: end) { report($0, $1) }

@@ -25,6 +25,13 @@ public struct ConvertOptions: Sendable {
     /// `--salvage`: a read that fails is retried per 512-byte sector; sectors that still fail
     /// read as zeros, each reported through `warn` (ConvertPipeline+Salvage.swift).
     public var salvage: Bool = false
+    /// Data runs host-contiguous in a plain source file, whose target place is a plain file
+    /// range on the same file system, are cloned (FICLONERANGE) where they lie on the file
+    /// system's block grid, as `cp --reflink=auto` does. `--no-reflink` turns it off.
+    public var reflink: Bool = true
+    /// `-C`: such runs go through copy_file_range(2) (which clones where it can) whatever
+    /// their alignment, as qemu-img's copy offloading does.
+    public var copyOffload: Bool = false
     /// Warnings during the copy (qemu-img's words, without "warning: "); nil prints none (-q).
     public var warn: (@Sendable (String) -> Void)?
     /// `dd`: copy only this range of the one source (the output starts with its first byte).
@@ -57,6 +64,10 @@ public struct ConvertStats: Sendable, Equatable {
     public var bytesWritten: UInt64 = 0
     public var bytesZeroSkipped: UInt64 = 0
     public var bytesZeroWritten: UInt64 = 0
+    /// Data bytes placed by FICLONERANGE (sharing the source's extents), and by
+    /// copy_file_range (`-C`); neither is counted in bytesRead or bytesWritten.
+    public var bytesCloned: UInt64 = 0
+    public var bytesOffloaded: UInt64 = 0
     public var seconds: Double = 0
     public var bufferSize = 0
     public var queueDepth = 0
@@ -73,7 +84,8 @@ public struct ConvertStats: Sendable, Equatable {
             + "\"write-requests\": \(writeRequests), \"zero-requests\": \(zeroRequests), "
             + "\"extents-merged\": \(extentsMerged), \"bytes-read\": \(bytesRead), "
             + "\"bytes-written\": \(bytesWritten), \"bytes-zero-skipped\": \(bytesZeroSkipped), "
-            + "\"bytes-zeroed\": \(bytesZeroWritten), \"buffer-size\": \(bufferSize), "
+            + "\"bytes-zeroed\": \(bytesZeroWritten), \"bytes-cloned\": \(bytesCloned), "
+            + "\"bytes-offloaded\": \(bytesOffloaded), \"buffer-size\": \(bufferSize), "
             + "\"queue-depth\": \(queueDepth), \"seconds\": \(secondsText)}"
     }
 }

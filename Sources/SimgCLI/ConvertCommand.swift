@@ -9,7 +9,7 @@ enum ConvertCommand {
         name: "convert",
         synopsis: "convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] "
             + "[-B backing_file [-F backing_fmt]] [-o options] [-l snapshot_param] [-S sparse_size] [-r rate_limit] [-m num] [-W] [-C] "
-            + "[--target-is-zero] [--salvage] [--bitmaps [--skip-broken-bitmaps]] [--object objectdef] "
+            + "[--target-is-zero] [--no-reflink] [--salvage] [--bitmaps [--skip-broken-bitmaps]] [--object objectdef] "
             + "[--image-opts] [--target-image-opts] [--stats] filename [filename2 [...]] output_filename",
         details: [
             "Converts the images 'filename' (several are concatenated) to 'output_filename' in format",
@@ -24,7 +24,11 @@ enum ConvertCommand {
             "  '-l' converts internal snapshot 'snapshot_param' (snapshot.id=ID,snapshot.name=NAME, or",
             "    an ID or name) instead of the active layer",
             "  '-r' limits the copy to 'rate_limit' bytes of data per second (suffixes k, M, G, ...)",
-            "  '-C' (copy offloading) is accepted with qemu-img's checks; simg copies as without it",
+            "  '-C' copy offloading: data runs of plain files go through copy_file_range (the kernel",
+            "    copies, or clones where the file system shares extents)",
+            "  '--no-reflink': without it, data runs on the file system's block grid are cloned",
+            "    (FICLONERANGE, extents shared as with cp --reflink=auto) where source and target",
+            "    are plain files on one file system that can share extents (XFS reflink, btrfs)",
             "  '--salvage' reads a failing range sector by sector: unreadable sectors become zeros,",
             "    each with a warning; ranges past the end of a truncated image read as zeros anyway",
             "  '--bitmaps' copies the source's persistent bitmaps (qcow2 to qcow2); with",
@@ -43,7 +47,7 @@ enum ConvertCommand {
             .value("F", "backing-format"), .value("o", "options"), .value("S", "sparse-size"),
             .value("m", "coroutines"), .flag("W", "out-of-order"), .flag("C", "copy-offload"),
             .value("r", "rate"), .value("l", "snapshot"),
-            .long("target-is-zero"), .long("stats"), .long("salvage"),
+            .long("target-is-zero"), .long("no-reflink"), .long("stats"), .long("salvage"),
             .long("bitmaps"), .long("skip-broken-bitmaps"), CommandSupport.objectOption,
             CommandSupport.imageOptsOption, .long("target-image-opts"),
             // Tuning (not in qemu-img): request size, buffers in flight, I/O threads.
@@ -81,7 +85,9 @@ enum ConvertCommand {
             if compress { throw CLIError("Cannot enable copy offloading when -c is used") }
             if scan.has("sparse-size") { throw CLIError("Cannot enable copy offloading when -S is used") }
             if scan.has("salvage") { throw CLIError("Cannot use copy offloading in salvaging mode") }
+            options.copyOffload = true
         }
+        options.reflink = !scan.has("no-reflink")
         if targetIsZero && !noCreate { throw CLIError("--target-is-zero requires use of -n flag") }
         if imageOpts && scan.has("format") { throw CLIError("--image-opts and --format are mutually exclusive") }
         if targetImageOpts && !noCreate { throw CLIError("--target-image-opts requires use of -n flag") }

@@ -50,6 +50,17 @@ int simg_ofd_setlk(int fd, int64_t start, int64_t length, int type);
 /// or -errno.
 int simg_ofd_testlk(int fd, int64_t start, int64_t length, int type);
 
+/// copy_file_range(2) of up to `length` bytes (glibc declares it only under _GNU_SOURCE):
+/// the count copied (0 at the source's end) or -errno; retried on EINTR.
+int64_t simg_copy_file_range(int fd_in, int64_t offset_in, int fd_out, int64_t offset_out, uint64_t length);
+
+/// The FICLONERANGE ioctl: makes [dst_offset, +length) of dst_fd share the extents of
+/// [src_offset, +length) of src_fd. 0 or -errno (EXDEV, EOPNOTSUPP, EINVAL where it cannot).
+int simg_clone_range(int src_fd, int64_t src_offset, uint64_t length, int dst_fd, int64_t dst_offset);
+
+/// The file system's block size (fstatfs f_bsize) for an open file, or -errno.
+int64_t simg_fs_block_size(int fd);
+
 /// strerror_r into a caller buffer (GNU variant hidden behind this shim).
 const char *simg_strerror(int err, char *buf, size_t len);
 
