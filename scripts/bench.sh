@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # simg against qemu-img on the same inputs (issue 3, "Benchmark"; commit, snapshot, resize: issue 12;
-# amend: A; compare: K; map: L, measure: N).
+# amend: A; compare: K; map: L, measure: N; issue 14: G, H, 3Z, X, XC, Y, YC).
 #
 # Makes its inputs once in BENCH_DIR (kept between runs while they are valid), then for every
 # workload runs simg and qemu-img in turn (simg, qemu-img, simg, qemu-img, ...) BENCH_RUNS times
@@ -11,9 +11,9 @@
 # Environment:
 #   BENCH_DIR     work folder (default /var/tmp/simg-bench); must support O_DIRECT
 #   BENCH_RUNS    timed runs per tool and workload (default 5)
-#   BENCH_ONLY    workloads to run, comma separated, from: 1,1T,2,3,C,R,M,S,Z,A,K,L,N (default
-#                 all; C is check, R rebase, M commit, S snapshot, Z resize, A amend, K compare,
-#                 L map, N measure)
+#   BENCH_ONLY    workloads to run, comma separated, from: 1,1T,2,3,C,R,M,S,Z,A,K,L,N,G,H,3Z,X,XC,
+#                 Y,YC (default all; C is check, R rebase, M commit, S snapshot, Z resize, A amend,
+#                 K compare, L map, N measure; X, XC, Y and YC need root: they mount an XFS)
 #   BENCH_REPEAT  invocations timed together in workloads L and N (default 50): one run of either
 #                 takes milliseconds, below GNU time's 10 ms resolution
 #   BENCH_TOOLS   simg,qemu-img (default both); the tuning script runs simg alone
@@ -45,12 +45,21 @@
 #       BENCH_REPEAT invocations in a row per timed run; verified byte for byte against qemu-img's
 #   N   measure -O qcow2 w1.qcow2, BENCH_REPEAT invocations in a row per timed run; verified
 #       against qemu-img's output, human and --output=json
+#   G   cloud.qcow2 (3 GiB virtual, 1.5 GiB of a tar of /usr, `qemu-img convert -c`) -> raw,
+#       default cache (as users convert cloud images)
+#   H   cloud.qcow2 -> qcow2 (uncompressed), default cache
+#   3Z  text.raw -> qcow2, -c -o compression_type=zstd
+#   X   on a fresh XFS (reflink=1, loop device): xsrc.raw (4 GiB, fully allocated random) -> raw
+#       on the same XFS, both tools at their defaults (simg clones; qemu-img copies)
+#   XC  the same, qemu-img given -C (copy_file_range, which clones on XFS); simg at its default
+#   Y   on the XFS: xsrc.qcow2 (xsrc.raw as qcow2, every cluster allocated) -> qcow2, defaults
+#   YC  the same, qemu-img given -C
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH_DIR=${BENCH_DIR:-/var/tmp/simg-bench}
 BENCH_RUNS=${BENCH_RUNS:-5}
-BENCH_ONLY=${BENCH_ONLY:-1,1T,2,3,C,R,M,S,Z,A,K,L,N}
+BENCH_ONLY=${BENCH_ONLY:-1,1T,2,3,C,R,M,S,Z,A,K,L,N,G,H,3Z,X,XC,Y,YC}
 BENCH_REPEAT=${BENCH_REPEAT:-50}
 BENCH_TOOLS=${BENCH_TOOLS:-simg,qemu-img}
 SIMG=${SIMG:-$repo/.build/release/simg}
@@ -63,6 +72,10 @@ MiB=$((1024 * 1024))
 GiB=$((1024 * MiB))
 # Bump when the input layout changes: inputs with another stamp are made again.
 LAYOUT="simg-bench layout 1"
+# The XFS of workloads X, XC, Y, YC: a sparse file in BENCH_DIR on a loop device, mounted here
+# for the run only (made by setup_xfs, always unmounted and detached by cleanup).
+XFS_MNT=$BENCH_DIR/xfs.mnt
+XFS_LOOP=""
 
 say() { echo "bench: $*" >&2; }
 die() { echo "bench: error: $*" >&2; exit 1; }
@@ -258,6 +271,82 @@ make_frag_input() {
     echo "$LAYOUT" > "$BENCH_DIR/frag.ok"
 }
 
+# Cloud image, made only when workload G or H runs: cloud.raw, a 3 GiB raw whose first 1.5 GiB
+# are a tar of /usr (real binaries and text, the rest a hole), compressed once with
+# `qemu-img convert -c -O qcow2` into cloud.qcow2; the raw is removed then (the outputs are
+# compared with cloud.qcow2).
+CLOUD_DATA_MIB=1536
+make_cloud_input() {
+    local raw=$BENCH_DIR/cloud.raw qcow=$BENCH_DIR/cloud.qcow2
+    if [ -f "$BENCH_DIR/cloud.ok" ] && [ "$(cat "$BENCH_DIR/cloud.ok")" = "$LAYOUT" ] \
+            && qemu-img check -q "$qcow" >/dev/null 2>&1; then
+        return
+    fi
+    check_space 6
+    say "making cloud.raw (3 GiB, ${CLOUD_DATA_MIB} MiB of a tar of /usr) and cloud.qcow2 (convert -c)"
+    rm -f "$raw" "$qcow" "$BENCH_DIR/cloud.ok"
+    truncate -s 3G "$raw"
+    # tar stops with SIGPIPE once head has its bytes; /usr is larger than 1.5 GiB on any Debian
+    # with the toolchain installed, which the size check below confirms.
+    (tar -cf - --ignore-failed-read /usr 2>/dev/null || true) | head -c $((CLOUD_DATA_MIB * MiB)) \
+        | dd of="$raw" bs=1M conv=notrunc iflag=fullblock status=none
+    [ "$(du -k "$raw" | cut -f1)" -ge $((CLOUD_DATA_MIB * 1024)) ] || die "/usr gave less than ${CLOUD_DATA_MIB} MiB"
+    qemu-img convert -f raw -c -O qcow2 "$raw" "$qcow"
+    qemu-img check -q "$qcow"
+    rm -f "$raw"
+    echo "$LAYOUT" > "$BENCH_DIR/cloud.ok"
+}
+
+# XFS sources, made once in BENCH_DIR when X, XC, Y or YC runs and copied onto the fresh XFS per
+# bench run: xsrc.raw, XSRC_MIB of random data (fully allocated), and xsrc.qcow2 made from it
+# (every cluster allocated, host-contiguous as qemu-img lays them out). 4 GiB: a clone takes a
+# few tens of milliseconds, near GNU time's 10 ms resolution, so a smaller source would leave
+# the ratio to rounding.
+XSRC_MIB=4096
+make_xfs_inputs() {
+    if [ -f "$BENCH_DIR/xsrc.ok" ] && [ "$(cat "$BENCH_DIR/xsrc.ok")" = "$LAYOUT xsrc $XSRC_MIB" ] \
+            && qemu-img check -q "$BENCH_DIR/xsrc.qcow2" >/dev/null 2>&1; then
+        return
+    fi
+    check_space $((2 * XSRC_MIB / 1024 + 1))
+    say "making xsrc.raw ($XSRC_MIB MiB random, allocated) and xsrc.qcow2 from it"
+    rm -f "$BENCH_DIR/xsrc.raw" "$BENCH_DIR/xsrc.qcow2" "$BENCH_DIR/xsrc.ok"
+    dd if=/dev/urandom of="$BENCH_DIR/xsrc.raw" bs=1M count=$XSRC_MIB status=none
+    qemu-img convert -f raw -O qcow2 "$BENCH_DIR/xsrc.raw" "$BENCH_DIR/xsrc.qcow2"
+    echo "$LAYOUT xsrc $XSRC_MIB" > "$BENCH_DIR/xsrc.ok"
+}
+
+# A fresh XFS with reflink on a loop device over a sparse file (room for both sources and one
+# copied output), the two sources copied onto it (plain copies: their extents are their own).
+# Torn down by cleanup, on every exit.
+setup_xfs() {
+    [ -z "$XFS_LOOP" ] || return 0
+    [ "$(id -u)" -eq 0 ] || die "workloads X, XC, Y, YC mount an XFS on a loop device: run as root"
+    command -v mkfs.xfs >/dev/null || die "mkfs.xfs is missing (package xfsprogs)"
+    check_space $((3 * XSRC_MIB / 1024 + 1))
+    rm -f "$BENCH_DIR/xfs.img"
+    truncate -s $((4 * XSRC_MIB))M "$BENCH_DIR/xfs.img"
+    mkfs.xfs -q -m reflink=1 "$BENCH_DIR/xfs.img"
+    XFS_LOOP=$(losetup -f --show "$BENCH_DIR/xfs.img")
+    mkdir -p "$XFS_MNT"
+    mount -t xfs "$XFS_LOOP" "$XFS_MNT"
+    say "XFS (reflink=1) on $XFS_LOOP at $XFS_MNT"
+    cp --reflink=never "$BENCH_DIR/xsrc.raw" "$BENCH_DIR/xsrc.qcow2" "$XFS_MNT/"
+    sync
+}
+
+teardown_xfs() {
+    if mountpoint -q "$XFS_MNT" 2>/dev/null; then
+        umount "$XFS_MNT" || say "could not unmount $XFS_MNT"
+    fi
+    if [ -n "$XFS_LOOP" ]; then
+        losetup -d "$XFS_LOOP" || say "could not detach $XFS_LOOP"
+        XFS_LOOP=""
+    fi
+    rmdir "$XFS_MNT" 2>/dev/null || true
+    rm -f "$BENCH_DIR/xfs.img"
+}
+
 # Commit inputs, made only when workload M runs: cbase.qcow2 an empty 4 GiB image, ctop.qcow2
 # an overlay over it (by the relative name cbase.qcow2) holding what w1.qcow2 holds.
 make_commit_inputs() {
@@ -307,7 +396,15 @@ workload() {
         # Not conversions, and quick: BENCH_REPEAT invocations in a row are one timed run.
         L)  echo "map $BENCH_DIR/frag.qcow2 - -|map --output=json of frag.qcow2 (4 GiB, 20,000 scattered 4 KiB writes), ${BENCH_REPEAT} runs in a row" ;;
         N)  echo "measure $BENCH_DIR/w1.qcow2 - -|measure -O qcow2 of w1.qcow2 (4 GiB), ${BENCH_REPEAT} runs in a row" ;;
-        *)  die "unknown workload '$1' (known: 1 1T 2 3 C R M S Z A K L N)" ;;
+        # Issue 14. The third field, where there is one, is given to qemu-img alone.
+        G)  echo "qcow2 $BENCH_DIR/cloud.qcow2 raw |cloud qcow2 (3 GiB, 1.5 GiB of /usr, compressed) -> raw" ;;
+        H)  echo "qcow2 $BENCH_DIR/cloud.qcow2 qcow2 |cloud qcow2 (compressed) -> qcow2" ;;
+        3Z) echo "raw $BENCH_DIR/text.raw qcow2 -c -o compression_type=zstd|text 512 MiB -> qcow2, -c zstd" ;;
+        X)  echo "raw $XFS_MNT/xsrc.raw raw |XFS reflink: raw $((XSRC_MIB / 1024)) GiB -> raw, defaults" ;;
+        XC) echo "raw $XFS_MNT/xsrc.raw raw |XFS reflink: raw $((XSRC_MIB / 1024)) GiB -> raw, qemu-img -C|-C" ;;
+        Y)  echo "qcow2 $XFS_MNT/xsrc.qcow2 qcow2 |XFS reflink: qcow2 $((XSRC_MIB / 1024)) GiB -> qcow2, defaults" ;;
+        YC) echo "qcow2 $XFS_MNT/xsrc.qcow2 qcow2 |XFS reflink: qcow2 $((XSRC_MIB / 1024)) GiB -> qcow2, qemu-img -C|-C" ;;
+        *)  die "unknown workload '$1' (known: 1 1T 2 3 C R M S Z A K L N G H 3Z X XC Y YC)" ;;
     esac
 }
 
@@ -353,8 +450,8 @@ timed_convert() {
         # shellcheck disable=SC2206 # flags and SIMG_ARGS are word lists on purpose
         cmd=("$SIMG" convert $SIMG_ARGS -f "$fmt" $flags -O "$ofmt" "$src" "$out")
     else
-        # shellcheck disable=SC2206
-        cmd=(qemu-img convert -f "$fmt" $flags -O "$ofmt" "$src" "$out")
+        # shellcheck disable=SC2206 # QEMU_ONLY: the workload's qemu-img-only flags (XC, YC: -C)
+        cmd=(qemu-img convert $QEMU_ONLY -f "$fmt" $flags -O "$ofmt" "$src" "$out")
     fi
     if ! /usr/bin/time -f '%e %M' -o "$timefile" "${cmd[@]}" >/dev/null 2>"$errfile"; then
         say "FAILED: ${cmd[*]}"
@@ -431,8 +528,12 @@ run_workload() {
     local name=$1 spec fmt src ofmt flags desc out i tool result
     spec=$(workload "$name")
     desc=${spec#*|}; spec=${spec%%|*}
+    QEMU_ONLY=""
+    if [[ $desc == *"|"* ]]; then QEMU_ONLY=${desc#*|}; desc=${desc%%|*}; fi
     read -r fmt src ofmt flags <<< "$spec"
     out=$BENCH_DIR/out.$ofmt
+    # The XFS workloads write next to their source: a clone needs one file system.
+    [[ $src != "$XFS_MNT"/* ]] || out=$XFS_MNT/out.$ofmt
     local -A secs=() rss=() failed=()
     local verdict=""
     say "workload $name: $desc"
@@ -498,6 +599,7 @@ run_workload() {
 
 cleanup() {
     rm -rf "$BENCH_DIR"/out.* "$BENCH_DIR"/.time "$BENCH_DIR"/.err "$BENCH_DIR"/.stats 2>/dev/null || true
+    teardown_xfs
 }
 
 main() {
@@ -505,6 +607,7 @@ main() {
     prepare_inputs
     [ "${BENCH_INPUTS_ONLY:-0}" = 1 ] && return
     trap cleanup EXIT
+    trap 'exit 130' INT TERM  # so that the EXIT trap unmounts the XFS on ^C too
     local name
     IFS=',' read -r -a names <<< "$BENCH_ONLY"
     for name in "${names[@]}"; do
@@ -512,6 +615,11 @@ main() {
         [ "$name" != R ] || make_rebase_inputs
         [ "$name" != L ] || make_frag_input
         [ "$name" != M ] || make_commit_inputs
+        [[ $name != [GH] ]] || make_cloud_input
+        if [[ $name == X || $name == XC || $name == Y || $name == YC ]]; then
+            make_xfs_inputs
+            setup_xfs
+        fi
     done
     for name in "${names[@]}"; do
         run_workload "$name"
