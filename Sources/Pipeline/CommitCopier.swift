@@ -128,7 +128,9 @@ public enum CommitCopier {
             count = 0
             try writer.write(buffer, count: n, at: start)
             stats.bytesWritten += UInt64(n)
+            // -r: the average speed kept at or under the rate by waiting after each write.
             rate.account(UInt64(n))
+            rate.wait()
         }
 
         /// After a failure: the buffer being filled goes back unwritten.
@@ -136,30 +138,6 @@ public enum CommitCopier {
             if let buffer { writer.pool.release(buffer) }
             buffer = nil
             count = 0
-        }
-    }
-
-    /// Keeps the average speed at or under `rate` bytes per second by sleeping after writes.
-    private struct RateLimiter {
-        let rate: UInt64
-        var bytes: UInt64 = 0
-        var started: Double = 0
-
-        init(rate: UInt64) { self.rate = rate }
-
-        mutating func account(_ n: UInt64) {
-            guard rate > 0 else { return }
-            if started == 0 { started = RateLimiter.now() }
-            bytes += n
-            let due = Double(bytes) / Double(rate)
-            let elapsed = RateLimiter.now() - started
-            if due > elapsed { usleep(UInt32(min(due - elapsed, 1.0) * 1_000_000)) }
-        }
-
-        static func now() -> Double {
-            var ts = timespec()
-            clock_gettime(CLOCK_MONOTONIC, &ts)
-            return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
         }
     }
 }
